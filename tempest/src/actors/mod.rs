@@ -1,0 +1,129 @@
+//! The actors of a topology process and the messages between them.
+//!
+//! ```text
+//! SourceActor ──SourceBatch──► PipelineActor ◄──Fetch / Results── task workers
+//!  (own thread)  ◄──Settle────  (inflight table,  ──Vec<TaskMsg>──►
+//!        ▲                       ready queues,
+//!        │                       sweeper)
+//!        └──── StopPolling / ShutdownSource ── TopologyActor ── Drain / Finish ──┘
+//! ```
+//!
+//! Every hop carries a batch. The source only polls while it has credit:
+//! `max_pending` minus the messages in flight, returned with each `Settle`.
+
+pub(crate) mod pipeline;
+pub(crate) mod source;
+pub(crate) mod topology;
+
+use std::fmt;
+
+use actix::Message;
+use tempest_source::{FailedMsg, MsgId, SourceMsg};
+
+use crate::inflight::{Ticket, TaskMsg};
+use crate::task::Msg;
+
+/// A worker's index in its pipeline actor.
+pub type WorkerId = u32;
+
+/// A batch of freshly polled source messages.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct SourceBatch(pub Vec<SourceMsg>);
+
+/// What the pipeline tells the source after a batch: what to ack, what it
+/// gave up on, and how many messages left the inflight table (credit).
+#[derive(Debug, Default, Message)]
+#[rtype(result = "()")]
+pub(crate) struct Settle {
+    pub acks: Vec<MsgId>,
+    pub failed: Vec<FailedMsg>,
+    pub released: usize,
+}
+
+impl Settle {
+    pub fn is_empty(&self) -> bool {
+        self.acks.is_empty() && self.failed.is_empty() && self.released == 0
+    }
+}
+
+/// A worker asks for up to `max` task messages.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct Fetch {
+    pub worker: WorkerId,
+    pub max: usize,
+}
+
+/// What a task did with one message.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Handled, with this many outputs (taken in order from the batch's
+    /// `outputs`).
+    Done(u32),
+    /// `filter` returned false.
+    Filtered,
+    /// `handle` returned an error.
+    Error(String),
+    /// `filter` or `handle` panicked.
+    Panicked(String),
+}
+
+/// A worker's results for one batch, in the order of the batch.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct Results {
+    pub worker: WorkerId,
+    pub items: Vec<(Ticket, Verdict)>,
+    pub outputs: Vec<Msg>,
+    /// The batch's emptied vector, returned for reuse.
+    pub spent: Vec<TaskMsg>,
+}
+
+/// Where the pipeline delivers a worker's batches.
+pub(crate) trait DeliverySink: Send {
+    /// Hands over a batch, or gives it back.
+    fn deliver(&mut self, batch: Vec<TaskMsg>) -> Result<(), Undelivered>;
+}
+
+/// A batch a worker could not take.
+#[derive(Debug)]
+pub(crate) enum Undelivered {
+    /// The worker has not taken its earlier batches yet.
+    Busy(Vec<TaskMsg>),
+    /// The worker is gone for good.
+    Gone(Vec<TaskMsg>),
+}
+
+/// Why a topology stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StopReason {
+    /// The source is exhausted and everything in flight finished.
+    SourceExhausted,
+    /// The test harness's condition became true.
+    Condition,
+    /// The run's deadline passed.
+    Deadline,
+    /// SIGINT or SIGTERM (or a shutdown handle).
+    Shutdown,
+    /// The source failed and cannot go on.
+    SourceFailed(String),
+}
+
+impl fmt::Display for StopReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StopReason::SourceExhausted => f.write_str("the source is exhausted"),
+            StopReason::Condition => f.write_str("the stop condition was met"),
+            StopReason::Deadline => f.write_str("the deadline passed"),
+            StopReason::Shutdown => f.write_str("shutdown was requested"),
+            StopReason::SourceFailed(e) => write!(f, "the source failed: {e}"),
+        }
+    }
+}
+
+/// Asks the topology to stop.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct Stop(pub StopReason);

@@ -1,0 +1,474 @@
+//! The pipeline actor: routes every source message through the DAG.
+//!
+//! It owns the inflight table, one ready queue per task, and the fetch
+//! requests of the workers waiting for work (a worker's request is answered
+//! as soon as its task has messages: a long poll, no busy waiting). Every
+//! handler ends in [`PipelineActor::settle`], which sends the source what
+//! to ack in one message and hands ready messages to waiting workers.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tempest_source::{FailReason, FailedMsg, Metrics, MsgId};
+use tokio::sync::oneshot;
+
+use super::{
+    DeliverySink, Fetch, Results, Settle, SourceBatch, Stop, StopReason, Undelivered, Verdict, WorkerId,
+};
+use crate::inflight::{Dispatch, Finished, InflightEntry, Outcome, TaskMsg, Tracker};
+use crate::metrics::names;
+use crate::pipeline::TaskIdx;
+
+/// Counters of one topology run, as the pipeline sees them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Source messages received from the source.
+    pub read: u64,
+    /// Source messages acked (completed, or given up under `BestEffort`).
+    pub acked: u64,
+    /// Source messages given up on after a task failure.
+    pub failed: u64,
+    /// Source messages given up on after a timeout.
+    pub timed_out: u64,
+    /// Retries started.
+    pub retried: u64,
+    /// Task messages that returned an error.
+    pub task_errors: u64,
+    /// Task messages whose task panicked.
+    pub task_panics: u64,
+    /// Task messages a task's `filter` skipped.
+    pub filtered: u64,
+    /// Results that arrived for a message already retried, failed or timed out.
+    pub stale_results: u64,
+    /// Source messages in flight now.
+    pub inflight: usize,
+    /// The most source messages ever in flight at once.
+    pub max_inflight: usize,
+}
+
+/// What happened to one source message (recorded by the test harness).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MsgReport {
+    /// The final outcome.
+    pub outcome: Outcome,
+    /// How many attempts it took.
+    pub attempts: u32,
+    /// Task errors and panics seen across its attempts.
+    pub errors: u32,
+    /// Timeouts across its attempts.
+    pub timeouts: u32,
+    /// Why the last attempt failed, if it did.
+    pub reason: Option<FailReason>,
+    /// From entering the inflight table to leaving it.
+    pub latency: Duration,
+}
+
+pub(crate) type Until = Box<dyn FnMut(&Stats) -> bool + Send>;
+
+struct Ready<'a>(&'a mut [VecDeque<TaskMsg>]);
+
+impl Dispatch for Ready<'_> {
+    fn dispatch(&mut self, task: TaskIdx, msg: TaskMsg) {
+        self.0[task as usize].push_back(msg);
+    }
+}
+
+struct Worker {
+    task: TaskIdx,
+    sink: Option<Box<dyn DeliverySink>>,
+}
+
+/// Everything the pipeline knows at the end of a run.
+#[derive(Debug)]
+pub(crate) struct Final {
+    pub stats: Stats,
+    pub reports: Option<HashMap<MsgId, MsgReport>>,
+}
+
+pub(crate) struct PipelineActor {
+    tracker: Tracker,
+    task_names: Vec<String>,
+    ready: Vec<VecDeque<TaskMsg>>,
+    waiting: Vec<VecDeque<(WorkerId, usize)>>,
+    workers: Vec<Worker>,
+    source: Recipient<Settle>,
+    topology: Recipient<Stop>,
+    fin: Vec<Finished>,
+    pending: Settle,
+    stats: Stats,
+    reports: Option<HashMap<MsgId, MsgReport>>,
+    until: Option<Until>,
+    drains: Vec<oneshot::Sender<()>>,
+    drain_deadline: Option<Instant>,
+    pool: Vec<Vec<TaskMsg>>,
+    metrics: Metrics,
+    flushed: Stats,
+    sweep_every: Duration,
+}
+
+pub(crate) struct PipelineSetup {
+    pub tracker: Tracker,
+    pub source: Recipient<Settle>,
+    pub topology: Recipient<Stop>,
+    pub metrics: Metrics,
+    pub record_outcomes: bool,
+    pub until: Option<Until>,
+    pub sweep_every: Duration,
+}
+
+impl PipelineActor {
+    pub fn new(setup: PipelineSetup) -> Self {
+        let n = setup.tracker.dag().len();
+        let task_names = setup.tracker.dag().names().to_vec();
+        PipelineActor {
+            tracker: setup.tracker,
+            task_names,
+            ready: (0..n).map(|_| VecDeque::new()).collect(),
+            waiting: (0..n).map(|_| VecDeque::new()).collect(),
+            workers: Vec::new(),
+            source: setup.source,
+            topology: setup.topology,
+            fin: Vec::new(),
+            pending: Settle::default(),
+            stats: Stats::default(),
+            reports: setup.record_outcomes.then(HashMap::new),
+            until: setup.until,
+            drains: Vec::new(),
+            drain_deadline: None,
+            pool: Vec::new(),
+            metrics: setup.metrics,
+            flushed: Stats::default(),
+            sweep_every: setup.sweep_every,
+        }
+    }
+
+    /// Adds a worker for `task`; returns its id.
+    pub fn add_worker(&mut self, task: TaskIdx, sink: Box<dyn DeliverySink>) -> WorkerId {
+        self.workers.push(Worker {
+            task,
+            sink: Some(sink),
+        });
+        (self.workers.len() - 1) as WorkerId
+    }
+
+    fn current_stats(&self) -> Stats {
+        Stats {
+            inflight: self.tracker.len(),
+            max_inflight: self.tracker.high_water(),
+            retried: self.tracker.retried(),
+            ..self.stats.clone()
+        }
+    }
+
+    /// Accounts for finished messages, tells the source, feeds waiting
+    /// workers, and checks the stop condition and any drain.
+    fn settle(&mut self, now: Instant) {
+        for f in self.fin.drain(..) {
+            match f.outcome {
+                Outcome::Acked => self.stats.acked += 1,
+                Outcome::Failed => self.stats.failed += 1,
+                Outcome::TimedOut => self.stats.timed_out += 1,
+            }
+            if let Some(reports) = &mut self.reports {
+                reports.insert(
+                    f.msg.id.clone(),
+                    MsgReport {
+                        outcome: f.outcome,
+                        attempts: f.attempts,
+                        errors: f.errors,
+                        timeouts: f.timeouts,
+                        reason: f.reason.clone(),
+                        latency: f.latency,
+                    },
+                );
+            }
+            if f.outcome == Outcome::Acked {
+                self.pending.acks.push(f.msg.id);
+            } else {
+                self.pending.failed.push(FailedMsg {
+                    id: f.msg.id,
+                    reason: f.reason.unwrap_or(FailReason::Timeout),
+                    attempts: f.attempts,
+                });
+            }
+            self.pending.released += 1;
+        }
+        for t in 0..self.ready.len() {
+            if !self.ready[t].is_empty() && !self.waiting[t].is_empty() {
+                self.pump(t);
+            }
+        }
+        if !self.pending.is_empty() {
+            self.source.do_send(std::mem::take(&mut self.pending));
+        }
+        if let Some(until) = &mut self.until {
+            let stats = Stats {
+                inflight: self.tracker.len(),
+                max_inflight: self.tracker.high_water(),
+                retried: self.tracker.retried(),
+                ..self.stats.clone()
+            };
+            if until(&stats) {
+                self.until = None;
+                self.topology.do_send(Stop(StopReason::Condition));
+            }
+        }
+        if !self.drains.is_empty()
+            && (self.tracker.len() == 0 || self.drain_deadline.is_some_and(|d| now >= d))
+        {
+            if self.tracker.len() > 0 {
+                log::warn!(
+                    "Graceful shutdown time is up with {} message(s) in flight; they are left unacked for the source to redeliver.",
+                    self.tracker.len()
+                );
+            }
+            for tx in self.drains.drain(..) {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    /// Hands ready messages of task `t` to its waiting workers.
+    fn pump(&mut self, t: usize) {
+        while !self.ready[t].is_empty() {
+            let Some((worker, max)) = self.waiting[t].pop_front() else {
+                break;
+            };
+            let mut batch = self.pool.pop().unwrap_or_default();
+            while batch.len() < max {
+                let Some(m) = self.ready[t].pop_front() else {
+                    break;
+                };
+                if self.tracker.is_live(m.ticket) {
+                    batch.push(m);
+                }
+            }
+            if batch.is_empty() {
+                self.waiting[t].push_front((worker, max));
+                self.pool.push(batch);
+                break;
+            }
+            let w = &mut self.workers[worker as usize];
+            let Some(sink) = &mut w.sink else {
+                self.requeue(t, batch);
+                continue;
+            };
+            match sink.deliver(batch) {
+                Ok(()) => {}
+                Err(Undelivered::Busy(batch)) => self.requeue(t, batch),
+                Err(Undelivered::Gone(batch)) => {
+                    log::warn!(
+                        "Worker {worker} of task {} is gone; its batch goes back to the queue.",
+                        self.task_names[t]
+                    );
+                    w.sink = None;
+                    self.requeue(t, batch);
+                }
+            }
+        }
+    }
+
+    fn requeue(&mut self, t: usize, mut batch: Vec<TaskMsg>) {
+        for m in batch.drain(..).rev() {
+            self.ready[t].push_front(m);
+        }
+        self.pool.push(batch);
+    }
+
+    fn flush_metrics(&mut self) {
+        let now = self.current_stats();
+        let old = std::mem::replace(&mut self.flushed, now.clone());
+        let m = &self.metrics;
+        m.incr(names::SOURCE_READ, now.read - old.read);
+        m.incr(names::MSGS_ACKED, now.acked - old.acked);
+        m.incr(names::MSGS_FAILED, now.failed - old.failed);
+        m.incr(names::MSGS_TIMED_OUT, now.timed_out - old.timed_out);
+        m.incr(names::MSGS_RETRIED, now.retried - old.retried);
+        m.incr(names::STALE_RESULTS, now.stale_results - old.stale_results);
+        m.gauge(names::MSGS_INFLIGHT, now.inflight as i64);
+        m.gauge(names::MSGS_INFLIGHT_MAX, now.max_inflight as i64);
+        for (t, q) in self.ready.iter().enumerate() {
+            m.with_label("task", self.task_names[t].clone())
+                .gauge(names::TASK_QUEUE_DEPTH, q.len() as i64);
+        }
+    }
+}
+
+impl Actor for PipelineActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(self.sweep_every, |act, _ctx| {
+            let now = Instant::now();
+            act.tracker.sweep(now, &mut Ready(&mut act.ready), &mut act.fin);
+            act.settle(now);
+        });
+        ctx.run_interval(Duration::from_secs(1), |act, _ctx| act.flush_metrics());
+    }
+}
+
+impl Handler<SourceBatch> for PipelineActor {
+    type Result = ();
+
+    fn handle(&mut self, batch: SourceBatch, _ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        self.stats.read += batch.0.len() as u64;
+        for msg in batch.0 {
+            self.tracker.insert(msg, now, &mut Ready(&mut self.ready));
+        }
+        self.settle(now);
+    }
+}
+
+impl Handler<Fetch> for PipelineActor {
+    type Result = ();
+
+    fn handle(&mut self, fetch: Fetch, _ctx: &mut Context<Self>) {
+        let Some(w) = self.workers.get(fetch.worker as usize) else {
+            log::error!("A fetch came from unknown worker {}; ignored.", fetch.worker);
+            return;
+        };
+        let t = w.task as usize;
+        self.waiting[t].push_back((fetch.worker, fetch.max.max(1)));
+        self.pump(t);
+    }
+}
+
+impl Handler<Results> for PipelineActor {
+    type Result = ();
+
+    fn handle(&mut self, mut results: Results, _ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let Some(task) = self.workers.get(results.worker as usize).map(|w| w.task) else {
+            log::error!("Results came from unknown worker {}; ignored.", results.worker);
+            return;
+        };
+        let mut offset = 0usize;
+        for (ticket, verdict) in results.items.drain(..) {
+            if ticket.task != task {
+                self.stats.stale_results += 1;
+                continue;
+            }
+            let mut ready = Ready(&mut self.ready);
+            let accepted = match verdict {
+                Verdict::Done(k) => {
+                    let end = offset.saturating_add(k as usize);
+                    match results.outputs.get(offset..end) {
+                        Some(outputs) => {
+                            offset = end;
+                            self.tracker.on_done(ticket, outputs, now, &mut ready, &mut self.fin)
+                        }
+                        None => {
+                            let reason = FailReason::TaskError {
+                                task: self.task_names[task as usize].clone(),
+                                message: format!(
+                                    "malformed result: {k} outputs claimed, {} left",
+                                    results.outputs.len().saturating_sub(offset)
+                                ),
+                            };
+                            self.tracker.on_error(ticket, reason, now, &mut ready, &mut self.fin)
+                        }
+                    }
+                }
+                Verdict::Filtered => {
+                    self.stats.filtered += 1;
+                    self.tracker.on_done(ticket, &[], now, &mut ready, &mut self.fin)
+                }
+                Verdict::Error(message) => {
+                    self.stats.task_errors += 1;
+                    let reason = FailReason::TaskError {
+                        task: self.task_names[task as usize].clone(),
+                        message,
+                    };
+                    self.tracker.on_error(ticket, reason, now, &mut ready, &mut self.fin)
+                }
+                Verdict::Panicked(message) => {
+                    self.stats.task_panics += 1;
+                    let reason = FailReason::TaskPanic {
+                        task: self.task_names[task as usize].clone(),
+                        message,
+                    };
+                    self.tracker.on_error(ticket, reason, now, &mut ready, &mut self.fin)
+                }
+            };
+            if !accepted {
+                self.stats.stale_results += 1;
+            }
+        }
+        results.spent.clear();
+        if self.pool.len() < 64 {
+            self.pool.push(results.spent);
+        }
+        self.settle(now);
+    }
+}
+
+/// Resolves once nothing is in flight, or at the deadline.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct Drain {
+    pub deadline: Option<Instant>,
+}
+
+impl Handler<Drain> for PipelineActor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, drain: Drain, _ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        self.drains.push(tx);
+        if let Some(d) = drain.deadline {
+            self.drain_deadline = Some(self.drain_deadline.map_or(d, |old| old.min(d)));
+        }
+        self.settle(Instant::now());
+        Box::pin(async move {
+            let _ = rx.await;
+        })
+    }
+}
+
+/// Ends the run: drops the workers' queues (so they stop) and returns the
+/// final counters.
+#[derive(Debug, Message)]
+#[rtype(result = "Final")]
+pub(crate) struct Finish;
+
+impl Handler<Finish> for PipelineActor {
+    type Result = MessageResult<Finish>;
+
+    fn handle(&mut self, _: Finish, ctx: &mut Context<Self>) -> Self::Result {
+        self.flush_metrics();
+        self.workers.clear();
+        ctx.stop();
+        MessageResult(Final {
+            stats: self.current_stats(),
+            reports: self.reports.take(),
+        })
+    }
+}
+
+/// Sends the current counters.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct GetStats(pub std::sync::mpsc::Sender<Stats>);
+
+impl Handler<GetStats> for PipelineActor {
+    type Result = ();
+
+    fn handle(&mut self, GetStats(tx): GetStats, _ctx: &mut Context<Self>) {
+        let _ = tx.send(self.current_stats());
+    }
+}
+
+/// Sends a copy of the inflight table.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct Inspect(pub std::sync::mpsc::Sender<Vec<InflightEntry>>);
+
+impl Handler<Inspect> for PipelineActor {
+    type Result = ();
+
+    fn handle(&mut self, Inspect(tx): Inspect, _ctx: &mut Context<Self>) {
+        let _ = tx.send(self.tracker.entries(Instant::now()));
+    }
+}

@@ -1,0 +1,324 @@
+//! The source actor: polls the source on a thread of its own and acks.
+//!
+//! It polls only while it has credit (`max_pending` minus the messages in
+//! flight), so the inflight table never holds more than `max_pending`
+//! messages: when the credit runs out polling pauses until a [`Settle`]
+//! returns some. After an empty poll it waits `poll_interval`, doubling up to
+//! `max_backoff`; after a retryable error likewise, reconnecting first.
+
+use std::time::Duration;
+
+use actix::prelude::*;
+use tempest_source::{AckPolicy, Metrics, MsgId, SourceMsg, SourceSettings};
+
+use super::{Settle, SourceBatch, Stop, StopReason};
+use crate::metrics::names;
+use crate::topology::DynSource;
+
+pub(crate) struct SourceActor {
+    source: Box<dyn DynSource>,
+    settings: SourceSettings,
+    pipeline: Recipient<SourceBatch>,
+    topology: Recipient<Stop>,
+    credit: usize,
+    polling: bool,
+    poll_scheduled: bool,
+    connected: bool,
+    backoff: Duration,
+    overflow: Vec<SourceMsg>,
+    acks: Vec<MsgId>,
+    metrics: Metrics,
+    finished: bool,
+    empty_polls: u64,
+    polls: u64,
+}
+
+impl SourceActor {
+    pub fn new(
+        source: Box<dyn DynSource>,
+        max_pending: usize,
+        pipeline: Recipient<SourceBatch>,
+        topology: Recipient<Stop>,
+        metrics: Metrics,
+    ) -> Self {
+        let mut settings = source.settings();
+        settings.poll_count = settings.poll_count.max(1);
+        settings.max_backoff = settings.max_backoff.max(settings.poll_interval);
+        if let AckPolicy::Batch(0) = settings.ack_policy {
+            settings.ack_policy = AckPolicy::Batch(1);
+        }
+        SourceActor {
+            backoff: settings.poll_interval,
+            source,
+            settings,
+            pipeline,
+            topology,
+            credit: max_pending,
+            polling: true,
+            poll_scheduled: false,
+            connected: false,
+            overflow: Vec::new(),
+            acks: Vec::new(),
+            metrics,
+            finished: false,
+            empty_polls: 0,
+            polls: 0,
+        }
+    }
+
+    fn schedule(&mut self, ctx: &mut Context<Self>, delay: Duration) {
+        if self.poll_scheduled || !self.polling {
+            return;
+        }
+        self.poll_scheduled = true;
+        if delay.is_zero() {
+            ctx.notify(PollNow);
+        } else {
+            ctx.notify_later(PollNow, delay);
+        }
+    }
+
+    fn back_off(&mut self, ctx: &mut Context<Self>) {
+        let wait = self.backoff;
+        self.backoff = (self.backoff * 2).min(self.settings.max_backoff);
+        self.schedule(ctx, wait);
+    }
+
+    fn fatal(&mut self, ctx: &mut Context<Self>, what: String) {
+        log::error!("{what}; the topology stops.");
+        self.polling = false;
+        self.topology.do_send(Stop(StopReason::SourceFailed(what)));
+        let _ = ctx;
+    }
+
+    fn poll_once(&mut self, ctx: &mut Context<Self>) {
+        if !self.polling {
+            return;
+        }
+        if self.credit == 0 {
+            // Resumed by the next Settle that returns credit.
+            return;
+        }
+        if !self.connected {
+            match self.source.connect() {
+                Ok(()) => {
+                    self.connected = true;
+                    log::info!("Source {} connected.", self.source.name());
+                }
+                Err(e) if e.is_retryable() => {
+                    log::warn!(
+                        "Source {} cannot connect ({e}); retrying in {:?}.",
+                        self.source.name(),
+                        self.backoff
+                    );
+                    self.back_off(ctx);
+                    return;
+                }
+                Err(e) => {
+                    let what = format!("source {} cannot connect: {e}", self.source.name());
+                    self.fatal(ctx, what);
+                    return;
+                }
+            }
+        }
+        let max = self.credit.min(self.settings.poll_count);
+        let mut batch = Vec::with_capacity(max);
+        if !self.overflow.is_empty() {
+            let take = max.min(self.overflow.len());
+            batch.extend(self.overflow.drain(..take));
+        } else {
+            self.polls += 1;
+            if let Err(e) = self.source.poll(max, &mut batch) {
+                if e.is_retryable() {
+                    log::warn!(
+                        "Polling source {} failed ({e}); retrying in {:?}.",
+                        self.source.name(),
+                        self.backoff
+                    );
+                    self.connected = self.source.healthy();
+                    self.back_off(ctx);
+                } else {
+                    let what = format!("polling source {} failed: {e}", self.source.name());
+                    self.fatal(ctx, what);
+                }
+                return;
+            }
+            if batch.len() > max {
+                log::warn!(
+                    "Source {} returned {} messages when asked for at most {max}; the rest wait.",
+                    self.source.name(),
+                    batch.len()
+                );
+                self.overflow.extend(batch.drain(max..));
+            }
+        }
+        if batch.is_empty() {
+            self.empty_polls += 1;
+            if self.source.exhausted() {
+                if !self.finished {
+                    self.finished = true;
+                    self.polling = false;
+                    log::info!("Source {} is exhausted.", self.source.name());
+                    self.topology.do_send(Stop(StopReason::SourceExhausted));
+                }
+                return;
+            }
+            self.back_off(ctx);
+            return;
+        }
+        self.credit -= batch.len();
+        self.backoff = self.settings.poll_interval;
+        self.pipeline.do_send(SourceBatch(batch));
+        self.schedule(ctx, Duration::ZERO);
+    }
+
+    fn ack(&mut self, ids: Vec<MsgId>) {
+        match self.settings.ack_policy {
+            AckPolicy::None => {}
+            AckPolicy::Individual => {
+                for id in &ids {
+                    if let Err(e) = self.source.ack(id) {
+                        log::warn!("Acking {id} at source {} failed: {e}.", self.source.name());
+                    }
+                }
+                self.metrics.incr(names::SOURCE_ACK_CALLS, ids.len() as u64);
+            }
+            AckPolicy::Batch(n) => {
+                if self.acks.is_empty() {
+                    self.acks = ids;
+                } else {
+                    self.acks.extend(ids);
+                }
+                while self.acks.len() >= n {
+                    let rest = self.acks.split_off(n);
+                    let full = std::mem::replace(&mut self.acks, rest);
+                    self.batch_ack(full);
+                }
+            }
+        }
+    }
+
+    fn flush_acks(&mut self) {
+        if !self.acks.is_empty() {
+            let ids = std::mem::take(&mut self.acks);
+            self.batch_ack(ids);
+        }
+    }
+
+    fn batch_ack(&mut self, ids: Vec<MsgId>) {
+        self.metrics.incr(names::SOURCE_ACK_CALLS, 1);
+        if let Err(e) = self.source.batch_ack(&ids) {
+            if e.is_retryable() && self.acks.len() < self.settings.poll_count * 64 {
+                log::warn!(
+                    "Acking {} message(s) at source {} failed ({e}); retrying.",
+                    ids.len(),
+                    self.source.name()
+                );
+                self.acks.extend(ids);
+            } else {
+                log::error!(
+                    "Acking {} message(s) at source {} failed ({e}); the source will redeliver them.",
+                    ids.len(),
+                    self.source.name()
+                );
+            }
+        }
+    }
+
+    fn flush_metrics(&mut self) {
+        self.source.flush_metrics();
+        self.metrics.incr(names::SOURCE_POLLS, std::mem::take(&mut self.polls));
+        self.metrics
+            .incr(names::SOURCE_EMPTY_POLLS, std::mem::take(&mut self.empty_polls));
+        self.metrics
+            .gauge(names::SOURCE_HEALTHY, i64::from(self.source.healthy()));
+    }
+}
+
+impl Actor for SourceActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.schedule(ctx, Duration::ZERO);
+        if let AckPolicy::Batch(_) = self.settings.ack_policy {
+            ctx.run_interval(self.settings.ack_interval.max(Duration::from_millis(1)), |act, _| {
+                act.flush_acks()
+            });
+        }
+        ctx.run_interval(self.settings.monitor_interval.max(Duration::from_millis(10)), |act, _| {
+            if let Err(e) = act.source.monitor() {
+                log::warn!("Monitoring source {} failed: {e}.", act.source.name());
+            }
+        });
+        ctx.run_interval(Duration::from_secs(1), |act, _| act.flush_metrics());
+    }
+}
+
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct PollNow;
+
+impl Handler<PollNow> for SourceActor {
+    type Result = ();
+
+    fn handle(&mut self, _: PollNow, ctx: &mut Context<Self>) {
+        self.poll_scheduled = false;
+        self.poll_once(ctx);
+    }
+}
+
+impl Handler<Settle> for SourceActor {
+    type Result = ();
+
+    fn handle(&mut self, settle: Settle, ctx: &mut Context<Self>) {
+        let had_credit = self.credit > 0;
+        self.credit += settle.released;
+        if !settle.acks.is_empty() {
+            self.ack(settle.acks);
+        }
+        if !settle.failed.is_empty() {
+            if let Err(e) = self.source.fail(&settle.failed) {
+                log::warn!(
+                    "Source {} could not take {} failed message(s): {e}.",
+                    self.source.name(),
+                    settle.failed.len()
+                );
+            }
+        }
+        if !had_credit && self.credit > 0 {
+            self.schedule(ctx, Duration::ZERO);
+        }
+    }
+}
+
+/// Stops polling; acks keep flowing.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct StopPolling;
+
+impl Handler<StopPolling> for SourceActor {
+    type Result = ();
+
+    fn handle(&mut self, _: StopPolling, _ctx: &mut Context<Self>) {
+        self.polling = false;
+    }
+}
+
+/// Flushes the last acks, shuts the source down and stops the actor.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct ShutdownSource;
+
+impl Handler<ShutdownSource> for SourceActor {
+    type Result = ();
+
+    fn handle(&mut self, _: ShutdownSource, ctx: &mut Context<Self>) {
+        self.polling = false;
+        self.flush_acks();
+        self.flush_metrics();
+        if let Err(e) = self.source.shutdown() {
+            log::warn!("Shutting source {} down failed: {e}.", self.source.name());
+        }
+        ctx.stop();
+    }
+}

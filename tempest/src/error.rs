@@ -1,0 +1,56 @@
+//! The runtime's one error type.
+
+use tempest_source::SourceError;
+
+use crate::pipeline::PipelineErrors;
+
+/// Everything that can go wrong in the runtime.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The pipeline is invalid; lists every problem.
+    #[error(transparent)]
+    Pipeline(#[from] PipelineErrors),
+    /// The topology's settings are invalid; lists every problem.
+    #[error("topology \"{topology}\" is invalid:{}", list(.problems))]
+    Topology {
+        /// The topology's name.
+        topology: String,
+        /// Every problem found.
+        problems: Vec<String>,
+    },
+    /// The source failed in a way the runtime cannot recover from.
+    #[error("source \"{name}\" failed: {source}")]
+    Source {
+        /// The source's name.
+        name: String,
+        /// What went wrong.
+        #[source]
+        source: SourceError,
+    },
+    /// An operating-system call failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What the runtime was doing.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The runtime itself failed (an actor or a thread went away).
+    #[error("runtime failure: {0}")]
+    Runtime(String),
+}
+
+impl Error {
+    /// Whether the error is the user's to fix (configuration, pipeline):
+    /// binaries exit with code 2 for these, 1 for the rest.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Error::Pipeline(_) | Error::Topology { .. })
+            || matches!(self, Error::Source { source: SourceError::Config(_), .. })
+    }
+}
+
+fn list(problems: &[String]) -> String {
+    problems.iter().map(|p| format!("\n  - {p}")).collect()
+}

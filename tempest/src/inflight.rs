@@ -1,0 +1,943 @@
+//! The inflight table: every source message between poll and ack.
+//!
+//! Records live in slab slots addressed by `(slot, generation)`. A task
+//! message carries a [`Ticket`] naming its record, attempt generation and
+//! task; a result whose ticket is stale (its message was retried, failed or
+//! timed out since) is ignored, so nothing completes twice.
+//!
+//! Per record and task the table keeps the parent edges still open and the
+//! task messages still outstanding, in one flat array indexed by
+//! `slot * tasks + task`; outputs headed for a fan-in task wait in a flat
+//! array of buffers until its last parent completes. Each result costs
+//! O(outputs + children); nothing scans the table.
+//!
+//! Deadlines form an intrusive list through the slots, ordered by deadline
+//! because every attempt gets the same timeout: the sweeper pops expired
+//! records from its head, completion unlinks in O(1).
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tempest_source::{FailReason, MsgId, SourceMsg};
+
+use crate::pipeline::{Dag, TaskIdx};
+use crate::task::Msg;
+use crate::topology::FailurePolicy;
+
+const NIL: u32 = u32::MAX;
+
+/// Names one task message: its record, the attempt it belongs to, its task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ticket {
+    /// The record's slot.
+    pub slot: u32,
+    /// The record's generation when the message was dispatched.
+    pub gen: u32,
+    /// The task the message is for.
+    pub task: TaskIdx,
+}
+
+/// One message for one task.
+#[derive(Clone, Debug)]
+pub struct TaskMsg {
+    /// Which source message and attempt it belongs to.
+    pub ticket: Ticket,
+    /// The message.
+    pub payload: Msg,
+}
+
+/// Where the table sends task messages that are ready to run.
+pub(crate) trait Dispatch {
+    fn dispatch(&mut self, task: TaskIdx, msg: TaskMsg);
+}
+
+impl Dispatch for Vec<TaskMsg> {
+    fn dispatch(&mut self, _task: TaskIdx, msg: TaskMsg) {
+        self.push(msg);
+    }
+}
+
+/// The final outcome of a source message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Every task handled it (or the policy is `BestEffort`); acked at the
+    /// source.
+    Acked,
+    /// A task failed it and the policy gave up; not acked.
+    Failed,
+    /// It did not complete within `msg_timeout` and the policy gave up; not
+    /// acked.
+    TimedOut,
+}
+
+/// A source message leaving the table.
+#[derive(Debug)]
+pub(crate) struct Finished {
+    pub msg: SourceMsg,
+    pub outcome: Outcome,
+    pub attempts: u32,
+    pub errors: u32,
+    pub timeouts: u32,
+    pub reason: Option<FailReason>,
+    pub latency: Duration,
+}
+
+/// Timeouts, the failure policy and retry backoff.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrackerConfig {
+    /// What happens to a failed or timed-out message.
+    pub policy: FailurePolicy,
+    /// How long an attempt may take; `None` for no limit.
+    pub msg_timeout: Option<Duration>,
+    /// The wait before the first retry; doubled for each further one.
+    pub retry_backoff: Duration,
+    /// The longest wait before a retry.
+    pub max_retry_backoff: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Free,
+    Running,
+    Backoff,
+}
+
+#[derive(Debug)]
+struct Record {
+    msg: Option<SourceMsg>,
+    gen: u32,
+    attempt: u32,
+    errors: u32,
+    timeouts: u32,
+    tasks_left: u16,
+    phase: Phase,
+    prev: u32,
+    next: u32,
+    /// Nanoseconds since the table's epoch.
+    deadline: u64,
+    born: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct TaskState {
+    parents_left: u16,
+    done: bool,
+    outstanding: u32,
+}
+
+/// What one entry of the table looks like from outside.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InflightEntry {
+    /// The source message's id.
+    pub id: MsgId,
+    /// The current attempt, from 1.
+    pub attempt: u32,
+    /// Time since the message entered the table.
+    pub age: Duration,
+    /// Whether it is waiting to be retried.
+    pub waiting_for_retry: bool,
+    /// The tasks that have not completed it yet, with the task messages each
+    /// still has outstanding.
+    pub pending: Vec<(TaskIdx, u32)>,
+}
+
+/// The inflight table. See the [module docs](self).
+#[derive(Debug)]
+pub(crate) struct Tracker {
+    dag: Arc<Dag>,
+    config: TrackerConfig,
+    epoch: Instant,
+    records: Vec<Record>,
+    states: Vec<TaskState>,
+    held: Vec<Vec<Msg>>,
+    free: Vec<u32>,
+    head: u32,
+    tail: u32,
+    retries: BinaryHeap<Reverse<(u64, u32, u32)>>,
+    live: usize,
+    high_water: usize,
+    retried: u64,
+    stack: Vec<TaskIdx>,
+}
+
+impl Tracker {
+    pub fn new(dag: Arc<Dag>, config: TrackerConfig, epoch: Instant) -> Self {
+        Tracker {
+            dag,
+            config,
+            epoch,
+            records: Vec::new(),
+            states: Vec::new(),
+            held: Vec::new(),
+            free: Vec::new(),
+            head: NIL,
+            tail: NIL,
+            retries: BinaryHeap::new(),
+            live: 0,
+            high_water: 0,
+            retried: 0,
+            stack: Vec::new(),
+        }
+    }
+
+    /// Messages in the table (running or waiting for a retry).
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    /// The most messages that were ever in the table at once.
+    pub fn high_water(&self) -> usize {
+        self.high_water
+    }
+
+    /// How many retries have started.
+    pub fn retried(&self) -> u64 {
+        self.retried
+    }
+
+    /// The DAG the table tracks.
+    pub fn dag(&self) -> &Dag {
+        &self.dag
+    }
+
+    fn nanos(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+
+    /// Whether a result for `ticket` would be accepted.
+    pub fn is_live(&self, ticket: Ticket) -> bool {
+        (ticket.task as usize) < self.dag.len()
+            && self
+                .records
+                .get(ticket.slot as usize)
+                .is_some_and(|r| r.gen == ticket.gen && r.phase == Phase::Running)
+    }
+
+    /// Adds a source message and dispatches it to the root task.
+    pub fn insert(&mut self, msg: SourceMsg, now: Instant, d: &mut impl Dispatch) {
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                let s = self.records.len() as u32;
+                self.records.push(Record {
+                    msg: None,
+                    gen: 0,
+                    attempt: 0,
+                    errors: 0,
+                    timeouts: 0,
+                    tasks_left: 0,
+                    phase: Phase::Free,
+                    prev: NIL,
+                    next: NIL,
+                    deadline: 0,
+                    born: 0,
+                });
+                self.states
+                    .resize(self.states.len() + self.dag.len(), TaskState::default());
+                self.held
+                    .resize_with(self.held.len() + self.dag.fanin_count(), Vec::new);
+                s
+            }
+        };
+        let born = self.nanos(now);
+        let r = &mut self.records[slot as usize];
+        r.msg = Some(msg);
+        r.attempt = 1;
+        r.errors = 0;
+        r.timeouts = 0;
+        r.born = born;
+        self.live += 1;
+        self.high_water = self.high_water.max(self.live);
+        self.start_attempt(slot, now, d);
+    }
+
+    fn start_attempt(&mut self, slot: u32, now: Instant, d: &mut impl Dispatch) {
+        let n = self.dag.len();
+        let base = slot as usize * n;
+        for t in 0..n {
+            self.states[base + t] = TaskState {
+                parents_left: self.dag.parents(t as TaskIdx).len() as u16,
+                done: false,
+                outstanding: 0,
+            };
+        }
+        let fc = self.dag.fanin_count();
+        for h in &mut self.held[slot as usize * fc..(slot as usize + 1) * fc] {
+            h.clear();
+        }
+        let root = self.dag.root();
+        self.states[base + root as usize].outstanding = 1;
+        let deadline = match self.config.msg_timeout {
+            Some(t) => self.nanos(now + t),
+            None => u64::MAX,
+        };
+        let r = &mut self.records[slot as usize];
+        r.phase = Phase::Running;
+        r.tasks_left = n as u16;
+        r.deadline = deadline;
+        let gen = r.gen;
+        let payload = match &r.msg {
+            Some(m) => m.payload.clone(),
+            None => Msg::new(),
+        };
+        if self.config.msg_timeout.is_some() {
+            self.link_tail(slot);
+        }
+        d.dispatch(
+            root,
+            TaskMsg {
+                ticket: Ticket {
+                    slot,
+                    gen,
+                    task: root,
+                },
+                payload,
+            },
+        );
+    }
+
+    /// A task handled a message and emitted `outputs`. Returns false for a
+    /// stale ticket (ignored).
+    pub fn on_done(
+        &mut self,
+        ticket: Ticket,
+        outputs: &[Msg],
+        now: Instant,
+        d: &mut impl Dispatch,
+        fin: &mut Vec<Finished>,
+    ) -> bool {
+        if !self.is_live(ticket) {
+            return false;
+        }
+        let Ticket { slot, gen, task } = ticket;
+        let n = self.dag.len();
+        let base = slot as usize * n;
+        if self.states[base + task as usize].outstanding == 0 {
+            // More results than messages for this task: a duplicate.
+            return false;
+        }
+        let fc = self.dag.fanin_count();
+        let dag = Arc::clone(&self.dag);
+        for &c in dag.children(task) {
+            match dag.fanin_slot(c) {
+                Some(f) => self.held[slot as usize * fc + f as usize].extend_from_slice(outputs),
+                None => {
+                    self.states[base + c as usize].outstanding += outputs.len() as u32;
+                    for o in outputs {
+                        d.dispatch(
+                            c,
+                            TaskMsg {
+                                ticket: Ticket { slot, gen, task: c },
+                                payload: o.clone(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        let st = &mut self.states[base + task as usize];
+        st.outstanding -= 1;
+        if st.outstanding == 0 && st.parents_left == 0 {
+            self.complete_task(slot, task, now, d, fin);
+        }
+        true
+    }
+
+    /// A task failed a message (an error, a panic, a lost worker). Returns
+    /// false for a stale ticket (ignored).
+    pub fn on_error(
+        &mut self,
+        ticket: Ticket,
+        reason: FailReason,
+        now: Instant,
+        d: &mut impl Dispatch,
+        fin: &mut Vec<Finished>,
+    ) -> bool {
+        if !self.is_live(ticket)
+            || self.states[ticket.slot as usize * self.dag.len() + ticket.task as usize].outstanding
+                == 0
+        {
+            return false;
+        }
+        self.records[ticket.slot as usize].errors += 1;
+        if self.config.policy == FailurePolicy::BestEffort {
+            return self.on_done(ticket, &[], now, d, fin);
+        }
+        self.fail_attempt(ticket.slot, reason, Outcome::Failed, now, fin);
+        true
+    }
+
+    fn complete_task(
+        &mut self,
+        slot: u32,
+        task: TaskIdx,
+        now: Instant,
+        d: &mut impl Dispatch,
+        fin: &mut Vec<Finished>,
+    ) {
+        let n = self.dag.len();
+        let base = slot as usize * n;
+        let fc = self.dag.fanin_count();
+        let gen = self.records[slot as usize].gen;
+        let dag = Arc::clone(&self.dag);
+        let mut stack = std::mem::take(&mut self.stack);
+        stack.push(task);
+        while let Some(t) = stack.pop() {
+            self.states[base + t as usize].done = true;
+            self.records[slot as usize].tasks_left -= 1;
+            for &c in dag.children(t) {
+                let st = &mut self.states[base + c as usize];
+                st.parents_left -= 1;
+                if st.parents_left > 0 {
+                    continue;
+                }
+                if let Some(f) = dag.fanin_slot(c) {
+                    let held = &mut self.held[slot as usize * fc + f as usize];
+                    st.outstanding += held.len() as u32;
+                    for payload in held.drain(..) {
+                        d.dispatch(
+                            c,
+                            TaskMsg {
+                                ticket: Ticket { slot, gen, task: c },
+                                payload,
+                            },
+                        );
+                    }
+                }
+                if st.outstanding == 0 {
+                    stack.push(c);
+                }
+            }
+        }
+        self.stack = stack;
+        if self.records[slot as usize].tasks_left == 0 {
+            self.finish(slot, Outcome::Acked, None, now, fin);
+        }
+    }
+
+    fn fail_attempt(
+        &mut self,
+        slot: u32,
+        reason: FailReason,
+        outcome: Outcome,
+        now: Instant,
+        fin: &mut Vec<Finished>,
+    ) {
+        self.unlink(slot);
+        let epoch = self.epoch;
+        let r = &mut self.records[slot as usize];
+        if let FailurePolicy::Retry(max) = self.config.policy {
+            if r.attempt <= max {
+                r.gen = r.gen.wrapping_add(1);
+                r.phase = Phase::Backoff;
+                let shift = (r.attempt - 1).min(20);
+                let wait = self
+                    .config
+                    .retry_backoff
+                    .saturating_mul(1 << shift)
+                    .min(self.config.max_retry_backoff);
+                let due = (now + wait).saturating_duration_since(epoch).as_nanos() as u64;
+                self.retries.push(Reverse((due, slot, r.gen)));
+                return;
+            }
+        }
+        self.finish(slot, outcome, Some(reason), now, fin);
+    }
+
+    fn finish(
+        &mut self,
+        slot: u32,
+        outcome: Outcome,
+        reason: Option<FailReason>,
+        now: Instant,
+        fin: &mut Vec<Finished>,
+    ) {
+        self.unlink(slot);
+        let now_ns = self.nanos(now);
+        let r = &mut self.records[slot as usize];
+        let Some(msg) = r.msg.take() else {
+            return;
+        };
+        fin.push(Finished {
+            msg,
+            outcome,
+            attempts: r.attempt,
+            errors: r.errors,
+            timeouts: r.timeouts,
+            reason,
+            latency: Duration::from_nanos(now_ns.saturating_sub(r.born)),
+        });
+        r.gen = r.gen.wrapping_add(1);
+        r.phase = Phase::Free;
+        self.free.push(slot);
+        self.live -= 1;
+    }
+
+    /// Times out expired attempts and starts retries that are due.
+    pub fn sweep(&mut self, now: Instant, d: &mut impl Dispatch, fin: &mut Vec<Finished>) {
+        let now_ns = self.nanos(now);
+        while self.head != NIL && self.records[self.head as usize].deadline <= now_ns {
+            let slot = self.head;
+            let r = &mut self.records[slot as usize];
+            r.timeouts += 1;
+            if self.config.policy == FailurePolicy::BestEffort {
+                self.finish(slot, Outcome::Acked, Some(FailReason::Timeout), now, fin);
+            } else {
+                self.fail_attempt(slot, FailReason::Timeout, Outcome::TimedOut, now, fin);
+            }
+        }
+        while let Some(&Reverse((due, slot, gen))) = self.retries.peek() {
+            if due > now_ns {
+                break;
+            }
+            self.retries.pop();
+            let r = &mut self.records[slot as usize];
+            if r.gen != gen || r.phase != Phase::Backoff {
+                continue;
+            }
+            r.attempt += 1;
+            self.retried += 1;
+            self.start_attempt(slot, now, d);
+        }
+    }
+
+    /// A copy of every entry, for inspection.
+    pub fn entries(&self, now: Instant) -> Vec<InflightEntry> {
+        let n = self.dag.len();
+        let now_ns = self.nanos(now);
+        self.records
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, r)| {
+                let msg = r.msg.as_ref()?;
+                let base = slot * n;
+                let pending = (0..n)
+                    .filter(|&t| r.phase == Phase::Running && !self.states[base + t].done)
+                    .map(|t| (t as TaskIdx, self.states[base + t].outstanding))
+                    .collect();
+                Some(InflightEntry {
+                    id: msg.id.clone(),
+                    attempt: r.attempt,
+                    age: Duration::from_nanos(now_ns.saturating_sub(r.born)),
+                    waiting_for_retry: r.phase == Phase::Backoff,
+                    pending,
+                })
+            })
+            .collect()
+    }
+
+    fn link_tail(&mut self, slot: u32) {
+        let r = &mut self.records[slot as usize];
+        r.prev = self.tail;
+        r.next = NIL;
+        if self.tail == NIL {
+            self.head = slot;
+        } else {
+            self.records[self.tail as usize].next = slot;
+        }
+        self.tail = slot;
+    }
+
+    fn unlink(&mut self, slot: u32) {
+        let (prev, next) = {
+            let r = &self.records[slot as usize];
+            (r.prev, r.next)
+        };
+        let linked = prev != NIL || next != NIL || self.head == slot;
+        if !linked {
+            return;
+        }
+        if prev == NIL {
+            self.head = next;
+        } else {
+            self.records[prev as usize].next = next;
+        }
+        if next == NIL {
+            self.tail = prev;
+        } else {
+            self.records[next as usize].prev = prev;
+        }
+        let r = &mut self.records[slot as usize];
+        r.prev = NIL;
+        r.next = NIL;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::Pipeline;
+    use crate::task::{Output, Task, TaskResult};
+    use proptest::prelude::*;
+
+    #[derive(Clone)]
+    struct T(String);
+    impl Task for T {
+        fn name(&self) -> &str {
+            &self.0
+        }
+        fn handle(&mut self, msg: Msg) -> TaskResult {
+            Ok(Output::One(msg))
+        }
+    }
+
+    fn dag(n: usize, edges: &[(usize, usize)]) -> Arc<Dag> {
+        let mut p = Pipeline::new();
+        for i in 0..n {
+            p = p.task(T(format!("t{i}")));
+        }
+        for (a, b) in edges {
+            p = p.edge(format!("t{a}"), format!("t{b}"));
+        }
+        Arc::new(p.build().unwrap())
+    }
+
+    fn config(policy: FailurePolicy) -> TrackerConfig {
+        TrackerConfig {
+            policy,
+            msg_timeout: Some(Duration::from_secs(10)),
+            retry_backoff: Duration::from_millis(100),
+            max_retry_backoff: Duration::from_secs(1),
+        }
+    }
+
+    fn msg(id: u64) -> SourceMsg {
+        SourceMsg::new(id, "payload")
+    }
+
+    struct Harness {
+        t: Tracker,
+        queue: Vec<TaskMsg>,
+        fin: Vec<Finished>,
+        now: Instant,
+    }
+
+    impl Harness {
+        fn new(dag: Arc<Dag>, policy: FailurePolicy) -> Self {
+            let now = Instant::now();
+            Harness {
+                t: Tracker::new(dag, config(policy), now),
+                queue: Vec::new(),
+                fin: Vec::new(),
+                now,
+            }
+        }
+        fn insert(&mut self, id: u64) {
+            self.t.insert(msg(id), self.now, &mut self.queue);
+        }
+        fn take(&mut self, task: TaskIdx) -> TaskMsg {
+            let i = self.queue.iter().position(|m| m.ticket.task == task).unwrap();
+            self.queue.remove(i)
+        }
+        fn done(&mut self, task: TaskIdx, outputs: usize) -> bool {
+            let m = self.take(task);
+            let outs = vec![m.payload.clone(); outputs];
+            self.t
+                .on_done(m.ticket, &outs, self.now, &mut self.queue, &mut self.fin)
+        }
+        fn error(&mut self, task: TaskIdx) -> bool {
+            let m = self.take(task);
+            let reason = FailReason::TaskError {
+                task: format!("t{task}"),
+                message: "boom".into(),
+            };
+            self.t
+                .on_error(m.ticket, reason, self.now, &mut self.queue, &mut self.fin)
+        }
+        fn advance(&mut self, by: Duration) {
+            self.now += by;
+            self.t.sweep(self.now, &mut self.queue, &mut self.fin);
+        }
+    }
+
+    #[test]
+    fn linear_completes_after_the_last_task() {
+        let mut h = Harness::new(dag(3, &[(0, 1), (1, 2)]), FailurePolicy::None);
+        h.insert(1);
+        assert!(h.done(0, 1));
+        assert!(h.done(1, 1));
+        assert!(h.fin.is_empty());
+        assert!(h.done(2, 1));
+        assert_eq!(h.fin.len(), 1);
+        assert_eq!(h.fin[0].outcome, Outcome::Acked);
+        assert_eq!(h.t.len(), 0);
+    }
+
+    #[test]
+    fn fan_out_sends_every_output_to_every_child() {
+        let mut h = Harness::new(dag(3, &[(0, 1), (0, 2)]), FailurePolicy::None);
+        h.insert(1);
+        h.done(0, 2);
+        assert_eq!(h.queue.iter().filter(|m| m.ticket.task == 1).count(), 2);
+        assert_eq!(h.queue.iter().filter(|m| m.ticket.task == 2).count(), 2);
+        for _ in 0..2 {
+            h.done(1, 0);
+        }
+        h.done(2, 0);
+        assert!(h.fin.is_empty());
+        h.done(2, 0);
+        assert_eq!(h.fin.len(), 1);
+    }
+
+    #[test]
+    fn fan_in_waits_for_every_parent_and_gets_the_union() {
+        let mut h = Harness::new(
+            dag(4, &[(0, 1), (0, 2), (1, 3), (2, 3)]),
+            FailurePolicy::None,
+        );
+        h.insert(1);
+        h.done(0, 1);
+        h.done(1, 2);
+        assert!(
+            !h.queue.iter().any(|m| m.ticket.task == 3),
+            "the fan-in task waits for its other parent"
+        );
+        h.done(2, 3);
+        assert_eq!(h.queue.iter().filter(|m| m.ticket.task == 3).count(), 5);
+        for _ in 0..4 {
+            h.done(3, 0);
+        }
+        assert!(h.fin.is_empty());
+        h.done(3, 0);
+        assert_eq!(h.fin.len(), 1);
+    }
+
+    #[test]
+    fn a_dead_end_completes_descendants_without_another_live_parent() {
+        // 0 -> 1 -> 2 and 0 -> 3 -> 2: when 1 emits nothing, 2 still waits for 3.
+        let mut h = Harness::new(
+            dag(4, &[(0, 1), (1, 2), (0, 3), (3, 2)]),
+            FailurePolicy::None,
+        );
+        h.insert(1);
+        h.done(0, 1);
+        h.done(1, 0);
+        assert!(h.fin.is_empty());
+        h.done(3, 1);
+        assert_eq!(h.queue.len(), 1, "2 runs with 3's output");
+        h.done(2, 0);
+        assert_eq!(h.fin.len(), 1);
+
+        // A line where the root emits nothing completes at once.
+        let mut h = Harness::new(dag(3, &[(0, 1), (1, 2)]), FailurePolicy::None);
+        h.insert(2);
+        h.done(0, 0);
+        assert_eq!(h.fin.len(), 1);
+        assert!(h.queue.is_empty());
+    }
+
+    #[test]
+    fn errors_follow_the_policy() {
+        let d = dag(2, &[(0, 1)]);
+        let mut h = Harness::new(Arc::clone(&d), FailurePolicy::None);
+        h.insert(1);
+        h.done(0, 1);
+        h.error(1);
+        assert_eq!(h.fin[0].outcome, Outcome::Failed);
+        assert_eq!(h.t.len(), 0);
+
+        let mut h = Harness::new(Arc::clone(&d), FailurePolicy::BestEffort);
+        h.insert(1);
+        h.error(0);
+        assert_eq!(h.fin[0].outcome, Outcome::Acked);
+        assert_eq!(h.fin[0].errors, 1);
+
+        let mut h = Harness::new(d, FailurePolicy::Retry(2));
+        h.insert(1);
+        h.error(0);
+        assert!(h.queue.is_empty(), "the retry waits for its backoff");
+        h.advance(Duration::from_millis(99));
+        assert!(h.queue.is_empty());
+        h.advance(Duration::from_millis(1));
+        assert_eq!(h.queue.len(), 1);
+        h.error(0);
+        h.advance(Duration::from_millis(200));
+        h.error(0);
+        assert_eq!(h.fin.len(), 1);
+        assert_eq!(h.fin[0].outcome, Outcome::Failed);
+        assert_eq!(h.fin[0].attempts, 3);
+    }
+
+    #[test]
+    fn stale_results_are_ignored_after_a_retry() {
+        let mut h = Harness::new(dag(2, &[(0, 1)]), FailurePolicy::Retry(1));
+        h.insert(1);
+        h.done(0, 3);
+        let stale = h.take(1);
+        h.error(1);
+        h.advance(Duration::from_millis(100));
+        assert!(!h.t.is_live(stale.ticket));
+        assert!(!h
+            .t
+            .on_done(stale.ticket, &[], h.now, &mut h.queue, &mut h.fin));
+        // The queued sibling of the failed attempt is stale too.
+        let sibling = h.queue.iter().find(|m| m.ticket.task == 1).unwrap().ticket;
+        assert!(!h.t.is_live(sibling));
+        h.queue.retain(|m| m.ticket.task == 0);
+        h.done(0, 1);
+        h.done(1, 0);
+        assert_eq!(h.fin.len(), 1);
+        assert_eq!(h.fin[0].outcome, Outcome::Acked);
+        assert_eq!(h.fin[0].attempts, 2);
+    }
+
+    #[test]
+    fn the_sweeper_times_out_messages_nobody_answers() {
+        let mut h = Harness::new(dag(1, &[]), FailurePolicy::None);
+        h.insert(1);
+        h.advance(Duration::from_secs(5));
+        h.insert(2);
+        h.advance(Duration::from_secs(5));
+        assert_eq!(h.fin.len(), 1);
+        assert_eq!(h.fin[0].outcome, Outcome::TimedOut);
+        assert_eq!(h.fin[0].msg.id, MsgId::Int(1));
+        assert_eq!(h.t.len(), 1);
+        h.advance(Duration::from_secs(5));
+        assert_eq!(h.fin.len(), 2);
+        assert_eq!(h.t.head, NIL);
+    }
+
+    #[test]
+    fn timeouts_under_best_effort_ack_and_under_retry_rerun() {
+        let mut h = Harness::new(dag(1, &[]), FailurePolicy::BestEffort);
+        h.insert(1);
+        h.advance(Duration::from_secs(10));
+        assert_eq!(h.fin[0].outcome, Outcome::Acked);
+        assert_eq!(h.fin[0].timeouts, 1);
+
+        let mut h = Harness::new(dag(1, &[]), FailurePolicy::Retry(1));
+        h.insert(1);
+        h.advance(Duration::from_secs(10));
+        assert!(h.fin.is_empty());
+        h.advance(Duration::from_millis(100));
+        assert_eq!(h.queue.len(), 2, "the stale first attempt and the retry");
+        h.advance(Duration::from_secs(10));
+        assert_eq!(h.fin[0].outcome, Outcome::TimedOut);
+        assert_eq!(h.fin[0].attempts, 2);
+    }
+
+    #[test]
+    fn slots_are_reused_and_entries_inspectable() {
+        let mut h = Harness::new(dag(2, &[(0, 1)]), FailurePolicy::None);
+        h.insert(1);
+        h.done(0, 1);
+        let entries = h.t.entries(h.now);
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].pending, vec![(1, 1)]);
+        h.done(1, 0);
+        h.insert(2);
+        assert_eq!(h.t.records.len(), 1, "the freed slot is reused");
+        assert_eq!(h.t.high_water(), 1);
+    }
+
+    #[test]
+    fn record_size_stays_small() {
+        // The per-message cost beyond the payload: the record plus one task
+        // state per task (and a buffer per fan-in task).
+        assert!(std::mem::size_of::<Record>() <= 160, "{}", std::mem::size_of::<Record>());
+        assert_eq!(std::mem::size_of::<TaskState>(), 8);
+    }
+
+    /// A random DAG over `n` tasks rooted at 0: forward edges only (so no
+    /// cycle), and every task has a parent before it (so all are reachable).
+    fn arb_dag() -> impl Strategy<Value = (usize, Vec<(usize, usize)>)> {
+        (1usize..8).prop_flat_map(|n| {
+            let pairs: Vec<(usize, usize)> =
+                (0..n).flat_map(|a| (a + 1..n).map(move |b| (a, b))).collect();
+            let len = pairs.len();
+            (
+                Just(n),
+                Just(pairs),
+                proptest::collection::vec(any::<bool>(), len),
+                proptest::collection::vec(any::<prop::sample::Index>(), n),
+            )
+                .prop_map(|(n, pairs, keep, first)| {
+                    let mut edges: Vec<(usize, usize)> = pairs
+                        .iter()
+                        .zip(keep)
+                        .filter(|(_, k)| *k)
+                        .map(|(e, _)| *e)
+                        .collect();
+                    for b in 1..n {
+                        if !edges.iter().any(|&(_, to)| to == b) {
+                            edges.push((first[b].index(b), b));
+                        }
+                    }
+                    (n, edges)
+                })
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Random DAGs, random output counts and random completion orders:
+        /// each source message completes exactly once, never while one of
+        /// its task messages is outstanding, after every task received one
+        /// copy of each output of each of its parents; a fan-in task never
+        /// runs before its ancestors are done.
+        #[test]
+        fn random_dags_complete_exactly_once_and_never_early(
+            (n, edges) in arb_dag(),
+            messages in 1u64..5,
+            choices in proptest::collection::vec((any::<prop::sample::Index>(), 0usize..3), 1..400),
+        ) {
+            let d = dag(n, &edges);
+            let mut h = Harness::new(Arc::clone(&d), FailurePolicy::None);
+            let mut runs = vec![vec![0usize; n]; messages as usize];
+            let mut emitted = vec![vec![0usize; n]; messages as usize];
+            let mut slot_of = std::collections::HashMap::new();
+            for id in 0..messages {
+                h.insert(id);
+                slot_of.insert(h.queue.last().unwrap().ticket.slot, id as usize);
+            }
+            let ancestors = |t: usize| {
+                let mut seen = vec![false; n];
+                let mut stack = vec![t];
+                while let Some(x) = stack.pop() {
+                    for &p in d.parents(x as TaskIdx) {
+                        if !seen[p as usize] { seen[p as usize] = true; stack.push(p as usize); }
+                    }
+                }
+                seen
+            };
+            let mut step = 0;
+            while !h.queue.is_empty() {
+                let (pick, outs) = choices[step % choices.len()];
+                step += 1;
+                let m = h.queue.remove(pick.index(h.queue.len()));
+                let id = slot_of[&m.ticket.slot];
+                let t = m.ticket.task as usize;
+                if d.parents(t as TaskIdx).len() > 1 {
+                    let anc = ancestors(t);
+                    prop_assert!(!h.queue.iter().any(|q| q.ticket.slot == m.ticket.slot && anc[q.ticket.task as usize]),
+                        "fan-in task {} ran before its ancestors were done", t);
+                }
+                runs[id][t] += 1;
+                emitted[id][t] += outs;
+                let before = h.fin.len();
+                let outputs = vec![m.payload.clone(); outs];
+                prop_assert!(h.t.on_done(m.ticket, &outputs, h.now, &mut h.queue, &mut h.fin));
+                if h.fin.len() > before {
+                    prop_assert_eq!(h.fin.len(), before + 1);
+                    prop_assert!(!h.queue.iter().any(|q| q.ticket.slot == m.ticket.slot),
+                        "completed with task messages outstanding");
+                    prop_assert_eq!(runs[id][0], 1);
+                    for c in 1..n {
+                        let expected: usize = d.parents(c as TaskIdx).iter().map(|&p| emitted[id][p as usize]).sum();
+                        prop_assert_eq!(runs[id][c], expected, "task {} of message {}", c, id);
+                    }
+                }
+            }
+            prop_assert_eq!(h.fin.len(), messages as usize);
+            let mut ids: Vec<_> = h.fin.iter().map(|f| f.msg.id.clone()).collect();
+            ids.sort();
+            ids.dedup();
+            prop_assert_eq!(ids.len(), messages as usize);
+            prop_assert!(h.fin.iter().all(|f| f.outcome == Outcome::Acked));
+            prop_assert_eq!(h.t.len(), 0);
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! Tempest: a stream-topology runtime in the spirit of Apache Storm.
+//!
+//! A **topology** is a name, a [`Source`](tempest_source::Source) and a
+//! [`Pipeline`]: a DAG of [`Task`]s. The runtime polls the source in
+//! batches, routes every source message through the DAG, tracks it until
+//! every task has handled it, and then acks it at the source. A message that
+//! fails or times out is handled by the topology's [`FailurePolicy`].
+//!
+//! # How this crate is laid out
+//!
+//! - [`task`]: the [`Task`] trait, its [`Output`] and [`TaskError`].
+//! - [`pipeline`]: the [`Pipeline`] builder, its validation (every problem
+//!   at once) and its export as DOT or Mermaid; the compiled [`Dag`].
+//! - [`topology`]: [`TopologyBuilder`], [`TopologyOptions`],
+//!   [`FailurePolicy`].
+//! - `inflight`: the inflight table: integer-indexed records, fan-in
+//!   barriers, the deadline list the sweeper walks, retries.
+//! - `actors`: the `SourceActor` (its own thread), the `PipelineActor`
+//!   (inflight table, ready queues) and the `TopologyActor` (lifecycle).
+//! - `worker`: the task-side loop, shared by every transport.
+//! - [`standalone`]: runs a whole topology in one process.
+//! - [`testing`]: [`TestRun`](testing::TestRun), to unit-test a topology.
+//! - [`rt`]: [`rt::run`], the `main` of a topology package.
+//! - [`metrics`]: the names of every metric the runtime records.
+//!
+//! # Routing
+//!
+//! Every output of a task goes to every child of the task. A task with
+//! several parents runs once all its parent edges are complete for that
+//! source message, on the union of their outputs. A task that emits nothing
+//! completes the descendants that have no other live parent. When every
+//! task is complete the source message is acked.
+
+mod actors;
+mod error;
+mod inflight;
+pub mod metrics;
+pub mod pipeline;
+pub mod rt;
+pub mod standalone;
+pub mod task;
+pub mod testing;
+pub mod topology;
+mod worker;
+
+pub use actors::pipeline::{MsgReport, Stats};
+pub use actors::StopReason;
+pub use error::Error;
+pub use inflight::{InflightEntry, Outcome, TrackerConfig};
+pub use pipeline::{Dag, Pipeline, PipelineError, PipelineErrors};
+pub use task::{Msg, Output, Task, TaskContext, TaskError, TaskResult};
+pub use topology::{FailurePolicy, Topology, TopologyBuilder, TopologyOptions};
+
+pub use tempest_source as source;

@@ -1,0 +1,48 @@
+//! Metric names: every metric the runtime records, in one place.
+//!
+//! Every series carries the label `topology`; task metrics also `task`.
+//! The book's metrics chapter lists the same names.
+
+/// The names of the runtime's metrics.
+pub mod names {
+    /// Counter: source messages read from the source.
+    pub const SOURCE_READ: &str = "tempest.source.read";
+    /// Counter: polls of the source.
+    pub const SOURCE_POLLS: &str = "tempest.source.polls";
+    /// Counter: polls that returned nothing.
+    pub const SOURCE_EMPTY_POLLS: &str = "tempest.source.empty_polls";
+    /// Counter: ack calls made to the source (`ack` or `batch_ack`).
+    pub const SOURCE_ACK_CALLS: &str = "tempest.source.ack_calls";
+    /// Gauge: 1 while the source reports itself healthy, else 0.
+    pub const SOURCE_HEALTHY: &str = "tempest.source.healthy";
+    /// Counter: source messages acked.
+    pub const MSGS_ACKED: &str = "tempest.msgs.acked";
+    /// Counter: source messages given up on after a task failure.
+    pub const MSGS_FAILED: &str = "tempest.msgs.failed";
+    /// Counter: source messages given up on after a timeout.
+    pub const MSGS_TIMED_OUT: &str = "tempest.msgs.timed_out";
+    /// Counter: retries started.
+    pub const MSGS_RETRIED: &str = "tempest.msgs.retried";
+    /// Gauge: source messages in flight.
+    pub const MSGS_INFLIGHT: &str = "tempest.msgs.inflight";
+    /// Gauge: the most source messages ever in flight at once.
+    pub const MSGS_INFLIGHT_MAX: &str = "tempest.msgs.inflight_max";
+    /// Counter: results for messages already retried, failed or timed out.
+    pub const STALE_RESULTS: &str = "tempest.msgs.stale_results";
+    /// Counter (per task): task messages received.
+    pub const TASK_MSGS_IN: &str = "tempest.task.msgs_in";
+    /// Counter (per task): task messages emitted.
+    pub const TASK_MSGS_OUT: &str = "tempest.task.msgs_out";
+    /// Counter (per task): `handle` errors.
+    pub const TASK_ERRORS: &str = "tempest.task.errors";
+    /// Counter (per task): panics in `filter` or `handle`.
+    pub const TASK_PANICS: &str = "tempest.task.panics";
+    /// Counter (per task): messages `filter` skipped.
+    pub const TASK_FILTERED: &str = "tempest.task.filtered";
+    /// Counter (per task): batches handled.
+    pub const TASK_BATCHES: &str = "tempest.task.batches";
+    /// Counter (per task): nanoseconds spent handling batches.
+    pub const TASK_HANDLE_NANOS: &str = "tempest.task.handle_nanos";
+    /// Gauge (per task): task messages waiting for a worker.
+    pub const TASK_QUEUE_DEPTH: &str = "tempest.task.queue_depth";
+}

@@ -1,0 +1,733 @@
+//! The pipeline: a DAG of tasks, its validation and its export.
+//!
+//! [`Pipeline`] is the builder; [`Pipeline::build`] checks it and reports
+//! every problem at once, or returns the compiled [`Dag`] in which tasks and
+//! edges are small integers, so routing never touches a string.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::task::Task;
+
+/// Makes a fresh instance of a task for each of its workers.
+pub(crate) type TaskFactory = Arc<dyn Fn() -> Box<dyn Task> + Send + Sync>;
+
+/// The index of a task in its [`Dag`].
+pub type TaskIdx = u16;
+
+/// The most tasks a pipeline may have.
+pub const MAX_TASKS: usize = u16::MAX as usize - 1;
+
+/// A pipeline under construction: tasks, edges, and optionally the root.
+///
+/// ```
+/// use tempest::{Msg, Output, Pipeline, Task, TaskResult};
+///
+/// #[derive(Clone)]
+/// struct Pass(&'static str);
+/// impl Task for Pass {
+///     fn name(&self) -> &str { self.0 }
+///     fn handle(&mut self, msg: Msg) -> TaskResult { Ok(Output::One(msg)) }
+/// }
+///
+/// let dag = Pipeline::new()
+///     .task(Pass("a"))
+///     .task(Pass("b"))
+///     .task(Pass("c"))
+///     .edge("a", "b")
+///     .edge("a", "c")
+///     .build()
+///     .unwrap();
+/// assert_eq!(dag.root_name(), "a");
+/// assert!(dag.to_dot("example").contains("\"a\" -> \"b\""));
+/// ```
+#[derive(Clone, Default)]
+pub struct Pipeline {
+    tasks: Vec<(String, TaskFactory)>,
+    edges: Vec<(String, String)>,
+    root: Option<String>,
+}
+
+impl fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("tasks", &self.tasks.iter().map(|(n, _)| n).collect::<Vec<_>>())
+            .field("edges", &self.edges)
+            .field("root", &self.root)
+            .finish()
+    }
+}
+
+impl Pipeline {
+    /// An empty pipeline.
+    pub fn new() -> Self {
+        Pipeline::default()
+    }
+
+    /// Adds a task; each worker of the task gets its own clone of `task`.
+    pub fn task<T: Task + Clone>(self, task: T) -> Self {
+        let name = task.name().to_string();
+        let prototype = Mutex::new(task);
+        self.task_with(name, move || {
+            prototype
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+        })
+    }
+
+    /// Adds a task named `name` whose workers are made by `make`, for tasks
+    /// that cannot be cloned.
+    pub fn task_with<T, F>(mut self, name: impl Into<String>, make: F) -> Self
+    where
+        T: Task,
+        F: Fn() -> T + Send + Sync + 'static,
+    {
+        self.tasks
+            .push((name.into(), Arc::new(move || Box::new(make()) as Box<dyn Task>)));
+        self
+    }
+
+    /// Adds an edge: every output of `from` goes to `to`.
+    pub fn edge(mut self, from: impl Into<String>, to: impl Into<String>) -> Self {
+        self.edges.push((from.into(), to.into()));
+        self
+    }
+
+    /// Names the root task. Without it, the root is the one task that has no
+    /// parent.
+    pub fn root(mut self, name: impl Into<String>) -> Self {
+        self.root = Some(name.into());
+        self
+    }
+
+    /// The names of the tasks added so far, in order.
+    pub fn task_names(&self) -> impl Iterator<Item = &str> {
+        self.tasks.iter().map(|(n, _)| n.as_str())
+    }
+
+    /// Checks the pipeline and compiles it, or returns every problem found.
+    pub fn build(&self) -> Result<Dag, PipelineErrors> {
+        let mut errors = Vec::new();
+        if self.tasks.is_empty() {
+            errors.push(PipelineError::Empty);
+        }
+        if self.tasks.len() > MAX_TASKS {
+            errors.push(PipelineError::TooManyTasks(self.tasks.len()));
+            return Err(PipelineErrors(errors));
+        }
+        let mut index: HashMap<&str, TaskIdx> = HashMap::new();
+        for (name, _) in &self.tasks {
+            if name.is_empty() {
+                errors.push(PipelineError::EmptyName);
+            }
+            if index.contains_key(name.as_str()) {
+                if !errors.contains(&PipelineError::DuplicateTask(name.clone())) {
+                    errors.push(PipelineError::DuplicateTask(name.clone()));
+                }
+            } else {
+                index.insert(name, index.len() as TaskIdx);
+            }
+        }
+        let names: Vec<String> = {
+            let mut v = vec![String::new(); index.len()];
+            for (name, &i) in &index {
+                v[i as usize] = name.to_string();
+            }
+            v
+        };
+        let factories: Vec<TaskFactory> = {
+            let mut seen = vec![false; names.len()];
+            let mut v = Vec::with_capacity(names.len());
+            for (name, f) in &self.tasks {
+                let i = index[name.as_str()] as usize;
+                if !seen[i] {
+                    seen[i] = true;
+                    v.push(Arc::clone(f));
+                }
+            }
+            v
+        };
+
+        let n = names.len();
+        let mut children: Vec<Vec<TaskIdx>> = vec![Vec::new(); n];
+        let mut parents: Vec<Vec<TaskIdx>> = vec![Vec::new(); n];
+        for (from, to) in &self.edges {
+            let mut known = true;
+            for end in [from, to] {
+                if !index.contains_key(end.as_str()) {
+                    known = false;
+                    errors.push(PipelineError::UnknownTask {
+                        edge: (from.clone(), to.clone()),
+                        name: end.clone(),
+                    });
+                }
+            }
+            if !known {
+                continue;
+            }
+            if from == to {
+                errors.push(PipelineError::SelfEdge(from.clone()));
+                continue;
+            }
+            let (a, b) = (index[from.as_str()], index[to.as_str()]);
+            if children[a as usize].contains(&b) {
+                errors.push(PipelineError::DuplicateEdge(from.clone(), to.clone()));
+                continue;
+            }
+            children[a as usize].push(b);
+            parents[b as usize].push(a);
+        }
+
+        for cycle in find_cycles(&children) {
+            errors.push(PipelineError::Cycle(
+                cycle.iter().map(|&i| names[i as usize].clone()).collect(),
+            ));
+        }
+
+        let root = match &self.root {
+            Some(r) => match index.get(r.as_str()) {
+                None => {
+                    errors.push(PipelineError::UnknownRoot(r.clone()));
+                    None
+                }
+                Some(&i) if !parents[i as usize].is_empty() => {
+                    errors.push(PipelineError::RootHasParents(r.clone()));
+                    None
+                }
+                Some(&i) => Some(i),
+            },
+            None => {
+                let roots: Vec<TaskIdx> = (0..n as TaskIdx)
+                    .filter(|&i| parents[i as usize].is_empty())
+                    .collect();
+                match roots.as_slice() {
+                    [] if n > 0 => {
+                        errors.push(PipelineError::NoRoot);
+                        None
+                    }
+                    [] => None,
+                    [r] => Some(*r),
+                    many => {
+                        errors.push(PipelineError::MultipleRoots(
+                            many.iter().map(|&i| names[i as usize].clone()).collect(),
+                        ));
+                        None
+                    }
+                }
+            }
+        };
+
+        if let Some(root) = root {
+            let mut reached = vec![false; n];
+            let mut queue = VecDeque::from([root]);
+            reached[root as usize] = true;
+            while let Some(t) = queue.pop_front() {
+                for &c in &children[t as usize] {
+                    if !reached[c as usize] {
+                        reached[c as usize] = true;
+                        queue.push_back(c);
+                    }
+                }
+            }
+            for (i, r) in reached.iter().enumerate() {
+                if !r {
+                    errors.push(PipelineError::Unreachable(names[i].clone()));
+                }
+            }
+        }
+
+        match root {
+            Some(root) if errors.is_empty() => Ok(Dag::new(names, root, children, parents, factories)),
+            _ => Err(PipelineErrors(errors)),
+        }
+    }
+}
+
+/// Every elementary cycle found by a depth-first search, each once, as the
+/// path of task indices starting from its smallest index.
+fn find_cycles(children: &[Vec<TaskIdx>]) -> Vec<Vec<TaskIdx>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Color {
+        White,
+        Grey,
+        Black,
+    }
+    let n = children.len();
+    let mut color = vec![Color::White; n];
+    let mut cycles: Vec<Vec<TaskIdx>> = Vec::new();
+    for start in 0..n {
+        if color[start] != Color::White {
+            continue;
+        }
+        // Stack of (node, next child position); `path` mirrors the grey nodes.
+        let mut stack: Vec<(usize, usize)> = vec![(start, 0)];
+        let mut path: Vec<TaskIdx> = vec![start as TaskIdx];
+        color[start] = Color::Grey;
+        while let Some(&mut (node, ref mut pos)) = stack.last_mut() {
+            if let Some(&child) = children[node].get(*pos) {
+                *pos += 1;
+                let c = child as usize;
+                match color[c] {
+                    Color::White => {
+                        color[c] = Color::Grey;
+                        stack.push((c, 0));
+                        path.push(child);
+                    }
+                    Color::Grey => {
+                        let at = path.iter().position(|&p| p == child).unwrap_or(0);
+                        let mut cycle = path[at..].to_vec();
+                        let min = cycle.iter().enumerate().min_by_key(|(_, &v)| v).map(|(i, _)| i);
+                        cycle.rotate_left(min.unwrap_or(0));
+                        if !cycles.contains(&cycle) {
+                            cycles.push(cycle);
+                        }
+                    }
+                    Color::Black => {}
+                }
+            } else {
+                color[node] = Color::Black;
+                stack.pop();
+                path.pop();
+            }
+        }
+    }
+    cycles
+}
+
+/// One problem with a pipeline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PipelineError {
+    /// The pipeline has no task.
+    Empty,
+    /// More tasks than [`MAX_TASKS`].
+    TooManyTasks(usize),
+    /// A task's name is empty.
+    EmptyName,
+    /// Two tasks share a name.
+    DuplicateTask(String),
+    /// An edge names a task the pipeline does not have.
+    UnknownTask {
+        /// The edge, as given.
+        edge: (String, String),
+        /// The unknown name.
+        name: String,
+    },
+    /// An edge from a task to itself.
+    SelfEdge(String),
+    /// The same edge twice.
+    DuplicateEdge(String, String),
+    /// A cycle, as the path of task names around it.
+    Cycle(Vec<String>),
+    /// Every task has a parent, so none can be the root.
+    NoRoot,
+    /// Several tasks have no parent; name one with `.root(..)` and connect the others.
+    MultipleRoots(Vec<String>),
+    /// `.root(..)` names a task the pipeline does not have.
+    UnknownRoot(String),
+    /// `.root(..)` names a task that has a parent.
+    RootHasParents(String),
+    /// A task the root does not lead to.
+    Unreachable(String),
+}
+
+impl fmt::Display for PipelineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PipelineError::Empty => f.write_str("the pipeline has no task"),
+            PipelineError::TooManyTasks(n) => {
+                write!(f, "the pipeline has {n} tasks; at most {MAX_TASKS} are allowed")
+            }
+            PipelineError::EmptyName => f.write_str("a task has an empty name"),
+            PipelineError::DuplicateTask(name) => {
+                write!(f, "two tasks are named \"{name}\"")
+            }
+            PipelineError::UnknownTask { edge, name } => write!(
+                f,
+                "edge \"{}\" -> \"{}\" names unknown task \"{name}\"",
+                edge.0, edge.1
+            ),
+            PipelineError::SelfEdge(name) => write!(f, "edge \"{name}\" -> \"{name}\" is a self-edge"),
+            PipelineError::DuplicateEdge(a, b) => {
+                write!(f, "edge \"{a}\" -> \"{b}\" is given twice")
+            }
+            PipelineError::Cycle(path) => {
+                write!(f, "cycle: ")?;
+                for name in path {
+                    write!(f, "\"{name}\" -> ")?;
+                }
+                write!(f, "\"{}\"", path.first().map(String::as_str).unwrap_or(""))
+            }
+            PipelineError::NoRoot => f.write_str("no root: every task has a parent"),
+            PipelineError::MultipleRoots(names) => write!(
+                f,
+                "several tasks have no parent ({}); a pipeline has exactly one root",
+                quoted(names)
+            ),
+            PipelineError::UnknownRoot(name) => write!(f, "root \"{name}\" is not a task of the pipeline"),
+            PipelineError::RootHasParents(name) => {
+                write!(f, "root \"{name}\" has a parent; the root must have none")
+            }
+            PipelineError::Unreachable(name) => {
+                write!(f, "task \"{name}\" cannot be reached from the root")
+            }
+        }
+    }
+}
+
+fn quoted(names: &[String]) -> String {
+    names
+        .iter()
+        .map(|n| format!("\"{n}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Every problem found in a pipeline, reported together.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PipelineErrors(pub Vec<PipelineError>);
+
+impl PipelineErrors {
+    /// The problems, in the order found.
+    pub fn errors(&self) -> &[PipelineError] {
+        &self.0
+    }
+}
+
+impl fmt::Display for PipelineErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the pipeline is invalid ({} problem", self.0.len())?;
+        if self.0.len() != 1 {
+            f.write_str("s")?;
+        }
+        f.write_str("):")?;
+        for e in &self.0 {
+            write!(f, "\n  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PipelineErrors {}
+
+/// A validated pipeline: tasks and edges as small integers.
+#[derive(Clone)]
+pub struct Dag {
+    names: Vec<String>,
+    root: TaskIdx,
+    children: Vec<Vec<TaskIdx>>,
+    parents: Vec<Vec<TaskIdx>>,
+    /// For a task with several parents, its slot among the fan-in tasks.
+    fanin: Vec<Option<u16>>,
+    fanin_count: usize,
+    factories: Vec<TaskFactory>,
+}
+
+impl fmt::Debug for Dag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dag")
+            .field("names", &self.names)
+            .field("root", &self.root)
+            .field("children", &self.children)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dag {
+    fn new(
+        names: Vec<String>,
+        root: TaskIdx,
+        children: Vec<Vec<TaskIdx>>,
+        parents: Vec<Vec<TaskIdx>>,
+        factories: Vec<TaskFactory>,
+    ) -> Self {
+        let mut fanin_count = 0;
+        let fanin = parents
+            .iter()
+            .map(|p| {
+                (p.len() > 1).then(|| {
+                    fanin_count += 1;
+                    (fanin_count - 1) as u16
+                })
+            })
+            .collect();
+        Dag {
+            names,
+            root,
+            children,
+            parents,
+            fanin,
+            fanin_count,
+            factories,
+        }
+    }
+
+    /// How many tasks there are.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Always false: a valid pipeline has a task.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// The root task's index.
+    pub fn root(&self) -> TaskIdx {
+        self.root
+    }
+
+    /// The root task's name.
+    pub fn root_name(&self) -> &str {
+        &self.names[self.root as usize]
+    }
+
+    /// Task names by index.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The name of task `t`.
+    pub fn name(&self, t: TaskIdx) -> &str {
+        &self.names[t as usize]
+    }
+
+    /// The index of the task named `name`.
+    pub fn index_of(&self, name: &str) -> Option<TaskIdx> {
+        self.names.iter().position(|n| n == name).map(|i| i as TaskIdx)
+    }
+
+    /// The children of task `t`.
+    pub fn children(&self, t: TaskIdx) -> &[TaskIdx] {
+        &self.children[t as usize]
+    }
+
+    /// The parents of task `t`.
+    pub fn parents(&self, t: TaskIdx) -> &[TaskIdx] {
+        &self.parents[t as usize]
+    }
+
+    pub(crate) fn fanin_slot(&self, t: TaskIdx) -> Option<u16> {
+        self.fanin[t as usize]
+    }
+
+    pub(crate) fn fanin_count(&self) -> usize {
+        self.fanin_count
+    }
+
+    pub(crate) fn make_task(&self, t: TaskIdx) -> Box<dyn Task> {
+        (self.factories[t as usize])()
+    }
+
+    /// The DAG in Graphviz DOT.
+    pub fn to_dot(&self, name: &str) -> String {
+        let mut out = format!("digraph \"{}\" {{\n  rankdir=LR;\n", escape(name));
+        for (i, n) in self.names.iter().enumerate() {
+            let shape = if i == self.root as usize { "box" } else { "ellipse" };
+            out.push_str(&format!("  \"{}\" [shape={shape}];\n", escape(n)));
+        }
+        for (from, tos) in self.children.iter().enumerate() {
+            for &to in tos {
+                out.push_str(&format!(
+                    "  \"{}\" -> \"{}\";\n",
+                    escape(&self.names[from]),
+                    escape(&self.names[to as usize])
+                ));
+            }
+        }
+        out.push_str("}\n");
+        out
+    }
+
+    /// The DAG as a Mermaid flowchart.
+    pub fn to_mermaid(&self) -> String {
+        let mut out = String::from("flowchart LR\n");
+        for (i, n) in self.names.iter().enumerate() {
+            out.push_str(&format!("  t{i}[\"{}\"]\n", n.replace('"', "#quot;")));
+        }
+        for (from, tos) in self.children.iter().enumerate() {
+            for &to in tos {
+                out.push_str(&format!("  t{from} --> t{to}\n"));
+            }
+        }
+        out
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::{Msg, Output, TaskResult};
+
+    #[derive(Clone)]
+    struct T(&'static str);
+    impl Task for T {
+        fn name(&self) -> &str {
+            self.0
+        }
+        fn handle(&mut self, msg: Msg) -> TaskResult {
+            Ok(Output::One(msg))
+        }
+    }
+
+    fn pipe(names: &[&'static str], edges: &[(&str, &str)]) -> Pipeline {
+        let mut p = Pipeline::new();
+        for n in names {
+            p = p.task(T(n));
+        }
+        for (a, b) in edges {
+            p = p.edge(*a, *b);
+        }
+        p
+    }
+
+    fn errors(p: Pipeline) -> Vec<PipelineError> {
+        p.build().unwrap_err().0
+    }
+
+    #[test]
+    fn a_linear_pipeline_compiles() {
+        let dag = pipe(&["a", "b", "c"], &[("a", "b"), ("b", "c")]).build().unwrap();
+        assert_eq!(dag.len(), 3);
+        assert_eq!(dag.root_name(), "a");
+        assert_eq!(dag.children(0), &[1]);
+        assert_eq!(dag.parents(2), &[1]);
+        assert_eq!(dag.fanin_slot(2), None);
+    }
+
+    #[test]
+    fn a_diamond_has_one_fanin() {
+        let dag = pipe(
+            &["a", "b", "c", "d"],
+            &[("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")],
+        )
+        .build()
+        .unwrap();
+        assert_eq!(dag.fanin_slot(3), Some(0));
+        assert_eq!(dag.fanin_count(), 1);
+    }
+
+    #[test]
+    fn empty_pipeline() {
+        assert_eq!(errors(Pipeline::new()), vec![PipelineError::Empty]);
+    }
+
+    #[test]
+    fn duplicate_task() {
+        assert_eq!(
+            errors(pipe(&["a", "a"], &[])),
+            vec![PipelineError::DuplicateTask("a".into())]
+        );
+    }
+
+    #[test]
+    fn unknown_task_in_edge() {
+        assert_eq!(
+            errors(pipe(&["a"], &[("a", "b")])),
+            vec![PipelineError::UnknownTask {
+                edge: ("a".into(), "b".into()),
+                name: "b".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn self_edge() {
+        assert_eq!(
+            errors(pipe(&["a"], &[("a", "a")])),
+            vec![PipelineError::SelfEdge("a".into())]
+        );
+    }
+
+    #[test]
+    fn duplicate_edge() {
+        assert_eq!(
+            errors(pipe(&["a", "b"], &[("a", "b"), ("a", "b")])),
+            vec![PipelineError::DuplicateEdge("a".into(), "b".into())]
+        );
+    }
+
+    #[test]
+    fn cycle_with_its_path() {
+        let errs = errors(pipe(
+            &["a", "b", "c", "d"],
+            &[("a", "b"), ("b", "c"), ("c", "d"), ("d", "b")],
+        ));
+        assert_eq!(
+            errs,
+            vec![PipelineError::Cycle(vec!["b".into(), "c".into(), "d".into()])]
+        );
+        assert_eq!(
+            errs[0].to_string(),
+            "cycle: \"b\" -> \"c\" -> \"d\" -> \"b\""
+        );
+    }
+
+    #[test]
+    fn no_root() {
+        let errs = errors(pipe(&["a", "b"], &[("a", "b"), ("b", "a")]));
+        assert!(errs.contains(&PipelineError::NoRoot), "{errs:?}");
+        assert!(errs.contains(&PipelineError::Cycle(vec!["a".into(), "b".into()])));
+    }
+
+    #[test]
+    fn several_roots() {
+        assert_eq!(
+            errors(pipe(&["a", "b", "c"], &[("a", "c"), ("b", "c")])),
+            vec![PipelineError::MultipleRoots(vec!["a".into(), "b".into()])]
+        );
+    }
+
+    #[test]
+    fn unknown_root_and_root_with_parents() {
+        assert_eq!(
+            errors(pipe(&["a", "b"], &[("a", "b")]).root("z")),
+            vec![PipelineError::UnknownRoot("z".into())]
+        );
+        assert_eq!(
+            errors(pipe(&["a", "b"], &[("a", "b")]).root("b")),
+            vec![PipelineError::RootHasParents("b".into())]
+        );
+    }
+
+    #[test]
+    fn unreachable_task() {
+        assert_eq!(
+            errors(pipe(&["a", "b", "c"], &[("a", "b"), ("c", "b")]).root("a")),
+            vec![PipelineError::Unreachable("c".into())]
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let errs = errors(pipe(
+            &["a", "b", "b", "c"],
+            &[("a", "x"), ("a", "a"), ("b", "c"), ("c", "b")],
+        ));
+        assert!(errs.contains(&PipelineError::DuplicateTask("b".into())));
+        assert!(errs.iter().any(|e| matches!(e, PipelineError::UnknownTask { .. })));
+        assert!(errs.contains(&PipelineError::SelfEdge("a".into())));
+        assert!(errs.contains(&PipelineError::Cycle(vec!["b".into(), "c".into()])));
+        let text = PipelineErrors(errs.clone()).to_string();
+        assert!(text.starts_with(&format!("the pipeline is invalid ({} problems):", errs.len())));
+    }
+
+    #[test]
+    fn exports_dot_and_mermaid() {
+        let dag = pipe(&["a", "b"], &[("a", "b")]).build().unwrap();
+        assert_eq!(
+            dag.to_dot("wc"),
+            "digraph \"wc\" {\n  rankdir=LR;\n  \"a\" [shape=box];\n  \"b\" [shape=ellipse];\n  \"a\" -> \"b\";\n}\n"
+        );
+        assert_eq!(
+            dag.to_mermaid(),
+            "flowchart LR\n  t0[\"a\"]\n  t1[\"b\"]\n  t0 --> t1\n"
+        );
+    }
+}

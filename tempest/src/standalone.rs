@@ -1,0 +1,291 @@
+//! The standalone runtime: a whole topology in one multi-threaded process.
+//!
+//! The source runs on an arbiter (thread) of its own, the pipeline and
+//! topology actors on the calling thread's actix system, and each task
+//! worker on a thread of its own, fed through bounded in-memory channels.
+//! No TCP is involved.
+
+use std::collections::HashMap;
+use std::sync::mpsc::sync_channel;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tempest_source::metrics::Snapshot;
+use tempest_source::{Metrics, MsgId, SourceContext};
+use tokio::sync::{oneshot, Notify};
+
+use crate::actors::pipeline::{
+    Finish, GetStats, Inspect, MsgReport, PipelineActor, PipelineSetup, Stats, Until,
+};
+use crate::actors::source::SourceActor;
+use crate::actors::topology::TopologyActor;
+use crate::actors::{Stop, StopReason};
+use crate::error::Error;
+use crate::inflight::{InflightEntry, Tracker, TrackerConfig};
+use crate::pipeline::TaskIdx;
+use crate::task::TaskContext;
+use crate::topology::Topology;
+use crate::worker::{run_task_loop, InProc, InProcSink, PREFETCH};
+
+/// A handle onto a running topology, usable from any thread but the
+/// runtime's own: shut it down, look at its counters and its inflight table.
+#[derive(Clone, Debug, Default)]
+pub struct RuntimeHandle {
+    shutdown: Arc<Notify>,
+    pipeline: Arc<Mutex<Option<Addr<PipelineActor>>>>,
+}
+
+impl RuntimeHandle {
+    /// A new handle; pass it in [`RunOptions::handle`].
+    pub fn new() -> Self {
+        RuntimeHandle::default()
+    }
+
+    /// Stops polling, lets in-flight messages finish (up to
+    /// `graceful_shutdown`), acks them, and stops. Works before the run
+    /// starts too.
+    pub fn shutdown(&self) {
+        self.shutdown.notify_one();
+    }
+
+    fn pipeline(&self) -> Option<Addr<PipelineActor>> {
+        self.pipeline
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The pipeline's counters now; `None` when the topology is not running.
+    /// Blocks until the pipeline answers.
+    pub fn stats(&self) -> Option<Stats> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.pipeline()?.do_send(GetStats(tx));
+        rx.recv_timeout(Duration::from_secs(10)).ok()
+    }
+
+    /// A copy of the inflight table now; `None` when the topology is not
+    /// running. Blocks until the pipeline answers.
+    pub fn inflight(&self) -> Option<Vec<InflightEntry>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.pipeline()?.do_send(Inspect(tx));
+        rx.recv_timeout(Duration::from_secs(10)).ok()
+    }
+}
+
+/// How a standalone run ends and what it records.
+#[derive(Default)]
+pub struct RunOptions {
+    /// Stop (gracefully) once this returns true; checked after every batch.
+    pub until: Option<Box<dyn FnMut(&Stats) -> bool + Send>>,
+    /// Stop (gracefully) after this long.
+    pub deadline: Option<Duration>,
+    /// Record each source message's outcome (for tests).
+    pub record_outcomes: bool,
+    /// A handle to stop and inspect the run.
+    pub handle: Option<RuntimeHandle>,
+}
+
+impl std::fmt::Debug for RunOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunOptions")
+            .field("until", &self.until.is_some())
+            .field("deadline", &self.deadline)
+            .field("record_outcomes", &self.record_outcomes)
+            .field("handle", &self.handle.is_some())
+            .finish()
+    }
+}
+
+/// What a run did.
+#[derive(Debug)]
+pub struct RunReport {
+    /// The topology's name.
+    pub name: String,
+    /// Why it stopped.
+    pub stop: StopReason,
+    /// The pipeline's counters.
+    pub stats: Stats,
+    /// From start to stop.
+    pub elapsed: Duration,
+    /// Every metric recorded by the runtime, the tasks and the source.
+    pub metrics: Snapshot,
+    /// Each source message's outcome, if recorded.
+    pub outcomes: Option<HashMap<MsgId, MsgReport>>,
+}
+
+impl RunReport {
+    /// Acked messages per second over the whole run.
+    pub fn acked_per_sec(&self) -> f64 {
+        self.stats.acked as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+fn sweep_interval(topology: &Topology) -> Duration {
+    let o = &topology.options;
+    let finest = match (o.msg_timeout, topology.options.failure_policy) {
+        (Some(t), crate::FailurePolicy::Retry(_)) => t.min(o.retry_backoff),
+        (Some(t), _) => t,
+        (None, crate::FailurePolicy::Retry(_)) => o.retry_backoff,
+        (None, _) => Duration::from_millis(100),
+    };
+    (finest / 10).clamp(Duration::from_millis(1), Duration::from_millis(20))
+}
+
+/// Runs `topology` in this process until its source is exhausted, the
+/// options say stop, or it is shut down; returns what it did.
+pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> {
+    let sweep_every = sweep_interval(&topology);
+    let Topology {
+        name,
+        source_name,
+        source,
+        dag,
+        options: topts,
+        workers,
+    } = topology;
+    let metrics = Metrics::new_registry().with_label("topology", name.clone());
+    let mut src = source().map_err(|e| Error::Source {
+        name: source_name.clone(),
+        source: e,
+    })?;
+    let source_metrics = metrics.with_label("source", src.name().to_string());
+    src.setup(&SourceContext {
+        topology: name.clone(),
+        metrics: source_metrics.clone(),
+    })
+    .map_err(|e| Error::Source {
+        name: src.name().to_string(),
+        source: e,
+    })?;
+
+    let options_handle = options.handle.clone();
+    let started = Instant::now();
+    let system = actix_rt::System::new();
+    let outcome = system.block_on(async {
+        let pipe_ctx: Context<PipelineActor> = Context::new();
+        let pipe = pipe_ctx.address();
+        let topo_ctx: Context<TopologyActor> = Context::new();
+        let topo = topo_ctx.address();
+
+        let arbiter = Arbiter::new();
+        let (pipe_rx, topo_rx) = (pipe.clone().recipient(), topo.clone().recipient());
+        let max_pending = topts.max_pending;
+        let source_addr = SourceActor::start_in_arbiter(&arbiter.handle(), move |_| {
+            SourceActor::new(src, max_pending, pipe_rx, topo_rx, source_metrics)
+        });
+
+        let tracker = Tracker::new(
+            Arc::clone(&dag),
+            TrackerConfig {
+                policy: topts.failure_policy,
+                msg_timeout: topts.msg_timeout,
+                retry_backoff: topts.retry_backoff,
+                max_retry_backoff: topts.max_retry_backoff,
+            },
+            Instant::now(),
+        );
+        let mut pipeline = PipelineActor::new(PipelineSetup {
+            tracker,
+            source: source_addr.clone().recipient(),
+            topology: topo.clone().recipient(),
+            metrics: metrics.clone(),
+            record_outcomes: options.record_outcomes,
+            until: options.until.map(|u| u as Until),
+            sweep_every,
+        });
+
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        let mut spawn_error = None;
+        'spawn: for (t, &count) in workers.iter().enumerate() {
+            for w in 0..count {
+                let (tx, rx) = sync_channel(PREFETCH);
+                let id = pipeline.add_worker(t as TaskIdx, Box::new(InProcSink(tx)));
+                let task_name = dag.name(t as TaskIdx).to_string();
+                let ctx = TaskContext {
+                    topology: name.clone(),
+                    task: task_name.clone(),
+                    worker: w,
+                    metrics: metrics.with_label("task", task_name.clone()),
+                };
+                let task = dag.make_task(t as TaskIdx);
+                let mut transport = InProc {
+                    worker: id,
+                    max: topts.task_batch,
+                    pipeline: pipe.clone(),
+                    rx,
+                    outstanding: 0,
+                };
+                match std::thread::Builder::new()
+                    .name(format!("tempest-{task_name}-{w}"))
+                    .spawn(move || run_task_loop(task, ctx, id, &mut transport))
+                {
+                    Ok(h) => threads.push(h),
+                    Err(e) => {
+                        spawn_error = Some(Error::Io {
+                            what: format!("starting a worker thread for task {task_name}"),
+                            source: e,
+                        });
+                        break 'spawn;
+                    }
+                }
+            }
+        }
+        pipe_ctx.run(pipeline);
+        let (done_tx, done_rx) = oneshot::channel();
+        topo_ctx.run(TopologyActor::new(
+            pipe.clone(),
+            source_addr,
+            topts.graceful_shutdown,
+            done_tx,
+        ));
+        if let Some(e) = &spawn_error {
+            topo.do_send(Stop(StopReason::SourceFailed(e.to_string())));
+        }
+        if let Some(deadline) = options.deadline {
+            let topo = topo.clone();
+            actix_rt::spawn(async move {
+                actix_rt::time::sleep(deadline).await;
+                topo.do_send(Stop(StopReason::Deadline));
+            });
+        }
+        if let Some(handle) = &options.handle {
+            *handle.pipeline.lock().unwrap_or_else(PoisonError::into_inner) = Some(pipe.clone());
+            let topo = topo.clone();
+            let notify = Arc::clone(&handle.shutdown);
+            actix_rt::spawn(async move {
+                notify.notified().await;
+                topo.do_send(Stop(StopReason::Shutdown));
+            });
+        }
+        let reason = done_rx.await;
+        let fin = pipe.send(Finish).await;
+        (reason, fin, threads, arbiter, spawn_error)
+    });
+    let (reason, fin, threads, arbiter, spawn_error) = outcome;
+    if let Some(handle) = &options_handle {
+        *handle.pipeline.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+    arbiter.stop();
+    let _ = arbiter.join();
+    for t in threads {
+        if t.join().is_err() {
+            log::error!("A task worker thread panicked outside a task call.");
+        }
+    }
+    if let Some(e) = spawn_error {
+        return Err(e);
+    }
+    let stop = reason.map_err(|_| Error::Runtime("the topology actor stopped without a reason".into()))?;
+    let fin = fin.map_err(|_| Error::Runtime("the pipeline actor stopped before the end".into()))?;
+    Ok(RunReport {
+        name,
+        stop,
+        stats: fin.stats,
+        elapsed: started.elapsed(),
+        metrics: metrics.snapshot(),
+        outcomes: fin.reports,
+    })
+}
+

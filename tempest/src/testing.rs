@@ -1,0 +1,154 @@
+//! A harness to unit-test topologies: run one in-process until a condition
+//! or a deadline, then look at what happened to every source message.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tempest::testing::TestRun;
+//! use tempest::{Msg, Outcome, Output, Pipeline, Task, TaskResult, TopologyBuilder};
+//! use tempest_source::Source;
+//! use tempest_source_mock::{MockConfig, MockSource};
+//!
+//! #[derive(Clone)]
+//! struct Echo;
+//! impl Task for Echo {
+//!     fn name(&self) -> &str { "echo" }
+//!     fn handle(&mut self, msg: Msg) -> TaskResult { Ok(Output::One(msg)) }
+//! }
+//!
+//! let source = MockSource::from_config(MockConfig::default()).unwrap();
+//! let mock = source.handle();
+//! let id = mock.push("hello");
+//! let report = TestRun::new(
+//!     TopologyBuilder::new("echo").source(source).pipeline(Pipeline::new().task(Echo)),
+//! )
+//! .deadline(Duration::from_secs(10))
+//! .run()
+//! .unwrap();
+//! assert_eq!(report.outcome(&id), Some(Outcome::Acked));
+//! assert_eq!(mock.ack_count(&id), 1);
+//! ```
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tempest_source::metrics::Snapshot;
+use tempest_source::MsgId;
+
+use crate::actors::pipeline::{MsgReport, Stats};
+use crate::actors::StopReason;
+use crate::error::Error;
+use crate::inflight::Outcome;
+use crate::standalone::{self, RunOptions, RuntimeHandle};
+use crate::topology::TopologyBuilder;
+
+/// Runs a topology in-process for a test. See the [module docs](self).
+pub struct TestRun {
+    builder: TopologyBuilder,
+    until: Option<Box<dyn FnMut(&Stats) -> bool + Send>>,
+    deadline: Duration,
+    handle: Option<RuntimeHandle>,
+}
+
+impl std::fmt::Debug for TestRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestRun")
+            .field("builder", &self.builder)
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TestRun {
+    /// A run of the topology `builder` describes, with a 30 s deadline.
+    pub fn new(builder: TopologyBuilder) -> Self {
+        TestRun {
+            builder,
+            until: None,
+            deadline: Duration::from_secs(30),
+            handle: None,
+        }
+    }
+
+    /// Stops (gracefully) once `condition` holds; checked after every batch.
+    /// Without it the run ends when the source is exhausted.
+    pub fn until(mut self, condition: impl FnMut(&Stats) -> bool + Send + 'static) -> Self {
+        self.until = Some(Box::new(condition));
+        self
+    }
+
+    /// Stops (gracefully) after `deadline` at the latest.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// Lets the test stop or inspect the run from another thread.
+    pub fn handle(mut self, handle: RuntimeHandle) -> Self {
+        self.handle = Some(handle);
+        self
+    }
+
+    /// Runs the topology on a thread of its own and waits for it to stop.
+    pub fn run(self) -> Result<TestReport, Error> {
+        let topology = self.builder.build()?;
+        let options = RunOptions {
+            until: self.until,
+            deadline: Some(self.deadline),
+            record_outcomes: true,
+            handle: self.handle,
+        };
+        let report = std::thread::Builder::new()
+            .name("tempest-test-run".into())
+            .spawn(move || standalone::run(topology, options))
+            .map_err(|e| Error::Io {
+                what: "starting the test run's thread".into(),
+                source: e,
+            })?
+            .join()
+            .map_err(|_| Error::Runtime("the test run's thread panicked".into()))??;
+        Ok(TestReport {
+            stop: report.stop,
+            stats: report.stats,
+            metrics: report.metrics,
+            elapsed: report.elapsed,
+            outcomes: report.outcomes.unwrap_or_default(),
+        })
+    }
+}
+
+/// What a [`TestRun`] did.
+#[derive(Debug)]
+pub struct TestReport {
+    /// Why the run stopped.
+    pub stop: StopReason,
+    /// The pipeline's counters.
+    pub stats: Stats,
+    /// Every metric recorded.
+    pub metrics: Snapshot,
+    /// How long the run took.
+    pub elapsed: Duration,
+    outcomes: HashMap<MsgId, MsgReport>,
+}
+
+impl TestReport {
+    /// The final outcome of message `id`; `None` if it never finished (still
+    /// in flight at the end, or never polled).
+    pub fn outcome(&self, id: &MsgId) -> Option<Outcome> {
+        self.outcomes.get(id).map(|r| r.outcome)
+    }
+
+    /// Everything recorded about message `id`.
+    pub fn report(&self, id: &MsgId) -> Option<&MsgReport> {
+        self.outcomes.get(id)
+    }
+
+    /// Every finished message and what happened to it.
+    pub fn outcomes(&self) -> &HashMap<MsgId, MsgReport> {
+        &self.outcomes
+    }
+
+    /// How many messages ended with `outcome`.
+    pub fn count(&self, outcome: Outcome) -> usize {
+        self.outcomes.values().filter(|r| r.outcome == outcome).count()
+    }
+}

@@ -1,0 +1,190 @@
+//! The task-side loop, shared by every transport: take a batch, run
+//! `filter`/`handle` on each message, return the results in one batch.
+//!
+//! A [`Transport`] moves batches between this loop and the pipeline: in
+//! standalone mode bounded in-memory channels ([`InProc`]), in distributed
+//! mode a TCP session. The loop itself knows neither.
+
+use std::any::Any;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::time::Instant;
+
+use actix::Addr;
+use tempest_source::Metrics;
+
+use crate::actors::pipeline::PipelineActor;
+use crate::actors::{DeliverySink, Fetch, Results, Undelivered, Verdict, WorkerId};
+use crate::inflight::TaskMsg;
+use crate::metrics::names;
+use crate::task::{Msg, Task, TaskContext};
+
+/// Moves batches between the task loop and the pipeline.
+pub(crate) trait Transport {
+    /// The next batch to handle; `None` once the pipeline is gone.
+    fn next_batch(&mut self) -> Option<Vec<TaskMsg>>;
+    /// Returns one batch's results.
+    fn send_results(&mut self, results: Results);
+}
+
+/// Per-batch counters of one worker, flushed into its metrics handle.
+#[derive(Default)]
+struct Counts {
+    msgs_in: u64,
+    msgs_out: u64,
+    errors: u64,
+    panics: u64,
+    filtered: u64,
+    batches: u64,
+    handle_nanos: u64,
+}
+
+impl Counts {
+    fn flush(&mut self, metrics: &Metrics) {
+        let c = std::mem::take(self);
+        metrics.incr(names::TASK_MSGS_IN, c.msgs_in);
+        metrics.incr(names::TASK_MSGS_OUT, c.msgs_out);
+        metrics.incr(names::TASK_ERRORS, c.errors);
+        metrics.incr(names::TASK_PANICS, c.panics);
+        metrics.incr(names::TASK_FILTERED, c.filtered);
+        metrics.incr(names::TASK_BATCHES, c.batches);
+        metrics.incr(names::TASK_HANDLE_NANOS, c.handle_nanos);
+    }
+}
+
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic with a non-text payload".to_string()
+    }
+}
+
+/// Runs one worker of a task until its transport closes.
+pub(crate) fn run_task_loop(
+    mut task: Box<dyn Task>,
+    ctx: TaskContext,
+    worker: WorkerId,
+    transport: &mut impl Transport,
+) {
+    let name = ctx.task.clone();
+    if let Err(p) = catch_unwind(AssertUnwindSafe(|| task.started(&ctx))) {
+        log::error!(
+            "Task {name} (worker {}) panicked in started(): {}; it runs on regardless.",
+            ctx.worker,
+            panic_message(&*p)
+        );
+    }
+    let mut counts = Counts::default();
+    let mut last_flush = Instant::now();
+    while let Some(mut batch) = transport.next_batch() {
+        let started = Instant::now();
+        let mut items = Vec::with_capacity(batch.len());
+        let mut outputs: Vec<Msg> = Vec::with_capacity(batch.len());
+        counts.batches += 1;
+        counts.msgs_in += batch.len() as u64;
+        for m in batch.drain(..) {
+            let before = outputs.len();
+            let verdict = match catch_unwind(AssertUnwindSafe(|| {
+                if task.filter(&m.payload) {
+                    Some(task.handle(m.payload))
+                } else {
+                    None
+                }
+            })) {
+                Ok(None) => {
+                    counts.filtered += 1;
+                    Verdict::Filtered
+                }
+                Ok(Some(Ok(out))) => {
+                    out.drain_into(&mut outputs);
+                    Verdict::Done((outputs.len() - before) as u32)
+                }
+                Ok(Some(Err(e))) => {
+                    counts.errors += 1;
+                    log::debug!("Task {name} failed a message: {e}.");
+                    Verdict::Error(e.message().to_string())
+                }
+                Err(p) => {
+                    counts.panics += 1;
+                    let message = panic_message(&*p);
+                    log::error!("Task {name} panicked handling a message: {message}.");
+                    Verdict::Panicked(message)
+                }
+            };
+            items.push((m.ticket, verdict));
+        }
+        counts.msgs_out += outputs.len() as u64;
+        counts.handle_nanos += started.elapsed().as_nanos() as u64;
+        transport.send_results(Results {
+            worker,
+            items,
+            outputs,
+            spent: batch,
+        });
+        if last_flush.elapsed().as_millis() >= 200 {
+            task.flush_metrics();
+            counts.flush(&ctx.metrics);
+            last_flush = Instant::now();
+        }
+    }
+    task.flush_metrics();
+    counts.flush(&ctx.metrics);
+    if let Err(p) = catch_unwind(AssertUnwindSafe(|| task.shutdown())) {
+        log::error!("Task {name} panicked in shutdown(): {}.", panic_message(&*p));
+    }
+}
+
+/// How many fetch requests a worker keeps outstanding: one being handled
+/// while the next is filled.
+pub(crate) const PREFETCH: usize = 2;
+
+/// The in-process transport: fetches go to the pipeline actor as actor
+/// messages, batches come back over a bounded channel.
+pub(crate) struct InProc {
+    pub worker: WorkerId,
+    pub max: usize,
+    pub pipeline: Addr<PipelineActor>,
+    pub rx: Receiver<Vec<TaskMsg>>,
+    pub outstanding: usize,
+}
+
+impl Transport for InProc {
+    fn next_batch(&mut self) -> Option<Vec<TaskMsg>> {
+        while self.outstanding < PREFETCH {
+            self.pipeline.do_send(Fetch {
+                worker: self.worker,
+                max: self.max,
+            });
+            self.outstanding += 1;
+        }
+        let batch = self.rx.recv().ok()?;
+        self.outstanding -= 1;
+        // Ask for the next batch before handling this one.
+        self.pipeline.do_send(Fetch {
+            worker: self.worker,
+            max: self.max,
+        });
+        self.outstanding += 1;
+        Some(batch)
+    }
+
+    fn send_results(&mut self, results: Results) {
+        self.pipeline.do_send(results);
+    }
+}
+
+/// The pipeline's end of an in-process worker.
+pub(crate) struct InProcSink(pub SyncSender<Vec<TaskMsg>>);
+
+impl DeliverySink for InProcSink {
+    fn deliver(&mut self, batch: Vec<TaskMsg>) -> Result<(), Undelivered> {
+        match self.0.try_send(batch) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(b)) => Err(Undelivered::Busy(b)),
+            Err(TrySendError::Disconnected(b)) => Err(Undelivered::Gone(b)),
+        }
+    }
+}
