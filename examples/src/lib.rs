@@ -1,1 +1,29 @@
-//! tbd
+//! Example topologies for Tempest.
+//!
+//! - [`wordcount`]: the quick start. Sentences from the mock source go
+//!   through `parse`, then both `words` (counts every word) and `chars`
+//!   (counts letters), whose outputs meet in `report` (a fan-in).
+//!
+//! Run it with `cargo run --release -p tempest-examples --example quickstart`.
+
+pub mod wordcount;
+
+/// The book's chapters, compiled as doc tests so their Rust snippets stay
+/// true.
+#[cfg(doctest)]
+pub mod book {
+    #[doc = include_str!("../../book/src/introduction.md")]
+    pub struct Introduction;
+    #[doc = include_str!("../../book/src/quickstart.md")]
+    pub struct Quickstart;
+    #[doc = include_str!("../../book/src/concepts.md")]
+    pub struct Concepts;
+    #[doc = include_str!("../../book/src/delivery.md")]
+    pub struct Delivery;
+    #[doc = include_str!("../../book/src/testing.md")]
+    pub struct Testing;
+    #[doc = include_str!("../../book/src/sources.md")]
+    pub struct Sources;
+    #[doc = include_str!("../../book/src/metrics.md")]
+    pub struct Metrics;
+}

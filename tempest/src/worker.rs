@@ -81,11 +81,23 @@ pub(crate) fn run_task_loop(
     let mut last_flush = Instant::now();
     while let Some(mut batch) = transport.next_batch() {
         let started = Instant::now();
+        let mut sent = started;
         let mut items = Vec::with_capacity(batch.len());
         let mut outputs: Vec<Msg> = Vec::with_capacity(batch.len());
         counts.batches += 1;
         counts.msgs_in += batch.len() as u64;
         for m in batch.drain(..) {
+            if !items.is_empty() && sent.elapsed() >= PARTIAL_RESULTS_AFTER {
+                counts.msgs_out += outputs.len() as u64;
+                transport.send_results(Results {
+                    worker,
+                    items: std::mem::take(&mut items),
+                    outputs: std::mem::take(&mut outputs),
+                    spent: Vec::new(),
+                    complete: false,
+                });
+                sent = Instant::now();
+            }
             let before = outputs.len();
             let verdict = match catch_unwind(AssertUnwindSafe(|| {
                 if task.filter(&m.payload) {
@@ -123,6 +135,7 @@ pub(crate) fn run_task_loop(
             items,
             outputs,
             spent: batch,
+            complete: true,
         });
         if last_flush.elapsed().as_millis() >= 200 {
             task.flush_metrics();
@@ -136,6 +149,9 @@ pub(crate) fn run_task_loop(
         log::error!("Task {name} panicked in shutdown(): {}.", panic_message(&*p));
     }
 }
+
+/// A batch that takes longer than this sends its results so far early.
+const PARTIAL_RESULTS_AFTER: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// How many fetch requests a worker keeps outstanding: one being handled
 /// while the next is filled.

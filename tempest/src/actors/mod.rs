@@ -78,6 +78,10 @@ pub(crate) struct Results {
     pub outputs: Vec<Msg>,
     /// The batch's emptied vector, returned for reuse.
     pub spent: Vec<TaskMsg>,
+    /// Whether these are the batch's last results. A worker whose batch
+    /// takes long sends what it has early, so fast messages are not held
+    /// back by slow ones.
+    pub complete: bool,
 }
 
 /// Where the pipeline delivers a worker's batches.

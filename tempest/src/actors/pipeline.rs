@@ -77,6 +77,8 @@ impl Dispatch for Ready<'_> {
 struct Worker {
     task: TaskIdx,
     sink: Option<Box<dyn DeliverySink>>,
+    /// Batches delivered whose last results have not come back.
+    in_hand: u32,
 }
 
 /// Everything the pipeline knows at the end of a run.
@@ -148,6 +150,7 @@ impl PipelineActor {
         self.workers.push(Worker {
             task,
             sink: Some(sink),
+            in_hand: 0,
         });
         (self.workers.len() - 1) as WorkerId
     }
@@ -232,7 +235,12 @@ impl PipelineActor {
     /// Hands ready messages of task `t` to its waiting workers.
     fn pump(&mut self, t: usize) {
         while !self.ready[t].is_empty() {
-            let Some((worker, max)) = self.waiting[t].pop_front() else {
+            // Idle workers first: a worker busy with a batch (perhaps stuck
+            // on a slow message) only gets more once no idle one is waiting.
+            let idle = self.waiting[t]
+                .iter()
+                .position(|&(w, _)| self.workers[w as usize].in_hand == 0);
+            let Some((worker, max)) = self.waiting[t].remove(idle.unwrap_or(0)) else {
                 break;
             };
             let mut batch = self.pool.pop().unwrap_or_default();
@@ -255,7 +263,7 @@ impl PipelineActor {
                 continue;
             };
             match sink.deliver(batch) {
-                Ok(()) => {}
+                Ok(()) => w.in_hand += 1,
                 Err(Undelivered::Busy(batch)) => self.requeue(t, batch),
                 Err(Undelivered::Gone(batch)) => {
                     log::warn!(
@@ -340,10 +348,14 @@ impl Handler<Results> for PipelineActor {
 
     fn handle(&mut self, mut results: Results, _ctx: &mut Context<Self>) {
         let now = Instant::now();
-        let Some(task) = self.workers.get(results.worker as usize).map(|w| w.task) else {
+        let Some(w) = self.workers.get_mut(results.worker as usize) else {
             log::error!("Results came from unknown worker {}; ignored.", results.worker);
             return;
         };
+        if results.complete {
+            w.in_hand = w.in_hand.saturating_sub(1);
+        }
+        let task = w.task;
         let mut offset = 0usize;
         for (ticket, verdict) in results.items.drain(..) {
             if ticket.task != task {
@@ -397,7 +409,7 @@ impl Handler<Results> for PipelineActor {
             }
         }
         results.spent.clear();
-        if self.pool.len() < 64 {
+        if self.pool.len() < 64 && results.spent.capacity() > 0 {
             self.pool.push(results.spent);
         }
         self.settle(now);

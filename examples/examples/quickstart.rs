@@ -1,0 +1,71 @@
+//! The quick start: word count over 1,000,000 sentences from the mock
+//! source, standalone, then a summary.
+//!
+//! `cargo run --release -p tempest-examples --example quickstart [-- COUNT]`
+
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tempest::standalone::{self, RunOptions};
+use tempest_examples::wordcount::{self, Totals};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    let count = match std::env::args().nth(1).map(|a| a.replace('_', "").parse::<u64>()) {
+        None => 1_000_000,
+        Some(Ok(n)) => n,
+        Some(Err(_)) => {
+            eprintln!("usage: quickstart [COUNT]  (COUNT: how many sentences; default 1000000)");
+            return ExitCode::from(2);
+        }
+    };
+    let totals = Arc::new(Totals::default());
+    let topology = match wordcount::topology(count, &totals).build() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    println!("Running word count over {count} sentences (parse -> words + chars -> report)...");
+    let report = match standalone::run(topology, RunOptions::default()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let s = &report.stats;
+    println!(
+        "{} messages acked in {:.2} s: {:.0} messages/s ({} failed, {} timed out, {} retried).",
+        s.acked,
+        report.elapsed.as_secs_f64(),
+        report.acked_per_sec(),
+        s.failed,
+        s.timed_out,
+        s.retried
+    );
+    let (words, letters) = (
+        totals.words.load(Ordering::Relaxed),
+        totals.letters.load(Ordering::Relaxed),
+    );
+    println!("Counted {words} words and {letters} letters.");
+    let top: Vec<String> = totals
+        .top_words(5)
+        .into_iter()
+        .map(|(w, c)| format!("{w}={c}"))
+        .collect();
+    println!("Top words: {}", top.join(", "));
+    if s.acked == count && (words, letters) == wordcount::expected(count) {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "error: expected {count} acked with {:?} words and letters",
+            wordcount::expected(count)
+        );
+        ExitCode::from(1)
+    }
+}

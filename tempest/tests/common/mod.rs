@@ -1,0 +1,119 @@
+//! Helpers shared by the integration tests: closure tasks, a gate, and a
+//! mock source with a handle.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tempest::{Msg, Task, TaskResult, TopologyBuilder};
+use tempest_source::Source;
+use tempest_source_mock::{MockConfig, MockHandle, MockSource};
+
+type Handler = Arc<dyn Fn(Msg) -> TaskResult + Send + Sync>;
+
+/// A task whose `handle` is a closure; every worker shares the closure.
+#[derive(Clone)]
+pub struct FnTask {
+    name: String,
+    f: Handler,
+}
+
+impl FnTask {
+    pub fn new(name: &str, f: impl Fn(Msg) -> TaskResult + Send + Sync + 'static) -> Self {
+        FnTask {
+            name: name.to_string(),
+            f: Arc::new(f),
+        }
+    }
+}
+
+impl Task for FnTask {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn handle(&mut self, msg: Msg) -> TaskResult {
+        (self.f)(msg)
+    }
+}
+
+/// Records every payload a task receives.
+#[derive(Clone, Default)]
+pub struct Log(Arc<Mutex<Vec<Bytes>>>);
+
+impl Log {
+    pub fn push(&self, m: &Msg) {
+        self.0.lock().unwrap().push(m.clone());
+    }
+    pub fn all(&self) -> Vec<Bytes> {
+        let mut v = self.0.lock().unwrap().clone();
+        v.sort();
+        v
+    }
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+}
+
+/// A gate a task waits at until the test opens it.
+#[derive(Clone, Default)]
+pub struct Gate(Arc<(Mutex<bool>, Condvar)>);
+
+impl Gate {
+    pub fn open(&self) {
+        *self.0 .0.lock().unwrap() = true;
+        self.0 .1.notify_all();
+    }
+    /// Waits until open (at most a minute, so a broken test cannot hang CI).
+    pub fn wait(&self) {
+        let guard = self.0 .0.lock().unwrap();
+        let _ = self
+            .0
+             .1
+            .wait_timeout_while(guard, Duration::from_secs(60), |open| !*open)
+            .unwrap();
+    }
+}
+
+/// A mock source primed with `payloads`, and its handle.
+pub fn primed(payloads: &[&'static str]) -> (MockSource, MockHandle) {
+    primed_with(payloads, false)
+}
+
+/// A mock source primed with `payloads` that stays open (never exhausted).
+pub fn primed_open(payloads: &[&'static str]) -> (MockSource, MockHandle) {
+    primed_with(payloads, true)
+}
+
+fn primed_with(payloads: &[&'static str], open: bool) -> (MockSource, MockHandle) {
+    let source = MockSource::from_config(MockConfig {
+        ack_interval_ms: 1,
+        open,
+        ..MockConfig::default()
+    })
+    .unwrap();
+    let handle = source.handle();
+    handle.push_all(payloads.iter().map(|p| Bytes::from(*p)));
+    (source, handle)
+}
+
+/// A mock source generating `count` messages, and its handle.
+pub fn generated(count: u64) -> (MockSource, MockHandle) {
+    let source = MockSource::from_config(MockConfig {
+        ack_interval_ms: 1,
+        ..MockConfig::generator(count, 16)
+    })
+    .unwrap();
+    let handle = source.handle();
+    (source, handle)
+}
+
+pub fn builder(name: &str, source: MockSource) -> TopologyBuilder {
+    TopologyBuilder::new(name)
+        .source(source)
+        .retry_backoff(Duration::from_millis(5), Duration::from_millis(50))
+}
+
+pub fn pass(name: &str) -> FnTask {
+    FnTask::new(name, |m| Ok(m.into()))
+}
