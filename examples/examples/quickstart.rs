@@ -14,7 +14,10 @@ use tempest_examples::wordcount::{self, Totals};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let count = match std::env::args().nth(1).map(|a| a.replace('_', "").parse::<u64>()) {
+    let count = match std::env::args()
+        .nth(1)
+        .map(|a| a.replace('_', "").parse::<u64>())
+    {
         None => 1_000_000,
         Some(Ok(n)) => n,
         Some(Err(_)) => {

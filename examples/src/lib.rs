@@ -12,6 +12,8 @@ pub mod wordcount;
 /// true.
 #[cfg(doctest)]
 pub mod book {
+    #[doc = include_str!("../../README.md")]
+    pub struct Readme;
     #[doc = include_str!("../../book/src/introduction.md")]
     pub struct Introduction;
     #[doc = include_str!("../../book/src/quickstart.md")]
@@ -20,6 +22,8 @@ pub mod book {
     pub struct Concepts;
     #[doc = include_str!("../../book/src/delivery.md")]
     pub struct Delivery;
+    #[doc = include_str!("../../book/src/running.md")]
+    pub struct Running;
     #[doc = include_str!("../../book/src/testing.md")]
     pub struct Testing;
     #[doc = include_str!("../../book/src/sources.md")]

@@ -100,7 +100,8 @@ impl Task for Words {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         for (word, count) in self.counts.drain() {
-            *all.entry(String::from_utf8_lossy(&word).into_owned()).or_default() += count;
+            *all.entry(String::from_utf8_lossy(&word).into_owned())
+                .or_default() += count;
         }
     }
 }
@@ -142,7 +143,9 @@ impl Task for Report {
         Ok(Output::None)
     }
     fn flush_metrics(&mut self) {
-        self.totals.words.fetch_add(std::mem::take(&mut self.words), Ordering::Relaxed);
+        self.totals
+            .words
+            .fetch_add(std::mem::take(&mut self.words), Ordering::Relaxed);
         self.totals
             .letters
             .fetch_add(std::mem::take(&mut self.letters), Ordering::Relaxed);

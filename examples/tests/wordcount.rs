@@ -32,13 +32,18 @@ fn word_count_counts_every_word_and_acks_every_sentence() {
 
 #[test]
 fn graph_prints_the_pipeline() {
-    let out = Command::new(BIN).args(["graph", "--format", "mermaid"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["graph", "--format", "mermaid"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.starts_with("flowchart LR\n"), "{text}");
     assert!(text.contains("t0 --> t1"), "{text}");
     let out = Command::new(BIN).arg("graph").output().unwrap();
-    assert!(String::from_utf8(out.stdout).unwrap().contains("\"words\" -> \"report\""));
+    assert!(String::from_utf8(out.stdout)
+        .unwrap()
+        .contains("\"words\" -> \"report\""));
 }
 
 #[test]
@@ -96,7 +101,11 @@ fn sigterm_stops_gracefully_and_acks_what_was_in_flight() {
         }
     }
     let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{rest:#?}");
@@ -114,6 +123,9 @@ fn sigterm_stops_gracefully_and_acks_what_was_in_flight() {
         .map(|part| part.split(' ').next().unwrap().parse().unwrap())
         .collect();
     assert!(numbers[0] > 0, "{summary}");
-    assert_eq!(numbers[0], numbers[1], "every message read was acked: {summary}");
+    assert_eq!(
+        numbers[0], numbers[1],
+        "every message read was acked: {summary}"
+    );
     assert_eq!(&numbers[2..], &[0, 0, 0], "{summary}");
 }

@@ -233,7 +233,11 @@ impl State {
     }
 
     fn ack(&mut self, id: &MsgId) -> bool {
-        let Some(i) = id.as_int().filter(|&n| n < self.next_id).map(|n| n as usize) else {
+        let Some(i) = id
+            .as_int()
+            .filter(|&n| n < self.next_id)
+            .map(|n| n as usize)
+        else {
             self.unknown_acks += 1;
             return false;
         };
@@ -512,7 +516,8 @@ mod tests {
         let mut out = Vec::new();
         s.poll(10, &mut out).unwrap();
         s.ack(&out[0].id).unwrap();
-        s.batch_ack(&[out[1].id.clone(), out[1].id.clone()]).unwrap();
+        s.batch_ack(&[out[1].id.clone(), out[1].id.clone()])
+            .unwrap();
         assert_eq!(h.acked(), 2);
         assert_eq!(h.acked_twice(), 1);
         assert_eq!(h.unacked(), vec![out[2].id.clone()]);
@@ -585,7 +590,10 @@ mod tests {
         .unwrap_err();
         let text = err.to_string();
         assert!(text.contains("batch_size"), "{text}");
-        assert!(text.contains("max_deliveries needs redeliver_after_ms"), "{text}");
+        assert!(
+            text.contains("max_deliveries needs redeliver_after_ms"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -1,1 +1,225 @@
-//! tbd
+//! Redis sources for Tempest.
+//!
+//! This crate depends on `tempest-source` only, never on the runtime.
+//!
+//! **Status:** this version holds the typed, validated configuration of the
+//! Redis Streams source ([`RedisStreamConfig`], read from `[source.config]`).
+//! The source itself (consumer groups, batched `XACK`, pending-entry
+//! reclaim and dead-lettering) and the reliable-list source are not in this
+//! version yet; until they are, use the mock source or a source of your own.
+//!
+//! ```
+//! use tempest_source_redis::RedisStreamConfig;
+//!
+//! let config: RedisStreamConfig = toml::from_str(r#"
+//!     uri = "redis://127.0.0.1:6379"
+//!     key = "events"
+//!     group = "tempest"
+//! "#).unwrap();
+//! config.validate().unwrap();
+//! assert_eq!(config.count, 1000);
+//! ```
+
+use serde::Deserialize;
+use tempest_source::{AckPolicy, SourceError};
+
+/// The Redis Streams source's configuration (`[source.config]`).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RedisStreamConfig {
+    /// The server, e.g. `redis://127.0.0.1:6379`.
+    pub uri: String,
+    /// The stream's key.
+    pub key: String,
+    /// The consumer group.
+    pub group: String,
+    /// This consumer's name; by default stable per host and process.
+    #[serde(default)]
+    pub consumer: Option<String>,
+    /// Entries per `XREADGROUP`.
+    #[serde(default = "default_count")]
+    pub count: usize,
+    /// How long one `XREADGROUP` blocks, in milliseconds.
+    #[serde(default = "default_block_ms")]
+    pub block_ms: u64,
+    /// Where a new group starts: `$` (new entries only) or `0` (everything).
+    #[serde(default = "default_group_start_id")]
+    pub group_start_id: String,
+    /// How completed entries are acked.
+    #[serde(default = "default_ack_policy")]
+    pub ack_policy: AckPolicy,
+    /// The longest a partial ack batch waits, in milliseconds.
+    #[serde(default = "default_ack_interval_ms")]
+    pub ack_interval_ms: u64,
+    /// Reclaim entries idle longer than this from dead consumers, in
+    /// milliseconds.
+    #[serde(default = "default_claim_min_idle_ms")]
+    pub claim_min_idle_ms: u64,
+    /// Dead-letter an entry delivered more than this many times.
+    #[serde(default = "default_max_deliveries")]
+    pub max_deliveries: u32,
+    /// The dead-letter stream; by default `<key>:dead`.
+    #[serde(default)]
+    pub dead_letter_key: Option<String>,
+    /// The wait after an empty read, in milliseconds.
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+    /// The longest wait between reads while empty or failing, in
+    /// milliseconds.
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+}
+
+fn default_count() -> usize {
+    1000
+}
+fn default_block_ms() -> u64 {
+    100
+}
+fn default_group_start_id() -> String {
+    "$".to_string()
+}
+fn default_ack_policy() -> AckPolicy {
+    AckPolicy::Batch(1000)
+}
+fn default_ack_interval_ms() -> u64 {
+    10
+}
+fn default_claim_min_idle_ms() -> u64 {
+    60_000
+}
+fn default_max_deliveries() -> u32 {
+    5
+}
+fn default_poll_interval_ms() -> u64 {
+    1
+}
+fn default_max_backoff_ms() -> u64 {
+    1_000
+}
+
+impl RedisStreamConfig {
+    /// The dead-letter stream's key.
+    pub fn dead_letter_key(&self) -> String {
+        self.dead_letter_key
+            .clone()
+            .unwrap_or_else(|| format!("{}:dead", self.key))
+    }
+
+    /// Checks every field and reports every problem at once.
+    pub fn validate(&self) -> Result<(), SourceError> {
+        let mut problems = Vec::new();
+        if !(self.uri.starts_with("redis://")
+            || self.uri.starts_with("rediss://")
+            || self.uri.starts_with("redis+unix://")
+            || self.uri.starts_with("unix://"))
+        {
+            problems.push(format!(
+                "uri \"{}\" must start with redis://, rediss://, redis+unix:// or unix://",
+                self.uri
+            ));
+        }
+        for (name, value) in [("key", &self.key), ("group", &self.group)] {
+            if value.is_empty() {
+                problems.push(format!("{name} must not be empty"));
+            }
+        }
+        if self.consumer.as_deref() == Some("") {
+            problems.push("consumer must not be empty".to_string());
+        }
+        if self.count == 0 {
+            problems.push("count must be at least 1".to_string());
+        }
+        if !is_stream_start(&self.group_start_id) {
+            problems.push(format!(
+                "group_start_id \"{}\" must be $, 0, or a stream id like 1700000000000-0",
+                self.group_start_id
+            ));
+        }
+        if let AckPolicy::Batch(0) = self.ack_policy {
+            problems.push("ack_policy batch size must be at least 1".to_string());
+        }
+        if self.max_deliveries == 0 {
+            problems.push("max_deliveries must be at least 1".to_string());
+        }
+        if self.dead_letter_key() == self.key {
+            problems.push("dead_letter_key must differ from key".to_string());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(SourceError::config(format!(
+                "redis stream source: {}",
+                problems.join("; ")
+            )))
+        }
+    }
+}
+
+/// Whether `id` is `$`, or a stream id `MS` or `MS-SEQ`.
+fn is_stream_start(id: &str) -> bool {
+    if id == "$" {
+        return true;
+    }
+    let mut parts = id.splitn(2, '-');
+    let ms_ok = parts
+        .next()
+        .is_some_and(|p| !p.is_empty() && p.parse::<u64>().is_ok());
+    let seq_ok = parts.next().is_none_or(|p| p.parse::<u64>().is_ok());
+    ms_ok && seq_ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<RedisStreamConfig, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    #[test]
+    fn defaults_fill_what_is_left_out() {
+        let c = parse("uri = \"redis://h\"\nkey = \"k\"\ngroup = \"g\"").unwrap();
+        assert_eq!(c.block_ms, 100);
+        assert_eq!(c.group_start_id, "$");
+        assert_eq!(c.ack_policy, AckPolicy::Batch(1000));
+        assert_eq!(c.dead_letter_key(), "k:dead");
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_line() {
+        let err = parse("uri = \"redis://h\"\nkey = \"k\"\ngroup = \"g\"\ncont = 5").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("unknown field `cont`"), "{text}");
+        assert!(text.contains("line 4"), "{text}");
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let c = parse(
+            "uri = \"http://h\"\nkey = \"\"\ngroup = \"g\"\ncount = 0\ngroup_start_id = \"soon\"\nmax_deliveries = 0",
+        )
+        .unwrap();
+        let text = c.validate().unwrap_err().to_string();
+        for needle in [
+            "uri \"http://h\"",
+            "key must not be empty",
+            "count must be at least 1",
+            "group_start_id \"soon\"",
+            "max_deliveries",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in {text}");
+        }
+    }
+
+    #[test]
+    fn stream_starts() {
+        for ok in ["$", "0", "1700000000000", "1700000000000-3"] {
+            assert!(is_stream_start(ok), "{ok}");
+        }
+        for bad in ["", "-", "x", "1-x", "1-"] {
+            assert!(!is_stream_start(bad), "{bad}");
+        }
+    }
+}

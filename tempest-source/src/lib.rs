@@ -320,10 +320,7 @@ impl SourceError {
     }
 
     /// A retryable error: the system behind the source is unreachable.
-    pub fn unavailable(
-        what: impl Into<String>,
-        source: impl Into<BoxError>,
-    ) -> Self {
+    pub fn unavailable(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
         SourceError::Unavailable {
             what: what.into(),
             source: source.into(),
@@ -492,7 +489,10 @@ mod tests {
     fn errors_keep_their_cause() {
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         let err = SourceError::unavailable("connecting to redis://127.0.0.1:1", io);
-        assert_eq!(err.to_string(), "connecting to redis://127.0.0.1:1: refused");
+        assert_eq!(
+            err.to_string(),
+            "connecting to redis://127.0.0.1:1: refused"
+        );
         assert!(std::error::Error::source(&err).is_some());
     }
 

@@ -47,7 +47,13 @@ impl Error {
     /// binaries exit with code 2 for these, 1 for the rest.
     pub fn is_usage(&self) -> bool {
         matches!(self, Error::Pipeline(_) | Error::Topology { .. })
-            || matches!(self, Error::Source { source: SourceError::Config(_), .. })
+            || matches!(
+                self,
+                Error::Source {
+                    source: SourceError::Config(_),
+                    ..
+                }
+            )
     }
 }
 

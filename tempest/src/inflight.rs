@@ -628,7 +628,11 @@ mod tests {
             self.t.insert(msg(id), self.now, &mut self.queue);
         }
         fn take(&mut self, task: TaskIdx) -> TaskMsg {
-            let i = self.queue.iter().position(|m| m.ticket.task == task).unwrap();
+            let i = self
+                .queue
+                .iter()
+                .position(|m| m.ticket.task == task)
+                .unwrap();
             self.queue.remove(i)
         }
         fn done(&mut self, task: TaskIdx, outputs: usize) -> bool {
@@ -836,7 +840,11 @@ mod tests {
     fn record_size_stays_small() {
         // The per-message cost beyond the payload: the record plus one task
         // state per task (and a buffer per fan-in task).
-        assert!(std::mem::size_of::<Record>() <= 160, "{}", std::mem::size_of::<Record>());
+        assert!(
+            std::mem::size_of::<Record>() <= 160,
+            "{}",
+            std::mem::size_of::<Record>()
+        );
         assert_eq!(std::mem::size_of::<TaskState>(), 8);
     }
 
@@ -844,8 +852,9 @@ mod tests {
     /// cycle), and every task has a parent before it (so all are reachable).
     fn arb_dag() -> impl Strategy<Value = (usize, Vec<(usize, usize)>)> {
         (1usize..8).prop_flat_map(|n| {
-            let pairs: Vec<(usize, usize)> =
-                (0..n).flat_map(|a| (a + 1..n).map(move |b| (a, b))).collect();
+            let pairs: Vec<(usize, usize)> = (0..n)
+                .flat_map(|a| (a + 1..n).map(move |b| (a, b)))
+                .collect();
             let len = pairs.len();
             (
                 Just(n),
@@ -860,9 +869,9 @@ mod tests {
                         .filter(|(_, k)| *k)
                         .map(|(e, _)| *e)
                         .collect();
-                    for b in 1..n {
+                    for (b, pick) in first.iter().enumerate().skip(1) {
                         if !edges.iter().any(|&(_, to)| to == b) {
-                            edges.push((first[b].index(b), b));
+                            edges.push((pick.index(b), b));
                         }
                     }
                     (n, edges)
@@ -925,9 +934,9 @@ mod tests {
                     prop_assert!(!h.queue.iter().any(|q| q.ticket.slot == m.ticket.slot),
                         "completed with task messages outstanding");
                     prop_assert_eq!(runs[id][0], 1);
-                    for c in 1..n {
+                    for (c, &ran) in runs[id].iter().enumerate().skip(1) {
                         let expected: usize = d.parents(c as TaskIdx).iter().map(|&p| emitted[id][p as usize]).sum();
-                        prop_assert_eq!(runs[id][c], expected, "task {} of message {}", c, id);
+                        prop_assert_eq!(ran, expected, "task {} of message {}", c, id);
                     }
                 }
             }

@@ -52,7 +52,10 @@ pub struct Pipeline {
 impl fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pipeline")
-            .field("tasks", &self.tasks.iter().map(|(n, _)| n).collect::<Vec<_>>())
+            .field(
+                "tasks",
+                &self.tasks.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
             .field("edges", &self.edges)
             .field("root", &self.root)
             .finish()
@@ -84,8 +87,10 @@ impl Pipeline {
         T: Task,
         F: Fn() -> T + Send + Sync + 'static,
     {
-        self.tasks
-            .push((name.into(), Arc::new(move || Box::new(make()) as Box<dyn Task>)));
+        self.tasks.push((
+            name.into(),
+            Arc::new(move || Box::new(make()) as Box<dyn Task>),
+        ));
         self
     }
 
@@ -239,7 +244,9 @@ impl Pipeline {
         }
 
         match root {
-            Some(root) if errors.is_empty() => Ok(Dag::new(names, root, children, parents, factories)),
+            Some(root) if errors.is_empty() => {
+                Ok(Dag::new(names, root, children, parents, factories))
+            }
             _ => Err(PipelineErrors(errors)),
         }
     }
@@ -278,7 +285,11 @@ fn find_cycles(children: &[Vec<TaskIdx>]) -> Vec<Vec<TaskIdx>> {
                     Color::Grey => {
                         let at = path.iter().position(|&p| p == child).unwrap_or(0);
                         let mut cycle = path[at..].to_vec();
-                        let min = cycle.iter().enumerate().min_by_key(|(_, &v)| v).map(|(i, _)| i);
+                        let min = cycle
+                            .iter()
+                            .enumerate()
+                            .min_by_key(|(_, &v)| v)
+                            .map(|(i, _)| i);
                         cycle.rotate_left(min.unwrap_or(0));
                         if !cycles.contains(&cycle) {
                             cycles.push(cycle);
@@ -338,7 +349,10 @@ impl fmt::Display for PipelineError {
         match self {
             PipelineError::Empty => f.write_str("the pipeline has no task"),
             PipelineError::TooManyTasks(n) => {
-                write!(f, "the pipeline has {n} tasks; at most {MAX_TASKS} are allowed")
+                write!(
+                    f,
+                    "the pipeline has {n} tasks; at most {MAX_TASKS} are allowed"
+                )
             }
             PipelineError::EmptyName => f.write_str("a task has an empty name"),
             PipelineError::DuplicateTask(name) => {
@@ -349,7 +363,9 @@ impl fmt::Display for PipelineError {
                 "edge \"{}\" -> \"{}\" names unknown task \"{name}\"",
                 edge.0, edge.1
             ),
-            PipelineError::SelfEdge(name) => write!(f, "edge \"{name}\" -> \"{name}\" is a self-edge"),
+            PipelineError::SelfEdge(name) => {
+                write!(f, "edge \"{name}\" -> \"{name}\" is a self-edge")
+            }
             PipelineError::DuplicateEdge(a, b) => {
                 write!(f, "edge \"{a}\" -> \"{b}\" is given twice")
             }
@@ -366,7 +382,9 @@ impl fmt::Display for PipelineError {
                 "several tasks have no parent ({}); a pipeline has exactly one root",
                 quoted(names)
             ),
-            PipelineError::UnknownRoot(name) => write!(f, "root \"{name}\" is not a task of the pipeline"),
+            PipelineError::UnknownRoot(name) => {
+                write!(f, "root \"{name}\" is not a task of the pipeline")
+            }
             PipelineError::RootHasParents(name) => {
                 write!(f, "root \"{name}\" has a parent; the root must have none")
             }
@@ -496,7 +514,10 @@ impl Dag {
 
     /// The index of the task named `name`.
     pub fn index_of(&self, name: &str) -> Option<TaskIdx> {
-        self.names.iter().position(|n| n == name).map(|i| i as TaskIdx)
+        self.names
+            .iter()
+            .position(|n| n == name)
+            .map(|i| i as TaskIdx)
     }
 
     /// The children of task `t`.
@@ -525,7 +546,11 @@ impl Dag {
     pub fn to_dot(&self, name: &str) -> String {
         let mut out = format!("digraph \"{}\" {{\n  rankdir=LR;\n", escape(name));
         for (i, n) in self.names.iter().enumerate() {
-            let shape = if i == self.root as usize { "box" } else { "ellipse" };
+            let shape = if i == self.root as usize {
+                "box"
+            } else {
+                "ellipse"
+            };
             out.push_str(&format!("  \"{}\" [shape={shape}];\n", escape(n)));
         }
         for (from, tos) in self.children.iter().enumerate() {
@@ -593,7 +618,9 @@ mod tests {
 
     #[test]
     fn a_linear_pipeline_compiles() {
-        let dag = pipe(&["a", "b", "c"], &[("a", "b"), ("b", "c")]).build().unwrap();
+        let dag = pipe(&["a", "b", "c"], &[("a", "b"), ("b", "c")])
+            .build()
+            .unwrap();
         assert_eq!(dag.len(), 3);
         assert_eq!(dag.root_name(), "a");
         assert_eq!(dag.children(0), &[1]);
@@ -661,7 +688,11 @@ mod tests {
         ));
         assert_eq!(
             errs,
-            vec![PipelineError::Cycle(vec!["b".into(), "c".into(), "d".into()])]
+            vec![PipelineError::Cycle(vec![
+                "b".into(),
+                "c".into(),
+                "d".into()
+            ])]
         );
         assert_eq!(
             errs[0].to_string(),
@@ -711,11 +742,16 @@ mod tests {
             &[("a", "x"), ("a", "a"), ("b", "c"), ("c", "b")],
         ));
         assert!(errs.contains(&PipelineError::DuplicateTask("b".into())));
-        assert!(errs.iter().any(|e| matches!(e, PipelineError::UnknownTask { .. })));
+        assert!(errs
+            .iter()
+            .any(|e| matches!(e, PipelineError::UnknownTask { .. })));
         assert!(errs.contains(&PipelineError::SelfEdge("a".into())));
         assert!(errs.contains(&PipelineError::Cycle(vec!["b".into(), "c".into()])));
         let text = PipelineErrors(errs.clone()).to_string();
-        assert!(text.starts_with(&format!("the pipeline is invalid ({} problems):", errs.len())));
+        assert!(text.starts_with(&format!(
+            "the pipeline is invalid ({} problems):",
+            errs.len()
+        )));
     }
 
     #[test]

@@ -92,7 +92,8 @@ fn parse_workers(s: &str) -> Result<(String, usize), String> {
 /// Parses the command line and runs `builder`'s topology accordingly.
 /// Call it from the package's `main` and return its exit code.
 pub fn run(builder: TopologyBuilder) -> ExitCode {
-    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).try_init();
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .try_init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -181,10 +182,11 @@ fn execute(mut builder: TopologyBuilder, command: Command) -> Result<ExitCode, E
 /// at once.
 fn install_signal_handlers(handle: &RuntimeHandle) -> Result<(), Error> {
     use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(|e| Error::Io {
-        what: "installing the signal handlers".into(),
-        source: e,
-    })?;
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(|e| Error::Io {
+            what: "installing the signal handlers".into(),
+            source: e,
+        })?;
     let handle = handle.clone();
     std::thread::Builder::new()
         .name("tempest-signals".into())
@@ -216,12 +218,22 @@ mod tests {
     fn workers_parse_as_task_equals_count() {
         assert_eq!(parse_workers("split=3"), Ok(("split".into(), 3)));
         assert!(parse_workers("split").unwrap_err().contains("TASK=COUNT"));
-        assert!(parse_workers("split=x").unwrap_err().contains("not a worker count"));
+        assert!(parse_workers("split=x")
+            .unwrap_err()
+            .contains("not a worker count"));
     }
 
     #[test]
     fn the_cli_parses() {
-        let cli = Cli::try_parse_from(["pkg", "standalone", "--max-pending", "10", "--workers", "a=2"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "pkg",
+            "standalone",
+            "--max-pending",
+            "10",
+            "--workers",
+            "a=2",
+        ])
+        .unwrap();
         match cli.command {
             Command::Standalone(a) => {
                 assert_eq!(a.max_pending, Some(10));

@@ -16,8 +16,9 @@ use tempest_source::metrics::Snapshot;
 use tempest_source::{Metrics, MsgId, SourceContext};
 use tokio::sync::{oneshot, Notify};
 
+pub use crate::actors::pipeline::StopCondition;
 use crate::actors::pipeline::{
-    Finish, GetStats, Inspect, MsgReport, PipelineActor, PipelineSetup, Stats, Until,
+    Finish, GetStats, Inspect, MsgReport, PipelineActor, PipelineSetup, Stats,
 };
 use crate::actors::source::SourceActor;
 use crate::actors::topology::TopologyActor;
@@ -78,7 +79,7 @@ impl RuntimeHandle {
 #[derive(Default)]
 pub struct RunOptions {
     /// Stop (gracefully) once this returns true; checked after every batch.
-    pub until: Option<Box<dyn FnMut(&Stats) -> bool + Send>>,
+    pub until: Option<StopCondition>,
     /// Stop (gracefully) after this long.
     pub deadline: Option<Duration>,
     /// Record each source message's outcome (for tests).
@@ -192,7 +193,7 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
             topology: topo.clone().recipient(),
             metrics: metrics.clone(),
             record_outcomes: options.record_outcomes,
-            until: options.until.map(|u| u as Until),
+            until: options.until,
             sweep_every,
         });
 
@@ -251,7 +252,10 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
             });
         }
         if let Some(handle) = &options.handle {
-            *handle.pipeline.lock().unwrap_or_else(PoisonError::into_inner) = Some(pipe.clone());
+            *handle
+                .pipeline
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(pipe.clone());
             let topo = topo.clone();
             let notify = Arc::clone(&handle.shutdown);
             actix_rt::spawn(async move {
@@ -265,7 +269,10 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
     });
     let (reason, fin, threads, arbiter, spawn_error) = outcome;
     if let Some(handle) = &options_handle {
-        *handle.pipeline.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        *handle
+            .pipeline
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
     }
     arbiter.stop();
     let _ = arbiter.join();
@@ -277,8 +284,10 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
     if let Some(e) = spawn_error {
         return Err(e);
     }
-    let stop = reason.map_err(|_| Error::Runtime("the topology actor stopped without a reason".into()))?;
-    let fin = fin.map_err(|_| Error::Runtime("the pipeline actor stopped before the end".into()))?;
+    let stop =
+        reason.map_err(|_| Error::Runtime("the topology actor stopped without a reason".into()))?;
+    let fin =
+        fin.map_err(|_| Error::Runtime("the pipeline actor stopped before the end".into()))?;
     Ok(RunReport {
         name,
         stop,
@@ -288,4 +297,3 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
         outcomes: fin.reports,
     })
 }
-

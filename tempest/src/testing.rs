@@ -38,13 +38,13 @@ use crate::actors::pipeline::{MsgReport, Stats};
 use crate::actors::StopReason;
 use crate::error::Error;
 use crate::inflight::Outcome;
-use crate::standalone::{self, RunOptions, RuntimeHandle};
+use crate::standalone::{self, RunOptions, RuntimeHandle, StopCondition};
 use crate::topology::TopologyBuilder;
 
 /// Runs a topology in-process for a test. See the [module docs](self).
 pub struct TestRun {
     builder: TopologyBuilder,
-    until: Option<Box<dyn FnMut(&Stats) -> bool + Send>>,
+    until: Option<StopCondition>,
     deadline: Duration,
     handle: Option<RuntimeHandle>,
 }
@@ -149,6 +149,9 @@ impl TestReport {
 
     /// How many messages ended with `outcome`.
     pub fn count(&self, outcome: Outcome) -> usize {
-        self.outcomes.values().filter(|r| r.outcome == outcome).count()
+        self.outcomes
+            .values()
+            .filter(|r| r.outcome == outcome)
+            .count()
     }
 }

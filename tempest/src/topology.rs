@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
-use tempest_source::{FailedMsg, MsgId, Source, SourceContext, SourceError, SourceMsg, SourceSettings};
+use tempest_source::{
+    FailedMsg, MsgId, Source, SourceContext, SourceError, SourceMsg, SourceSettings,
+};
 
 use crate::error::Error;
 use crate::pipeline::{Dag, Pipeline};
@@ -184,14 +186,21 @@ impl TopologyBuilder {
     /// The source, as an instance.
     pub fn source<S: Source>(mut self, source: S) -> Self {
         let name = source.name().to_string();
-        self.source = Some((name, Box::new(move || Ok(Box::new(source) as Box<dyn DynSource>))));
+        self.source = Some((
+            name,
+            Box::new(move || Ok(Box::new(source) as Box<dyn DynSource>)),
+        ));
         self
     }
 
     /// The source, built from its typed configuration when the topology
     /// starts (a bad configuration is an error then, not a panic).
     pub fn source_config<S: Source>(mut self, config: S::Config) -> Self {
-        let name = std::any::type_name::<S>().rsplit("::").next().unwrap_or("source").to_string();
+        let name = std::any::type_name::<S>()
+            .rsplit("::")
+            .next()
+            .unwrap_or("source")
+            .to_string();
         self.source = Some((
             name,
             Box::new(move || S::from_config(config).map(|s| Box::new(s) as Box<dyn DynSource>)),

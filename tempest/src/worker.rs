@@ -146,7 +146,10 @@ pub(crate) fn run_task_loop(
     task.flush_metrics();
     counts.flush(&ctx.metrics);
     if let Err(p) = catch_unwind(AssertUnwindSafe(|| task.shutdown())) {
-        log::error!("Task {name} panicked in shutdown(): {}.", panic_message(&*p));
+        log::error!(
+            "Task {name} panicked in shutdown(): {}.",
+            panic_message(&*p)
+        );
     }
 }
 

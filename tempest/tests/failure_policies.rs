@@ -91,7 +91,9 @@ impl Run {
         }
     }
     fn bad_report(&self) -> &tempest::MsgReport {
-        self.report.report(&self.bad).expect("the bad message finished")
+        self.report
+            .report(&self.bad)
+            .expect("the bad message finished")
     }
 }
 

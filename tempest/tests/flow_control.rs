@@ -41,7 +41,11 @@ fn max_pending_bounds_messages_in_flight() {
         "high-water mark {} over max_pending 64",
         report.stats.max_inflight
     );
-    assert!(report.stats.max_inflight > 1, "the bound was reached: {}", report.stats.max_inflight);
+    assert!(
+        report.stats.max_inflight > 1,
+        "the bound was reached: {}",
+        report.stats.max_inflight
+    );
 }
 
 #[test]
@@ -49,9 +53,12 @@ fn a_full_pipeline_pauses_polling_without_dropping() {
     // max_pending 1: strictly one message at a time, none lost.
     let (source, mock) = generated(300);
     let report = TestRun::new(
-        builder("one-at-a-time", source)
-            .max_pending(1)
-            .pipeline(Pipeline::new().task(pass("a")).task(pass("b")).edge("a", "b")),
+        builder("one-at-a-time", source).max_pending(1).pipeline(
+            Pipeline::new()
+                .task(pass("a"))
+                .task(pass("b"))
+                .edge("a", "b"),
+        ),
     )
     .run()
     .unwrap();
@@ -121,17 +128,15 @@ fn shutdown_drains_in_flight_messages_and_acks_them() {
     let handle = RuntimeHandle::new();
     let h = handle.clone();
     let report = TestRun::new(
-        builder("drain", source)
-            .max_pending(500)
-            .pipeline(
-                Pipeline::new()
-                    .task(pass("a"))
-                    .task(FnTask::new("b", |m| {
-                        std::thread::sleep(Duration::from_micros(50));
-                        Ok(Output::One(m))
-                    }))
-                    .edge("a", "b"),
-            ),
+        builder("drain", source).max_pending(500).pipeline(
+            Pipeline::new()
+                .task(pass("a"))
+                .task(FnTask::new("b", |m| {
+                    std::thread::sleep(Duration::from_micros(50));
+                    Ok(Output::One(m))
+                }))
+                .edge("a", "b"),
+        ),
     )
     .handle(handle)
     .until(move |s| {
@@ -144,9 +149,15 @@ fn shutdown_drains_in_flight_messages_and_acks_them() {
     .unwrap();
     assert_eq!(report.stop, StopReason::Shutdown);
     assert_eq!(report.stats.inflight, 0);
-    assert_eq!(report.stats.read, report.stats.acked, "every message polled was finished");
+    assert_eq!(
+        report.stats.read, report.stats.acked,
+        "every message polled was finished"
+    );
     assert_eq!(mock.acked(), report.stats.acked);
-    assert!(mock.unacked().is_empty(), "nothing delivered was left unacked");
+    assert!(
+        mock.unacked().is_empty(),
+        "nothing delivered was left unacked"
+    );
     assert!(mock.was_shut_down());
 }
 
@@ -194,5 +205,8 @@ fn shutdown_leaves_what_misses_the_grace_period_to_the_source() {
     assert_eq!(report.stats.inflight, 1, "the stuck message was abandoned");
     assert_eq!(mock.acked(), 1);
     assert_eq!(mock.unacked().len(), 1);
-    assert!(mock.failed().is_empty(), "abandoned, not failed: the source redelivers it");
+    assert!(
+        mock.failed().is_empty(),
+        "abandoned, not failed: the source redelivers it"
+    );
 }

@@ -37,7 +37,9 @@ fn linear_pipeline_acks_every_message_once() {
     assert!(mock.was_shut_down());
     for task in ["a", "b", "c"] {
         assert_eq!(
-            report.metrics.counter(names::TASK_MSGS_IN, &[("task", task)]),
+            report
+                .metrics
+                .counter(names::TASK_MSGS_IN, &[("task", task)]),
             2_000,
             "task {task}"
         );
@@ -54,7 +56,9 @@ fn fan_out_sends_every_output_to_every_child() {
     let report = TestRun::new(
         builder("fan-out", source).pipeline(
             Pipeline::new()
-                .task(FnTask::new("root", |m| Ok(Output::Many(vec![m.clone(), m]))))
+                .task(FnTask::new("root", |m| {
+                    Ok(Output::Many(vec![m.clone(), m]))
+                }))
                 .task(FnTask::new("left", move |m| {
                     l.push(&m);
                     Ok(Output::None)
@@ -102,7 +106,10 @@ fn fan_in_runs_once_all_parents_are_done_on_the_union() {
                 }))
                 .task(FnTask::new("join", move |m| {
                     let source_msg = Bytes::copy_from_slice(&m[1..]);
-                    assert!(r2.all().contains(&source_msg), "join ran before right was done");
+                    assert!(
+                        r2.all().contains(&source_msg),
+                        "join ran before right was done"
+                    );
                     j.push(&m);
                     Ok(Output::None)
                 }))
@@ -138,7 +145,11 @@ fn dead_ends_complete_descendants_without_another_live_parent() {
                 .task(pass("root"))
                 .task(FnTask::new("a", |m| {
                     let n: u32 = std::str::from_utf8(&m)?.parse()?;
-                    Ok(if n % 2 == 0 { Output::One(m) } else { Output::None })
+                    Ok(if n % 2 == 0 {
+                        Output::One(m)
+                    } else {
+                        Output::None
+                    })
                 }))
                 .task(FnTask::new("b", |_| Ok(Output::None)))
                 .task(FnTask::new("c", move |m| {
@@ -224,7 +235,9 @@ fn filtered_messages_count_as_handled_without_output() {
     assert_eq!(seen.all(), vec![Bytes::from_static(b"2")]);
     assert_eq!(report.stats.filtered, 2);
     assert_eq!(
-        report.metrics.counter(names::TASK_FILTERED, &[("task", "even-only")]),
+        report
+            .metrics
+            .counter(names::TASK_FILTERED, &[("task", "even-only")]),
         2
     );
     assert_eq!(mock.acked(), 3);
@@ -253,7 +266,9 @@ fn several_workers_per_task_share_the_work() {
     assert_eq!(mock.acked(), 5_000);
     assert_eq!(mock.acked_twice(), 0);
     assert_eq!(
-        report.metrics.counter(names::TASK_MSGS_IN, &[("task", "slow")]),
+        report
+            .metrics
+            .counter(names::TASK_MSGS_IN, &[("task", "slow")]),
         5_000
     );
 }
@@ -272,7 +287,10 @@ fn until_stops_the_run_when_the_condition_holds() {
         .unwrap();
     assert_eq!(report.stop, StopReason::Condition);
     assert!(report.stats.acked >= 100);
-    assert_eq!(report.stats.inflight, 0, "the drain finished what was in flight");
+    assert_eq!(
+        report.stats.inflight, 0,
+        "the drain finished what was in flight"
+    );
     assert_eq!(mock.acked(), report.stats.acked);
     assert!(mock.unacked().is_empty());
 }

@@ -20,7 +20,7 @@ use std::fmt;
 use actix::Message;
 use tempest_source::{FailedMsg, MsgId, SourceMsg};
 
-use crate::inflight::{Ticket, TaskMsg};
+use crate::inflight::{TaskMsg, Ticket};
 use crate::task::Msg;
 
 /// A worker's index in its pipeline actor.

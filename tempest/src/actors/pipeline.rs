@@ -14,7 +14,8 @@ use tempest_source::{FailReason, FailedMsg, Metrics, MsgId};
 use tokio::sync::oneshot;
 
 use super::{
-    DeliverySink, Fetch, Results, Settle, SourceBatch, Stop, StopReason, Undelivered, Verdict, WorkerId,
+    DeliverySink, Fetch, Results, Settle, SourceBatch, Stop, StopReason, Undelivered, Verdict,
+    WorkerId,
 };
 use crate::inflight::{Dispatch, Finished, InflightEntry, Outcome, TaskMsg, Tracker};
 use crate::metrics::names;
@@ -64,7 +65,8 @@ pub struct MsgReport {
     pub latency: Duration,
 }
 
-pub(crate) type Until = Box<dyn FnMut(&Stats) -> bool + Send>;
+/// A condition on the counters that ends a run (checked after every batch).
+pub type StopCondition = Box<dyn FnMut(&Stats) -> bool + Send>;
 
 struct Ready<'a>(&'a mut [VecDeque<TaskMsg>]);
 
@@ -100,7 +102,7 @@ pub(crate) struct PipelineActor {
     pending: Settle,
     stats: Stats,
     reports: Option<HashMap<MsgId, MsgReport>>,
-    until: Option<Until>,
+    until: Option<StopCondition>,
     drains: Vec<oneshot::Sender<()>>,
     drain_deadline: Option<Instant>,
     pool: Vec<Vec<TaskMsg>>,
@@ -115,7 +117,7 @@ pub(crate) struct PipelineSetup {
     pub topology: Recipient<Stop>,
     pub metrics: Metrics,
     pub record_outcomes: bool,
-    pub until: Option<Until>,
+    pub until: Option<StopCondition>,
     pub sweep_every: Duration,
 }
 
@@ -309,7 +311,8 @@ impl Actor for PipelineActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.run_interval(self.sweep_every, |act, _ctx| {
             let now = Instant::now();
-            act.tracker.sweep(now, &mut Ready(&mut act.ready), &mut act.fin);
+            act.tracker
+                .sweep(now, &mut Ready(&mut act.ready), &mut act.fin);
             act.settle(now);
         });
         ctx.run_interval(Duration::from_secs(1), |act, _ctx| act.flush_metrics());
@@ -334,7 +337,10 @@ impl Handler<Fetch> for PipelineActor {
 
     fn handle(&mut self, fetch: Fetch, _ctx: &mut Context<Self>) {
         let Some(w) = self.workers.get(fetch.worker as usize) else {
-            log::error!("A fetch came from unknown worker {}; ignored.", fetch.worker);
+            log::error!(
+                "A fetch came from unknown worker {}; ignored.",
+                fetch.worker
+            );
             return;
         };
         let t = w.task as usize;
@@ -349,7 +355,10 @@ impl Handler<Results> for PipelineActor {
     fn handle(&mut self, mut results: Results, _ctx: &mut Context<Self>) {
         let now = Instant::now();
         let Some(w) = self.workers.get_mut(results.worker as usize) else {
-            log::error!("Results came from unknown worker {}; ignored.", results.worker);
+            log::error!(
+                "Results came from unknown worker {}; ignored.",
+                results.worker
+            );
             return;
         };
         if results.complete {
@@ -369,7 +378,8 @@ impl Handler<Results> for PipelineActor {
                     match results.outputs.get(offset..end) {
                         Some(outputs) => {
                             offset = end;
-                            self.tracker.on_done(ticket, outputs, now, &mut ready, &mut self.fin)
+                            self.tracker
+                                .on_done(ticket, outputs, now, &mut ready, &mut self.fin)
                         }
                         None => {
                             let reason = FailReason::TaskError {
@@ -379,13 +389,15 @@ impl Handler<Results> for PipelineActor {
                                     results.outputs.len().saturating_sub(offset)
                                 ),
                             };
-                            self.tracker.on_error(ticket, reason, now, &mut ready, &mut self.fin)
+                            self.tracker
+                                .on_error(ticket, reason, now, &mut ready, &mut self.fin)
                         }
                     }
                 }
                 Verdict::Filtered => {
                     self.stats.filtered += 1;
-                    self.tracker.on_done(ticket, &[], now, &mut ready, &mut self.fin)
+                    self.tracker
+                        .on_done(ticket, &[], now, &mut ready, &mut self.fin)
                 }
                 Verdict::Error(message) => {
                     self.stats.task_errors += 1;
@@ -393,7 +405,8 @@ impl Handler<Results> for PipelineActor {
                         task: self.task_names[task as usize].clone(),
                         message,
                     };
-                    self.tracker.on_error(ticket, reason, now, &mut ready, &mut self.fin)
+                    self.tracker
+                        .on_error(ticket, reason, now, &mut ready, &mut self.fin)
                 }
                 Verdict::Panicked(message) => {
                     self.stats.task_panics += 1;
@@ -401,7 +414,8 @@ impl Handler<Results> for PipelineActor {
                         task: self.task_names[task as usize].clone(),
                         message,
                     };
-                    self.tracker.on_error(ticket, reason, now, &mut ready, &mut self.fin)
+                    self.tracker
+                        .on_error(ticket, reason, now, &mut ready, &mut self.fin)
                 }
             };
             if !accepted {

@@ -227,9 +227,12 @@ impl SourceActor {
 
     fn flush_metrics(&mut self) {
         self.source.flush_metrics();
-        self.metrics.incr(names::SOURCE_POLLS, std::mem::take(&mut self.polls));
         self.metrics
-            .incr(names::SOURCE_EMPTY_POLLS, std::mem::take(&mut self.empty_polls));
+            .incr(names::SOURCE_POLLS, std::mem::take(&mut self.polls));
+        self.metrics.incr(
+            names::SOURCE_EMPTY_POLLS,
+            std::mem::take(&mut self.empty_polls),
+        );
         self.metrics
             .gauge(names::SOURCE_HEALTHY, i64::from(self.source.healthy()));
     }
@@ -241,15 +244,21 @@ impl Actor for SourceActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.schedule(ctx, Duration::ZERO);
         if let AckPolicy::Batch(_) = self.settings.ack_policy {
-            ctx.run_interval(self.settings.ack_interval.max(Duration::from_millis(1)), |act, _| {
-                act.flush_acks()
-            });
+            ctx.run_interval(
+                self.settings.ack_interval.max(Duration::from_millis(1)),
+                |act, _| act.flush_acks(),
+            );
         }
-        ctx.run_interval(self.settings.monitor_interval.max(Duration::from_millis(10)), |act, _| {
-            if let Err(e) = act.source.monitor() {
-                log::warn!("Monitoring source {} failed: {e}.", act.source.name());
-            }
-        });
+        ctx.run_interval(
+            self.settings
+                .monitor_interval
+                .max(Duration::from_millis(10)),
+            |act, _| {
+                if let Err(e) = act.source.monitor() {
+                    log::warn!("Monitoring source {} failed: {e}.", act.source.name());
+                }
+            },
+        );
         ctx.run_interval(Duration::from_secs(1), |act, _| act.flush_metrics());
     }
 }
