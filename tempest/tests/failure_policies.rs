@@ -51,7 +51,12 @@ fn run(policy: FailurePolicy, mode: Mode, fail_times: u32) -> Run {
     let report = TestRun::new(
         builder("policies", source)
             .failure_policy(policy)
-            .msg_timeout(Duration::from_millis(100))
+            // Short enough for the timeout cases, long enough that a
+            // panic's backtrace printing never makes a message time out.
+            .msg_timeout(match mode {
+                Mode::Timeout => Duration::from_millis(100),
+                _ => Duration::from_secs(10),
+            })
             .pipeline(
                 Pipeline::new()
                     .task(common::pass("root"))

@@ -105,6 +105,9 @@ pub(crate) struct PipelineActor {
     until: Option<StopCondition>,
     drains: Vec<oneshot::Sender<()>>,
     drain_deadline: Option<Instant>,
+    /// Set once a drain ends: the source is being shut down, so nothing
+    /// more may complete (it could not be acked).
+    closed: bool,
     pool: Vec<Vec<TaskMsg>>,
     metrics: Metrics,
     flushed: Stats,
@@ -140,6 +143,7 @@ impl PipelineActor {
             until: setup.until,
             drains: Vec::new(),
             drain_deadline: None,
+            closed: false,
             pool: Vec::new(),
             metrics: setup.metrics,
             flushed: Stats::default(),
@@ -228,6 +232,7 @@ impl PipelineActor {
                     self.tracker.len()
                 );
             }
+            self.closed = true;
             for tx in self.drains.drain(..) {
                 let _ = tx.send(());
             }
@@ -310,6 +315,9 @@ impl Actor for PipelineActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.run_interval(self.sweep_every, |act, _ctx| {
+            if act.closed {
+                return;
+            }
             let now = Instant::now();
             act.tracker
                 .sweep(now, &mut Ready(&mut act.ready), &mut act.fin);
@@ -323,6 +331,10 @@ impl Handler<SourceBatch> for PipelineActor {
     type Result = ();
 
     fn handle(&mut self, batch: SourceBatch, _ctx: &mut Context<Self>) {
+        if self.closed {
+            // Polled after the drain ended: never started, so never acked.
+            return;
+        }
         let now = Instant::now();
         self.stats.read += batch.0.len() as u64;
         for msg in batch.0 {
@@ -365,6 +377,10 @@ impl Handler<Results> for PipelineActor {
             w.in_hand = w.in_hand.saturating_sub(1);
         }
         let task = w.task;
+        if self.closed {
+            self.stats.stale_results += results.items.len() as u64;
+            return;
+        }
         let mut offset = 0usize;
         for (ticket, verdict) in results.items.drain(..) {
             if ticket.task != task {

@@ -61,11 +61,15 @@ impl Handler<Stop> for TopologyActor {
         }
         log::info!("Topology stopping: {reason}.");
         self.reason = Some(reason);
-        self.source.do_send(StopPolling);
         let pipeline = self.pipeline.clone();
         let source = self.source.clone();
         ctx.spawn(
             async move {
+                // The source has sent its last batch before it answers, so
+                // the drain below reaches the pipeline after that batch.
+                if source.send(StopPolling).await.is_err() {
+                    log::error!("The source actor stopped before it stopped polling.");
+                }
                 if pipeline.send(Drain { deadline }).await.is_err() {
                     log::error!("The pipeline actor stopped before the drain finished.");
                 }
