@@ -186,6 +186,7 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
                 max_retry_backoff: topts.max_retry_backoff,
             },
             Instant::now(),
+            topts.max_pending,
         );
         let mut pipeline = PipelineActor::new(PipelineSetup {
             tracker,
@@ -195,6 +196,7 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
             record_outcomes: options.record_outcomes,
             until: options.until,
             sweep_every,
+            root_queue_capacity: topts.max_pending.min(1 << 22),
         });
 
         let mut threads: Vec<JoinHandle<()>> = Vec::new();

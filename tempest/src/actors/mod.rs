@@ -39,11 +39,16 @@ pub(crate) struct Settle {
     pub acks: Vec<MsgId>,
     pub failed: Vec<FailedMsg>,
     pub released: usize,
+    /// Source batches the pipeline has taken in since the last settle.
+    pub batches_taken: usize,
 }
 
 impl Settle {
     pub fn is_empty(&self) -> bool {
-        self.acks.is_empty() && self.failed.is_empty() && self.released == 0
+        self.acks.is_empty()
+            && self.failed.is_empty()
+            && self.released == 0
+            && self.batches_taken == 0
     }
 }
 

@@ -122,16 +122,28 @@ pub(crate) struct PipelineSetup {
     pub record_outcomes: bool,
     pub until: Option<StopCondition>,
     pub sweep_every: Duration,
+    pub root_queue_capacity: usize,
 }
 
 impl PipelineActor {
     pub fn new(setup: PipelineSetup) -> Self {
         let n = setup.tracker.dag().len();
+        let root = setup.tracker.dag().root() as usize;
         let task_names = setup.tracker.dag().names().to_vec();
         PipelineActor {
             tracker: setup.tracker,
             task_names,
-            ready: (0..n).map(|_| VecDeque::new()).collect(),
+            // Every new message queues for the root first: reserve its
+            // queue up front (reserved, untouched memory is not resident).
+            ready: (0..n)
+                .map(|t| {
+                    if t == root {
+                        VecDeque::with_capacity(setup.root_queue_capacity)
+                    } else {
+                        VecDeque::new()
+                    }
+                })
+                .collect(),
             waiting: (0..n).map(|_| VecDeque::new()).collect(),
             workers: Vec::new(),
             source: setup.source,
@@ -336,6 +348,7 @@ impl Handler<SourceBatch> for PipelineActor {
             return;
         }
         let now = Instant::now();
+        self.pending.batches_taken += 1;
         self.stats.read += batch.0.len() as u64;
         for msg in batch.0 {
             self.tracker.insert(msg, now, &mut Ready(&mut self.ready));

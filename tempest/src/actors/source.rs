@@ -5,6 +5,8 @@
 //! messages: when the credit runs out polling pauses until a [`Settle`]
 //! returns some. After an empty poll it waits `poll_interval`, doubling up to
 //! `max_backoff`; after a retryable error likewise, reconnecting first.
+//! It also runs at most [`BATCHES_AHEAD`] batches ahead of the pipeline, so
+//! polled messages never pile up in the pipeline's mailbox.
 
 use std::time::Duration;
 
@@ -15,12 +17,16 @@ use super::{Settle, SourceBatch, Stop, StopReason};
 use crate::metrics::names;
 use crate::topology::DynSource;
 
+/// The most polled batches the pipeline may not have taken in yet.
+pub(crate) const BATCHES_AHEAD: usize = 4;
+
 pub(crate) struct SourceActor {
     source: Box<dyn DynSource>,
     settings: SourceSettings,
     pipeline: Recipient<SourceBatch>,
     topology: Recipient<Stop>,
     credit: usize,
+    batches_ahead: usize,
     polling: bool,
     poll_scheduled: bool,
     connected: bool,
@@ -54,6 +60,7 @@ impl SourceActor {
             pipeline,
             topology,
             credit: max_pending,
+            batches_ahead: 0,
             polling: true,
             poll_scheduled: false,
             connected: false,
@@ -95,8 +102,8 @@ impl SourceActor {
         if !self.polling {
             return;
         }
-        if self.credit == 0 {
-            // Resumed by the next Settle that returns credit.
+        if self.credit == 0 || self.batches_ahead >= BATCHES_AHEAD {
+            // Resumed by the next Settle that returns credit or takes a batch.
             return;
         }
         if !self.connected {
@@ -167,6 +174,7 @@ impl SourceActor {
             return;
         }
         self.credit -= batch.len();
+        self.batches_ahead += 1;
         self.backoff = self.settings.poll_interval;
         self.pipeline.do_send(SourceBatch(batch));
         self.schedule(ctx, Duration::ZERO);
@@ -280,8 +288,9 @@ impl Handler<Settle> for SourceActor {
     type Result = ();
 
     fn handle(&mut self, settle: Settle, ctx: &mut Context<Self>) {
-        let had_credit = self.credit > 0;
+        let could_poll = self.credit > 0 && self.batches_ahead < BATCHES_AHEAD;
         self.credit += settle.released;
+        self.batches_ahead = self.batches_ahead.saturating_sub(settle.batches_taken);
         if !settle.acks.is_empty() {
             self.ack(settle.acks);
         }
@@ -294,7 +303,7 @@ impl Handler<Settle> for SourceActor {
                 );
             }
         }
-        if !had_credit && self.credit > 0 {
+        if !could_poll && self.credit > 0 && self.batches_ahead < BATCHES_AHEAD {
             self.schedule(ctx, Duration::ZERO);
         }
     }

@@ -1,0 +1,599 @@
+//! Tempest's benchmark harness.
+//!
+//! # How this crate is laid out
+//!
+//! - [`BenchSource`]: a generating source that can pace itself to a rate and
+//!   records every message's latency from poll to ack in an HDR histogram.
+//! - [`Params`] and [`run_scenario`]: one measured run of a topology shape
+//!   (linear, diamond, fan-out) with its payload size, workers, rate and
+//!   bound on messages in flight; [`Measured`] is what it reports.
+//! - [`channel_baseline`]: the machine's ceiling for this shape: three
+//!   threads joined by bounded channels passing the same payloads in batches.
+//! - [`memory_probe`]: resident memory with `max_pending` messages held in
+//!   flight, to compute the runtime's bytes per in-flight message.
+//!
+//! The `tempest-bench` binary runs each measurement in a child process of
+//! its own (so peak RSS is per scenario), interleaves repeated rounds with
+//! the baseline, and writes `BENCHMARKS.md`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::sync_channel;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use tempest::standalone::{self, RunOptions, RuntimeHandle};
+use tempest::{FailurePolicy, Msg, Output, Pipeline, Task, TaskResult, TopologyBuilder};
+use tempest_source::{AckPolicy, MsgId, Source, SourceError, SourceMsg, SourceSettings};
+
+/// The shape of a benchmark topology.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Shape {
+    /// source → a → b → c
+    Linear,
+    /// source → root → (left, right) → join
+    Diamond,
+    /// source → root → 8 leaves
+    FanOut,
+}
+
+impl Shape {
+    /// Task messages per source message.
+    pub fn hops(self) -> u64 {
+        match self {
+            Shape::Linear => 3,
+            Shape::Diamond => 4,
+            Shape::FanOut => 9,
+        }
+    }
+}
+
+/// One measured run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Params {
+    /// The topology's shape.
+    pub shape: Shape,
+    /// Source messages to run; with `rate`, the run lasts messages / rate.
+    pub messages: u64,
+    /// Payload size in bytes.
+    pub payload: usize,
+    /// Copy each payload from a template (a fresh allocation per message,
+    /// as a real source makes) instead of sharing one `Bytes`.
+    pub copy_payloads: bool,
+    /// Workers per task.
+    pub workers: usize,
+    /// Pace the source to this many messages per second.
+    pub rate: Option<f64>,
+    /// The bound on messages in flight.
+    pub max_pending: usize,
+    /// RSS samples to take (seconds from the start), for the soak run.
+    pub rss_at_secs: Vec<f64>,
+    /// Stop after this many seconds (for endless runs).
+    pub duration_s: Option<f64>,
+    /// Measure latency and check every ack (see [`BenchSourceConfig::track`]).
+    pub track: bool,
+}
+
+impl Params {
+    /// Linear, 100-byte shared payloads, one worker per task, as fast as it goes.
+    pub fn new(shape: Shape, messages: u64) -> Self {
+        Params {
+            shape,
+            messages,
+            payload: 100,
+            copy_payloads: false,
+            workers: 1,
+            rate: None,
+            max_pending: 16_384,
+            rss_at_secs: Vec::new(),
+            duration_s: None,
+            track: true,
+        }
+    }
+}
+
+/// What one run measured.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Measured {
+    /// Source messages acked.
+    pub acked: u64,
+    /// Whether every message was acked exactly as many times as it was sent.
+    pub all_acked: bool,
+    /// Wall-clock seconds of the run.
+    pub elapsed_s: f64,
+    /// Acked messages per second.
+    pub rate: f64,
+    /// End-to-end latency (poll → ack) percentiles, in microseconds.
+    pub p50_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// 99.9th percentile.
+    pub p999_us: f64,
+    /// Maximum.
+    pub max_us: f64,
+    /// Peak resident memory of the process, in KiB.
+    pub peak_rss_kib: u64,
+    /// (seconds, resident KiB) samples.
+    pub rss_samples: Vec<(f64, u64)>,
+}
+
+/// Shared state between a [`BenchSource`] and its reader.
+#[derive(Debug)]
+pub struct Recorder {
+    acked: AtomicU64,
+    duplicate_or_unknown: AtomicU64,
+    latency: Mutex<Histogram<u64>>,
+}
+
+impl Recorder {
+    fn new() -> Result<Self, SourceError> {
+        let latency = Histogram::new_with_bounds(1, 600_000_000_000, 3)
+            .map_err(|e| SourceError::config(format!("latency histogram: {e}")))?;
+        Ok(Recorder {
+            acked: AtomicU64::new(0),
+            duplicate_or_unknown: AtomicU64::new(0),
+            latency: Mutex::new(latency),
+        })
+    }
+}
+
+/// A generating source that paces itself and measures poll → ack latency.
+#[derive(Debug)]
+pub struct BenchSource {
+    template: Bytes,
+    copy: bool,
+    next: u64,
+    total: u64,
+    rate: Option<f64>,
+    start: Instant,
+    poll_nanos: Vec<u64>,
+    acked: Vec<bool>,
+    recorder: Arc<Recorder>,
+}
+
+/// The [`BenchSource`]'s configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BenchSourceConfig {
+    /// Messages to generate.
+    pub messages: u64,
+    /// Payload size.
+    pub payload: usize,
+    /// Copy each payload (a fresh allocation per message).
+    pub copy: bool,
+    /// Messages per second, or as fast as polled.
+    pub rate: Option<f64>,
+    /// Record each message's latency and check acks per message (8 bytes
+    /// and 1 byte per message); without it only acks are counted.
+    pub track: bool,
+}
+
+impl BenchSource {
+    /// The recorder to read acks and latencies from.
+    pub fn recorder(&self) -> Arc<Recorder> {
+        Arc::clone(&self.recorder)
+    }
+}
+
+impl Source for BenchSource {
+    type Config = BenchSourceConfig;
+
+    fn name(&self) -> &str {
+        "bench"
+    }
+
+    fn from_config(config: BenchSourceConfig) -> Result<Self, SourceError> {
+        if config.rate.is_some_and(|r| r <= 0.0) {
+            return Err(SourceError::config("rate must be positive"));
+        }
+        let n = if config.track {
+            usize::try_from(config.messages)
+                .map_err(|_| SourceError::config("messages does not fit in memory"))?
+        } else {
+            0
+        };
+        Ok(BenchSource {
+            template: Bytes::from(vec![b'x'; config.payload]),
+            copy: config.copy,
+            next: 0,
+            total: config.messages,
+            rate: config.rate,
+            start: Instant::now(),
+            poll_nanos: vec![0; n],
+            acked: vec![false; n],
+            recorder: Arc::new(Recorder::new()?),
+        })
+    }
+
+    fn settings(&self) -> SourceSettings {
+        SourceSettings {
+            poll_count: 1024,
+            poll_interval: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(1),
+            ack_policy: AckPolicy::Batch(1024),
+            ack_interval: Duration::from_millis(1),
+            ..SourceSettings::default()
+        }
+    }
+
+    fn poll(&mut self, max: usize, out: &mut Vec<SourceMsg>) -> Result<(), SourceError> {
+        let now = self.start.elapsed();
+        let mut n = (max as u64).min(self.total - self.next);
+        if let Some(rate) = self.rate {
+            let due = (now.as_secs_f64() * rate) as u64;
+            n = n.min(due.saturating_sub(self.next));
+        }
+        let now_ns = now.as_nanos() as u64;
+        for _ in 0..n {
+            let id = self.next;
+            self.next += 1;
+            if let Some(t) = self.poll_nanos.get_mut(id as usize) {
+                *t = now_ns;
+            }
+            let payload = if self.copy {
+                Bytes::copy_from_slice(&self.template)
+            } else {
+                self.template.clone()
+            };
+            out.push(SourceMsg {
+                id: MsgId::Int(id),
+                payload,
+                timestamp: 0,
+                delivered: 1,
+            });
+        }
+        Ok(())
+    }
+
+    fn ack(&mut self, id: &MsgId) -> Result<(), SourceError> {
+        self.batch_ack(std::slice::from_ref(id))
+    }
+
+    fn batch_ack(&mut self, ids: &[MsgId]) -> Result<(), SourceError> {
+        let now_ns = self.start.elapsed().as_nanos() as u64;
+        let mut hist = self
+            .recorder
+            .latency
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.acked.is_empty() {
+            self.recorder
+                .acked
+                .fetch_add(ids.len() as u64, Ordering::Relaxed);
+            return Ok(());
+        }
+        let mut good = 0;
+        for id in ids {
+            match id.as_int().map(|i| i as usize) {
+                Some(i) if i < self.acked.len() && !self.acked[i] => {
+                    self.acked[i] = true;
+                    good += 1;
+                    hist.saturating_record(now_ns.saturating_sub(self.poll_nanos[i]).max(1));
+                }
+                _ => {
+                    self.recorder
+                        .duplicate_or_unknown
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        self.recorder.acked.fetch_add(good, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn exhausted(&self) -> bool {
+        self.next == self.total
+    }
+}
+
+/// Passes every message on unchanged.
+#[derive(Clone, Debug)]
+pub struct Pass {
+    name: String,
+    emits: bool,
+}
+
+impl Pass {
+    fn new(name: impl Into<String>, emits: bool) -> Self {
+        Pass {
+            name: name.into(),
+            emits,
+        }
+    }
+}
+
+impl Task for Pass {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn handle(&mut self, msg: Msg) -> TaskResult {
+        Ok(if self.emits {
+            Output::One(msg)
+        } else {
+            Output::None
+        })
+    }
+}
+
+/// The pipeline of `shape`.
+pub fn pipeline(shape: Shape) -> Pipeline {
+    match shape {
+        Shape::Linear => Pipeline::new()
+            .task(Pass::new("a", true))
+            .task(Pass::new("b", true))
+            .task(Pass::new("c", false))
+            .edge("a", "b")
+            .edge("b", "c"),
+        Shape::Diamond => Pipeline::new()
+            .task(Pass::new("root", true))
+            .task(Pass::new("left", true))
+            .task(Pass::new("right", true))
+            .task(Pass::new("join", false))
+            .edge("root", "left")
+            .edge("root", "right")
+            .edge("left", "join")
+            .edge("right", "join"),
+        Shape::FanOut => {
+            let mut p = Pipeline::new().task(Pass::new("root", true));
+            for i in 0..8 {
+                let leaf = format!("leaf{i}");
+                p = p.task(Pass::new(leaf.clone(), false)).edge("root", leaf);
+            }
+            p
+        }
+    }
+}
+
+fn builder(params: &Params, source: BenchSource) -> TopologyBuilder {
+    let mut b = TopologyBuilder::new(format!("bench-{:?}", params.shape).to_lowercase())
+        .source(source)
+        .pipeline(pipeline(params.shape))
+        .failure_policy(FailurePolicy::None)
+        .max_pending(params.max_pending)
+        .msg_timeout(Duration::from_secs(600));
+    if params.workers > 1 {
+        for name in pipeline(params.shape).task_names() {
+            b = b.workers(name.to_string(), params.workers);
+        }
+    }
+    b
+}
+
+/// The process's resident and peak resident memory, in KiB (Linux).
+pub fn rss_kib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Runs one scenario in this process and measures it.
+pub fn run_scenario(params: &Params) -> Result<Measured, tempest::Error> {
+    let source = BenchSource::from_config(BenchSourceConfig {
+        messages: params.messages,
+        payload: params.payload,
+        copy: params.copy_payloads,
+        rate: params.rate,
+        track: params.track,
+    })
+    .map_err(|e| tempest::Error::Source {
+        name: "bench".into(),
+        source: e,
+    })?;
+    let recorder = source.recorder();
+    let topology = builder(params, source).build()?;
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let sampler = if params.rss_at_secs.is_empty() {
+        None
+    } else {
+        let at = params.rss_at_secs.clone();
+        let samples = Arc::clone(&samples);
+        Some(std::thread::spawn(move || {
+            let start = Instant::now();
+            for t in at {
+                let wait = Duration::from_secs_f64(t).saturating_sub(start.elapsed());
+                std::thread::sleep(wait);
+                let (rss, _) = rss_kib();
+                samples
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push((t, rss));
+            }
+        }))
+    };
+    let report = standalone::run(
+        topology,
+        RunOptions {
+            deadline: params.duration_s.map(Duration::from_secs_f64),
+            ..RunOptions::default()
+        },
+    )?;
+    if let Some(s) = sampler {
+        let _ = s.join();
+    }
+    let hist = recorder
+        .latency
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let acked = recorder.acked.load(Ordering::Relaxed);
+    let rss_samples = samples
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let us = |q: f64| hist.value_at_quantile(q) as f64 / 1_000.0;
+    Ok(Measured {
+        acked,
+        all_acked: recorder.duplicate_or_unknown.load(Ordering::Relaxed) == 0
+            && report.stats.acked == acked
+            && report.stats.acked == report.stats.read
+            && (params.duration_s.is_some() || acked == params.messages),
+        elapsed_s: report.elapsed.as_secs_f64(),
+        rate: acked as f64 / report.elapsed.as_secs_f64().max(1e-9),
+        p50_us: us(0.5),
+        p99_us: us(0.99),
+        p999_us: us(0.999),
+        max_us: hist.max() as f64 / 1_000.0,
+        peak_rss_kib: rss_kib().1,
+        rss_samples,
+    })
+}
+
+/// The baseline: three threads joined by bounded channels, passing batches
+/// of 1,024 clones of one 100-byte `Bytes`; returns messages per second.
+pub fn channel_baseline(messages: u64, payload: usize) -> f64 {
+    const BATCH: usize = 1024;
+    let template = Bytes::from(vec![b'x'; payload]);
+    let (tx1, rx1) = sync_channel::<Vec<Bytes>>(4);
+    let (tx2, rx2) = sync_channel::<Vec<Bytes>>(4);
+    let (back_tx, back_rx) = sync_channel::<Vec<Bytes>>(8);
+    let start = Instant::now();
+    let producer = std::thread::spawn(move || {
+        let mut left = messages;
+        while left > 0 {
+            let n = (left as usize).min(BATCH);
+            let mut batch = back_rx
+                .try_recv()
+                .unwrap_or_else(|_| Vec::with_capacity(BATCH));
+            batch.extend((0..n).map(|_| template.clone()));
+            left -= n as u64;
+            if tx1.send(batch).is_err() {
+                break;
+            }
+        }
+    });
+    let middle = std::thread::spawn(move || {
+        for batch in rx1 {
+            if tx2.send(batch).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = 0u64;
+    for mut batch in rx2 {
+        seen += batch.len() as u64;
+        batch.clear();
+        let _ = back_tx.try_send(batch);
+    }
+    let _ = producer.join();
+    let _ = middle.join();
+    seen as f64 / start.elapsed().as_secs_f64().max(1e-9)
+}
+
+/// Holds `max_pending` messages in flight (the first task is stuck until
+/// they all are) and returns the resident memory at that point, in KiB.
+pub fn memory_probe(max_pending: usize) -> Result<u64, tempest::Error> {
+    let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    let g = Arc::clone(&gate);
+    let stuck = Pipeline::new()
+        .task_with("hold", move || Hold(Arc::clone(&g)))
+        .task(Pass::new("b", true))
+        .task(Pass::new("c", false))
+        .edge("hold", "b")
+        .edge("b", "c");
+    let source = BenchSource::from_config(BenchSourceConfig {
+        messages: max_pending as u64,
+        payload: 100,
+        copy: false,
+        rate: None,
+        track: false,
+    })
+    .map_err(|e| tempest::Error::Source {
+        name: "bench".into(),
+        source: e,
+    })?;
+    let topology = TopologyBuilder::new("memory")
+        .source(source)
+        .pipeline(stuck)
+        .max_pending(max_pending)
+        .msg_timeout(Duration::from_secs(600))
+        .build()?;
+    let handle = RuntimeHandle::new();
+    let h = handle.clone();
+    let measured = Arc::new(AtomicU64::new(0));
+    let m = Arc::clone(&measured);
+    let watcher = std::thread::spawn(move || {
+        let start = Instant::now();
+        loop {
+            let inflight = h.stats().map(|s| s.inflight).unwrap_or(0);
+            if inflight >= max_pending || start.elapsed() > Duration::from_secs(120) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m.store(rss_kib().0, Ordering::SeqCst);
+        let (lock, cvar) = &*gate;
+        *lock.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        cvar.notify_all();
+    });
+    standalone::run(
+        topology,
+        RunOptions {
+            handle: Some(handle),
+            ..RunOptions::default()
+        },
+    )?;
+    let _ = watcher.join();
+    Ok(measured.load(Ordering::SeqCst))
+}
+
+/// Blocks on its first message until the gate opens, then passes all on.
+struct Hold(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+impl Task for Hold {
+    fn name(&self) -> &str {
+        "hold"
+    }
+    fn handle(&mut self, msg: Msg) -> TaskResult {
+        let (lock, cvar) = &*self.0;
+        let mut open = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        while !*open {
+            open = cvar.wait(open).unwrap_or_else(PoisonError::into_inner);
+        }
+        Ok(Output::One(msg))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_shape_acks_everything() {
+        for shape in [Shape::Linear, Shape::Diamond, Shape::FanOut] {
+            let m = run_scenario(&Params::new(shape, 5_000)).unwrap();
+            assert!(m.all_acked, "{shape:?}: {m:?}");
+            assert!(m.p50_us > 0.0);
+        }
+    }
+
+    #[test]
+    fn the_source_paces_itself() {
+        let m = run_scenario(&Params {
+            rate: Some(20_000.0),
+            ..Params::new(Shape::Linear, 4_000)
+        })
+        .unwrap();
+        assert!(m.all_acked);
+        assert!(m.elapsed_s >= 0.18, "{}", m.elapsed_s);
+    }
+
+    #[test]
+    fn the_baseline_passes_everything() {
+        assert!(channel_baseline(100_000, 100) > 0.0);
+    }
+
+    #[test]
+    fn the_memory_probe_holds_messages_in_flight() {
+        assert!(memory_probe(2_000).unwrap() > 0);
+    }
+}

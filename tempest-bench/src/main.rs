@@ -1,0 +1,546 @@
+//! `tempest-bench`: runs Tempest's benchmark scenarios.
+//!
+//! `cargo run --release -p tempest-bench -- all --out BENCHMARKS.md` runs
+//! every scenario (each measurement in a child process of its own) and
+//! writes the report; `--smoke` runs each briefly, checking only that every
+//! message is acked.
+
+use std::fmt::Write as _;
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+use tempest_bench::{channel_baseline, memory_probe, run_scenario, Measured, Params, Shape};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Debug, Parser)]
+#[command(name = "tempest-bench", about = "Runs Tempest's benchmark scenarios.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Runs every scenario and writes the Markdown report.
+    All {
+        /// Where to write the report (default: print it).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+        /// Runs each scenario for a moment only, checking correctness.
+        #[arg(long)]
+        smoke: bool,
+        /// Interleaved rounds of the throughput scenarios (medians reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+    /// One run of one shape, printed as JSON.
+    Run(RunArgs),
+    /// The channel baseline, printed as JSON.
+    Baseline {
+        /// Messages to pass.
+        #[arg(long, default_value_t = 10_000_000)]
+        messages: u64,
+    },
+    /// Resident memory with N messages held in flight, in KiB.
+    Memory {
+        /// Messages to hold in flight (and max_pending).
+        #[arg(long, default_value_t = 1_000_000)]
+        inflight: usize,
+    },
+    /// Runs one measurement from JSON parameters (used by `all`).
+    #[command(hide = true)]
+    Child {
+        /// The JSON-encoded parameters.
+        params: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// linear, diamond or fan-out.
+    #[arg(value_parser = parse_shape)]
+    shape: Shape,
+    /// Source messages.
+    #[arg(long, default_value_t = 3_000_000)]
+    messages: u64,
+    /// Payload bytes.
+    #[arg(long, default_value_t = 100)]
+    payload: usize,
+    /// Allocate every payload (as a real source does).
+    #[arg(long)]
+    copy: bool,
+    /// Workers per task.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Pace the source to this many messages per second.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// The bound on messages in flight.
+    #[arg(long, default_value_t = 16_384)]
+    max_pending: usize,
+}
+
+fn parse_shape(s: &str) -> Result<Shape, String> {
+    match s {
+        "linear" => Ok(Shape::Linear),
+        "diamond" => Ok(Shape::Diamond),
+        "fan-out" | "fanout" => Ok(Shape::FanOut),
+        _ => Err(format!("unknown shape \"{s}\": linear, diamond or fan-out")),
+    }
+}
+
+/// What a child measures.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+enum Job {
+    Scenario(Params),
+    Baseline { messages: u64 },
+    Memory { inflight: usize },
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+enum JobResult {
+    Scenario(Measured),
+    Baseline { rate: f64, peak_rss_kib: u64 },
+    Memory { rss_kib: u64 },
+}
+
+fn run_job(job: &Job) -> anyhow::Result<JobResult> {
+    Ok(match job {
+        Job::Scenario(p) => JobResult::Scenario(run_scenario(p)?),
+        Job::Baseline { messages } => JobResult::Baseline {
+            rate: channel_baseline(*messages, 100),
+            peak_rss_kib: tempest_bench::rss_kib().1,
+        },
+        Job::Memory { inflight } => JobResult::Memory {
+            rss_kib: memory_probe(*inflight)?,
+        },
+    })
+}
+
+/// Runs `job` in a child process of this binary.
+fn in_child(job: &Job) -> anyhow::Result<JobResult> {
+    let exe = std::env::current_exe().context("finding this binary")?;
+    let out = Command::new(exe)
+        .arg("child")
+        .arg(serde_json::to_string(job)?)
+        .env("RUST_LOG", "warn")
+        .output()
+        .context("starting a benchmark child process")?;
+    if !out.status.success() {
+        bail!(
+            "benchmark child {job:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(line.trim())
+        .with_context(|| format!("reading the child's result {line:?}"))
+}
+
+fn scenario(p: Params) -> anyhow::Result<Measured> {
+    match in_child(&Job::Scenario(p))? {
+        JobResult::Scenario(m) => Ok(m),
+        other => bail!("unexpected child result {other:?}"),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+struct Row {
+    name: String,
+    command: String,
+    m: Measured,
+    ratio: Option<f64>,
+}
+
+fn fmt_rate(r: f64) -> String {
+    if r >= 1e6 {
+        format!("{:.2} M/s", r / 1e6)
+    } else {
+        format!("{:.0} k/s", r / 1e3)
+    }
+}
+
+fn fmt_us(us: f64) -> String {
+    if us >= 1000.0 {
+        format!("{:.1} ms", us / 1000.0)
+    } else {
+        format!("{us:.0} µs")
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<u64>().ok())
+        })
+        .map(|k| format!("{:.0} GiB", k as f64 / 1024.0 / 1024.0))
+        .unwrap_or_else(|| "unknown memory".into());
+    format!("{cores} cores ({cpu}), {mem}")
+}
+
+fn commit() -> String {
+    Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn all(smoke: bool, rounds: usize) -> anyhow::Result<String> {
+    let rounds = if smoke { 1 } else { rounds.max(1) };
+    let big = |n: u64| if smoke { 20_000 } else { n };
+    let cmd = |args: &str| format!("`cargo run --release -p tempest-bench -- {args}`");
+    let mut failures = Vec::new();
+
+    // Throughput: interleaved rounds of the baseline and each shape.
+    let shapes = [
+        (Shape::Linear, "linear", 3_000_000u64),
+        (Shape::Diamond, "diamond", 2_000_000),
+        (Shape::FanOut, "fan-out", 1_000_000),
+    ];
+    let base_msgs = big(10_000_000);
+    let mut base_rates = Vec::new();
+    let mut base_rss = 0;
+    let mut runs: Vec<Vec<Measured>> = vec![Vec::new(); shapes.len()];
+    for round in 0..rounds {
+        eprintln!("round {}/{rounds}: baseline", round + 1);
+        match in_child(&Job::Baseline {
+            messages: base_msgs,
+        })? {
+            JobResult::Baseline { rate, peak_rss_kib } => {
+                base_rates.push(rate);
+                base_rss = base_rss.max(peak_rss_kib);
+            }
+            other => bail!("unexpected child result {other:?}"),
+        }
+        for (i, (shape, name, n)) in shapes.iter().enumerate() {
+            eprintln!("round {}/{rounds}: {name}", round + 1);
+            runs[i].push(scenario(Params::new(*shape, big(*n)))?);
+        }
+    }
+    let base = median(base_rates.clone());
+    let mut rows = vec![Row {
+        name: "baseline: 3 threads, bounded channels, batches of 1,024".into(),
+        command: cmd(&format!("baseline --messages {base_msgs}")),
+        m: Measured {
+            rate: base,
+            peak_rss_kib: base_rss,
+            all_acked: true,
+            ..Measured::default()
+        },
+        ratio: Some(1.0),
+    }];
+    let mut linear_rate = 0.0;
+    for ((shape, name, n), ms) in shapes.iter().zip(runs) {
+        let rate = median(ms.iter().map(|m| m.rate).collect());
+        let mut m = ms
+            .iter()
+            .min_by(|a, b| (a.rate - rate).abs().total_cmp(&(b.rate - rate).abs()))
+            .cloned()
+            .unwrap_or_default();
+        m.all_acked = ms.iter().all(|m| m.all_acked);
+        m.rate = rate;
+        if *shape == Shape::Linear {
+            linear_rate = rate;
+        }
+        rows.push(Row {
+            name: format!("{name} ({} task messages per source message)", shape.hops()),
+            command: cmd(&format!("run {name} --messages {}", big(*n))),
+            ratio: Some(rate / base),
+            m,
+        });
+    }
+
+    // Latency at half the linear maximum.
+    let half = (linear_rate / 2.0).max(1000.0);
+    let secs = if smoke { 1.0 } else { 10.0 };
+    eprintln!("latency at {half:.0} msgs/s");
+    let lat = scenario(Params {
+        rate: Some(half),
+        ..Params::new(Shape::Linear, (half * secs) as u64)
+    })?;
+    rows.push(Row {
+        name: format!("latency: linear at 50% load ({})", fmt_rate(half)),
+        command: cmd(&format!(
+            "run linear --rate {half:.0} --messages {}",
+            (half * secs) as u64
+        )),
+        ratio: None,
+        m: lat.clone(),
+    });
+
+    // Scaling: workers per task and payload sizes (payloads allocated per message).
+    let mut scaling = Vec::new();
+    for (payload, n) in [
+        (100usize, 2_000_000u64),
+        (1024, 1_000_000),
+        (65_536, 100_000),
+    ] {
+        for workers in [1usize, 2, 4] {
+            eprintln!("scaling: {payload} B, {workers} workers per task");
+            let p = Params {
+                payload,
+                copy_payloads: true,
+                workers,
+                ..Params::new(Shape::Linear, big(n))
+            };
+            let m = scenario(p)?;
+            scaling.push((payload, workers, big(n), m));
+        }
+    }
+
+    // Memory per message in flight.
+    let (hi, lo) = if smoke {
+        (20_000, 1_000)
+    } else {
+        (1_000_000, 1_000)
+    };
+    eprintln!("memory: {hi} and {lo} in flight");
+    let rss = |n: usize| -> anyhow::Result<u64> {
+        match in_child(&Job::Memory { inflight: n })? {
+            JobResult::Memory { rss_kib } => Ok(rss_kib),
+            other => bail!("unexpected child result {other:?}"),
+        }
+    };
+    let (rss_hi, rss_lo) = (rss(hi)?, rss(lo)?);
+    let per_msg = (rss_hi.saturating_sub(rss_lo)) as f64 * 1024.0 / (hi - lo) as f64;
+
+    // Soak: is RSS flat between 10 s and 60 s?
+    let (t1, t2) = if smoke { (0.5, 1.0) } else { (10.0, 60.0) };
+    eprintln!("soak: RSS at {t1} s and {t2} s");
+    let soak = scenario(Params {
+        track: false,
+        duration_s: Some(t2 + 0.5),
+        rss_at_secs: vec![t1, t2],
+        ..Params::new(Shape::Linear, u64::MAX / 4)
+    })?;
+    let rss_at = |t: f64| {
+        soak.rss_samples
+            .iter()
+            .find(|(s, _)| (*s - t).abs() < 1e-6)
+            .map(|(_, r)| *r)
+            .unwrap_or(0)
+    };
+    let (soak1, soak2) = (rss_at(t1), rss_at(t2));
+    let growth = soak2 as f64 / soak1.max(1) as f64 - 1.0;
+
+    // Correctness.
+    for r in &rows {
+        if !r.m.all_acked {
+            failures.push(format!(
+                "{}: not every message was acked exactly once",
+                r.name
+            ));
+        }
+    }
+    for (payload, workers, _, m) in &scaling {
+        if !m.all_acked {
+            failures.push(format!(
+                "scaling {payload} B × {workers}: not every message acked"
+            ));
+        }
+    }
+    if !soak.all_acked {
+        failures.push("soak: acks do not match reads".into());
+    }
+
+    // The report.
+    let mut md = String::new();
+    writeln!(md, "# Benchmarks\n")?;
+    writeln!(
+        md,
+        "Generated by `cargo run --release -p tempest-bench -- all --out BENCHMARKS.md`{}; do not edit by hand.\n",
+        if smoke { " (SMOKE MODE: tiny runs, numbers meaningless)" } else { "" }
+    )?;
+    writeln!(md, "- Machine: {}", machine())?;
+    writeln!(
+        md,
+        "- Date: {}",
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+    )?;
+    writeln!(md, "- Commit: {}", commit())?;
+    writeln!(
+        md,
+        "- Method: every measurement runs in a fresh child process; throughput figures are the median of {rounds} interleaved round(s) with the baseline; payloads are 100 bytes shared by reference unless stated; every message is acked at the source (batched acks), end-to-end latency is source poll → source ack.\n"
+    )?;
+    writeln!(md, "## Throughput and latency\n")?;
+    writeln!(md, "| scenario | acked msgs/s | vs baseline | p50 | p99 | p99.9 | max | peak RSS | all acked | command |")?;
+    writeln!(
+        md,
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    )?;
+    for r in &rows {
+        let lat = |v: f64| {
+            if r.m.p50_us > 0.0 {
+                fmt_us(v)
+            } else {
+                "–".into()
+            }
+        };
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} MiB | {} | {} |",
+            r.name,
+            fmt_rate(r.m.rate),
+            r.ratio
+                .map(|x| format!("{:.0}%", x * 100.0))
+                .unwrap_or_else(|| "–".into()),
+            lat(r.m.p50_us),
+            lat(r.m.p99_us),
+            lat(r.m.p999_us),
+            lat(r.m.max_us),
+            r.m.peak_rss_kib / 1024,
+            if r.m.all_acked { "yes" } else { "NO" },
+            r.command
+        )?;
+    }
+    writeln!(md, "\n## Scaling: workers per task and payload size (linear, payloads allocated per message)\n")?;
+    writeln!(md, "| payload | workers per task | acked msgs/s | MiB/s of payload | p99 | peak RSS | all acked | command |")?;
+    writeln!(md, "| --- | --- | --- | --- | --- | --- | --- | --- |")?;
+    for (payload, workers, n, m) in &scaling {
+        writeln!(
+            md,
+            "| {payload} B | {workers} | {} | {:.0} | {} | {} MiB | {} | {} |",
+            fmt_rate(m.rate),
+            m.rate * *payload as f64 / 1024.0 / 1024.0,
+            fmt_us(m.p99_us),
+            m.peak_rss_kib / 1024,
+            if m.all_acked { "yes" } else { "NO" },
+            cmd(&format!(
+                "run linear --payload {payload} --copy --workers {workers} --messages {n}"
+            ))
+        )?;
+    }
+    writeln!(md, "\n## Memory\n")?;
+    writeln!(md, "| measure | value | command |")?;
+    writeln!(md, "| --- | --- | --- |")?;
+    writeln!(
+        md,
+        "| runtime memory per in-flight message (RSS with {hi} in flight − RSS with {lo}) / {} | {per_msg:.0} bytes | {} and {} |",
+        hi - lo,
+        cmd(&format!("memory --inflight {hi}")),
+        cmd(&format!("memory --inflight {lo}"))
+    )?;
+    writeln!(
+        md,
+        "| RSS of an endless linear run at {t1} s and at {t2} s | {:.1} MiB → {:.1} MiB ({:+.1}%) | `tempest-bench all` (soak step) |",
+        soak1 as f64 / 1024.0,
+        soak2 as f64 / 1024.0,
+        growth * 100.0
+    )?;
+    if !smoke {
+        writeln!(md, "\n## Targets\n")?;
+        writeln!(md, "| target | measured | met |")?;
+        writeln!(md, "| --- | --- | --- |")?;
+        let diamond = rows
+            .iter()
+            .find(|r| r.name.starts_with("diamond"))
+            .map(|r| r.m.rate)
+            .unwrap_or(0.0);
+        let targets = [
+            (
+                "linear ≥ 1,000,000 msgs/s acked",
+                fmt_rate(linear_rate),
+                linear_rate >= 1e6,
+            ),
+            (
+                "diamond ≥ 500,000 msgs/s",
+                fmt_rate(diamond),
+                diamond >= 5e5,
+            ),
+            (
+                "≤ 256 bytes per in-flight message",
+                format!("{per_msg:.0} bytes"),
+                per_msg <= 256.0,
+            ),
+            (
+                "RSS flat (within 10%) from 10 s to 60 s",
+                format!("{:+.1}%", growth * 100.0),
+                growth.abs() <= 0.10,
+            ),
+            (
+                "p99 ≤ 10 ms at 50% load",
+                fmt_us(lat.p99_us),
+                lat.p99_us <= 10_000.0,
+            ),
+        ];
+        for (t, m, ok) in targets {
+            writeln!(md, "| {t} | {m} | {} |", if ok { "yes" } else { "NO" })?;
+        }
+    }
+    if !failures.is_empty() {
+        bail!("correctness failures:\n{}\n\n{md}", failures.join("\n"));
+    }
+    Ok(md)
+}
+
+fn print_json(r: &JobResult) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(r)?);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::All { out, smoke, rounds } => all(smoke, rounds).and_then(|md| match out {
+            Some(path) => {
+                std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))
+            }
+            None => {
+                print!("{md}");
+                Ok(())
+            }
+        }),
+        Cmd::Run(a) => {
+            let p = Params {
+                payload: a.payload,
+                copy_payloads: a.copy,
+                workers: a.workers,
+                rate: a.rate,
+                max_pending: a.max_pending,
+                ..Params::new(a.shape, a.messages)
+            };
+            run_job(&Job::Scenario(p)).and_then(|r| print_json(&r))
+        }
+        Cmd::Baseline { messages } => {
+            run_job(&Job::Baseline { messages }).and_then(|r| print_json(&r))
+        }
+        Cmd::Memory { inflight } => run_job(&Job::Memory { inflight }).and_then(|r| print_json(&r)),
+        Cmd::Child { params } => serde_json::from_str::<Job>(&params)
+            .context("reading the job")
+            .and_then(|job| run_job(&job))
+            .and_then(|r| print_json(&r)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! Every benchmark scenario in smoke mode: tiny runs, correctness only
+//! (every message acked exactly once), never a speed.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+#[test]
+fn all_scenarios_run_and_ack_everything() {
+    let out = std::env::temp_dir().join(format!("tempest-bench-smoke-{}.md", std::process::id()));
+    let status = Command::new(env!("CARGO_BIN_EXE_tempest-bench"))
+        .args(["all", "--smoke", "--out"])
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let report = std::fs::read_to_string(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    for needle in [
+        "| baseline",
+        "| linear",
+        "| diamond",
+        "| fan-out",
+        "| latency: linear at 50% load",
+        "| 65536 B | 4 |",
+        "runtime memory per in-flight message",
+        "RSS of an endless linear run",
+    ] {
+        assert!(report.contains(needle), "missing {needle:?} in\n{report}");
+    }
+    assert!(!report.contains("| NO |"), "{report}");
+}
+
+#[test]
+fn single_runs_print_json() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tempest-bench"))
+        .args(["run", "diamond", "--messages", "2000"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("\"all_acked\":true"), "{text}");
+    let out = Command::new(env!("CARGO_BIN_EXE_tempest-bench"))
+        .args(["run", "hexagon"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
