@@ -276,16 +276,33 @@ fn all(smoke: bool, rounds: usize) -> anyhow::Result<String> {
         });
     }
 
-    // Latency at half the linear maximum.
+    // Latency at half the linear maximum: the median of `rounds` runs.
     let half = (linear_rate / 2.0).max(1000.0);
-    let secs = if smoke { 1.0 } else { 10.0 };
-    eprintln!("latency at {half:.0} msgs/s");
-    let lat = scenario(Params {
-        rate: Some(half),
-        ..Params::new(Shape::Linear, (half * secs) as u64)
-    })?;
+    let secs = if smoke { 1.0 } else { 5.0 };
+    let mut lats = Vec::new();
+    for round in 0..rounds {
+        eprintln!("round {}/{rounds}: latency at {half:.0} msgs/s", round + 1);
+        lats.push(scenario(Params {
+            rate: Some(half),
+            ..Params::new(Shape::Linear, (half * secs) as u64)
+        })?);
+    }
+    let lat = Measured {
+        acked: lats.iter().map(|m| m.acked).sum(),
+        all_acked: lats.iter().all(|m| m.all_acked),
+        rate: median(lats.iter().map(|m| m.rate).collect()),
+        p50_us: median(lats.iter().map(|m| m.p50_us).collect()),
+        p99_us: median(lats.iter().map(|m| m.p99_us).collect()),
+        p999_us: median(lats.iter().map(|m| m.p999_us).collect()),
+        max_us: lats.iter().map(|m| m.max_us).fold(0.0, f64::max),
+        peak_rss_kib: lats.iter().map(|m| m.peak_rss_kib).max().unwrap_or(0),
+        ..Measured::default()
+    };
     rows.push(Row {
-        name: format!("latency: linear at 50% load ({})", fmt_rate(half)),
+        name: format!(
+            "latency: linear at 50% load ({}; median of {rounds} runs, max of all)",
+            fmt_rate(half)
+        ),
         command: cmd(&format!(
             "run linear --rate {half:.0} --messages {}",
             (half * secs) as u64

@@ -282,9 +282,11 @@ impl Tracker {
         r.tasks_left = n as u16;
         r.deadline = deadline;
         let gen = r.gen;
-        let payload = match &r.msg {
-            Some(m) => m.payload.clone(),
-            None => Msg::new(),
+        // Only a retry needs the payload again; otherwise the root takes it.
+        let payload = match (&mut r.msg, self.config.policy) {
+            (Some(m), FailurePolicy::Retry(_)) => m.payload.clone(),
+            (Some(m), _) => std::mem::take(&mut m.payload),
+            (None, _) => Msg::new(),
         };
         if self.config.msg_timeout.is_some() {
             self.link_tail(slot);

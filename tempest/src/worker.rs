@@ -8,7 +8,7 @@
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::Addr;
 use tempest_source::Metrics;
@@ -81,13 +81,13 @@ pub(crate) fn run_task_loop(
     let mut last_flush = Instant::now();
     while let Some(mut batch) = transport.next_batch() {
         let started = Instant::now();
-        let mut sent = started;
+        let mut clock = PartialClock::new(started);
         let mut items = Vec::with_capacity(batch.len());
         let mut outputs: Vec<Msg> = Vec::with_capacity(batch.len());
         counts.batches += 1;
         counts.msgs_in += batch.len() as u64;
         for m in batch.drain(..) {
-            if !items.is_empty() && sent.elapsed() >= PARTIAL_RESULTS_AFTER {
+            if !items.is_empty() && clock.due() {
                 counts.msgs_out += outputs.len() as u64;
                 transport.send_results(Results {
                     worker,
@@ -96,7 +96,7 @@ pub(crate) fn run_task_loop(
                     spent: Vec::new(),
                     complete: false,
                 });
-                sent = Instant::now();
+                clock.sent();
             }
             let before = outputs.len();
             let verdict = match catch_unwind(AssertUnwindSafe(|| {
@@ -154,7 +154,50 @@ pub(crate) fn run_task_loop(
 }
 
 /// A batch that takes longer than this sends its results so far early.
-const PARTIAL_RESULTS_AFTER: std::time::Duration = std::time::Duration::from_millis(5);
+const PARTIAL_RESULTS_AFTER: Duration = Duration::from_millis(5);
+
+/// Decides when a batch has run long enough to send partial results,
+/// reading the clock rarely for fast tasks (a clock read per message would
+/// cost more than a fast task) and before every message for slow ones.
+struct PartialClock {
+    since: Instant,
+    handled: u32,
+    next_check: u32,
+}
+
+impl PartialClock {
+    fn new(now: Instant) -> Self {
+        PartialClock {
+            since: now,
+            handled: 0,
+            next_check: 1,
+        }
+    }
+
+    /// Called before each message after the first: whether to send now.
+    fn due(&mut self) -> bool {
+        self.handled += 1;
+        if self.handled < self.next_check {
+            return false;
+        }
+        let elapsed = self.since.elapsed();
+        if elapsed >= PARTIAL_RESULTS_AFTER {
+            return true;
+        }
+        // Check again after about a quarter of the time left, at the
+        // pace seen so far.
+        let per_msg = elapsed.as_nanos() as u64 / u64::from(self.handled);
+        let left = (PARTIAL_RESULTS_AFTER - elapsed).as_nanos() as u64;
+        let step = (left / 4).checked_div(per_msg).unwrap_or(256).clamp(1, 256);
+        self.next_check = self.handled + step as u32;
+        false
+    }
+
+    /// Partial results went out.
+    fn sent(&mut self) {
+        *self = PartialClock::new(Instant::now());
+    }
+}
 
 /// How many fetch requests a worker keeps outstanding: one being handled
 /// while the next is filled.
