@@ -30,4 +30,6 @@ pub mod book {
     pub struct Sources;
     #[doc = include_str!("../../book/src/metrics.md")]
     pub struct Metrics;
+    #[doc = include_str!("../../book/src/benchmarks.md")]
+    pub struct Benchmarks;
 }

@@ -75,6 +75,8 @@ pub struct Params {
     pub duration_s: Option<f64>,
     /// Measure latency and check every ack (see [`BenchSourceConfig::track`]).
     pub track: bool,
+    /// See [`BenchSourceConfig::warmup_s`].
+    pub warmup_s: f64,
 }
 
 impl Params {
@@ -91,6 +93,7 @@ impl Params {
             rss_at_secs: Vec::new(),
             duration_s: None,
             track: true,
+            warmup_s: 0.5,
         }
     }
 }
@@ -148,9 +151,12 @@ pub struct BenchSource {
     next: u64,
     total: u64,
     rate: Option<f64>,
-    start: Instant,
+    /// Set at the first poll, so the pacing does not count start-up time
+    /// as time messages were due.
+    start: Option<Instant>,
     poll_nanos: Vec<u64>,
     acked: Vec<bool>,
+    warmup_nanos: u64,
     recorder: Arc<Recorder>,
 }
 
@@ -169,6 +175,9 @@ pub struct BenchSourceConfig {
     /// Record each message's latency and check acks per message (8 bytes
     /// and 1 byte per message); without it only acks are counted.
     pub track: bool,
+    /// Leave messages polled in the first this-many seconds out of the
+    /// latency histogram (start-up: threads starting, first page faults).
+    pub warmup_s: f64,
 }
 
 impl BenchSource {
@@ -201,9 +210,10 @@ impl Source for BenchSource {
             next: 0,
             total: config.messages,
             rate: config.rate,
-            start: Instant::now(),
+            start: None,
             poll_nanos: vec![0; n],
             acked: vec![false; n],
+            warmup_nanos: (config.warmup_s.max(0.0) * 1e9) as u64,
             recorder: Arc::new(Recorder::new()?),
         })
     }
@@ -220,7 +230,7 @@ impl Source for BenchSource {
     }
 
     fn poll(&mut self, max: usize, out: &mut Vec<SourceMsg>) -> Result<(), SourceError> {
-        let now = self.start.elapsed();
+        let now = self.start.get_or_insert_with(Instant::now).elapsed();
         let mut n = (max as u64).min(self.total - self.next);
         if let Some(rate) = self.rate {
             let due = (now.as_secs_f64() * rate) as u64;
@@ -253,7 +263,7 @@ impl Source for BenchSource {
     }
 
     fn batch_ack(&mut self, ids: &[MsgId]) -> Result<(), SourceError> {
-        let now_ns = self.start.elapsed().as_nanos() as u64;
+        let now_ns = self.start.map_or(0, |s| s.elapsed().as_nanos() as u64);
         let mut hist = self
             .recorder
             .latency
@@ -271,7 +281,9 @@ impl Source for BenchSource {
                 Some(i) if i < self.acked.len() && !self.acked[i] => {
                     self.acked[i] = true;
                     good += 1;
-                    hist.saturating_record(now_ns.saturating_sub(self.poll_nanos[i]).max(1));
+                    if self.poll_nanos[i] >= self.warmup_nanos {
+                        hist.saturating_record(now_ns.saturating_sub(self.poll_nanos[i]).max(1));
+                    }
                 }
                 _ => {
                     self.recorder
@@ -384,6 +396,7 @@ pub fn run_scenario(params: &Params) -> Result<Measured, tempest::Error> {
         copy: params.copy_payloads,
         rate: params.rate,
         track: params.track,
+        warmup_s: params.warmup_s,
     })
     .map_err(|e| tempest::Error::Source {
         name: "bench".into(),
@@ -506,6 +519,7 @@ pub fn memory_probe(max_pending: usize) -> Result<u64, tempest::Error> {
         copy: false,
         rate: None,
         track: false,
+        warmup_s: 0.0,
     })
     .map_err(|e| tempest::Error::Source {
         name: "bench".into(),
@@ -570,7 +584,11 @@ mod tests {
     #[test]
     fn every_shape_acks_everything() {
         for shape in [Shape::Linear, Shape::Diamond, Shape::FanOut] {
-            let m = run_scenario(&Params::new(shape, 5_000)).unwrap();
+            let m = run_scenario(&Params {
+                warmup_s: 0.0,
+                ..Params::new(shape, 5_000)
+            })
+            .unwrap();
             assert!(m.all_acked, "{shape:?}: {m:?}");
             assert!(m.p50_us > 0.0);
         }

@@ -214,6 +214,11 @@ fn commit() -> String {
 fn all(smoke: bool, rounds: usize) -> anyhow::Result<String> {
     let rounds = if smoke { 1 } else { rounds.max(1) };
     let big = |n: u64| if smoke { 20_000 } else { n };
+    let warmup_s = if smoke { 0.0 } else { 0.5 };
+    let new = |shape: Shape, n: u64| Params {
+        warmup_s,
+        ..Params::new(shape, n)
+    };
     let cmd = |args: &str| format!("`cargo run --release -p tempest-bench -- {args}`");
     let mut failures = Vec::new();
 
@@ -240,7 +245,7 @@ fn all(smoke: bool, rounds: usize) -> anyhow::Result<String> {
         }
         for (i, (shape, name, n)) in shapes.iter().enumerate() {
             eprintln!("round {}/{rounds}: {name}", round + 1);
-            runs[i].push(scenario(Params::new(*shape, big(*n)))?);
+            runs[i].push(scenario(new(*shape, big(*n)))?);
         }
     }
     let base = median(base_rates.clone());
@@ -284,7 +289,7 @@ fn all(smoke: bool, rounds: usize) -> anyhow::Result<String> {
         eprintln!("round {}/{rounds}: latency at {half:.0} msgs/s", round + 1);
         lats.push(scenario(Params {
             rate: Some(half),
-            ..Params::new(Shape::Linear, (half * secs) as u64)
+            ..new(Shape::Linear, (half * secs) as u64)
         })?);
     }
     let lat = Measured {
@@ -324,7 +329,7 @@ fn all(smoke: bool, rounds: usize) -> anyhow::Result<String> {
                 payload,
                 copy_payloads: true,
                 workers,
-                ..Params::new(Shape::Linear, big(n))
+                ..new(Shape::Linear, big(n))
             };
             let m = scenario(p)?;
             scaling.push((payload, workers, big(n), m));
@@ -403,7 +408,7 @@ fn all(smoke: bool, rounds: usize) -> anyhow::Result<String> {
     writeln!(md, "- Commit: {}", commit())?;
     writeln!(
         md,
-        "- Method: every measurement runs in a fresh child process; throughput figures are the median of {rounds} interleaved round(s) with the baseline; payloads are 100 bytes shared by reference unless stated; every message is acked at the source (batched acks), end-to-end latency is source poll → source ack.\n"
+        "- Method: every measurement runs in a fresh child process; throughput figures are the median of {rounds} interleaved round(s) with the baseline; payloads are 100 bytes shared by reference unless stated; every message is acked at the source (batched acks), end-to-end latency is source poll → source ack, leaving out messages polled in the first {warmup_s} s (start-up).\n"
     )?;
     writeln!(md, "## Throughput and latency\n")?;
     writeln!(md, "| scenario | acked msgs/s | vs baseline | p50 | p99 | p99.9 | max | peak RSS | all acked | command |")?;
