@@ -40,7 +40,7 @@ pub struct Ticket {
 }
 
 /// One message for one task.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TaskMsg {
     /// Which source message and attempt it belongs to.
     pub ticket: Ticket,

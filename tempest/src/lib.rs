@@ -42,11 +42,12 @@ pub mod task;
 pub mod testing;
 pub mod topology;
 mod worker;
+pub mod wire;
 
 pub use actors::pipeline::{MsgReport, Stats};
-pub use actors::StopReason;
+pub use actors::{StopReason, Verdict};
 pub use error::Error;
-pub use inflight::{InflightEntry, Outcome, TrackerConfig};
+pub use inflight::{InflightEntry, Outcome, TaskMsg, Ticket, TrackerConfig};
 pub use pipeline::{Dag, Pipeline, PipelineError, PipelineErrors};
 pub use task::{Msg, Output, Task, TaskContext, TaskError, TaskResult};
 pub use topology::{FailurePolicy, Topology, TopologyBuilder, TopologyOptions};

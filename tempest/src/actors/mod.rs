@@ -61,7 +61,7 @@ pub(crate) struct Fetch {
 }
 
 /// What a task did with one message.
-#[derive(Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// Handled, with this many outputs (taken in order from the batch's
     /// `outputs`).

@@ -1,0 +1,735 @@
+//! The wire protocol between a topology process and its task workers.
+//!
+//! # Framing
+//!
+//! ```text
+//! +----------------+---------+----------------------+
+//! | length: u32 BE | tag: u8 | fields (by tag)      |
+//! +----------------+---------+----------------------+
+//!   length counts the tag and the fields
+//! ```
+//!
+//! Frames are split by tokio-util's `LengthDelimitedCodec`, which checks the
+//! length against a maximum *before* buffering the frame: [`HANDSHAKE_MAX`]
+//! until the handshake completes, then the configured `max_frame` (default
+//! [`DEFAULT_MAX_FRAME`]). Integers are big-endian; a string is a `u16`
+//! length and UTF-8 bytes; bytes are a `u32` length and the bytes. Payloads
+//! are sliced out of the received frame without a copy.
+//!
+//! # Conversation
+//!
+//! ```text
+//! worker                                  topology
+//!   Hello {magic "TMPS", version, task} ──►
+//!                                      ◄── Challenge {nonce}      (or Error, close)
+//!   Auth {HMAC-SHA256(secret, nonce ‖ task)} ──►
+//!                                      ◄── Welcome {worker, heartbeat_ms, max_frame}  (or Error, close)
+//!   Fetch {max} ──►                    ◄── Batch [(ticket, payload)…]  (when work is ready)
+//!   Results {complete, verdicts, outputs} ──►
+//!   Heartbeat ◄──► Heartbeat           (each way, when idle)
+//!   Goodbye ──►                        (clean disconnect)
+//! ```
+//!
+//! A worker keeps up to two fetches outstanding; the topology answers a
+//! fetch as soon as its task has messages (a long poll).
+
+use std::fmt;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
+
+use crate::actors::Verdict;
+use crate::inflight::{Ticket, TaskMsg};
+
+/// The first bytes of a worker's first frame.
+pub const MAGIC: [u8; 4] = *b"TMPS";
+/// The protocol version this build speaks.
+pub const VERSION: u16 = 1;
+/// The frame limit until the handshake completes.
+pub const HANDSHAKE_MAX: usize = 1024;
+/// The default frame limit after the handshake.
+pub const DEFAULT_MAX_FRAME: usize = 8 * 1024 * 1024;
+/// Bytes in a challenge nonce and in a MAC.
+pub const NONCE_LEN: usize = 32;
+
+const HELLO: u8 = 1;
+const CHALLENGE: u8 = 2;
+const AUTH: u8 = 3;
+const WELCOME: u8 = 4;
+const FETCH: u8 = 5;
+const BATCH: u8 = 6;
+const RESULTS: u8 = 7;
+const HEARTBEAT: u8 = 8;
+const GOODBYE: u8 = 9;
+const ERROR: u8 = 10;
+
+const V_DONE: u8 = 0;
+const V_FILTERED: u8 = 1;
+const V_ERROR: u8 = 2;
+const V_PANICKED: u8 = 3;
+
+/// Why the topology refused or dropped a worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The first frame was not a Hello with the right magic.
+    NotTempest,
+    /// The worker speaks another protocol version.
+    Version,
+    /// The topology has no task of that name.
+    UnknownTask,
+    /// The secret is wrong.
+    Auth,
+    /// A frame could not be decoded or came out of turn.
+    Protocol,
+    /// The topology is shutting down.
+    ShuttingDown,
+}
+
+impl ErrorCode {
+    fn to_u8(self) -> u8 {
+        match self {
+            ErrorCode::NotTempest => 1,
+            ErrorCode::Version => 2,
+            ErrorCode::UnknownTask => 3,
+            ErrorCode::Auth => 4,
+            ErrorCode::Protocol => 5,
+            ErrorCode::ShuttingDown => 6,
+        }
+    }
+
+    fn from_u8(b: u8) -> Option<Self> {
+        Some(match b {
+            1 => ErrorCode::NotTempest,
+            2 => ErrorCode::Version,
+            3 => ErrorCode::UnknownTask,
+            4 => ErrorCode::Auth,
+            5 => ErrorCode::Protocol,
+            6 => ErrorCode::ShuttingDown,
+            _ => return None,
+        })
+    }
+
+    /// Whether reconnecting can help (a restart of the topology, say).
+    pub fn is_retryable(self) -> bool {
+        matches!(self, ErrorCode::ShuttingDown | ErrorCode::Protocol)
+    }
+}
+
+/// One frame of the protocol.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Frame {
+    /// Worker → topology, first: who it is.
+    Hello {
+        /// [`VERSION`] of the worker.
+        version: u16,
+        /// The task it runs.
+        task: String,
+    },
+    /// Topology → worker: prove you know the secret.
+    Challenge {
+        /// Random bytes to sign.
+        nonce: [u8; NONCE_LEN],
+    },
+    /// Worker → topology: HMAC-SHA256(secret, nonce ‖ task).
+    Auth {
+        /// The MAC.
+        mac: [u8; NONCE_LEN],
+    },
+    /// Topology → worker: accepted.
+    Welcome {
+        /// The worker's id in the topology.
+        worker: u32,
+        /// How often each side sends a heartbeat when idle.
+        heartbeat_ms: u32,
+        /// The frame limit from now on, both ways.
+        max_frame: u32,
+    },
+    /// Worker → topology: send up to `max` task messages.
+    Fetch {
+        /// The most messages wanted.
+        max: u32,
+    },
+    /// Topology → worker: task messages to handle.
+    Batch(Vec<TaskMsg>),
+    /// Worker → topology: what became of (a prefix of) the oldest batch.
+    Results {
+        /// Whether this ends the batch.
+        complete: bool,
+        /// One verdict per message, in the batch's order.
+        items: Vec<(Ticket, Verdict)>,
+        /// The outputs of `Done` verdicts, in order.
+        outputs: Vec<Bytes>,
+    },
+    /// Either way: still here.
+    Heartbeat,
+    /// Worker → topology: leaving cleanly.
+    Goodbye,
+    /// Topology → worker: refused or dropped, and why.
+    Error {
+        /// What kind of problem.
+        code: ErrorCode,
+        /// A sentence for the worker's log.
+        message: String,
+    },
+}
+
+/// A frame that does not decode.
+#[derive(Debug, PartialEq, Eq)]
+pub struct DecodeError(pub String);
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "malformed frame: {}", self.0)
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+fn err<T>(what: impl Into<String>) -> Result<T, DecodeError> {
+    Err(DecodeError(what.into()))
+}
+
+fn need(buf: &Bytes, n: usize, what: &str) -> Result<(), DecodeError> {
+    if buf.remaining() < n {
+        err(format!("{what}: {n} bytes needed, {} left", buf.remaining()))
+    } else {
+        Ok(())
+    }
+}
+
+fn get_u8(buf: &mut Bytes, what: &str) -> Result<u8, DecodeError> {
+    need(buf, 1, what)?;
+    Ok(buf.get_u8())
+}
+
+fn get_u16(buf: &mut Bytes, what: &str) -> Result<u16, DecodeError> {
+    need(buf, 2, what)?;
+    Ok(buf.get_u16())
+}
+
+fn get_u32(buf: &mut Bytes, what: &str) -> Result<u32, DecodeError> {
+    need(buf, 4, what)?;
+    Ok(buf.get_u32())
+}
+
+fn get_str(buf: &mut Bytes, what: &str) -> Result<String, DecodeError> {
+    let len = get_u16(buf, what)? as usize;
+    need(buf, len, what)?;
+    let raw = buf.split_to(len);
+    String::from_utf8(raw.to_vec()).or_else(|_| err(format!("{what} is not UTF-8")))
+}
+
+fn get_bytes(buf: &mut Bytes, what: &str) -> Result<Bytes, DecodeError> {
+    let len = get_u32(buf, what)? as usize;
+    need(buf, len, what)?;
+    Ok(buf.split_to(len))
+}
+
+fn get_array(buf: &mut Bytes, what: &str) -> Result<[u8; NONCE_LEN], DecodeError> {
+    need(buf, NONCE_LEN, what)?;
+    let mut out = [0u8; NONCE_LEN];
+    buf.copy_to_slice(&mut out);
+    Ok(out)
+}
+
+fn get_ticket(buf: &mut Bytes) -> Result<Ticket, DecodeError> {
+    need(buf, 10, "ticket")?;
+    Ok(Ticket {
+        slot: buf.get_u32(),
+        gen: buf.get_u32(),
+        task: buf.get_u16(),
+    })
+}
+
+/// A count of items at least `min_size` bytes each: refused if the frame
+/// cannot hold that many, so a forged count never allocates.
+fn get_count(buf: &mut Bytes, min_size: usize, what: &str) -> Result<usize, DecodeError> {
+    let n = get_u32(buf, what)? as usize;
+    if n.saturating_mul(min_size) > buf.remaining() {
+        return err(format!("{what}: {n} items cannot fit in {} bytes", buf.remaining()));
+    }
+    Ok(n)
+}
+
+fn put_str(dst: &mut BytesMut, s: &str) {
+    let s = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    dst.put_u16(s.len() as u16);
+    dst.put_slice(s);
+}
+
+fn put_bytes(dst: &mut BytesMut, b: &[u8]) {
+    dst.put_u32(b.len() as u32);
+    dst.put_slice(b);
+}
+
+fn put_ticket(dst: &mut BytesMut, t: &Ticket) {
+    dst.put_u32(t.slot);
+    dst.put_u32(t.gen);
+    dst.put_u16(t.task);
+}
+
+impl Frame {
+    /// Appends the frame's body (tag and fields, no length) to `dst`.
+    pub fn encode_body(&self, dst: &mut BytesMut) {
+        match self {
+            Frame::Hello { version, task } => {
+                dst.put_u8(HELLO);
+                dst.put_slice(&MAGIC);
+                dst.put_u16(*version);
+                put_str(dst, task);
+            }
+            Frame::Challenge { nonce } => {
+                dst.put_u8(CHALLENGE);
+                dst.put_slice(nonce);
+            }
+            Frame::Auth { mac } => {
+                dst.put_u8(AUTH);
+                dst.put_slice(mac);
+            }
+            Frame::Welcome {
+                worker,
+                heartbeat_ms,
+                max_frame,
+            } => {
+                dst.put_u8(WELCOME);
+                dst.put_u32(*worker);
+                dst.put_u32(*heartbeat_ms);
+                dst.put_u32(*max_frame);
+            }
+            Frame::Fetch { max } => {
+                dst.put_u8(FETCH);
+                dst.put_u32(*max);
+            }
+            Frame::Batch(msgs) => {
+                dst.reserve(5 + msgs.iter().map(|m| 14 + m.payload.len()).sum::<usize>());
+                dst.put_u8(BATCH);
+                dst.put_u32(msgs.len() as u32);
+                for m in msgs {
+                    put_ticket(dst, &m.ticket);
+                    put_bytes(dst, &m.payload);
+                }
+            }
+            Frame::Results {
+                complete,
+                items,
+                outputs,
+            } => {
+                dst.reserve(10 + items.len() * 16 + outputs.iter().map(|o| 4 + o.len()).sum::<usize>());
+                dst.put_u8(RESULTS);
+                dst.put_u8(u8::from(*complete));
+                dst.put_u32(items.len() as u32);
+                for (ticket, verdict) in items {
+                    put_ticket(dst, ticket);
+                    match verdict {
+                        Verdict::Done(n) => {
+                            dst.put_u8(V_DONE);
+                            dst.put_u32(*n);
+                        }
+                        Verdict::Filtered => dst.put_u8(V_FILTERED),
+                        Verdict::Error(m) => {
+                            dst.put_u8(V_ERROR);
+                            put_str(dst, m);
+                        }
+                        Verdict::Panicked(m) => {
+                            dst.put_u8(V_PANICKED);
+                            put_str(dst, m);
+                        }
+                    }
+                }
+                dst.put_u32(outputs.len() as u32);
+                for o in outputs {
+                    put_bytes(dst, o);
+                }
+            }
+            Frame::Heartbeat => dst.put_u8(HEARTBEAT),
+            Frame::Goodbye => dst.put_u8(GOODBYE),
+            Frame::Error { code, message } => {
+                dst.put_u8(ERROR);
+                dst.put_u8(code.to_u8());
+                put_str(dst, message);
+            }
+        }
+    }
+
+    /// Decodes a frame body. Never panics; payloads share `body`'s memory.
+    pub fn decode_body(mut body: Bytes) -> Result<Frame, DecodeError> {
+        let buf = &mut body;
+        let frame = match get_u8(buf, "tag")? {
+            HELLO => {
+                need(buf, 4, "magic")?;
+                if buf.split_to(4)[..] != MAGIC {
+                    return err("bad magic: not a Tempest worker");
+                }
+                Frame::Hello {
+                    version: get_u16(buf, "version")?,
+                    task: get_str(buf, "task name")?,
+                }
+            }
+            CHALLENGE => Frame::Challenge {
+                nonce: get_array(buf, "nonce")?,
+            },
+            AUTH => Frame::Auth {
+                mac: get_array(buf, "mac")?,
+            },
+            WELCOME => Frame::Welcome {
+                worker: get_u32(buf, "worker")?,
+                heartbeat_ms: get_u32(buf, "heartbeat")?,
+                max_frame: get_u32(buf, "max frame")?,
+            },
+            FETCH => Frame::Fetch {
+                max: get_u32(buf, "max")?,
+            },
+            BATCH => {
+                let n = get_count(buf, 14, "batch")?;
+                let mut msgs = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let ticket = get_ticket(buf)?;
+                    let payload = get_bytes(buf, "payload")?;
+                    msgs.push(TaskMsg { ticket, payload });
+                }
+                Frame::Batch(msgs)
+            }
+            RESULTS => {
+                let complete = match get_u8(buf, "complete")? {
+                    0 => false,
+                    1 => true,
+                    b => return err(format!("complete flag {b}")),
+                };
+                let n = get_count(buf, 11, "results")?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let ticket = get_ticket(buf)?;
+                    let verdict = match get_u8(buf, "verdict")? {
+                        V_DONE => Verdict::Done(get_u32(buf, "output count")?),
+                        V_FILTERED => Verdict::Filtered,
+                        V_ERROR => Verdict::Error(get_str(buf, "error")?),
+                        V_PANICKED => Verdict::Panicked(get_str(buf, "panic")?),
+                        v => return err(format!("verdict {v}")),
+                    };
+                    items.push((ticket, verdict));
+                }
+                let n = get_count(buf, 4, "outputs")?;
+                let mut outputs = Vec::with_capacity(n);
+                for _ in 0..n {
+                    outputs.push(get_bytes(buf, "output")?);
+                }
+                Frame::Results {
+                    complete,
+                    items,
+                    outputs,
+                }
+            }
+            HEARTBEAT => Frame::Heartbeat,
+            GOODBYE => Frame::Goodbye,
+            ERROR => {
+                let code = get_u8(buf, "error code")?;
+                Frame::Error {
+                    code: ErrorCode::from_u8(code).unwrap_or(ErrorCode::Protocol),
+                    message: get_str(buf, "error message")?,
+                }
+            }
+            t => return err(format!("unknown tag {t}")),
+        };
+        if buf.has_remaining() {
+            return err(format!("{} bytes after the frame", buf.remaining()));
+        }
+        Ok(frame)
+    }
+}
+
+/// Frames a byte stream: `u32` big-endian lengths, a maximum checked before
+/// buffering, [`Frame`] bodies.
+#[derive(Debug)]
+pub struct WireCodec {
+    lengths: LengthDelimitedCodec,
+    max: usize,
+}
+
+impl WireCodec {
+    /// A codec with the handshake's tiny frame limit.
+    pub fn handshake() -> Self {
+        WireCodec::with_max(HANDSHAKE_MAX)
+    }
+
+    /// A codec refusing frames longer than `max` bytes.
+    pub fn with_max(max: usize) -> Self {
+        WireCodec {
+            lengths: LengthDelimitedCodec::builder()
+                .length_field_length(4)
+                .max_frame_length(max)
+                .new_codec(),
+            max,
+        }
+    }
+
+    /// Changes the frame limit (after the handshake).
+    pub fn set_max(&mut self, max: usize) {
+        self.lengths.set_max_frame_length(max);
+        self.max = max;
+    }
+}
+
+/// What can go wrong reading or writing frames.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The connection failed, or a frame was longer than allowed.
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// A frame did not decode.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// A frame to send is longer than allowed.
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    TooLong {
+        /// The frame's length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+impl Decoder for WireCodec {
+    type Item = Frame;
+    type Error = WireError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+        match self.lengths.decode(src)? {
+            Some(body) => Ok(Some(Frame::decode_body(body.freeze())?)),
+            None => Ok(None),
+        }
+    }
+}
+
+impl Encoder<Frame> for WireCodec {
+    type Error = WireError;
+
+    fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), WireError> {
+        self.encode(&frame, dst)
+    }
+}
+
+impl Encoder<&Frame> for WireCodec {
+    type Error = WireError;
+
+    fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<(), WireError> {
+        let start = dst.len();
+        dst.put_u32(0);
+        frame.encode_body(dst);
+        let len = dst.len() - start - 4;
+        if len > self.max {
+            dst.truncate(start);
+            return Err(WireError::TooLong { len, max: self.max });
+        }
+        dst[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+        Ok(())
+    }
+}
+
+/// HMAC-SHA256(secret, nonce ‖ task).
+pub fn sign(secret: &[u8], nonce: &[u8; NONCE_LEN], task: &str) -> [u8; NONCE_LEN] {
+    let mut out = [0u8; NONCE_LEN];
+    out.copy_from_slice(&mac(secret, nonce, task).finalize().into_bytes());
+    out
+}
+
+/// Checks a worker's MAC in constant time.
+pub fn verify(secret: &[u8], nonce: &[u8; NONCE_LEN], task: &str, given: &[u8; NONCE_LEN]) -> bool {
+    mac(secret, nonce, task).verify_slice(given).is_ok()
+}
+
+fn mac(secret: &[u8], nonce: &[u8; NONCE_LEN], task: &str) -> Hmac<Sha256> {
+    // HMAC takes keys of any length, so this cannot fail.
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
+        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+    mac.update(nonce);
+    mac.update(task.as_bytes());
+    mac
+}
+
+/// A fresh random nonce.
+pub fn nonce() -> Result<[u8; NONCE_LEN], getrandom::Error> {
+    let mut n = [0u8; NONCE_LEN];
+    getrandom::getrandom(&mut n)?;
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn roundtrip(frame: &Frame) -> Frame {
+        let mut codec = WireCodec::with_max(DEFAULT_MAX_FRAME);
+        let mut buf = BytesMut::new();
+        codec.encode(frame, &mut buf).unwrap();
+        let out = codec.decode(&mut buf).unwrap().unwrap();
+        assert!(buf.is_empty());
+        out
+    }
+
+    fn sample_frames() -> Vec<Frame> {
+        let t = Ticket {
+            slot: 7,
+            gen: 3,
+            task: 2,
+        };
+        vec![
+            Frame::Hello {
+                version: VERSION,
+                task: "split".into(),
+            },
+            Frame::Challenge { nonce: [9; 32] },
+            Frame::Auth { mac: [1; 32] },
+            Frame::Welcome {
+                worker: 4,
+                heartbeat_ms: 1000,
+                max_frame: 1 << 20,
+            },
+            Frame::Fetch { max: 1024 },
+            Frame::Batch(vec![
+                TaskMsg {
+                    ticket: t,
+                    payload: Bytes::from_static(b"hello"),
+                },
+                TaskMsg {
+                    ticket: t,
+                    payload: Bytes::new(),
+                },
+            ]),
+            Frame::Results {
+                complete: true,
+                items: vec![
+                    (t, Verdict::Done(2)),
+                    (t, Verdict::Filtered),
+                    (t, Verdict::Error("bad".into())),
+                    (t, Verdict::Panicked("boom".into())),
+                ],
+                outputs: vec![Bytes::from_static(b"a"), Bytes::from_static(b"bc")],
+            },
+            Frame::Heartbeat,
+            Frame::Goodbye,
+            Frame::Error {
+                code: ErrorCode::Auth,
+                message: "wrong secret".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn every_frame_round_trips() {
+        for f in sample_frames() {
+            assert_eq!(roundtrip(&f), f);
+        }
+    }
+
+    #[test]
+    fn a_partial_frame_is_not_an_error() {
+        let mut codec = WireCodec::with_max(DEFAULT_MAX_FRAME);
+        let mut buf = BytesMut::new();
+        codec.encode(&Frame::Fetch { max: 5 }, &mut buf).unwrap();
+        let mut part = buf.split_to(3);
+        assert!(codec.decode(&mut part).unwrap().is_none());
+    }
+
+    #[test]
+    fn oversized_lengths_are_refused_before_buffering() {
+        let mut codec = WireCodec::handshake();
+        let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 1, 2][..]);
+        let e = codec.decode(&mut buf).unwrap_err();
+        assert!(matches!(e, WireError::Io(_)), "{e}");
+        let mut big = BytesMut::new();
+        let e = codec
+            .encode(&Frame::Batch(vec![TaskMsg {
+                ticket: Ticket { slot: 0, gen: 0, task: 0 },
+                payload: Bytes::from(vec![0; 2000]),
+            }]), &mut big)
+            .unwrap_err();
+        assert!(matches!(e, WireError::TooLong { .. }));
+    }
+
+    #[test]
+    fn malformed_bodies_are_errors() {
+        for body in [
+            &b""[..],
+            &[99][..],
+            &[HELLO, b'H', b'T', b'T', b'P'][..],
+            &[HELLO, b'T', b'M', b'P', b'S', 0][..],
+            &[FETCH, 0, 0][..],
+            &[FETCH, 0, 0, 0, 1, 9][..],
+            &[BATCH, 0xff, 0xff, 0xff, 0xff][..],
+            &[RESULTS, 2][..],
+            &[RESULTS, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9][..],
+        ] {
+            assert!(Frame::decode_body(Bytes::copy_from_slice(body)).is_err(), "{body:?}");
+        }
+    }
+
+    #[test]
+    fn macs_verify_only_with_the_secret() {
+        let n = nonce().unwrap();
+        let mac = sign(b"s3cret", &n, "split");
+        assert!(verify(b"s3cret", &n, "split", &mac));
+        assert!(!verify(b"other", &n, "split", &mac));
+        assert!(!verify(b"s3cret", &n, "count", &mac));
+    }
+
+    fn arb_frame() -> impl Strategy<Value = Frame> {
+        let bytes = proptest::collection::vec(any::<u8>(), 0..64).prop_map(Bytes::from);
+        let ticket = (any::<u32>(), any::<u32>(), any::<u16>()).prop_map(|(slot, gen, task)| Ticket { slot, gen, task });
+        let verdict = prop_oneof![
+            any::<u32>().prop_map(Verdict::Done),
+            Just(Verdict::Filtered),
+            "[a-z ]{0,20}".prop_map(Verdict::Error),
+            "[a-z ]{0,20}".prop_map(Verdict::Panicked),
+        ];
+        prop_oneof![
+            (any::<u16>(), "[a-z0-9-]{0,30}").prop_map(|(version, task)| Frame::Hello { version, task }),
+            any::<[u8; 32]>().prop_map(|nonce| Frame::Challenge { nonce }),
+            any::<u32>().prop_map(|max| Frame::Fetch { max }),
+            proptest::collection::vec((ticket.clone(), bytes.clone()), 0..8)
+                .prop_map(|v| Frame::Batch(v.into_iter().map(|(ticket, payload)| TaskMsg { ticket, payload }).collect())),
+            (any::<bool>(), proptest::collection::vec((ticket, verdict), 0..8), proptest::collection::vec(bytes, 0..8))
+                .prop_map(|(complete, items, outputs)| Frame::Results { complete, items, outputs }),
+            Just(Frame::Heartbeat),
+        ]
+    }
+
+    proptest! {
+        /// Several frames, encoded back to back and fed to the decoder in
+        /// chunks split at random points, come out whole and in order.
+        #[test]
+        fn frames_survive_any_split(frames in proptest::collection::vec(arb_frame(), 1..6), cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..10)) {
+            let mut codec = WireCodec::with_max(DEFAULT_MAX_FRAME);
+            let mut wire = BytesMut::new();
+            for f in &frames {
+                codec.encode(f, &mut wire).unwrap();
+            }
+            let wire = wire.freeze();
+            let mut points: Vec<usize> = cuts.iter().map(|c| c.index(wire.len() + 1)).collect();
+            points.push(wire.len());
+            points.sort_unstable();
+            let mut buf = BytesMut::new();
+            let mut out = Vec::new();
+            let mut at = 0;
+            for p in points {
+                buf.extend_from_slice(&wire[at..p]);
+                at = p;
+                while let Some(f) = codec.decode(&mut buf).unwrap() {
+                    out.push(f);
+                }
+            }
+            prop_assert_eq!(out, frames);
+        }
+
+        /// Random bytes never panic the decoder.
+        #[test]
+        fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut codec = WireCodec::with_max(HANDSHAKE_MAX);
+            let mut buf = BytesMut::from(&data[..]);
+            while let Ok(Some(_)) = codec.decode(&mut buf) {}
+            let _ = Frame::decode_body(Bytes::from(data));
+        }
+    }
+}
