@@ -201,6 +201,11 @@ impl Tracker {
         self.retried
     }
 
+    /// The failure policy.
+    pub fn policy(&self) -> FailurePolicy {
+        self.config.policy
+    }
+
     /// The DAG the table tracks.
     pub fn dag(&self) -> &Dag {
         &self.dag

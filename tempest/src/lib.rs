@@ -43,6 +43,8 @@ pub mod testing;
 pub mod topology;
 mod worker;
 pub mod wire;
+mod remote;
+mod server;
 
 pub use actors::pipeline::{MsgReport, Stats};
 pub use actors::{StopReason, Verdict};

@@ -6,6 +6,7 @@
 //! No TCP is involved.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -14,7 +15,9 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use tempest_source::metrics::Snapshot;
 use tempest_source::{Metrics, MsgId, SourceContext};
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, watch};
+
+pub use crate::server::ServeOptions;
 
 pub use crate::actors::pipeline::StopCondition;
 use crate::actors::pipeline::{
@@ -30,12 +33,24 @@ use crate::task::TaskContext;
 use crate::topology::Topology;
 use crate::worker::{run_task_loop, InProc, InProcSink, PREFETCH};
 
-/// A handle onto a running topology, usable from any thread but the
-/// runtime's own: shut it down, look at its counters and its inflight table.
-#[derive(Clone, Debug, Default)]
+/// A handle onto a running topology (or worker process), usable from any
+/// thread but the runtime's own: shut it down, look at its counters and
+/// its inflight table.
+#[derive(Clone, Debug)]
 pub struct RuntimeHandle {
-    shutdown: Arc<Notify>,
+    stop: Arc<watch::Sender<bool>>,
     pipeline: Arc<Mutex<Option<Addr<PipelineActor>>>>,
+    listening: Arc<Mutex<Option<SocketAddr>>>,
+}
+
+impl Default for RuntimeHandle {
+    fn default() -> Self {
+        RuntimeHandle {
+            stop: Arc::new(watch::channel(false).0),
+            pipeline: Arc::default(),
+            listening: Arc::default(),
+        }
+    }
 }
 
 impl RuntimeHandle {
@@ -46,9 +61,13 @@ impl RuntimeHandle {
 
     /// Stops polling, lets in-flight messages finish (up to
     /// `graceful_shutdown`), acks them, and stops. Works before the run
-    /// starts too.
+    /// starts too. For a worker process: finish what it holds, disconnect.
     pub fn shutdown(&self) {
-        self.shutdown.notify_one();
+        self.stop.send_replace(true);
+    }
+
+    pub(crate) fn stop_signal(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
     }
 
     fn pipeline(&self) -> Option<Addr<PipelineActor>> {
@@ -56,6 +75,11 @@ impl RuntimeHandle {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Where the topology listens for task workers, once it does.
+    pub fn listening(&self) -> Option<SocketAddr> {
+        *self.listening.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The pipeline's counters now; `None` when the topology is not running.
@@ -75,8 +99,7 @@ impl RuntimeHandle {
     }
 }
 
-/// How a standalone run ends and what it records.
-#[derive(Default)]
+/// How a run ends, what it records, where its workers are.
 pub struct RunOptions {
     /// Stop (gracefully) once this returns true; checked after every batch.
     pub until: Option<StopCondition>,
@@ -86,6 +109,24 @@ pub struct RunOptions {
     pub record_outcomes: bool,
     /// A handle to stop and inspect the run.
     pub handle: Option<RuntimeHandle>,
+    /// Run the task workers in this process (standalone). Without them the
+    /// topology waits for remote workers (set `serve`).
+    pub local_workers: bool,
+    /// Listen for task worker processes.
+    pub serve: Option<ServeOptions>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            until: None,
+            deadline: None,
+            record_outcomes: false,
+            handle: None,
+            local_workers: true,
+            serve: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -95,6 +136,8 @@ impl std::fmt::Debug for RunOptions {
             .field("deadline", &self.deadline)
             .field("record_outcomes", &self.record_outcomes)
             .field("handle", &self.handle.is_some())
+            .field("local_workers", &self.local_workers)
+            .field("serve", &self.serve)
             .finish()
     }
 }
@@ -200,11 +243,16 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
         });
 
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        let mut spawn_error = None;
-        'spawn: for (t, &count) in workers.iter().enumerate() {
+        let mut spawn_error: Option<Error> = None;
+        let local_workers = if options.local_workers {
+            workers.clone()
+        } else {
+            Vec::new()
+        };
+        'spawn: for (t, &count) in local_workers.iter().enumerate() {
             for w in 0..count {
                 let (tx, rx) = sync_channel(PREFETCH);
-                let id = pipeline.add_worker(t as TaskIdx, Box::new(InProcSink(tx)));
+                let id = pipeline.add_worker(t as TaskIdx, Box::new(InProcSink(tx)), false);
                 let task_name = dag.name(t as TaskIdx).to_string();
                 let ctx = TaskContext {
                     topology: name.clone(),
@@ -259,17 +307,53 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner) = Some(pipe.clone());
             let topo = topo.clone();
-            let notify = Arc::clone(&handle.shutdown);
+            let mut stop = handle.stop_signal();
             actix_rt::spawn(async move {
-                notify.notified().await;
-                topo.do_send(Stop(StopReason::Shutdown));
+                if stop.wait_for(|s| *s).await.is_ok() {
+                    topo.do_send(Stop(StopReason::Shutdown));
+                }
             });
+        }
+        let mut io_arbiter = None;
+        if let (Some(serve), None) = (options.serve.clone(), &spawn_error) {
+            let arbiter = Arbiter::new();
+            let (tx, rx) = oneshot::channel();
+            let (dag, pipe) = (Arc::clone(&dag), pipe.clone());
+            arbiter.spawn(async move {
+                let _ = tx.send(crate::server::listen(serve, dag, pipe).await);
+            });
+            io_arbiter = Some(arbiter);
+            let failed = match rx.await {
+                Ok(Ok(addr)) => {
+                    if let Some(handle) = &options.handle {
+                        *handle.listening.lock().unwrap_or_else(PoisonError::into_inner) = Some(addr);
+                    }
+                    None
+                }
+                Ok(Err(e)) => Some(Error::Io {
+                    what: "listening for task workers".into(),
+                    source: e,
+                }),
+                Err(_) => Some(Error::Runtime("the listener's arbiter stopped".into())),
+            };
+            if let Some(e) = failed {
+                topo.do_send(Stop(StopReason::SourceFailed(e.to_string())));
+                spawn_error = Some(e);
+            }
         }
         let reason = done_rx.await;
         let fin = pipe.send(Finish).await;
-        (reason, fin, threads, arbiter, spawn_error)
+        if io_arbiter.is_some() {
+            // Let the sessions tell their workers the topology is stopping.
+            actix_rt::time::sleep(Duration::from_millis(50)).await;
+        }
+        (reason, fin, threads, arbiter, spawn_error, io_arbiter)
     });
-    let (reason, fin, threads, arbiter, spawn_error) = outcome;
+    let (reason, fin, threads, arbiter, spawn_error, io_arbiter) = outcome;
+    if let Some(io) = io_arbiter {
+        io.stop();
+        let _ = io.join();
+    }
     if let Some(handle) = &options_handle {
         *handle
             .pipeline
@@ -298,4 +382,28 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
         metrics: metrics.snapshot(),
         outcomes: fin.reports,
     })
+}
+
+pub use crate::remote::{WorkerOptions, WorkerReport};
+
+/// Runs `options.workers` workers of task `task` of `topology` in this
+/// process, connected to the topology process at `options.topology`, until
+/// the topology stops or `handle` is shut down (then each worker finishes
+/// what it holds and disconnects cleanly).
+pub fn run_worker(
+    topology: &Topology,
+    task: &str,
+    options: WorkerOptions,
+    handle: Option<RuntimeHandle>,
+) -> Result<WorkerReport, Error> {
+    let metrics = Metrics::new_registry().with_label("topology", topology.name.clone());
+    let handle = handle.unwrap_or_default();
+    crate::remote::run(
+        Arc::clone(&topology.dag),
+        &topology.name,
+        task,
+        options,
+        metrics,
+        handle.stop_signal(),
+    )
 }

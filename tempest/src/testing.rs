@@ -96,6 +96,7 @@ impl TestRun {
             deadline: Some(self.deadline),
             record_outcomes: true,
             handle: self.handle,
+            ..RunOptions::default()
         };
         let report = std::thread::Builder::new()
             .name("tempest-test-run".into())

@@ -93,6 +93,10 @@ pub(crate) struct Results {
 pub(crate) trait DeliverySink: Send {
     /// Hands over a batch, or gives it back.
     fn deliver(&mut self, batch: Vec<TaskMsg>) -> Result<(), Undelivered>;
+
+    /// The topology is stopping: tell the worker (a remote one is told to
+    /// disconnect; an in-process one stops when its queue is dropped).
+    fn close(&mut self) {}
 }
 
 /// A batch a worker could not take.

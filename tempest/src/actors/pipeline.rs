@@ -81,6 +81,9 @@ struct Worker {
     sink: Option<Box<dyn DeliverySink>>,
     /// Batches delivered whose last results have not come back.
     in_hand: u32,
+    /// For workers that can be lost (remote sessions): the batches they
+    /// hold, oldest first, with how many of each they have answered.
+    held: Option<VecDeque<(Vec<TaskMsg>, usize)>>,
 }
 
 /// Everything the pipeline knows at the end of a run.
@@ -163,14 +166,73 @@ impl PipelineActor {
         }
     }
 
-    /// Adds a worker for `task`; returns its id.
-    pub fn add_worker(&mut self, task: TaskIdx, sink: Box<dyn DeliverySink>) -> WorkerId {
+    /// Adds a worker for `task`; returns its id. A worker that can be lost
+    /// (`may_be_lost`) has what it holds tracked, so that losing it hands
+    /// its messages to the failure policy at once.
+    pub fn add_worker(
+        &mut self,
+        task: TaskIdx,
+        sink: Box<dyn DeliverySink>,
+        may_be_lost: bool,
+    ) -> WorkerId {
         self.workers.push(Worker {
             task,
             sink: Some(sink),
             in_hand: 0,
+            held: may_be_lost.then(VecDeque::new),
         });
         (self.workers.len() - 1) as WorkerId
+    }
+
+    /// How many live workers each task has.
+    pub fn workers_per_task(&self) -> Vec<usize> {
+        let mut counts = vec![0; self.ready.len()];
+        for w in &self.workers {
+            if w.sink.is_some() {
+                counts[w.task as usize] += 1;
+            }
+        }
+        counts
+    }
+
+    /// A worker is gone: what it held goes back to its task's queue
+    /// (`BestEffort`) or fails as `WorkerLost` (other policies), at once.
+    fn lose_worker(&mut self, worker: WorkerId, now: Instant) {
+        let Some(w) = self.workers.get_mut(worker as usize) else {
+            return;
+        };
+        w.sink = None;
+        w.in_hand = 0;
+        let t = w.task as usize;
+        let held = w.held.take().unwrap_or_default();
+        self.waiting[t].retain(|&(id, _)| id != worker);
+        let mut lost = 0usize;
+        for (batch, answered) in held {
+            for m in batch.into_iter().skip(answered) {
+                if !self.tracker.is_live(m.ticket) {
+                    continue;
+                }
+                lost += 1;
+                if self.tracker.policy() == crate::FailurePolicy::BestEffort {
+                    self.ready[t].push_front(m);
+                } else {
+                    let reason = FailReason::WorkerLost {
+                        task: self.task_names[t].clone(),
+                    };
+                    self.tracker
+                        .on_error(m.ticket, reason, now, &mut Ready(&mut self.ready), &mut self.fin);
+                }
+            }
+        }
+        if lost > 0 {
+            log::warn!(
+                "Worker {worker} of task {} was lost holding {lost} message(s); they go to the failure policy.",
+                self.task_names[t]
+            );
+        } else {
+            log::info!("Worker {worker} of task {} left.", self.task_names[t]);
+        }
+        self.settle(now);
     }
 
     fn current_stats(&self) -> Stats {
@@ -281,8 +343,14 @@ impl PipelineActor {
                 self.requeue(t, batch);
                 continue;
             };
+            let copy = w.held.as_ref().map(|_| batch.clone());
             match sink.deliver(batch) {
-                Ok(()) => w.in_hand += 1,
+                Ok(()) => {
+                    w.in_hand += 1;
+                    if let (Some(held), Some(copy)) = (&mut w.held, copy) {
+                        held.push_back((copy, 0));
+                    }
+                }
                 Err(Undelivered::Busy(batch)) => self.requeue(t, batch),
                 Err(Undelivered::Gone(batch)) => {
                     log::warn!(
@@ -386,8 +454,22 @@ impl Handler<Results> for PipelineActor {
             );
             return;
         };
+        if w.sink.is_none() {
+            // Results from a worker already given up on: its messages went
+            // to the failure policy; counting them again could complete
+            // something twice.
+            self.stats.stale_results += results.items.len() as u64;
+            return;
+        }
         if results.complete {
             w.in_hand = w.in_hand.saturating_sub(1);
+        }
+        if let Some(held) = &mut w.held {
+            if results.complete {
+                held.pop_front();
+            } else if let Some((_, answered)) = held.front_mut() {
+                *answered += results.items.len();
+            }
         }
         let task = w.task;
         if self.closed {
@@ -493,6 +575,11 @@ impl Handler<Finish> for PipelineActor {
 
     fn handle(&mut self, _: Finish, ctx: &mut Context<Self>) -> Self::Result {
         self.flush_metrics();
+        for w in &mut self.workers {
+            if let Some(sink) = &mut w.sink {
+                sink.close();
+            }
+        }
         self.workers.clear();
         ctx.stop();
         MessageResult(Final {
@@ -525,5 +612,48 @@ impl Handler<Inspect> for PipelineActor {
 
     fn handle(&mut self, Inspect(tx): Inspect, _ctx: &mut Context<Self>) {
         let _ = tx.send(self.tracker.entries(Instant::now()));
+    }
+}
+
+/// Adds a worker (a remote session) and returns its id.
+pub(crate) struct RegisterWorker {
+    pub task: TaskIdx,
+    pub sink: Box<dyn DeliverySink>,
+}
+
+impl Message for RegisterWorker {
+    type Result = WorkerId;
+}
+
+impl std::fmt::Debug for RegisterWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterWorker").field("task", &self.task).finish_non_exhaustive()
+    }
+}
+
+impl Handler<RegisterWorker> for PipelineActor {
+    type Result = MessageResult<RegisterWorker>;
+
+    fn handle(&mut self, msg: RegisterWorker, _ctx: &mut Context<Self>) -> Self::Result {
+        let id = self.add_worker(msg.task, msg.sink, true);
+        log::info!(
+            "Worker {id} joined task {} ({} worker(s) now).",
+            self.task_names[msg.task as usize],
+            self.workers_per_task()[msg.task as usize]
+        );
+        MessageResult(id)
+    }
+}
+
+/// A worker's session ended.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct WorkerLost(pub WorkerId);
+
+impl Handler<WorkerLost> for PipelineActor {
+    type Result = ();
+
+    fn handle(&mut self, WorkerLost(worker): WorkerLost, _ctx: &mut Context<Self>) {
+        self.lose_worker(worker, Instant::now());
     }
 }

@@ -117,3 +117,8 @@ pub fn builder(name: &str, source: MockSource) -> TopologyBuilder {
 pub fn pass(name: &str) -> FnTask {
     FnTask::new(name, |m| Ok(m.into()))
 }
+
+/// Logs to the test's output when `RUST_LOG` is set.
+pub fn logs() {
+    let _ = env_logger::builder().is_test(true).try_init();
+}

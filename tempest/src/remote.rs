@@ -1,0 +1,441 @@
+//! The task worker process: connects to the topology, handshakes, pulls
+//! batches, runs the shared task loop on them, returns results.
+//!
+//! Each worker is two threads: an I/O thread running the connection
+//! (handshake, fetches, heartbeats, reconnects with exponential backoff and
+//! jitter) and a task thread running the same task loop as standalone mode.
+//! The task instance lives across reconnects, so `started` and `shutdown`
+//! run once. Batches are tagged with the connection they came on: a batch
+//! from a connection that has since dropped is skipped (the topology has
+//! already handed those messages to the failure policy).
+
+use std::net::ToSocketAddrs;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio_util::codec::Framed;
+
+use crate::actors::{Results, WorkerId};
+use crate::error::Error;
+use crate::inflight::TaskMsg;
+use crate::pipeline::Dag;
+use crate::task::TaskContext;
+use crate::wire::{self, ErrorCode, Frame, WireCodec, WireError};
+use crate::worker::{run_task_loop, Transport, PREFETCH};
+
+/// How a worker process connects and works.
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    /// The topology process, as `host:port`.
+    pub topology: String,
+    /// The shared secret, if the topology requires one.
+    pub secret: Option<Vec<u8>>,
+    /// Workers (connections and task threads) in this process.
+    pub workers: usize,
+    /// The most task messages one fetch asks for.
+    pub fetch_max: usize,
+    /// The first wait before reconnecting; doubled per failure (with
+    /// jitter) up to `max_backoff`.
+    pub backoff: Duration,
+    /// The longest wait before reconnecting.
+    pub max_backoff: Duration,
+}
+
+/// What a worker process did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkerReport {
+    /// Connections that completed the handshake.
+    pub sessions: u64,
+}
+
+enum ToIo {
+    /// The task thread took a batch of this connection.
+    Took(u64),
+    /// Results of a batch of this connection.
+    Results(u64, Results),
+}
+
+/// Why a connection ended.
+enum End {
+    /// Lost: reconnect.
+    Lost(String),
+    /// The topology is shutting down: stop.
+    TopologyStopped,
+    /// We were asked to stop and drained.
+    Drained,
+}
+
+/// The task thread's end of the connection.
+struct Remote {
+    rx: mpsc::Receiver<(u64, Vec<TaskMsg>)>,
+    tx: mpsc::Sender<ToIo>,
+    epoch: Arc<AtomicU64>,
+    current: u64,
+}
+
+impl Transport for Remote {
+    fn next_batch(&mut self) -> Option<Vec<TaskMsg>> {
+        loop {
+            let (epoch, batch) = self.rx.blocking_recv()?;
+            let _ = self.tx.blocking_send(ToIo::Took(epoch));
+            if epoch == self.epoch.load(Ordering::SeqCst) {
+                self.current = epoch;
+                return Some(batch);
+            }
+            log::debug!("Skipping a batch from a dropped connection.");
+        }
+    }
+
+    fn send_results(&mut self, results: Results) {
+        let _ = self.tx.blocking_send(ToIo::Results(self.current, results));
+    }
+}
+
+/// Runs `workers` workers of task `task` until the topology stops or `stop`
+/// turns true (then each finishes what it holds and disconnects cleanly).
+pub(crate) fn run(
+    dag: Arc<Dag>,
+    topology: &str,
+    task: &str,
+    options: WorkerOptions,
+    metrics: tempest_source::Metrics,
+    stop: watch::Receiver<bool>,
+) -> Result<WorkerReport, Error> {
+    let Some(task_idx) = dag.index_of(task) else {
+        return Err(Error::Topology {
+            topology: topology.to_string(),
+            problems: vec![format!(
+                "no task \"{task}\"; the tasks are: {}",
+                dag.names().join(", ")
+            )],
+        });
+    };
+    let mut threads = Vec::new();
+    for w in 0..options.workers.max(1) {
+        let (batch_tx, batch_rx) = mpsc::channel(PREFETCH * 2);
+        let (io_tx, io_rx) = mpsc::channel(PREFETCH * 4);
+        let epoch = Arc::new(AtomicU64::new(0));
+        let ctx = TaskContext {
+            topology: topology.to_string(),
+            task: task.to_string(),
+            worker: w,
+            metrics: metrics.with_label("task", task.to_string()),
+        };
+        let instance = dag.make_task(task_idx);
+        let mut transport = Remote {
+            rx: batch_rx,
+            tx: io_tx,
+            epoch: Arc::clone(&epoch),
+            current: 0,
+        };
+        let task_thread = std::thread::Builder::new()
+            .name(format!("tempest-{task}-{w}"))
+            .spawn(move || run_task_loop(instance, ctx, w as WorkerId, &mut transport))
+            .map_err(|e| Error::Io {
+                what: format!("starting worker thread {w} of task {task}"),
+                source: e,
+            })?;
+        let io = Io {
+            options: options.clone(),
+            task: task.to_string(),
+            batch_tx,
+            io_rx,
+            epoch,
+            stop: stop.clone(),
+            worker: w,
+        };
+        let io_thread = std::thread::Builder::new()
+            .name(format!("tempest-{task}-{w}-io"))
+            .spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| Error::Io {
+                        what: "starting the worker's I/O runtime".into(),
+                        source: e,
+                    })
+                    .and_then(|rt| rt.block_on(io.run()))
+            })
+            .map_err(|e| Error::Io {
+                what: format!("starting I/O thread {w} of task {task}"),
+                source: e,
+            })?;
+        threads.push((task_thread, io_thread));
+    }
+    let mut report = WorkerReport::default();
+    let mut first_error = None;
+    for (task_thread, io_thread) in threads {
+        match io_thread.join() {
+            Ok(Ok(sessions)) => report.sessions += sessions,
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(_) => {
+                first_error.get_or_insert(Error::Runtime("a worker I/O thread panicked".into()));
+            }
+        }
+        if task_thread.join().is_err() {
+            first_error.get_or_insert(Error::Runtime("a worker task thread panicked".into()));
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(report),
+    }
+}
+
+struct Io {
+    options: WorkerOptions,
+    task: String,
+    batch_tx: mpsc::Sender<(u64, Vec<TaskMsg>)>,
+    io_rx: mpsc::Receiver<ToIo>,
+    epoch: Arc<AtomicU64>,
+    stop: watch::Receiver<bool>,
+    worker: usize,
+}
+
+/// A handshake that failed.
+enum Refused {
+    /// For good: wrong secret, unknown task, other version.
+    Fatal(String),
+    /// Try again later.
+    Retry(String),
+}
+
+impl Io {
+    /// Connects, works and reconnects until told to stop or the topology
+    /// stops; returns how many sessions completed the handshake.
+    async fn run(mut self) -> Result<u64, Error> {
+        let mut backoff = self.options.backoff;
+        let mut sessions = 0u64;
+        let mut failures = 0u32;
+        loop {
+            if *self.stop.borrow() {
+                return Ok(sessions);
+            }
+            match self.connect().await {
+                Ok((framed, heartbeat)) => {
+                    sessions += 1;
+                    failures = 0;
+                    backoff = self.options.backoff;
+                    match self.session(framed, heartbeat).await {
+                        End::Lost(why) => log::warn!(
+                            "Worker {} of task {} lost its connection ({why}); reconnecting.",
+                            self.worker,
+                            self.task
+                        ),
+                        End::TopologyStopped => {
+                            log::info!("The topology is shutting down; worker {} of task {} stops.", self.worker, self.task);
+                            return Ok(sessions);
+                        }
+                        End::Drained => return Ok(sessions),
+                    }
+                }
+                Err(Refused::Fatal(why)) => {
+                    return Err(Error::Topology {
+                        topology: self.options.topology.clone(),
+                        problems: vec![format!("the topology refused worker for task \"{}\": {why}", self.task)],
+                    });
+                }
+                Err(Refused::Retry(why)) => {
+                    failures += 1;
+                    let wait = jitter(backoff);
+                    if failures == 1 || failures % 20 == 0 {
+                        log::warn!(
+                            "Worker {} of task {} cannot reach the topology at {} ({why}); retrying in {wait:?}.",
+                            self.worker,
+                            self.task,
+                            self.options.topology
+                        );
+                    }
+                    let mut stop = self.stop.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stop.wait_for(|s| *s) => return Ok(sessions),
+                    }
+                    backoff = (backoff * 2).min(self.options.max_backoff);
+                }
+            }
+        }
+    }
+
+    async fn connect(&mut self) -> Result<(Framed<TcpStream, WireCodec>, Duration), Refused> {
+        let addrs: Vec<_> = self
+            .options
+            .topology
+            .to_socket_addrs()
+            .map_err(|e| Refused::Retry(format!("resolving {}: {e}", self.options.topology)))?
+            .collect();
+        let mut last = String::from("no address");
+        let mut stream = None;
+        for addr in addrs {
+            match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => {
+                    stream = Some(s);
+                    break;
+                }
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => last = "connect timed out".into(),
+            }
+        }
+        let stream = stream.ok_or(Refused::Retry(last))?;
+        let _ = stream.set_nodelay(true);
+        let mut framed = Framed::new(stream, WireCodec::handshake());
+        let step = Duration::from_secs(5);
+        let send = |e: WireError| Refused::Retry(e.to_string());
+        framed
+            .send(Frame::Hello {
+                version: wire::VERSION,
+                task: self.task.clone(),
+            })
+            .await
+            .map_err(send)?;
+        let nonce = match recv(&mut framed, step).await? {
+            Frame::Challenge { nonce } => nonce,
+            other => return Err(refused(other)),
+        };
+        let secret = self.options.secret.clone().unwrap_or_default();
+        framed
+            .send(Frame::Auth {
+                mac: wire::sign(&secret, &nonce, &self.task),
+            })
+            .await
+            .map_err(send)?;
+        match recv(&mut framed, step).await? {
+            Frame::Welcome {
+                worker,
+                heartbeat_ms,
+                max_frame,
+            } => {
+                framed.codec_mut().set_max(max_frame as usize);
+                log::info!(
+                    "Worker {} of task {} joined the topology at {} as worker {worker}.",
+                    self.worker,
+                    self.task,
+                    self.options.topology
+                );
+                Ok((framed, Duration::from_millis(u64::from(heartbeat_ms.max(10)))))
+            }
+            other => Err(refused(other)),
+        }
+    }
+
+    async fn session(&mut self, mut framed: Framed<TcpStream, WireCodec>, heartbeat: Duration) -> End {
+        let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut fetches = 0usize; // outstanding at the topology
+        let mut queued = 0usize; // handed to the task thread, not yet taken
+        let mut in_task = 0usize; // taken, results not yet complete
+        let mut draining = *self.stop.borrow();
+        let mut stop = self.stop.clone();
+        let mut last_heard = Instant::now();
+        let mut last_sent = Instant::now();
+        let mut tick = tokio::time::interval(heartbeat);
+        loop {
+            if draining && queued == 0 && in_task == 0 {
+                let _ = framed.send(Frame::Goodbye).await;
+                let _ = SinkExt::<Frame>::close(&mut framed).await;
+                return End::Drained;
+            }
+            while !draining && fetches + queued < PREFETCH {
+                if let Err(e) = framed
+                    .send(Frame::Fetch {
+                        max: self.options.fetch_max as u32,
+                    })
+                    .await
+                {
+                    return End::Lost(e.to_string());
+                }
+                fetches += 1;
+                last_sent = Instant::now();
+            }
+            tokio::select! {
+                frame = framed.next() => {
+                    last_heard = Instant::now();
+                    match frame {
+                        Some(Ok(Frame::Batch(batch))) => {
+                            fetches = fetches.saturating_sub(1);
+                            queued += 1;
+                            if self.batch_tx.send((epoch, batch)).await.is_err() {
+                                return End::Lost("the task thread is gone".into());
+                            }
+                        }
+                        Some(Ok(Frame::Heartbeat)) => {}
+                        Some(Ok(Frame::Error { code: ErrorCode::ShuttingDown, .. })) => return End::TopologyStopped,
+                        Some(Ok(Frame::Error { code, message })) => return End::Lost(format!("{code:?}: {message}")),
+                        Some(Ok(other)) => return End::Lost(format!("unexpected frame {other:?}")),
+                        Some(Err(e)) => return End::Lost(e.to_string()),
+                        None => return End::Lost("the topology closed the connection".into()),
+                    }
+                }
+                msg = self.io_rx.recv() => {
+                    match msg {
+                        Some(ToIo::Took(e)) if e == epoch => {
+                            queued = queued.saturating_sub(1);
+                            in_task += 1;
+                        }
+                        Some(ToIo::Results(e, r)) if e == epoch => {
+                            if r.complete {
+                                in_task = in_task.saturating_sub(1);
+                            }
+                            let frame = Frame::Results { complete: r.complete, items: r.items, outputs: r.outputs };
+                            if let Err(err) = framed.send(frame).await {
+                                return End::Lost(err.to_string());
+                            }
+                            last_sent = Instant::now();
+                        }
+                        Some(_) => {}
+                        None => return End::Lost("the task thread stopped".into()),
+                    }
+                }
+                _ = tick.tick() => {
+                    if last_heard.elapsed() > heartbeat * 3 {
+                        return End::Lost(format!("the topology has been silent for {:?}", last_heard.elapsed()));
+                    }
+                    if last_sent.elapsed() >= heartbeat {
+                        if let Err(e) = framed.send(Frame::Heartbeat).await {
+                            return End::Lost(e.to_string());
+                        }
+                        last_sent = Instant::now();
+                    }
+                }
+                _ = stop.wait_for(|s| *s), if !draining => {
+                    log::info!("Worker {} of task {} is finishing what it holds, then disconnecting.", self.worker, self.task);
+                    draining = true;
+                }
+            }
+        }
+    }
+}
+
+async fn recv(framed: &mut Framed<TcpStream, WireCodec>, wait: Duration) -> Result<Frame, Refused> {
+    match tokio::time::timeout(wait, framed.next()).await {
+        Err(_) => Err(Refused::Retry("the handshake timed out".into())),
+        Ok(None) => Err(Refused::Retry("the topology closed the connection".into())),
+        Ok(Some(Err(e))) => Err(Refused::Retry(e.to_string())),
+        Ok(Some(Ok(f))) => Ok(f),
+    }
+}
+
+fn refused(frame: Frame) -> Refused {
+    match frame {
+        Frame::Error { code, message } if code.is_retryable() => Refused::Retry(message),
+        Frame::Error { message, .. } => Refused::Fatal(message),
+        other => Refused::Retry(format!("unexpected frame {other:?} in the handshake")),
+    }
+}
+
+/// `d` ± up to 25%, so that many workers do not reconnect in lockstep.
+fn jitter(d: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    let r = if getrandom::getrandom(&mut b).is_ok() {
+        u16::from_le_bytes(b) as f64 / u16::MAX as f64
+    } else {
+        0.5
+    };
+    d.mul_f64(0.75 + r * 0.5)
+}
+

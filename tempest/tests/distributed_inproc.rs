@@ -1,0 +1,127 @@
+//! Distributed mode inside one test process: a topology serving on
+//! loopback and workers connecting over TCP from threads.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{generated, pass, FnTask};
+use tempest::standalone::{self, RunOptions, RuntimeHandle, ServeOptions, WorkerOptions};
+use tempest::{FailurePolicy, Output, Pipeline, StopReason, TopologyBuilder};
+use tempest_source_mock::MockSource;
+
+fn topology(source: MockSource) -> TopologyBuilder {
+    TopologyBuilder::new("remote")
+        .source(source)
+        .failure_policy(FailurePolicy::Retry(3))
+        .retry_backoff(Duration::from_millis(5), Duration::from_millis(50))
+        .pipeline(
+            Pipeline::new()
+                .task(pass("a"))
+                .task(FnTask::new("b", |m| Ok(Output::Many(vec![m.clone(), m]))))
+                .task(pass("c"))
+                .edge("a", "b")
+                .edge("b", "c"),
+        )
+}
+
+fn worker_options(addr: std::net::SocketAddr, secret: Option<&str>) -> WorkerOptions {
+    WorkerOptions {
+        topology: addr.to_string(),
+        secret: secret.map(|s| s.as_bytes().to_vec()),
+        workers: 1,
+        fetch_max: 256,
+        backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(200),
+    }
+}
+
+fn wait_for_listener(handle: &RuntimeHandle) -> std::net::SocketAddr {
+    for _ in 0..1000 {
+        if let Some(a) = handle.listening() {
+            return a;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("the topology never listened");
+}
+
+#[test]
+fn remote_workers_process_everything_exactly_once() {
+    common::logs();
+    let (source, mock) = generated(20_000);
+    let handle = RuntimeHandle::new();
+    let h = handle.clone();
+    let top = std::thread::spawn(move || {
+        standalone::run(
+            topology(source).build().unwrap(),
+            RunOptions {
+                handle: Some(h),
+                local_workers: false,
+                serve: Some(ServeOptions {
+                    secret: Some(b"s3cret".to_vec()),
+                    ..ServeOptions::loopback()
+                }),
+                ..RunOptions::default()
+            },
+        )
+        .unwrap()
+    });
+    let addr = wait_for_listener(&handle);
+    let workers: Vec<_> = [("a", 1), ("b", 2), ("c", 1)]
+        .into_iter()
+        .map(|(task, n)| {
+            let opts = WorkerOptions {
+                workers: n,
+                ..worker_options(addr, Some("s3cret"))
+            };
+            std::thread::spawn(move || {
+                let t = topology(generated(0).0).build().unwrap();
+                standalone::run_worker(&t, task, opts, None).unwrap()
+            })
+        })
+        .collect();
+    let report = top.join().unwrap();
+    for w in workers {
+        let r = w.join().unwrap();
+        assert!(r.sessions >= 1);
+    }
+    assert_eq!(report.stop, StopReason::SourceExhausted);
+    assert_eq!(report.stats.acked, 20_000);
+    assert_eq!(mock.acked(), 20_000);
+    assert_eq!(mock.acked_twice(), 0);
+}
+
+#[test]
+fn a_wrong_secret_is_refused_for_good() {
+    let (source, _mock) = generated(10);
+    let handle = RuntimeHandle::new();
+    let h = handle.clone();
+    let top = std::thread::spawn(move || {
+        standalone::run(
+            topology(source)
+                .graceful_shutdown(Duration::from_millis(100))
+                .build()
+                .unwrap(),
+            RunOptions {
+                handle: Some(h),
+                local_workers: false,
+                serve: Some(ServeOptions {
+                    secret: Some(b"right".to_vec()),
+                    ..ServeOptions::loopback()
+                }),
+                deadline: Some(Duration::from_secs(20)),
+                ..RunOptions::default()
+            },
+        )
+    });
+    let addr = wait_for_listener(&handle);
+    let t = topology(generated(0).0).build().unwrap();
+    let err = standalone::run_worker(&t, "a", worker_options(addr, Some("wrong")), None).unwrap_err();
+    assert!(err.to_string().contains("wrong secret"), "{err}");
+    let err = standalone::run_worker(&t, "nope", worker_options(addr, Some("right")), None).unwrap_err();
+    assert!(err.to_string().contains("no task \"nope\""), "{err}");
+    handle.shutdown();
+    top.join().unwrap().unwrap();
+}
