@@ -19,6 +19,15 @@ pub enum Error {
         /// Every problem found.
         problems: Vec<String>,
     },
+    /// A configuration file is invalid; names the file and, where it can,
+    /// the line and the key.
+    #[error("{}: {message}", file.display())]
+    Config {
+        /// The file.
+        file: std::path::PathBuf,
+        /// What is wrong, with lines and keys.
+        message: String,
+    },
     /// The source failed in a way the runtime cannot recover from.
     #[error("source \"{name}\" failed: {source}")]
     Source {
@@ -46,14 +55,16 @@ impl Error {
     /// Whether the error is the user's to fix (configuration, pipeline):
     /// binaries exit with code 2 for these, 1 for the rest.
     pub fn is_usage(&self) -> bool {
-        matches!(self, Error::Pipeline(_) | Error::Topology { .. })
-            || matches!(
-                self,
-                Error::Source {
-                    source: SourceError::Config(_),
-                    ..
-                }
-            )
+        matches!(
+            self,
+            Error::Pipeline(_) | Error::Topology { .. } | Error::Config { .. }
+        ) || matches!(
+            self,
+            Error::Source {
+                source: SourceError::Config(_),
+                ..
+            }
+        )
     }
 }
 

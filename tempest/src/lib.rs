@@ -32,19 +32,20 @@
 //! task is complete the source message is acked.
 
 mod actors;
+pub mod config;
 mod error;
 mod inflight;
 pub mod metrics;
 pub mod pipeline;
+mod remote;
 pub mod rt;
+mod server;
 pub mod standalone;
 pub mod task;
 pub mod testing;
 pub mod topology;
-mod worker;
 pub mod wire;
-mod remote;
-mod server;
+mod worker;
 
 pub use actors::pipeline::{MsgReport, Stats};
 pub use actors::{StopReason, Verdict};

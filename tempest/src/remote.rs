@@ -229,7 +229,11 @@ impl Io {
                             self.task
                         ),
                         End::TopologyStopped => {
-                            log::info!("The topology is shutting down; worker {} of task {} stops.", self.worker, self.task);
+                            log::info!(
+                                "The topology is shutting down; worker {} of task {} stops.",
+                                self.worker,
+                                self.task
+                            );
                             return Ok(sessions);
                         }
                         End::Drained => return Ok(sessions),
@@ -238,7 +242,10 @@ impl Io {
                 Err(Refused::Fatal(why)) => {
                     return Err(Error::Topology {
                         topology: self.options.topology.clone(),
-                        problems: vec![format!("the topology refused worker for task \"{}\": {why}", self.task)],
+                        problems: vec![format!(
+                            "the topology refused worker for task \"{}\": {why}",
+                            self.task
+                        )],
                     });
                 }
                 Err(Refused::Retry(why)) => {
@@ -318,13 +325,20 @@ impl Io {
                     self.task,
                     self.options.topology
                 );
-                Ok((framed, Duration::from_millis(u64::from(heartbeat_ms.max(10)))))
+                Ok((
+                    framed,
+                    Duration::from_millis(u64::from(heartbeat_ms.max(10))),
+                ))
             }
             other => Err(refused(other)),
         }
     }
 
-    async fn session(&mut self, mut framed: Framed<TcpStream, WireCodec>, heartbeat: Duration) -> End {
+    async fn session(
+        &mut self,
+        mut framed: Framed<TcpStream, WireCodec>,
+        heartbeat: Duration,
+    ) -> End {
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
         let mut fetches = 0usize; // outstanding at the topology
         let mut queued = 0usize; // handed to the task thread, not yet taken
@@ -438,4 +452,3 @@ fn jitter(d: Duration) -> Duration {
     };
     d.mul_f64(0.75 + r * 0.5)
 }
-

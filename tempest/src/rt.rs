@@ -19,23 +19,36 @@
 //! ```
 //!
 //! Subcommands: `standalone` runs the whole topology in this process;
-//! `graph --format dot|mermaid` prints the pipeline. Exit codes: 0 after a
-//! clean stop, 2 for a usage or configuration error, 1 for a runtime
-//! failure.
+//! `topology` runs the source and the pipeline and serves task workers over
+//! TCP; `task NAME` runs workers of one task that connect to it; `graph`
+//! prints the pipeline. Settings come from the builder, then `Topology.toml`
+//! (`--config`, or `./Topology.toml` when present), then `TEMPEST_*`
+//! environment variables, then flags. Exit codes: 0 after a clean stop, 2
+//! for a usage or configuration error, 1 for a runtime failure.
 
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::actors::StopReason;
+use crate::config::ConfigFile;
 use crate::error::Error;
-use crate::standalone::{self, RunOptions, RuntimeHandle};
+use crate::standalone::{self, RunOptions, RunReport, RuntimeHandle, ServeOptions, WorkerOptions};
 use crate::topology::TopologyBuilder;
+use crate::wire;
+
+/// The port a topology process listens on unless told otherwise.
+pub const DEFAULT_PORT: u16 = 9311;
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Runs this Tempest topology package.")]
 struct Cli {
+    /// The topology's settings file (default: ./Topology.toml if present).
+    #[arg(long, global = true, env = "TEMPEST_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -44,7 +57,62 @@ struct Cli {
 enum Command {
     /// Runs the whole topology in this process: the source, the pipeline
     /// and every task, with in-memory queues.
-    Standalone(StandaloneArgs),
+    Standalone {
+        #[command(flatten)]
+        delivery: DeliveryArgs,
+        /// Workers (threads) for a task, as TASK=COUNT; repeatable.
+        #[arg(long = "workers", value_parser = parse_workers, value_name = "TASK=COUNT")]
+        workers: Vec<(String, usize)>,
+        /// The most messages one fetch takes, for every task.
+        #[arg(long, env = "TEMPEST_POLL_COUNT")]
+        poll_count: Option<usize>,
+        /// Stop gracefully after this many seconds.
+        #[arg(long)]
+        run_for_secs: Option<u64>,
+    },
+    /// Runs the source and the pipeline, and serves task workers over TCP.
+    Topology {
+        #[command(flatten)]
+        delivery: DeliveryArgs,
+        #[command(flatten)]
+        net: NetArgs,
+        /// The address to listen on (default 127.0.0.1).
+        #[arg(long, env = "TEMPEST_HOST")]
+        host: Option<String>,
+        /// The port to listen on (default 9311; 0 picks a free one).
+        #[arg(long, env = "TEMPEST_PORT")]
+        port: Option<u16>,
+        /// Listen beyond loopback without a secret (anyone who can reach
+        /// the port can join).
+        #[arg(long)]
+        insecure: bool,
+        /// Stop gracefully after this many seconds.
+        #[arg(long)]
+        run_for_secs: Option<u64>,
+    },
+    /// Runs workers of one task, connected to the topology process.
+    Task {
+        /// The task to run.
+        name: String,
+        #[command(flatten)]
+        net: NetArgs,
+        /// The topology process, as HOST:PORT (default: host and port from
+        /// the settings).
+        #[arg(long, env = "TEMPEST_TOPOLOGY", value_name = "HOST:PORT")]
+        topology: Option<String>,
+        /// Workers (connections, each with its own thread) in this process.
+        #[arg(long, env = "TEMPEST_WORKERS")]
+        workers: Option<usize>,
+        /// The most messages one fetch takes.
+        #[arg(long, env = "TEMPEST_POLL_COUNT")]
+        poll_count: Option<usize>,
+        /// The first wait before reconnecting, in milliseconds.
+        #[arg(long, env = "TEMPEST_POLL_INTERVAL_MS")]
+        poll_interval_ms: Option<u64>,
+        /// The longest wait before reconnecting, in milliseconds.
+        #[arg(long, env = "TEMPEST_MAX_BACKOFF_MS")]
+        max_backoff_ms: Option<u64>,
+    },
     /// Prints the pipeline as a graph.
     Graph {
         /// The graph's format.
@@ -60,23 +128,28 @@ enum GraphFormat {
 }
 
 #[derive(Debug, Args)]
-struct StandaloneArgs {
+struct DeliveryArgs {
     /// The most source messages in flight at once.
     #[arg(long, env = "TEMPEST_MAX_PENDING")]
     max_pending: Option<usize>,
-    /// How long one attempt of a message may take, in milliseconds.
+    /// How long one attempt of a message may take, in milliseconds (0: no
+    /// limit).
     #[arg(long, env = "TEMPEST_MSG_TIMEOUT_MS")]
     msg_timeout_ms: Option<u64>,
     /// How long in-flight messages may take to finish on shutdown, in
     /// milliseconds.
     #[arg(long, env = "TEMPEST_GRACEFUL_SHUTDOWN_MS")]
     graceful_shutdown_ms: Option<u64>,
-    /// Workers (threads) for a task, as TASK=COUNT; repeatable.
-    #[arg(long = "workers", value_parser = parse_workers)]
-    workers: Vec<(String, usize)>,
-    /// Stop after this many seconds.
-    #[arg(long)]
-    run_for_secs: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct NetArgs {
+    /// The shared secret of the topology and its workers.
+    #[arg(long, env = "TEMPEST_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// The largest frame after the handshake, in bytes.
+    #[arg(long, env = "TEMPEST_MAX_FRAME")]
+    max_frame: Option<usize>,
 }
 
 fn parse_workers(s: &str) -> Result<(String, usize), String> {
@@ -92,9 +165,32 @@ fn parse_workers(s: &str) -> Result<(String, usize), String> {
 /// Parses the command line and runs `builder`'s topology accordingly.
 /// Call it from the package's `main` and return its exit code.
 pub fn run(builder: TopologyBuilder) -> ExitCode {
+    run_from(builder, std::env::args_os())
+}
+
+/// [`run`] with explicit arguments (the first is the program's name).
+pub fn run_from<I, T>(builder: TopologyBuilder, args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
     let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .try_init();
-    let cli = match Cli::try_parse() {
+    let tasks: Vec<String> = builder
+        .current_pipeline()
+        .task_names()
+        .map(String::from)
+        .collect();
+    let command = Cli::command().mut_subcommand("task", |c| {
+        c.mut_arg("name", |a| {
+            a.value_parser(clap::builder::PossibleValuesParser::new(tasks.clone()))
+                .help(format!("The task to run: one of {}.", tasks.join(", ")))
+        })
+    });
+    let cli = match command
+        .try_get_matches_from(args)
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
@@ -105,7 +201,7 @@ pub fn run(builder: TopologyBuilder) -> ExitCode {
             };
         }
     };
-    match execute(builder, cli.command) {
+    match execute(builder, cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
@@ -123,63 +219,231 @@ pub fn run(builder: TopologyBuilder) -> ExitCode {
     }
 }
 
-fn execute(mut builder: TopologyBuilder, command: Command) -> Result<ExitCode, Error> {
-    match command {
-        Command::Graph { format } => {
-            let dag = builder.current_pipeline().build()?;
-            match format {
-                GraphFormat::Dot => print!("{}", dag.to_dot(builder.name())),
-                GraphFormat::Mermaid => print!("{}", dag.to_mermaid()),
+fn config_file(explicit: Option<&Path>) -> Result<Option<ConfigFile>, Error> {
+    match explicit {
+        Some(path) => ConfigFile::load(path).map(Some),
+        None => {
+            let default = Path::new("Topology.toml");
+            if default.is_file() {
+                log::info!("Reading settings from ./Topology.toml.");
+                ConfigFile::load(default).map(Some)
+            } else {
+                Ok(None)
             }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Standalone(args) => {
-            if let Some(n) = args.max_pending {
-                builder = builder.max_pending(n);
-            }
-            if let Some(ms) = args.msg_timeout_ms {
-                builder = builder.msg_timeout(Duration::from_millis(ms));
-            }
-            if let Some(ms) = args.graceful_shutdown_ms {
-                builder = builder.graceful_shutdown(Duration::from_millis(ms));
-            }
-            for (task, count) in args.workers {
-                builder = builder.workers(task, count);
-            }
-            let topology = builder.build()?;
-            let handle = RuntimeHandle::new();
-            install_signal_handlers(&handle)?;
-            let report = standalone::run(
-                topology,
-                RunOptions {
-                    deadline: args.run_for_secs.map(Duration::from_secs),
-                    handle: Some(handle),
-                    ..RunOptions::default()
-                },
-            )?;
-            let s = &report.stats;
-            log::info!(
-                "Topology {} stopped ({}): {} read, {} acked, {} failed, {} timed out, {} left in flight, in {:.2} s ({:.0} acked/s).",
-                report.name,
-                report.stop,
-                s.read,
-                s.acked,
-                s.failed,
-                s.timed_out,
-                s.inflight,
-                report.elapsed.as_secs_f64(),
-                report.acked_per_sec()
-            );
-            Ok(match report.stop {
-                StopReason::SourceFailed(_) => ExitCode::from(1),
-                _ => ExitCode::SUCCESS,
-            })
         }
     }
 }
 
-/// SIGINT/SIGTERM: the first stops the topology gracefully, a second exits
-/// at once.
+fn apply_delivery(mut builder: TopologyBuilder, d: &DeliveryArgs) -> TopologyBuilder {
+    if let Some(n) = d.max_pending {
+        builder = builder.max_pending(n);
+    }
+    match d.msg_timeout_ms {
+        Some(0) => builder = builder.no_msg_timeout(),
+        Some(ms) => builder = builder.msg_timeout(Duration::from_millis(ms)),
+        None => {}
+    }
+    if let Some(ms) = d.graceful_shutdown_ms {
+        builder = builder.graceful_shutdown(Duration::from_millis(ms));
+    }
+    builder
+}
+
+fn usage(topology: &str, problem: String) -> Error {
+    Error::Topology {
+        topology: topology.to_string(),
+        problems: vec![problem],
+    }
+}
+
+fn execute(mut builder: TopologyBuilder, cli: Cli) -> Result<ExitCode, Error> {
+    if let Command::Graph { format } = cli.command {
+        let dag = builder.current_pipeline().build()?;
+        match format {
+            GraphFormat::Dot => print!("{}", dag.to_dot(builder.name())),
+            GraphFormat::Mermaid => print!("{}", dag.to_mermaid()),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(file) = config_file(cli.config.as_deref())? {
+        builder = builder.config_file(file);
+    }
+    let file = builder
+        .current_file()
+        .map(|f| f.config.clone())
+        .unwrap_or_default();
+    let secret = |net: &NetArgs| {
+        net.secret
+            .clone()
+            .or_else(|| file.secret.clone())
+            .filter(|s| !s.is_empty())
+            .map(String::into_bytes)
+    };
+    let max_frame = |net: &NetArgs| {
+        net.max_frame
+            .or(file.max_frame)
+            .unwrap_or(wire::DEFAULT_MAX_FRAME)
+    };
+    let handle = RuntimeHandle::new();
+    match cli.command {
+        Command::Graph { .. } => Ok(ExitCode::SUCCESS),
+        Command::Standalone {
+            delivery,
+            workers,
+            poll_count,
+            run_for_secs,
+        } => {
+            builder = apply_delivery(builder, &delivery);
+            if let Some(n) = poll_count {
+                builder = builder.task_batch(n);
+            }
+            for (task, count) in workers {
+                builder = builder.workers(task, count);
+            }
+            let topology = builder.build()?;
+            install_signal_handlers(&handle)?;
+            let report = standalone::run(
+                topology,
+                RunOptions {
+                    deadline: run_for_secs.map(Duration::from_secs),
+                    handle: Some(handle),
+                    ..RunOptions::default()
+                },
+            )?;
+            Ok(summarize(&report))
+        }
+        Command::Topology {
+            delivery,
+            net,
+            host,
+            port,
+            insecure,
+            run_for_secs,
+        } => {
+            builder = apply_delivery(builder, &delivery);
+            let topology = builder.build()?;
+            let host = host
+                .or_else(|| file.host.clone())
+                .unwrap_or_else(|| "127.0.0.1".to_string());
+            let port = port.or(file.port).unwrap_or(DEFAULT_PORT);
+            let bind = (host.as_str(), port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| usage(topology.name(), format!("cannot resolve host \"{host}\"")))?;
+            let secret = secret(&net);
+            if secret.is_none() && !bind.ip().is_loopback() && !insecure {
+                return Err(usage(
+                    topology.name(),
+                    format!(
+                        "no secret is set, so the topology listens on loopback only, not on {bind}: set one (--secret, TEMPEST_SECRET or secret in Topology.toml) or pass --insecure"
+                    ),
+                ));
+            }
+            let serve = ServeOptions {
+                bind,
+                secret,
+                max_frame: max_frame(&net),
+                heartbeat: Duration::from_millis(file.heartbeat.unwrap_or(1000).max(1)),
+                handshake_timeout: Duration::from_millis(
+                    file.handshake_timeout.unwrap_or(5000).max(1),
+                ),
+            };
+            install_signal_handlers(&handle)?;
+            let report = standalone::run(
+                topology,
+                RunOptions {
+                    deadline: run_for_secs.map(Duration::from_secs),
+                    handle: Some(handle),
+                    local_workers: false,
+                    serve: Some(serve),
+                    ..RunOptions::default()
+                },
+            )?;
+            Ok(summarize(&report))
+        }
+        Command::Task {
+            name,
+            net,
+            topology: address,
+            workers,
+            poll_count,
+            poll_interval_ms,
+            max_backoff_ms,
+        } => {
+            let topology = builder.build()?;
+            let section = topology.file().and_then(|f| f.task(&name)).cloned();
+            let address = match address {
+                Some(a) => a,
+                None => {
+                    let host = file.host.clone().unwrap_or_else(|| "127.0.0.1".into());
+                    let host = match host.parse::<IpAddr>() {
+                        Ok(ip) if ip.is_unspecified() => "127.0.0.1".to_string(),
+                        _ => host,
+                    };
+                    format!("{host}:{}", file.port.unwrap_or(DEFAULT_PORT))
+                }
+            };
+            if address.to_socket_addrs().is_err() && address.parse::<SocketAddr>().is_err() {
+                log::warn!("Cannot resolve the topology address {address} yet; retrying until it resolves.");
+            }
+            let idx = topology.dag().index_of(&name).map(usize::from).unwrap_or(0);
+            let options = WorkerOptions {
+                topology: address,
+                secret: secret(&net),
+                workers: workers
+                    .or(section.as_ref().and_then(|s| s.workers))
+                    .unwrap_or(1),
+                fetch_max: poll_count.unwrap_or(topology.batches()[idx]),
+                backoff: Duration::from_millis(
+                    poll_interval_ms
+                        .or(section.as_ref().and_then(|s| s.poll_interval))
+                        .unwrap_or(100),
+                ),
+                max_backoff: Duration::from_millis(
+                    max_backoff_ms
+                        .or(section.as_ref().and_then(|s| s.max_backoff))
+                        .unwrap_or(5_000),
+                ),
+            };
+            if options.workers == 0 || options.fetch_max == 0 {
+                return Err(usage(
+                    topology.name(),
+                    "workers and poll_count must be at least 1".into(),
+                ));
+            }
+            install_signal_handlers(&handle)?;
+            let report = standalone::run_worker(&topology, &name, options, Some(handle))?;
+            log::info!(
+                "Workers of task {name} stopped after {} session(s).",
+                report.sessions
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn summarize(report: &RunReport) -> ExitCode {
+    let s = &report.stats;
+    log::info!(
+        "Topology {} stopped ({}): {} read, {} acked, {} failed, {} timed out, {} left in flight, in {:.2} s ({:.0} acked/s).",
+        report.name,
+        report.stop,
+        s.read,
+        s.acked,
+        s.failed,
+        s.timed_out,
+        s.inflight,
+        report.elapsed.as_secs_f64(),
+        report.acked_per_sec()
+    );
+    match report.stop {
+        StopReason::SourceFailed(_) => ExitCode::from(1),
+        _ => ExitCode::SUCCESS,
+    }
+}
+
+/// SIGINT/SIGTERM: the first stops gracefully, a second exits at once.
 fn install_signal_handlers(handle: &RuntimeHandle) -> Result<(), Error> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals =
@@ -195,7 +459,9 @@ fn install_signal_handlers(handle: &RuntimeHandle) -> Result<(), Error> {
             for signal in signals.forever() {
                 seen += 1;
                 if seen == 1 {
-                    log::info!("Signal {signal} received: stopping gracefully; send it again to exit at once.");
+                    log::info!(
+                        "Signal {signal} received: stopping gracefully; send it again to exit at once."
+                    );
                     handle.shutdown();
                 } else {
                     log::warn!("Second signal {signal}: exiting at once.");
@@ -235,12 +501,26 @@ mod tests {
         ])
         .unwrap();
         match cli.command {
-            Command::Standalone(a) => {
-                assert_eq!(a.max_pending, Some(10));
-                assert_eq!(a.workers, vec![("a".into(), 2)]);
+            Command::Standalone {
+                delivery, workers, ..
+            } => {
+                assert_eq!(delivery.max_pending, Some(10));
+                assert_eq!(workers, vec![("a".into(), 2)]);
             }
-            Command::Graph { .. } => panic!("wrong subcommand"),
+            other => panic!("wrong subcommand {other:?}"),
         }
+        let cli = Cli::try_parse_from([
+            "pkg",
+            "--config",
+            "x.toml",
+            "task",
+            "split",
+            "--topology",
+            "h:1",
+        ])
+        .unwrap();
+        assert_eq!(cli.config, Some(PathBuf::from("x.toml")));
+        assert!(matches!(cli.command, Command::Task { ref name, .. } if name == "split"));
         assert!(Cli::try_parse_from(["pkg", "graph", "--format", "png"]).is_err());
     }
 }

@@ -98,7 +98,11 @@ pub(crate) async fn listen(
     Ok(local)
 }
 
-async fn refuse(framed: &mut Framed<TcpStream, WireCodec>, code: ErrorCode, message: String) -> String {
+async fn refuse(
+    framed: &mut Framed<TcpStream, WireCodec>,
+    code: ErrorCode,
+    message: String,
+) -> String {
     let _ = framed
         .send(Frame::Error {
             code,
@@ -116,9 +120,12 @@ async fn next_frame(
     match tokio::time::timeout(wait, framed.next()).await {
         Err(_) => Err("the handshake timed out".into()),
         Ok(None) => Err("the client closed the connection".into()),
-        Ok(Some(Err(WireError::Decode(e)))) => {
-            Err(refuse(framed, ErrorCode::NotTempest, format!("not a Tempest worker ({e})")).await)
-        }
+        Ok(Some(Err(WireError::Decode(e)))) => Err(refuse(
+            framed,
+            ErrorCode::NotTempest,
+            format!("not a Tempest worker ({e})"),
+        )
+        .await),
         Ok(Some(Err(e))) => Err(format!("the client's frames are unusable ({e})")),
         Ok(Some(Ok(frame))) => Ok(frame),
     }
@@ -247,7 +254,11 @@ struct Session {
 
 impl Session {
     fn protocol_error(&mut self, ctx: &mut Context<Self>, message: String) {
-        log::warn!("Worker {} ({}): {message}; disconnecting.", self.worker, self.peer);
+        log::warn!(
+            "Worker {} ({}): {message}; disconnecting.",
+            self.worker,
+            self.peer
+        );
         self.writer.write(Frame::Error {
             code: ErrorCode::Protocol,
             message,
@@ -293,7 +304,11 @@ impl Actor for Session {
 
 impl WriteHandler<WireError> for Session {
     fn error(&mut self, err: WireError, _ctx: &mut Context<Self>) -> Running {
-        log::warn!("Writing to worker {} ({}) failed: {err}.", self.worker, self.peer);
+        log::warn!(
+            "Writing to worker {} ({}) failed: {err}.",
+            self.worker,
+            self.peer
+        );
         Running::Stop
     }
 }
@@ -342,7 +357,11 @@ impl StreamHandler<Result<Frame, WireError>> for Session {
     }
 
     fn finished(&mut self, ctx: &mut Context<Self>) {
-        log::debug!("Worker {} ({}) closed its connection.", self.worker, self.peer);
+        log::debug!(
+            "Worker {} ({}) closed its connection.",
+            self.worker,
+            self.peer
+        );
         ctx.stop();
     }
 }

@@ -79,7 +79,10 @@ impl RuntimeHandle {
 
     /// Where the topology listens for task workers, once it does.
     pub fn listening(&self) -> Option<SocketAddr> {
-        *self.listening.lock().unwrap_or_else(PoisonError::into_inner)
+        *self
+            .listening
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The pipeline's counters now; `None` when the topology is not running.
@@ -183,17 +186,16 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
     let sweep_every = sweep_interval(&topology);
     let Topology {
         name,
-        source_name,
+        source_name: _,
         source,
         dag,
         options: topts,
         workers,
+        batches,
+        file,
     } = topology;
     let metrics = Metrics::new_registry().with_label("topology", name.clone());
-    let mut src = source().map_err(|e| Error::Source {
-        name: source_name.clone(),
-        source: e,
-    })?;
+    let mut src = source(file.as_ref())?;
     let source_metrics = metrics.with_label("source", src.name().to_string());
     src.setup(&SourceContext {
         topology: name.clone(),
@@ -263,7 +265,7 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
                 let task = dag.make_task(t as TaskIdx);
                 let mut transport = InProc {
                     worker: id,
-                    max: topts.task_batch,
+                    max: batches[t],
                     pipeline: pipe.clone(),
                     rx,
                     outstanding: 0,
@@ -326,7 +328,10 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
             let failed = match rx.await {
                 Ok(Ok(addr)) => {
                     if let Some(handle) = &options.handle {
-                        *handle.listening.lock().unwrap_or_else(PoisonError::into_inner) = Some(addr);
+                        *handle
+                            .listening
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner) = Some(addr);
                     }
                     None
                 }

@@ -11,6 +11,7 @@ use tempest_source::{
     FailedMsg, MsgId, Source, SourceContext, SourceError, SourceMsg, SourceSettings,
 };
 
+use crate::config::ConfigFile;
 use crate::error::Error;
 use crate::pipeline::{Dag, Pipeline};
 
@@ -123,7 +124,15 @@ impl<S: Source> DynSource for S {
     }
 }
 
-type SourceFactory = Box<dyn FnOnce() -> Result<Box<dyn DynSource>, SourceError> + Send>;
+type SourceFactory =
+    Box<dyn FnOnce(Option<&ConfigFile>) -> Result<Box<dyn DynSource>, Error> + Send>;
+
+struct SourceSpec {
+    name: String,
+    /// Built from a typed config that `[source.config]` may replace.
+    configurable: bool,
+    make: SourceFactory,
+}
 
 /// Builds a [`Topology`].
 ///
@@ -153,17 +162,19 @@ type SourceFactory = Box<dyn FnOnce() -> Result<Box<dyn DynSource>, SourceError>
 /// ```
 pub struct TopologyBuilder {
     name: String,
-    source: Option<(String, SourceFactory)>,
+    source: Option<SourceSpec>,
     pipeline: Pipeline,
     options: TopologyOptions,
     workers: Vec<(String, usize)>,
+    batches: Vec<(String, usize)>,
+    file: Option<ConfigFile>,
 }
 
 impl fmt::Debug for TopologyBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TopologyBuilder")
             .field("name", &self.name)
-            .field("source", &self.source.as_ref().map(|(n, _)| n))
+            .field("source", &self.source.as_ref().map(|s| &s.name))
             .field("pipeline", &self.pipeline)
             .field("options", &self.options)
             .field("workers", &self.workers)
@@ -180,31 +191,50 @@ impl TopologyBuilder {
             pipeline: Pipeline::new(),
             options: TopologyOptions::default(),
             workers: Vec::new(),
+            batches: Vec::new(),
+            file: None,
         }
     }
 
-    /// The source, as an instance.
+    /// The source, as an instance. Its configuration is fixed in code, so a
+    /// `Topology.toml` with `[source.config]` is an error for it.
     pub fn source<S: Source>(mut self, source: S) -> Self {
         let name = source.name().to_string();
-        self.source = Some((
+        self.source = Some(SourceSpec {
             name,
-            Box::new(move || Ok(Box::new(source) as Box<dyn DynSource>)),
-        ));
+            configurable: false,
+            make: Box::new(move |_| Ok(Box::new(source) as Box<dyn DynSource>)),
+        });
         self
     }
 
     /// The source, built from its typed configuration when the topology
-    /// starts (a bad configuration is an error then, not a panic).
+    /// starts: `config`, or `[source.config]` of `Topology.toml` in its
+    /// place when the file has one. A bad configuration is an error then,
+    /// naming the file, line and key, never a panic.
     pub fn source_config<S: Source>(mut self, config: S::Config) -> Self {
         let name = std::any::type_name::<S>()
             .rsplit("::")
             .next()
             .unwrap_or("source")
             .to_string();
-        self.source = Some((
+        let source_name = name.clone();
+        self.source = Some(SourceSpec {
             name,
-            Box::new(move || S::from_config(config).map(|s| Box::new(s) as Box<dyn DynSource>)),
-        ));
+            configurable: true,
+            make: Box::new(move |file| {
+                let config = match file {
+                    Some(f) => f.source_config::<S::Config>()?.unwrap_or(config),
+                    None => config,
+                };
+                S::from_config(config)
+                    .map(|s| Box::new(s) as Box<dyn DynSource>)
+                    .map_err(|e| Error::Source {
+                        name: source_name,
+                        source: e,
+                    })
+            }),
+        });
         self
     }
 
@@ -264,6 +294,59 @@ impl TopologyBuilder {
         self
     }
 
+    /// The most task messages one fetch of task `task` takes (overrides
+    /// `task_batch` for it).
+    pub fn batch_for(mut self, task: impl Into<String>, max: usize) -> Self {
+        self.batches.push((task.into(), max));
+        self
+    }
+
+    /// Applies a `Topology.toml`: its settings replace the builder's, its
+    /// `[source.config]` the source's compiled configuration. Flags and
+    /// environment variables go on top (see [`rt`](crate::rt)).
+    pub fn config_file(mut self, file: ConfigFile) -> Self {
+        let c = &file.config;
+        if let Some(name) = &c.name {
+            self.name = name.clone();
+        }
+        let o = &mut self.options;
+        if let Some(ms) = c.graceful_shutdown {
+            o.graceful_shutdown = Duration::from_millis(ms);
+        }
+        if let Some(p) = c.failure_policy {
+            o.failure_policy = p;
+        }
+        if let Some(ms) = c.msg_timeout {
+            o.msg_timeout = (ms > 0).then(|| Duration::from_millis(ms));
+        }
+        if let Some(n) = c.max_pending {
+            o.max_pending = n;
+        }
+        if let Some(ms) = c.retry_backoff {
+            o.retry_backoff = Duration::from_millis(ms);
+        }
+        if let Some(ms) = c.max_retry_backoff {
+            o.max_retry_backoff = Duration::from_millis(ms);
+        }
+        for t in &c.task {
+            if let Some(n) = t.workers {
+                self.workers.retain(|(name, _)| name != t.name.get_ref());
+                self.workers.push((t.name.get_ref().clone(), n));
+            }
+            if let Some(n) = t.poll_count {
+                self.batches.retain(|(name, _)| name != t.name.get_ref());
+                self.batches.push((t.name.get_ref().clone(), n));
+            }
+        }
+        self.file = Some(file);
+        self
+    }
+
+    /// The `Topology.toml` applied, if any.
+    pub fn current_file(&self) -> Option<&ConfigFile> {
+        self.file.as_ref()
+    }
+
     /// All options at once.
     pub fn options(mut self, options: TopologyOptions) -> Self {
         self.options = options;
@@ -304,6 +387,30 @@ impl TopologyBuilder {
         if self.options.msg_timeout == Some(Duration::ZERO) {
             problems.push("msg_timeout must be more than 0".to_string());
         }
+        if let Some(file) = &self.file {
+            if let Err(Error::Config { message, .. }) = file.check(&dag) {
+                problems.push(format!("{}: {message}", file.path.display()));
+            }
+            if file.has_source_config() && self.source.as_ref().is_some_and(|s| !s.configurable) {
+                problems.push(format!(
+                    "{}: [source.config] cannot apply: this package builds its source in code (TopologyBuilder::source); build it with source_config::<S>(..) to make it configurable",
+                    file.path.display()
+                ));
+            }
+        }
+        let mut batches = vec![self.options.task_batch; dag.len()];
+        for (task, max) in &self.batches {
+            match dag.index_of(task) {
+                None => problems.push(format!(
+                    "batch set for unknown task \"{task}\"; the tasks are: {}",
+                    dag.names().join(", ")
+                )),
+                Some(_) if *max == 0 => {
+                    problems.push(format!("task \"{task}\": batch must be at least 1"))
+                }
+                Some(i) => batches[i as usize] = *max,
+            }
+        }
         let mut workers = vec![1; dag.len()];
         let mut seen = HashMap::new();
         for (task, count) in &self.workers {
@@ -324,13 +431,15 @@ impl TopologyBuilder {
             }
         }
         match (problems.is_empty(), self.source) {
-            (true, Some((source_name, source))) => Ok(Topology {
+            (true, Some(source)) => Ok(Topology {
                 name: self.name,
-                source_name,
-                source,
+                source_name: source.name,
+                source: source.make,
                 dag: Arc::new(dag),
                 options: self.options,
                 workers,
+                batches,
+                file: self.file,
             }),
             _ => Err(Error::Topology {
                 topology: self.name,
@@ -348,6 +457,8 @@ pub struct Topology {
     pub(crate) dag: Arc<Dag>,
     pub(crate) options: TopologyOptions,
     pub(crate) workers: Vec<usize>,
+    pub(crate) batches: Vec<usize>,
+    pub(crate) file: Option<ConfigFile>,
 }
 
 impl fmt::Debug for Topology {
@@ -376,6 +487,21 @@ impl Topology {
     /// The options it runs with.
     pub fn options(&self) -> &TopologyOptions {
         &self.options
+    }
+
+    /// Workers per task (standalone threads), by task index.
+    pub fn workers(&self) -> &[usize] {
+        &self.workers
+    }
+
+    /// The most messages one fetch takes, by task index.
+    pub fn batches(&self) -> &[usize] {
+        &self.batches
+    }
+
+    /// The `Topology.toml` applied, if any.
+    pub fn file(&self) -> Option<&ConfigFile> {
+        self.file.as_ref()
     }
 }
 

@@ -41,7 +41,7 @@ use sha2::Sha256;
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
 use crate::actors::Verdict;
-use crate::inflight::{Ticket, TaskMsg};
+use crate::inflight::{TaskMsg, Ticket};
 
 /// The first bytes of a worker's first frame.
 pub const MAGIC: [u8; 4] = *b"TMPS";
@@ -193,7 +193,10 @@ fn err<T>(what: impl Into<String>) -> Result<T, DecodeError> {
 
 fn need(buf: &Bytes, n: usize, what: &str) -> Result<(), DecodeError> {
     if buf.remaining() < n {
-        err(format!("{what}: {n} bytes needed, {} left", buf.remaining()))
+        err(format!(
+            "{what}: {n} bytes needed, {} left",
+            buf.remaining()
+        ))
     } else {
         Ok(())
     }
@@ -248,7 +251,10 @@ fn get_ticket(buf: &mut Bytes) -> Result<Ticket, DecodeError> {
 fn get_count(buf: &mut Bytes, min_size: usize, what: &str) -> Result<usize, DecodeError> {
     let n = get_u32(buf, what)? as usize;
     if n.saturating_mul(min_size) > buf.remaining() {
-        return err(format!("{what}: {n} items cannot fit in {} bytes", buf.remaining()));
+        return err(format!(
+            "{what}: {n} items cannot fit in {} bytes",
+            buf.remaining()
+        ));
     }
     Ok(n)
 }
@@ -316,7 +322,9 @@ impl Frame {
                 items,
                 outputs,
             } => {
-                dst.reserve(10 + items.len() * 16 + outputs.iter().map(|o| 4 + o.len()).sum::<usize>());
+                dst.reserve(
+                    10 + items.len() * 16 + outputs.iter().map(|o| 4 + o.len()).sum::<usize>(),
+                );
                 dst.put_u8(RESULTS);
                 dst.put_u8(u8::from(*complete));
                 dst.put_u32(items.len() as u32);
@@ -351,6 +359,16 @@ impl Frame {
                 put_str(dst, message);
             }
         }
+    }
+
+    /// The frame as it goes on the wire: length and body.
+    pub fn to_wire(&self) -> Bytes {
+        let mut buf = BytesMut::new();
+        buf.put_u32(0);
+        self.encode_body(&mut buf);
+        let len = (buf.len() - 4) as u32;
+        buf[..4].copy_from_slice(&len.to_be_bytes());
+        buf.freeze()
     }
 
     /// Decodes a frame body. Never panics; payloads share `body`'s memory.
@@ -641,10 +659,17 @@ mod tests {
         assert!(matches!(e, WireError::Io(_)), "{e}");
         let mut big = BytesMut::new();
         let e = codec
-            .encode(&Frame::Batch(vec![TaskMsg {
-                ticket: Ticket { slot: 0, gen: 0, task: 0 },
-                payload: Bytes::from(vec![0; 2000]),
-            }]), &mut big)
+            .encode(
+                &Frame::Batch(vec![TaskMsg {
+                    ticket: Ticket {
+                        slot: 0,
+                        gen: 0,
+                        task: 0,
+                    },
+                    payload: Bytes::from(vec![0; 2000]),
+                }]),
+                &mut big,
+            )
             .unwrap_err();
         assert!(matches!(e, WireError::TooLong { .. }));
     }
@@ -662,7 +687,10 @@ mod tests {
             &[RESULTS, 2][..],
             &[RESULTS, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9][..],
         ] {
-            assert!(Frame::decode_body(Bytes::copy_from_slice(body)).is_err(), "{body:?}");
+            assert!(
+                Frame::decode_body(Bytes::copy_from_slice(body)).is_err(),
+                "{body:?}"
+            );
         }
     }
 
@@ -677,7 +705,8 @@ mod tests {
 
     fn arb_frame() -> impl Strategy<Value = Frame> {
         let bytes = proptest::collection::vec(any::<u8>(), 0..64).prop_map(Bytes::from);
-        let ticket = (any::<u32>(), any::<u32>(), any::<u16>()).prop_map(|(slot, gen, task)| Ticket { slot, gen, task });
+        let ticket = (any::<u32>(), any::<u32>(), any::<u16>())
+            .prop_map(|(slot, gen, task)| Ticket { slot, gen, task });
         let verdict = prop_oneof![
             any::<u32>().prop_map(Verdict::Done),
             Just(Verdict::Filtered),
@@ -685,13 +714,27 @@ mod tests {
             "[a-z ]{0,20}".prop_map(Verdict::Panicked),
         ];
         prop_oneof![
-            (any::<u16>(), "[a-z0-9-]{0,30}").prop_map(|(version, task)| Frame::Hello { version, task }),
+            (any::<u16>(), "[a-z0-9-]{0,30}")
+                .prop_map(|(version, task)| Frame::Hello { version, task }),
             any::<[u8; 32]>().prop_map(|nonce| Frame::Challenge { nonce }),
             any::<u32>().prop_map(|max| Frame::Fetch { max }),
-            proptest::collection::vec((ticket.clone(), bytes.clone()), 0..8)
-                .prop_map(|v| Frame::Batch(v.into_iter().map(|(ticket, payload)| TaskMsg { ticket, payload }).collect())),
-            (any::<bool>(), proptest::collection::vec((ticket, verdict), 0..8), proptest::collection::vec(bytes, 0..8))
-                .prop_map(|(complete, items, outputs)| Frame::Results { complete, items, outputs }),
+            proptest::collection::vec((ticket.clone(), bytes.clone()), 0..8).prop_map(|v| {
+                Frame::Batch(
+                    v.into_iter()
+                        .map(|(ticket, payload)| TaskMsg { ticket, payload })
+                        .collect(),
+                )
+            }),
+            (
+                any::<bool>(),
+                proptest::collection::vec((ticket, verdict), 0..8),
+                proptest::collection::vec(bytes, 0..8)
+            )
+                .prop_map(|(complete, items, outputs)| Frame::Results {
+                    complete,
+                    items,
+                    outputs
+                }),
             Just(Frame::Heartbeat),
         ]
     }

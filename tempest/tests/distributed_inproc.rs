@@ -118,9 +118,11 @@ fn a_wrong_secret_is_refused_for_good() {
     });
     let addr = wait_for_listener(&handle);
     let t = topology(generated(0).0).build().unwrap();
-    let err = standalone::run_worker(&t, "a", worker_options(addr, Some("wrong")), None).unwrap_err();
+    let err =
+        standalone::run_worker(&t, "a", worker_options(addr, Some("wrong")), None).unwrap_err();
     assert!(err.to_string().contains("wrong secret"), "{err}");
-    let err = standalone::run_worker(&t, "nope", worker_options(addr, Some("right")), None).unwrap_err();
+    let err =
+        standalone::run_worker(&t, "nope", worker_options(addr, Some("right")), None).unwrap_err();
     assert!(err.to_string().contains("no task \"nope\""), "{err}");
     handle.shutdown();
     top.join().unwrap().unwrap();

@@ -219,8 +219,13 @@ impl PipelineActor {
                     let reason = FailReason::WorkerLost {
                         task: self.task_names[t].clone(),
                     };
-                    self.tracker
-                        .on_error(m.ticket, reason, now, &mut Ready(&mut self.ready), &mut self.fin);
+                    self.tracker.on_error(
+                        m.ticket,
+                        reason,
+                        now,
+                        &mut Ready(&mut self.ready),
+                        &mut self.fin,
+                    );
                 }
             }
         }
@@ -627,7 +632,9 @@ impl Message for RegisterWorker {
 
 impl std::fmt::Debug for RegisterWorker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RegisterWorker").field("task", &self.task).finish_non_exhaustive()
+        f.debug_struct("RegisterWorker")
+            .field("task", &self.task)
+            .finish_non_exhaustive()
     }
 }
 

@@ -1,0 +1,428 @@
+//! Distributed mode with real processes on loopback: one `topology` process
+//! of the testbed package and `task` worker processes, killed, restarted,
+//! refused; raw TCP clients that send garbage, too much, or nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use tempest::wire::{ErrorCode, Frame, VERSION};
+
+const BIN: &str = env!("CARGO_BIN_EXE_testbed");
+
+/// A running process whose stderr lines are collected as they come.
+struct Proc {
+    name: String,
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Proc {
+    fn start(name: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc {
+            name: name.to_string(),
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a stderr line containing `needle`; returns it.
+    fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            match self.lines.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => {
+                    let hit = line.contains(needle);
+                    self.seen.push(line.clone());
+                    if hit {
+                        return line;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        panic!(
+            "{} never said {needle:?}; it said:\n{}",
+            self.name,
+            self.seen.join("\n")
+        );
+    }
+
+    /// Waits for the process to exit; returns its code and stdout.
+    fn finish(mut self) -> (Option<i32>, String) {
+        let mut out = String::new();
+        if let Some(mut stdout) = self.child.stdout.take() {
+            stdout.read_to_string(&mut out).unwrap();
+        }
+        let status = self.child.wait().unwrap();
+        (status.code(), out)
+    }
+
+    fn kill_9(&mut self) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-9", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A Topology.toml in a fresh temporary directory.
+fn config(name: &str, body: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tempest-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("Topology.toml");
+    std::fs::write(&path, body).unwrap();
+    path
+}
+
+/// Starts the topology process and returns it with its `host:port`.
+fn topology(cfg: &Path) -> (Proc, String) {
+    let mut p = Proc::start(
+        "topology",
+        &["--config", cfg.to_str().unwrap(), "topology", "--port", "0"],
+        &[],
+    );
+    let line = p.wait_for("Listening for task workers on ");
+    let addr = line
+        .split("Listening for task workers on ")
+        .nth(1)
+        .unwrap()
+        .split([' ', ';'])
+        .next()
+        .unwrap()
+        .to_string();
+    (p, addr)
+}
+
+fn worker(cfg: &Path, task: &str, addr: &str, envs: &[(&str, &str)]) -> Proc {
+    Proc::start(
+        &format!("worker {task}"),
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "task",
+            task,
+            "--topology",
+            addr,
+        ],
+        envs,
+    )
+}
+
+/// Parses `testbed: read=.. acked=.. twice=.. unacked=.. failed=..`.
+fn summary(stdout: &str) -> Vec<(String, u64)> {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("testbed:"))
+        .unwrap_or_else(|| panic!("no summary in {stdout:?}"));
+    line.trim_start_matches("testbed:")
+        .split_whitespace()
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap();
+            (k.to_string(), v.parse().unwrap())
+        })
+        .collect()
+}
+
+fn get(s: &[(String, u64)], key: &str) -> u64 {
+    s.iter().find(|(k, _)| k == key).unwrap().1
+}
+
+#[test]
+fn one_topology_and_four_worker_processes_ack_everything() {
+    let cfg = config(
+        "four-workers",
+        "secret = \"s3cret\"\nfailure_policy = { retry = 3 }\n\n[source.config]\ncount = 20000\npayload_size = 32\n",
+    );
+    let (top, addr) = topology(&cfg);
+    let workers = vec![
+        worker(&cfg, "a", &addr, &[]),
+        worker(&cfg, "b", &addr, &[]),
+        worker(&cfg, "b", &addr, &[]),
+        worker(&cfg, "c", &addr, &[]),
+    ];
+    let (code, out) = top.finish();
+    assert_eq!(code, Some(0));
+    let s = summary(&out);
+    assert_eq!(get(&s, "acked"), 20000, "{s:?}");
+    assert_eq!(get(&s, "twice"), 0);
+    assert_eq!(get(&s, "unacked"), 0);
+    for w in workers {
+        let name = w.name.clone();
+        let (code, _) = w.finish();
+        assert_eq!(
+            code,
+            Some(0),
+            "{name} exits cleanly when the topology stops"
+        );
+    }
+}
+
+#[test]
+fn kill_9_of_a_worker_mid_stream_loses_nothing_with_retry() {
+    let cfg = config(
+        "kill-9",
+        "failure_policy = { retry = 5 }\nretry_backoff = 10\nheartbeat = 200\n\n[source.config]\ncount = 20000\npayload_size = 16\n",
+    );
+    let (mut top, addr) = topology(&cfg);
+    let slow = [("TESTBED_SLOW_US", "100")];
+    let _a = worker(&cfg, "a", &addr, &[]);
+    let _c = worker(&cfg, "c", &addr, &[]);
+    let mut b1 = worker(&cfg, "b", &addr, &slow);
+    let _b2 = worker(&cfg, "b", &addr, &slow);
+    b1.wait_for("b: 1000 handled");
+    b1.kill_9();
+    // The topology notices at once and hands what b1 held to the policy.
+    top.wait_for("was lost holding");
+    // A replacement joins mid-run and gets work.
+    let mut b3 = worker(&cfg, "b", &addr, &slow);
+    b3.wait_for("joined the topology");
+    b3.wait_for("b: 1000 handled");
+    let (code, out) = top.finish();
+    assert_eq!(code, Some(0));
+    let s = summary(&out);
+    assert_eq!(get(&s, "acked"), 20000, "{s:?}");
+    assert_eq!(get(&s, "twice"), 0, "{s:?}");
+    assert_eq!(get(&s, "unacked"), 0, "{s:?}");
+    assert_eq!(get(&s, "failed"), 0, "{s:?}");
+}
+
+#[test]
+fn wrong_secrets_and_unknown_tasks_are_refused() {
+    let cfg = config(
+        "refused",
+        "secret = \"right\"\n\n[source.config]\ncount = 10\n",
+    );
+    let (mut top, addr) = topology(&cfg);
+    let out = Command::new(BIN)
+        .args(["task", "a", "--topology", &addr, "--secret", "wrong"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("wrong secret"), "{err}");
+    top.wait_for("refused: wrong secret");
+
+    let out = Command::new(BIN)
+        .args(["task", "nope", "--topology", &addr])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("possible values: a, b, c"), "{err}");
+}
+
+fn read_frame(stream: &mut TcpStream) -> Option<Frame> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).ok()?;
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    stream.read_exact(&mut body).ok()?;
+    Frame::decode_body(body.into()).ok()
+}
+
+/// Reads until the server closes the connection; true if it did.
+fn closed(stream: &mut TcpStream) -> bool {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    }
+}
+
+#[test]
+fn raw_clients_sending_garbage_too_much_or_nothing_are_dropped_harmlessly() {
+    let cfg = config(
+        "raw",
+        "handshake_timeout = 300\n\n[source.config]\ncount = 3000\n",
+    );
+    let (top, addr) = topology(&cfg);
+
+    // Garbage: an HTTP request.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert!(closed(&mut s), "garbage is dropped");
+
+    // An oversized length before the handshake.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3]).unwrap();
+    assert!(closed(&mut s), "an oversized frame is dropped");
+
+    // Nothing at all: dropped at the handshake deadline.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    let started = Instant::now();
+    assert!(closed(&mut s), "a silent client is dropped");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+
+    // A Tempest worker of another protocol version gets a clear error.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(
+        &Frame::Hello {
+            version: VERSION + 1,
+            task: "a".into(),
+        }
+        .to_wire(),
+    )
+    .unwrap();
+    match read_frame(&mut s) {
+        Some(Frame::Error { code, message }) => {
+            assert_eq!(code, ErrorCode::Version);
+            assert!(message.contains("not supported"), "{message}");
+        }
+        other => panic!("expected a version error, got {other:?}"),
+    }
+    assert!(closed(&mut s));
+
+    // An unknown task name.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(
+        &Frame::Hello {
+            version: VERSION,
+            task: "zzz".into(),
+        }
+        .to_wire(),
+    )
+    .unwrap();
+    match read_frame(&mut s) {
+        Some(Frame::Error { code, message }) => {
+            assert_eq!(code, ErrorCode::UnknownTask);
+            assert!(message.contains("its tasks are: a, b, c"), "{message}");
+        }
+        other => panic!("expected an unknown-task error, got {other:?}"),
+    }
+
+    // The topology is unharmed: real workers finish the job.
+    let _workers: Vec<Proc> = ["a", "b", "c"]
+        .iter()
+        .map(|t| worker(&cfg, t, &addr, &[]))
+        .collect();
+    let (code, out) = top.finish();
+    assert_eq!(code, Some(0));
+    let s = summary(&out);
+    assert_eq!(get(&s, "acked"), 3000, "{s:?}");
+}
+
+#[test]
+fn config_errors_name_the_file_the_key_and_the_line() {
+    let cfg = config(
+        "bad-config",
+        "max_pending = 10\n\n[[task]]\nname = \"bb\"\n\n[source.config]\ncont = 3\n",
+    );
+    let out = Command::new(BIN)
+        .args(["--config", cfg.to_str().unwrap(), "standalone"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Topology.toml"), "{err}");
+    assert!(
+        err.contains(
+            "line 4: [[task]] name = \"bb\" is not a task of this topology; its tasks are: a, b, c"
+        ),
+        "{err}"
+    );
+
+    let cfg = config("bad-source-config", "[source.config]\ncont = 3\n");
+    let out = Command::new(BIN)
+        .args(["--config", cfg.to_str().unwrap(), "standalone"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("[source.config]") && err.contains("line 2") && err.contains("cont"),
+        "{err}"
+    );
+
+    let cfg = config("no-secret", "host = \"0.0.0.0\"\n");
+    let out = Command::new(BIN)
+        .args(["--config", cfg.to_str().unwrap(), "topology"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no secret is set"), "{err}");
+}
+
+#[test]
+fn flags_beat_the_environment_which_beats_the_file() {
+    // The file says 5 messages; the environment and flags set max_pending;
+    // a standalone run reports through the source's summary.
+    let cfg = config(
+        "precedence",
+        "max_pending = 1\n\n[source.config]\ncount = 50\n",
+    );
+    let out = Command::new(BIN)
+        .args(["--config", cfg.to_str().unwrap(), "standalone"])
+        .env("TEMPEST_MAX_PENDING", "0")
+        .output()
+        .unwrap();
+    // The environment's 0 overrides the file's 1 and is refused.
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(BIN)
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "standalone",
+            "--max-pending",
+            "7",
+        ])
+        .env("TEMPEST_MAX_PENDING", "0")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        get(&summary(&String::from_utf8_lossy(&out.stdout)), "acked"),
+        50
+    );
+}
