@@ -24,6 +24,8 @@ pub mod book {
     pub struct Delivery;
     #[doc = include_str!("../../book/src/running.md")]
     pub struct Running;
+    #[doc = include_str!("../../book/src/configuration.md")]
+    pub struct Configuration;
     #[doc = include_str!("../../book/src/testing.md")]
     pub struct Testing;
     #[doc = include_str!("../../book/src/sources.md")]

@@ -25,6 +25,7 @@ struct Proc {
 impl Proc {
     fn start(name: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
         let mut cmd = Command::new(BIN);
+        cmd.current_dir(std::env::temp_dir());
         cmd.args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -223,6 +224,41 @@ fn kill_9_of_a_worker_mid_stream_loses_nothing_with_retry() {
 }
 
 #[test]
+fn sigterm_makes_a_worker_finish_what_it_holds_before_leaving() {
+    // Policy None: a message a worker dropped would fail and stay unacked.
+    let cfg = config(
+        "worker-sigterm",
+        "failure_policy = \"none\"\n\n[source.config]\ncount = 20000\npayload_size = 16\n",
+    );
+    let (mut top, addr) = topology(&cfg);
+    let slow = [("TESTBED_SLOW_US", "100")];
+    let _a = worker(&cfg, "a", &addr, &[]);
+    let _c = worker(&cfg, "c", &addr, &[]);
+    let mut b1 = worker(&cfg, "b", &addr, &slow);
+    let _b2 = worker(&cfg, "b", &addr, &slow);
+    b1.wait_for("b: 1000 handled");
+    let pid = b1.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    b1.wait_for("finishing what it holds");
+    top.wait_for("said goodbye");
+    let (code, _) = b1.finish();
+    assert_eq!(code, Some(0));
+    let (code, out) = top.finish();
+    assert_eq!(code, Some(0));
+    let s = summary(&out);
+    assert_eq!(get(&s, "acked"), 20000, "{s:?}");
+    assert_eq!(
+        get(&s, "failed"),
+        0,
+        "nothing the leaving worker held was lost: {s:?}"
+    );
+}
+
+#[test]
 fn wrong_secrets_and_unknown_tasks_are_refused() {
     let cfg = config(
         "refused",
@@ -230,6 +266,7 @@ fn wrong_secrets_and_unknown_tasks_are_refused() {
     );
     let (mut top, addr) = topology(&cfg);
     let out = Command::new(BIN)
+        .current_dir(std::env::temp_dir())
         .args(["task", "a", "--topology", &addr, "--secret", "wrong"])
         .output()
         .unwrap();
@@ -239,6 +276,7 @@ fn wrong_secrets_and_unknown_tasks_are_refused() {
     top.wait_for("refused: wrong secret");
 
     let out = Command::new(BIN)
+        .current_dir(std::env::temp_dir())
         .args(["task", "nope", "--topology", &addr])
         .output()
         .unwrap();
@@ -349,6 +387,7 @@ fn config_errors_name_the_file_the_key_and_the_line() {
         "max_pending = 10\n\n[[task]]\nname = \"bb\"\n\n[source.config]\ncont = 3\n",
     );
     let out = Command::new(BIN)
+        .current_dir(std::env::temp_dir())
         .args(["--config", cfg.to_str().unwrap(), "standalone"])
         .output()
         .unwrap();
@@ -364,6 +403,7 @@ fn config_errors_name_the_file_the_key_and_the_line() {
 
     let cfg = config("bad-source-config", "[source.config]\ncont = 3\n");
     let out = Command::new(BIN)
+        .current_dir(std::env::temp_dir())
         .args(["--config", cfg.to_str().unwrap(), "standalone"])
         .output()
         .unwrap();
@@ -376,6 +416,7 @@ fn config_errors_name_the_file_the_key_and_the_line() {
 
     let cfg = config("no-secret", "host = \"0.0.0.0\"\n");
     let out = Command::new(BIN)
+        .current_dir(std::env::temp_dir())
         .args(["--config", cfg.to_str().unwrap(), "topology"])
         .output()
         .unwrap();
@@ -393,6 +434,7 @@ fn flags_beat_the_environment_which_beats_the_file() {
         "max_pending = 1\n\n[source.config]\ncount = 50\n",
     );
     let out = Command::new(BIN)
+        .current_dir(std::env::temp_dir())
         .args(["--config", cfg.to_str().unwrap(), "standalone"])
         .env("TEMPEST_MAX_PENDING", "0")
         .output()
@@ -405,6 +447,7 @@ fn flags_beat_the_environment_which_beats_the_file() {
         String::from_utf8_lossy(&out.stderr)
     );
     let out = Command::new(BIN)
+        .current_dir(std::env::temp_dir())
         .args([
             "--config",
             cfg.to_str().unwrap(),

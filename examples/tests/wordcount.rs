@@ -33,6 +33,7 @@ fn word_count_counts_every_word_and_acks_every_sentence() {
 #[test]
 fn graph_prints_the_pipeline() {
     let out = Command::new(BIN)
+        .current_dir(std::env::temp_dir())
         .args(["graph", "--format", "mermaid"])
         .output()
         .unwrap();
@@ -40,7 +41,11 @@ fn graph_prints_the_pipeline() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.starts_with("flowchart LR\n"), "{text}");
     assert!(text.contains("t0 --> t1"), "{text}");
-    let out = Command::new(BIN).arg("graph").output().unwrap();
+    let out = Command::new(BIN)
+        .current_dir(std::env::temp_dir())
+        .arg("graph")
+        .output()
+        .unwrap();
     assert!(String::from_utf8(out.stdout)
         .unwrap()
         .contains("\"words\" -> \"report\""));
@@ -48,9 +53,14 @@ fn graph_prints_the_pipeline() {
 
 #[test]
 fn usage_errors_exit_with_2_and_say_why() {
-    let out = Command::new(BIN).arg("frobnicate").output().unwrap();
+    let out = Command::new(BIN)
+        .current_dir(std::env::temp_dir())
+        .arg("frobnicate")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let out = Command::new(BIN)
+        .current_dir(std::env::temp_dir())
         .args(["standalone", "--workers", "nope=2"])
         .output()
         .unwrap();
@@ -61,6 +71,7 @@ fn usage_errors_exit_with_2_and_say_why() {
         "{err}"
     );
     let out = Command::new(BIN)
+        .current_dir(std::env::temp_dir())
         .arg("standalone")
         .env("WORDCOUNT_SENTENCES", "lots")
         .output()
@@ -71,6 +82,7 @@ fn usage_errors_exit_with_2_and_say_why() {
 #[test]
 fn standalone_runs_to_the_end_of_the_source() {
     let out = Command::new(BIN)
+        .current_dir(std::env::temp_dir())
         .arg("standalone")
         .env("WORDCOUNT_SENTENCES", "5000")
         .env("RUST_LOG", "info")
@@ -87,6 +99,7 @@ fn standalone_runs_to_the_end_of_the_source() {
 #[test]
 fn sigterm_stops_gracefully_and_acks_what_was_in_flight() {
     let mut child = Command::new(BIN)
+        .current_dir(std::env::temp_dir())
         .arg("standalone")
         .env("WORDCOUNT_SENTENCES", "1000000000000")
         .env("RUST_LOG", "info")

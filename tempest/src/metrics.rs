@@ -43,6 +43,8 @@ pub mod names {
     pub const TASK_BATCHES: &str = "tempest.task.batches";
     /// Counter (per task): nanoseconds spent handling batches.
     pub const TASK_HANDLE_NANOS: &str = "tempest.task.handle_nanos";
+    /// Gauge (per task): workers connected (threads or remote sessions).
+    pub const TASK_WORKERS: &str = "tempest.task.workers";
     /// Gauge (per task): task messages waiting for a worker.
     pub const TASK_QUEUE_DEPTH: &str = "tempest.task.queue_depth";
 }

@@ -46,6 +46,8 @@ pub struct Stats {
     pub inflight: usize,
     /// The most source messages ever in flight at once.
     pub max_inflight: usize,
+    /// Connected workers per task (in-process threads or remote sessions).
+    pub workers: Vec<(String, usize)>,
 }
 
 /// What happened to one source message (recorded by the test harness).
@@ -242,6 +244,12 @@ impl PipelineActor {
 
     fn current_stats(&self) -> Stats {
         Stats {
+            workers: self
+                .task_names
+                .iter()
+                .cloned()
+                .zip(self.workers_per_task())
+                .collect(),
             inflight: self.tracker.len(),
             max_inflight: self.tracker.high_water(),
             retried: self.tracker.retried(),
@@ -388,9 +396,11 @@ impl PipelineActor {
         m.incr(names::STALE_RESULTS, now.stale_results - old.stale_results);
         m.gauge(names::MSGS_INFLIGHT, now.inflight as i64);
         m.gauge(names::MSGS_INFLIGHT_MAX, now.max_inflight as i64);
+        let workers = self.workers_per_task();
         for (t, q) in self.ready.iter().enumerate() {
-            m.with_label("task", self.task_names[t].clone())
-                .gauge(names::TASK_QUEUE_DEPTH, q.len() as i64);
+            let task = m.with_label("task", self.task_names[t].clone());
+            task.gauge(names::TASK_QUEUE_DEPTH, q.len() as i64);
+            task.gauge(names::TASK_WORKERS, workers[t] as i64);
         }
     }
 }
