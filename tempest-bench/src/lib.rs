@@ -157,6 +157,10 @@ pub struct BenchSource {
     poll_nanos: Vec<u64>,
     acked: Vec<bool>,
     warmup_nanos: u64,
+    report: bool,
+    /// (time of the first ack, acks before it) and the time of the last.
+    first_ack: Option<(u64, u64)>,
+    last_ack: u64,
     recorder: Arc<Recorder>,
 }
 
@@ -178,6 +182,10 @@ pub struct BenchSourceConfig {
     /// Leave messages polled in the first this-many seconds out of the
     /// latency histogram (start-up: threads starting, first page faults).
     pub warmup_s: f64,
+    /// At shutdown, print what was measured as one JSON line on stdout
+    /// (for runs in a separate topology process).
+    #[serde(default)]
+    pub report: bool,
 }
 
 impl BenchSource {
@@ -214,6 +222,9 @@ impl Source for BenchSource {
             poll_nanos: vec![0; n],
             acked: vec![false; n],
             warmup_nanos: (config.warmup_s.max(0.0) * 1e9) as u64,
+            report: config.report,
+            first_ack: None,
+            last_ack: 0,
             recorder: Arc::new(Recorder::new()?),
         })
     }
@@ -264,6 +275,10 @@ impl Source for BenchSource {
 
     fn batch_ack(&mut self, ids: &[MsgId]) -> Result<(), SourceError> {
         let now_ns = self.start.map_or(0, |s| s.elapsed().as_nanos() as u64);
+        if self.first_ack.is_none() {
+            self.first_ack = Some((now_ns, ids.len() as u64));
+        }
+        self.last_ack = now_ns;
         let mut hist = self
             .recorder
             .latency
@@ -299,6 +314,66 @@ impl Source for BenchSource {
     fn exhausted(&self) -> bool {
         self.next == self.total
     }
+
+    fn shutdown(&mut self) -> Result<(), SourceError> {
+        if self.report {
+            let m = self.measured();
+            match serde_json::to_string(&m) {
+                Ok(line) => println!("{line}"),
+                Err(e) => return Err(SourceError::failed_with("encoding the report", e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl BenchSource {
+    /// What this source measured: acks, the rate between the first and the
+    /// last ack, latency, and this process's peak RSS.
+    pub fn measured(&self) -> Measured {
+        let acked = self.recorder.acked.load(Ordering::Relaxed);
+        let hist = self
+            .recorder
+            .latency
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let us = |q: f64| hist.value_at_quantile(q) as f64 / 1_000.0;
+        let (first, before) = self.first_ack.unwrap_or((0, 0));
+        let window = (self.last_ack.saturating_sub(first)) as f64 / 1e9;
+        Measured {
+            acked,
+            all_acked: acked == self.total
+                && self.recorder.duplicate_or_unknown.load(Ordering::Relaxed) == 0,
+            elapsed_s: self.last_ack as f64 / 1e9,
+            rate: (acked.saturating_sub(before)) as f64 / window.max(1e-9),
+            p50_us: us(0.5),
+            p99_us: us(0.99),
+            p999_us: us(0.999),
+            max_us: hist.max() as f64 / 1_000.0,
+            peak_rss_kib: rss_kib().1,
+            rss_samples: Vec::new(),
+        }
+    }
+}
+
+/// The benchmark topology as a package: `tempest-bench pkg ...` runs it
+/// with `tempest::rt`, configured by `[source.config]` (a
+/// [`BenchSourceConfig`]).
+pub fn package() -> TopologyBuilder {
+    TopologyBuilder::new("bench-distributed")
+        .source_config::<BenchSource>(BenchSourceConfig {
+            messages: 1_000_000,
+            payload: 100,
+            copy: false,
+            rate: None,
+            track: true,
+            warmup_s: 0.5,
+            report: true,
+        })
+        .pipeline(pipeline(Shape::Linear))
+        .failure_policy(FailurePolicy::None)
+        .msg_timeout(Duration::from_secs(600))
 }
 
 /// Passes every message on unchanged.
@@ -397,6 +472,7 @@ pub fn run_scenario(params: &Params) -> Result<Measured, tempest::Error> {
         rate: params.rate,
         track: params.track,
         warmup_s: params.warmup_s,
+        report: false,
     })
     .map_err(|e| tempest::Error::Source {
         name: "bench".into(),
@@ -520,6 +596,7 @@ pub fn memory_probe(max_pending: usize) -> Result<u64, tempest::Error> {
         rate: None,
         track: false,
         warmup_s: 0.0,
+        report: false,
     })
     .map_err(|e| tempest::Error::Source {
         name: "bench".into(),

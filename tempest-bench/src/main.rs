@@ -50,11 +50,28 @@ enum Cmd {
         #[arg(long, default_value_t = 1_000_000)]
         inflight: usize,
     },
+    /// The linear topology distributed: one topology process and one task
+    /// process per task on loopback.
+    Distributed {
+        /// Source messages.
+        #[arg(long, default_value_t = 2_000_000)]
+        messages: u64,
+        /// Pace the source to this many messages per second.
+        #[arg(long)]
+        rate: Option<f64>,
+    },
     /// Runs one measurement from JSON parameters (used by `all`).
     #[command(hide = true)]
     Child {
         /// The JSON-encoded parameters.
         params: String,
+    },
+    /// Runs the benchmark topology as a package (used by `distributed`).
+    #[command(hide = true)]
+    Pkg {
+        /// The package's command line.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
     },
 }
 
@@ -147,6 +164,105 @@ fn scenario(p: Params) -> anyhow::Result<Measured> {
     }
 }
 
+/// What a distributed run measured, and the topology process's bytes read
+/// and written per message.
+struct Distributed {
+    m: Measured,
+    wire_bytes_per_msg: f64,
+}
+
+/// Bytes sent over the loopback interface so far (Linux `/proc/net/dev`).
+fn loopback_bytes() -> u64 {
+    std::fs::read_to_string("/proc/net/dev")
+        .ok()
+        .and_then(|dev| {
+            dev.lines()
+                .find(|l| l.trim_start().starts_with("lo:"))
+                .and_then(|l| l.split(':').nth(1))
+                .and_then(|rest| rest.split_whitespace().nth(8))
+                .and_then(|tx| tx.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Runs the linear topology as 1 topology process + 1 task process per
+/// task on loopback; every process is this binary running `pkg`.
+fn distributed(messages: u64, rate: Option<f64>, warmup_s: f64) -> anyhow::Result<Distributed> {
+    use std::io::BufRead as _;
+    let exe = std::env::current_exe().context("finding this binary")?;
+    let dir = std::env::temp_dir().join(format!(
+        "tempest-bench-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("Topology.toml");
+    let rate_line = rate.map(|r| format!("rate = {r:.1}\n")).unwrap_or_default();
+    std::fs::write(
+        &config,
+        format!(
+            "failure_policy = \"none\"\nmsg_timeout = 600000\nmax_pending = 16384\n\n[source.config]\nmessages = {messages}\npayload = 100\ncopy = false\ntrack = true\nwarmup_s = {warmup_s:.1}\nreport = true\n{rate_line}"
+        ),
+    )?;
+    let cfg = config.to_string_lossy().to_string();
+    let lo_before = loopback_bytes();
+    let mut topology = Command::new(&exe)
+        .args(["pkg", "--config", &cfg, "topology", "--port", "0"])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting the topology process")?;
+    let stderr = topology.stderr.take().context("the topology's stderr")?;
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let mut addr = None;
+    for line in lines.by_ref() {
+        let line = line?;
+        if let Some(rest) = line.split("Listening for task workers on ").nth(1) {
+            addr = rest.split([' ', ';']).next().map(str::to_string);
+            break;
+        }
+    }
+    let addr = addr.context("the topology process never listened")?;
+    std::thread::spawn(move || lines.for_each(drop));
+    let mut workers = Vec::new();
+    for task in ["a", "b", "c"] {
+        workers.push(
+            Command::new(&exe)
+                .args(["pkg", "--config", &cfg, "task", task, "--topology", &addr])
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .context("starting a task process")?,
+        );
+    }
+    let out = topology
+        .wait_with_output()
+        .context("waiting for the topology")?;
+    for mut w in workers {
+        let _ = w.wait();
+    }
+    let lo_bytes = loopback_bytes().saturating_sub(lo_before);
+    let _ = std::fs::remove_dir_all(&dir);
+    if !out.status.success() {
+        bail!("the topology process failed: {:?}", out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .with_context(|| format!("no report from the topology process in {text:?}"))?;
+    let m: Measured = serde_json::from_str(line)?;
+    Ok(Distributed {
+        wire_bytes_per_msg: lo_bytes as f64 / messages.max(1) as f64,
+        m,
+    })
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -232,6 +348,8 @@ fn all(smoke: bool, rounds: usize) -> anyhow::Result<String> {
     let mut base_rates = Vec::new();
     let mut base_rss = 0;
     let mut runs: Vec<Vec<Measured>> = vec![Vec::new(); shapes.len()];
+    let dist_msgs = 2_000_000u64;
+    let mut dist_runs: Vec<Distributed> = Vec::new();
     for round in 0..rounds {
         eprintln!("round {}/{rounds}: baseline", round + 1);
         match in_child(&Job::Baseline {
@@ -247,6 +365,8 @@ fn all(smoke: bool, rounds: usize) -> anyhow::Result<String> {
             eprintln!("round {}/{rounds}: {name}", round + 1);
             runs[i].push(scenario(new(*shape, big(*n)))?);
         }
+        eprintln!("round {}/{rounds}: distributed", round + 1);
+        dist_runs.push(distributed(big(dist_msgs), None, warmup_s)?);
     }
     let base = median(base_rates.clone());
     let mut rows = vec![Row {
@@ -315,6 +435,28 @@ fn all(smoke: bool, rounds: usize) -> anyhow::Result<String> {
         ratio: None,
         m: lat.clone(),
     });
+
+    // Distributed: the median of the rounds, then latency at half its rate.
+    let dist_rate = median(dist_runs.iter().map(|d| d.m.rate).collect());
+    let dist_wire = median(dist_runs.iter().map(|d| d.wire_bytes_per_msg).collect());
+    let dist_all_acked = dist_runs.iter().all(|d| d.m.all_acked);
+    let dist_p99_full = median(dist_runs.iter().map(|d| d.m.p99_us).collect());
+    let dist_half = (dist_rate / 2.0).max(1000.0);
+    let mut dist_lats = Vec::new();
+    for round in 0..rounds {
+        eprintln!(
+            "round {}/{rounds}: distributed latency at {dist_half:.0} msgs/s",
+            round + 1
+        );
+        dist_lats.push(distributed(
+            (dist_half * secs) as u64,
+            Some(dist_half),
+            warmup_s,
+        )?);
+    }
+    let dist_p50 = median(dist_lats.iter().map(|d| d.m.p50_us).collect());
+    let dist_p99 = median(dist_lats.iter().map(|d| d.m.p99_us).collect());
+    let dist_lat_acked = dist_lats.iter().all(|d| d.m.all_acked);
 
     // Scaling: workers per task and payload sizes (payloads allocated per message).
     let mut scaling = Vec::new();
@@ -387,6 +529,9 @@ fn all(smoke: bool, rounds: usize) -> anyhow::Result<String> {
             ));
         }
     }
+    if !(dist_all_acked && dist_lat_acked) {
+        failures.push("distributed: not every message was acked exactly once".into());
+    }
     if !soak.all_acked {
         failures.push("soak: acks do not match reads".into());
     }
@@ -458,6 +603,48 @@ fn all(smoke: bool, rounds: usize) -> anyhow::Result<String> {
             ))
         )?;
     }
+    writeln!(
+        md,
+        "\n## Distributed: 1 topology process + 1 task process per task, loopback TCP\n"
+    )?;
+    writeln!(md, "| measure | value | command |")?;
+    writeln!(md, "| --- | --- | --- |")?;
+    writeln!(
+        md,
+        "| linear, acked msgs/s (median of {rounds}) | {} ({:.0}% of standalone linear in the same run) | {} |",
+        fmt_rate(dist_rate),
+        dist_rate / linear_rate.max(1.0) * 100.0,
+        cmd(&format!("distributed --messages {}", big(dist_msgs)))
+    )?;
+    writeln!(
+        md,
+        "| p99 at full load | {} | (same runs) |",
+        fmt_us(dist_p99_full)
+    )?;
+    writeln!(
+        md,
+        "| latency at 50% load ({}): p50 / p99 | {} / {} | {} |",
+        fmt_rate(dist_half),
+        fmt_us(dist_p50),
+        fmt_us(dist_p99),
+        cmd(&format!(
+            "distributed --rate {dist_half:.0} --messages {}",
+            (dist_half * secs) as u64
+        ))
+    )?;
+    writeln!(
+        md,
+        "| bytes on the wire per message (loopback, TCP/IP headers included, 100-byte payloads, 3 hops) | {dist_wire:.0} | (same runs) |"
+    )?;
+    writeln!(
+        md,
+        "| all acked | {} | |",
+        if dist_all_acked && dist_lat_acked {
+            "yes"
+        } else {
+            "NO"
+        }
+    )?;
     writeln!(md, "\n## Memory\n")?;
     writeln!(md, "| measure | value | command |")?;
     writeln!(md, "| --- | --- | --- |")?;
@@ -510,6 +697,16 @@ fn all(smoke: bool, rounds: usize) -> anyhow::Result<String> {
                 fmt_us(lat.p99_us),
                 lat.p99_us <= 10_000.0,
             ),
+            (
+                "distributed linear ≥ 300,000 msgs/s",
+                fmt_rate(dist_rate),
+                dist_rate >= 3e5,
+            ),
+            (
+                "distributed p99 ≤ 20 ms at 50% load",
+                fmt_us(dist_p99),
+                dist_p99 <= 20_000.0,
+            ),
         ];
         for (t, m, ok) in targets {
             writeln!(md, "| {t} | {m} | {} |", if ok { "yes" } else { "NO" })?;
@@ -553,6 +750,17 @@ fn main() -> ExitCode {
             run_job(&Job::Baseline { messages }).and_then(|r| print_json(&r))
         }
         Cmd::Memory { inflight } => run_job(&Job::Memory { inflight }).and_then(|r| print_json(&r)),
+        Cmd::Pkg { args } => {
+            let args = std::iter::once(std::ffi::OsString::from("tempest-bench pkg")).chain(args);
+            return tempest::rt::run_from(tempest_bench::package(), args);
+        }
+        Cmd::Distributed { messages, rate } => distributed(messages, rate, 0.5).map(|d| {
+            println!(
+                "{{\"distributed\":{},\"wire_bytes_per_msg\":{:.1}}}",
+                serde_json::to_string(&d.m).unwrap_or_default(),
+                d.wire_bytes_per_msg
+            );
+        }),
         Cmd::Child { params } => serde_json::from_str::<Job>(&params)
             .context("reading the job")
             .and_then(|job| run_job(&job))

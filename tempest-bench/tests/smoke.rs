@@ -24,6 +24,8 @@ fn all_scenarios_run_and_ack_everything() {
         "| 65536 B | 4 |",
         "runtime memory per in-flight message",
         "RSS of an endless linear run",
+        "## Distributed: 1 topology process + 1 task process per task",
+        "bytes on the wire per message",
     ] {
         assert!(report.contains(needle), "missing {needle:?} in\n{report}");
     }
