@@ -469,3 +469,63 @@ fn flags_beat_the_environment_which_beats_the_file() {
         50
     );
 }
+
+#[test]
+fn workers_reconnect_to_a_restarted_topology() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = config(
+        "restart",
+        &format!(
+            "port = {port}\nheartbeat = 200\n\n[source.config]\ncount = 1000000000\nopen = true\n"
+        ),
+    );
+    let start =
+        |name: &str| Proc::start(name, &["--config", cfg.to_str().unwrap(), "topology"], &[]);
+    let mut first = start("first topology");
+    first.wait_for("Listening for task workers on");
+    let addr = format!("127.0.0.1:{port}");
+    let slow = [("TESTBED_SLOW_US", "50")];
+    let mut workers: Vec<Proc> = ["a", "b", "c"]
+        .iter()
+        .map(|t| worker(&cfg, t, &addr, &slow))
+        .collect();
+    workers[1].wait_for("b: 1000 handled");
+    first.kill_9();
+    for w in &mut workers {
+        w.wait_for("lost its connection");
+    }
+    let mut second = start("second topology");
+    second.wait_for("Listening for task workers on");
+    for w in &mut workers {
+        w.wait_for("joined the topology");
+    }
+    second.wait_for("Worker 2 joined task");
+    // Work flows again: stop the second topology gracefully and check it
+    // acked what it read.
+    let pid = second.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let line = second.wait_for("stopped (shutdown was requested)");
+    let (code, out) = second.finish();
+    assert_eq!(code, Some(0));
+    let s = summary(&out);
+    assert!(get(&s, "acked") > 0, "{line}");
+    assert_eq!(get(&s, "failed"), 0, "{line}");
+    assert_eq!(
+        get(&s, "unacked"),
+        0,
+        "graceful: everything read was acked; {line}"
+    );
+    for w in workers {
+        let name = w.name.clone();
+        let (code, _) = w.finish();
+        assert_eq!(code, Some(0), "{name}");
+    }
+}
