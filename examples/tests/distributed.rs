@@ -194,24 +194,33 @@ fn one_topology_and_four_worker_processes_ack_everything() {
     }
 }
 
+/// A topology with workers for a and c and two slow workers for b; returns
+/// once the first b worker has handled 1,000 messages.
+fn two_slow_b_workers(cfg: &Path) -> (Proc, String, Proc, Vec<Proc>) {
+    let (top, addr) = topology(cfg);
+    let slow = [("TESTBED_SLOW_US", "100")];
+    let others = vec![
+        worker(cfg, "a", &addr, &[]),
+        worker(cfg, "c", &addr, &[]),
+        worker(cfg, "b", &addr, &slow),
+    ];
+    let mut b1 = worker(cfg, "b", &addr, &slow);
+    b1.wait_for("b: 1000 handled");
+    (top, addr, b1, others)
+}
+
 #[test]
 fn kill_9_of_a_worker_mid_stream_loses_nothing_with_retry() {
     let cfg = config(
         "kill-9",
         "failure_policy = { retry = 5 }\nretry_backoff = 10\nheartbeat = 200\n\n[source.config]\ncount = 20000\npayload_size = 16\n",
     );
-    let (mut top, addr) = topology(&cfg);
-    let slow = [("TESTBED_SLOW_US", "100")];
-    let _a = worker(&cfg, "a", &addr, &[]);
-    let _c = worker(&cfg, "c", &addr, &[]);
-    let mut b1 = worker(&cfg, "b", &addr, &slow);
-    let _b2 = worker(&cfg, "b", &addr, &slow);
-    b1.wait_for("b: 1000 handled");
+    let (mut top, addr, mut b1, _others) = two_slow_b_workers(&cfg);
     b1.kill_9();
     // The topology notices at once and hands what b1 held to the policy.
     top.wait_for("was lost holding");
     // A replacement joins mid-run and gets work.
-    let mut b3 = worker(&cfg, "b", &addr, &slow);
+    let mut b3 = worker(&cfg, "b", &addr, &[("TESTBED_SLOW_US", "100")]);
     b3.wait_for("joined the topology");
     b3.wait_for("b: 1000 handled");
     let (code, out) = top.finish();
@@ -230,13 +239,7 @@ fn sigterm_makes_a_worker_finish_what_it_holds_before_leaving() {
         "worker-sigterm",
         "failure_policy = \"none\"\n\n[source.config]\ncount = 20000\npayload_size = 16\n",
     );
-    let (mut top, addr) = topology(&cfg);
-    let slow = [("TESTBED_SLOW_US", "100")];
-    let _a = worker(&cfg, "a", &addr, &[]);
-    let _c = worker(&cfg, "c", &addr, &[]);
-    let mut b1 = worker(&cfg, "b", &addr, &slow);
-    let _b2 = worker(&cfg, "b", &addr, &slow);
-    b1.wait_for("b: 1000 handled");
+    let (mut top, _addr, mut b1, _others) = two_slow_b_workers(&cfg);
     let pid = b1.child.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])

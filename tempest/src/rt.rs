@@ -301,16 +301,7 @@ fn execute(mut builder: TopologyBuilder, cli: Cli) -> Result<ExitCode, Error> {
                 builder = builder.workers(task, count);
             }
             let topology = builder.build()?;
-            install_signal_handlers(&handle)?;
-            let report = standalone::run(
-                topology,
-                RunOptions {
-                    deadline: run_for_secs.map(Duration::from_secs),
-                    handle: Some(handle),
-                    ..RunOptions::default()
-                },
-            )?;
-            Ok(summarize(&report))
+            serve_until_stopped(topology, handle, run_for_secs, None)
         }
         Command::Topology {
             delivery,
@@ -349,18 +340,7 @@ fn execute(mut builder: TopologyBuilder, cli: Cli) -> Result<ExitCode, Error> {
                     file.handshake_timeout.unwrap_or(5000).max(1),
                 ),
             };
-            install_signal_handlers(&handle)?;
-            let report = standalone::run(
-                topology,
-                RunOptions {
-                    deadline: run_for_secs.map(Duration::from_secs),
-                    handle: Some(handle),
-                    local_workers: false,
-                    serve: Some(serve),
-                    ..RunOptions::default()
-                },
-            )?;
-            Ok(summarize(&report))
+            serve_until_stopped(topology, handle, run_for_secs, Some(serve))
         }
         Command::Task {
             name,
@@ -421,6 +401,28 @@ fn execute(mut builder: TopologyBuilder, cli: Cli) -> Result<ExitCode, Error> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Runs the topology (standalone without `serve`, a topology process with
+/// it) until it stops; logs the summary.
+fn serve_until_stopped(
+    topology: crate::topology::Topology,
+    handle: RuntimeHandle,
+    run_for_secs: Option<u64>,
+    serve: Option<ServeOptions>,
+) -> Result<ExitCode, Error> {
+    install_signal_handlers(&handle)?;
+    let report = standalone::run(
+        topology,
+        RunOptions {
+            deadline: run_for_secs.map(Duration::from_secs),
+            handle: Some(handle),
+            local_workers: serve.is_none(),
+            serve,
+            ..RunOptions::default()
+        },
+    )?;
+    Ok(summarize(&report))
 }
 
 fn summarize(report: &RunReport) -> ExitCode {
