@@ -643,6 +643,30 @@ mod tests {
     }
 
     #[test]
+    fn every_frame_survives_every_split_point() {
+        let mut codec = WireCodec::with_max(DEFAULT_MAX_FRAME);
+        for frame in sample_frames() {
+            let wire = frame.to_wire();
+            for cut in 0..=wire.len() {
+                let mut buf = BytesMut::from(&wire[..cut]);
+                let early = codec.decode(&mut buf).unwrap();
+                if cut < wire.len() {
+                    assert!(
+                        early.is_none(),
+                        "{frame:?} decoded from {cut} of {} bytes",
+                        wire.len()
+                    );
+                    buf.extend_from_slice(&wire[cut..]);
+                    assert_eq!(codec.decode(&mut buf).unwrap(), Some(frame.clone()));
+                } else {
+                    assert_eq!(early, Some(frame.clone()));
+                }
+                assert!(buf.is_empty());
+            }
+        }
+    }
+
+    #[test]
     fn a_partial_frame_is_not_an_error() {
         let mut codec = WireCodec::with_max(DEFAULT_MAX_FRAME);
         let mut buf = BytesMut::new();
