@@ -1,12 +1,19 @@
 //! Redis sources for Tempest.
 //!
-//! This crate depends on `tempest-source` only, never on the runtime.
+//! This crate depends on `tempest-source` and the `redis` crate only, never
+//! on the runtime.
 //!
-//! **Status:** this version holds the typed, validated configuration of the
-//! Redis Streams source ([`RedisStreamConfig`], read from `[source.config]`).
-//! The source itself (consumer groups, batched `XACK`, pending-entry
-//! reclaim and dead-lettering) and the reliable-list source are not in this
-//! version yet; until they are, use the mock source or a source of your own.
+//! - [`RedisStreamSource`]: a Redis Streams consumer group. Reads with
+//!   `XREADGROUP … BLOCK`, acks with one `XACK` per batch, re-reads its own
+//!   pending entries after a restart, reclaims entries idle too long from
+//!   dead consumers with `XAUTOCLAIM`, and dead-letters entries delivered
+//!   more than `max_deliveries` times to `<key>:dead`, atomically.
+//! - [`RedisListSource`]: the reliable-queue pattern on a list: `BLMOVE`
+//!   to a per-consumer processing list, ack by `LREM`, redelivery of what
+//!   was left in the processing list at start, the same dead-letter rule.
+//!
+//! Both reconnect with backoff when the server goes away (they report the
+//! error as retryable and `healthy()` turns false until they are back).
 //!
 //! ```
 //! use tempest_source_redis::RedisStreamConfig;
@@ -19,6 +26,13 @@
 //! config.validate().unwrap();
 //! assert_eq!(config.count, 1000);
 //! ```
+
+mod list;
+mod reply;
+mod stream;
+
+pub use list::{RedisListConfig, RedisListSource};
+pub use stream::{PendingAction, RedisStreamSource};
 
 use serde::Deserialize;
 use tempest_source::{AckPolicy, SourceError};
@@ -68,8 +82,20 @@ pub struct RedisStreamConfig {
     /// milliseconds.
     #[serde(default = "default_max_backoff_ms")]
     pub max_backoff_ms: u64,
+    /// The entry field that holds the message (default `payload`). An
+    /// entry without it is dead-lettered.
+    #[serde(default = "default_field")]
+    pub field: String,
+    /// What to do with entries idle longer than `claim_min_idle_ms`:
+    /// `claim` them and run them again (default), `ack` them (drop), or
+    /// `delete` them (ack and XDEL).
+    #[serde(default)]
+    pub on_pending: PendingAction,
 }
 
+fn default_field() -> String {
+    "payload".to_string()
+}
 fn default_count() -> usize {
     1000
 }
@@ -99,6 +125,28 @@ fn default_max_backoff_ms() -> u64 {
 }
 
 impl RedisStreamConfig {
+    /// A config with defaults for everything but the server, key and group.
+    pub fn new(uri: impl Into<String>, key: impl Into<String>, group: impl Into<String>) -> Self {
+        RedisStreamConfig {
+            uri: uri.into(),
+            key: key.into(),
+            group: group.into(),
+            consumer: None,
+            count: default_count(),
+            block_ms: default_block_ms(),
+            group_start_id: default_group_start_id(),
+            ack_policy: default_ack_policy(),
+            ack_interval_ms: default_ack_interval_ms(),
+            claim_min_idle_ms: default_claim_min_idle_ms(),
+            max_deliveries: default_max_deliveries(),
+            dead_letter_key: None,
+            poll_interval_ms: default_poll_interval_ms(),
+            max_backoff_ms: default_max_backoff_ms(),
+            field: default_field(),
+            on_pending: PendingAction::default(),
+        }
+    }
+
     /// The dead-letter stream's key.
     pub fn dead_letter_key(&self) -> String {
         self.dead_letter_key
@@ -142,6 +190,9 @@ impl RedisStreamConfig {
         if self.max_deliveries == 0 {
             problems.push("max_deliveries must be at least 1".to_string());
         }
+        if self.field.is_empty() {
+            problems.push("field must not be empty".to_string());
+        }
         if self.dead_letter_key() == self.key {
             problems.push("dead_letter_key must differ from key".to_string());
         }
@@ -154,6 +205,22 @@ impl RedisStreamConfig {
             )))
         }
     }
+}
+
+/// The default consumer name: stable for this host and program, so a
+/// restarted topology first re-reads its own pending entries.
+pub fn default_consumer() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string());
+    let program = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "tempest".to_string());
+    format!("{host}-{program}")
 }
 
 /// Whether `id` is `$`, or a stream id `MS` or `MS-SEQ`.

@@ -37,6 +37,7 @@ pub(crate) struct SourceActor {
     finished: bool,
     empty_polls: u64,
     polls: u64,
+    ack_failures: u64,
 }
 
 impl SourceActor {
@@ -70,6 +71,7 @@ impl SourceActor {
             finished: false,
             empty_polls: 0,
             polls: 0,
+            ack_failures: 0,
         }
     }
 
@@ -197,10 +199,15 @@ impl SourceActor {
                 } else {
                     self.acks.extend(ids);
                 }
+                // Take the full batches out first: a failed batch_ack puts
+                // its ids back for the next flush, not into this loop.
+                let mut full = Vec::new();
                 while self.acks.len() >= n {
                     let rest = self.acks.split_off(n);
-                    let full = std::mem::replace(&mut self.acks, rest);
-                    self.batch_ack(full);
+                    full.push(std::mem::replace(&mut self.acks, rest));
+                }
+                for batch in full {
+                    self.batch_ack(batch);
                 }
             }
         }
@@ -215,13 +222,23 @@ impl SourceActor {
 
     fn batch_ack(&mut self, ids: Vec<MsgId>) {
         self.metrics.incr(names::SOURCE_ACK_CALLS, 1);
-        if let Err(e) = self.source.batch_ack(&ids) {
+        let result = self.source.batch_ack(&ids);
+        if result.is_ok() && self.ack_failures > 0 {
+            log::info!("Acking at source {} works again.", self.source.name());
+            self.ack_failures = 0;
+        }
+        if let Err(e) = result {
             if e.is_retryable() && self.acks.len() < self.settings.poll_count * 64 {
-                log::warn!(
-                    "Acking {} message(s) at source {} failed ({e}); retrying.",
-                    ids.len(),
-                    self.source.name()
-                );
+                self.ack_failures += 1;
+                if self.ack_failures == 1 || self.ack_failures % 100 == 0 {
+                    log::warn!(
+                        "Acking {} message(s) at source {} failed ({e}); retrying ({} failure(s) so far).",
+                        ids.len(),
+                        self.source.name(),
+                        self.ack_failures
+                    );
+                }
+                self.connected = self.source.healthy();
                 self.acks.extend(ids);
             } else {
                 log::error!(

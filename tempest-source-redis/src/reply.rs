@@ -1,0 +1,113 @@
+//! Reading Redis replies without panicking on anything the server sends.
+
+use redis::{RedisError, Value};
+use tempest_source::SourceError;
+
+/// The bytes of a string-like reply.
+pub(crate) fn bytes(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+/// A string-like reply as text.
+pub(crate) fn text(v: &Value) -> Option<String> {
+    bytes(v).map(|b| String::from_utf8_lossy(b).into_owned())
+}
+
+/// An integer reply (or an integer sent as a string).
+pub(crate) fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(n) => Some(*n),
+        other => text(other)?.parse().ok(),
+    }
+}
+
+/// The items of an array reply; nil is empty.
+pub(crate) fn items(v: &Value) -> &[Value] {
+    match v {
+        Value::Array(a) | Value::Set(a) => a,
+        _ => &[],
+    }
+}
+
+/// One stream entry: its id and, unless its data was trimmed away, its
+/// fields.
+pub(crate) struct Entry {
+    pub id: String,
+    pub fields: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+}
+
+impl Entry {
+    pub fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .as_ref()?
+            .iter()
+            .find(|(k, _)| k == name.as_bytes())
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+/// `[[id, [field, value, …]] …]` (nil fields: trimmed).
+pub(crate) fn entries(v: &Value) -> Vec<Entry> {
+    items(v)
+        .iter()
+        .filter_map(|e| {
+            let parts = items(e);
+            let id = text(parts.first()?)?;
+            let fields = match parts.get(1) {
+                Some(Value::Array(kv)) => Some(
+                    kv.chunks(2)
+                        .filter_map(|p| {
+                            Some((bytes(p.first()?)?.to_vec(), bytes(p.get(1)?)?.to_vec()))
+                        })
+                        .collect(),
+                ),
+                Some(Value::Map(kv)) => Some(
+                    kv.iter()
+                        .filter_map(|(k, v)| Some((bytes(k)?.to_vec(), bytes(v)?.to_vec())))
+                        .collect(),
+                ),
+                _ => None,
+            };
+            Some(Entry { id, fields })
+        })
+        .collect()
+}
+
+/// The entries of an `XREADGROUP` reply for one stream (nil: none).
+pub(crate) fn read_group(v: &Value) -> Vec<Entry> {
+    match v {
+        Value::Map(streams) => streams.first().map(|(_, e)| entries(e)).unwrap_or_default(),
+        other => items(other)
+            .first()
+            .map(|stream| entries(items(stream).get(1).unwrap_or(&Value::Nil)))
+            .unwrap_or_default(),
+    }
+}
+
+/// Turns a Redis error into a source error: connection trouble is
+/// retryable, anything else is not.
+pub(crate) fn source_error(what: impl Into<String>, e: RedisError) -> SourceError {
+    if is_connection_error(&e) || is_transient(&e) {
+        SourceError::unavailable(what, e)
+    } else {
+        SourceError::failed_with(what, e)
+    }
+}
+
+/// Whether the error means the connection is gone.
+pub(crate) fn is_connection_error(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
+}
+
+/// Server errors that pass by themselves: the server is loading its data,
+/// busy with a script, failing over.
+pub(crate) fn is_transient(e: &RedisError) -> bool {
+    matches!(
+        e.code(),
+        Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN" | "READONLY")
+    )
+}
