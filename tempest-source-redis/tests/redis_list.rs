@@ -36,7 +36,11 @@ impl Task for Work {
 
 fn push(conn: &mut redis::Connection, key: &str, items: impl IntoIterator<Item = String>) {
     let items: Vec<String> = items.into_iter().collect();
-    redis::cmd("LPUSH").arg(key).arg(&items).query::<i64>(conn).unwrap();
+    redis::cmd("LPUSH")
+        .arg(key)
+        .arg(&items)
+        .query::<i64>(conn)
+        .unwrap();
 }
 
 fn llen(conn: &mut redis::Connection, key: &str) -> i64 {
@@ -58,15 +62,22 @@ fn every_message_is_processed_and_acked() {
     let key = unique_key("list-all");
     let mut conn = server.conn();
     push(&mut conn, &key, (0..2000).map(|i| format!("m{i}")));
-    let work = Work { seen: Arc::default(), poison: None };
+    let work = Work {
+        seen: Arc::default(),
+        poison: None,
+    };
     let seen = Arc::clone(&work.seen);
     let source = RedisListSource::from_config(config(&server, &key)).unwrap();
     let processing = source.processing_key().to_string();
-    let report = TestRun::new(TopologyBuilder::new("list").source(source).pipeline(Pipeline::new().task(work)))
-        .until(|s| s.acked >= 2000)
-        .deadline(Duration::from_secs(60))
-        .run()
-        .unwrap();
+    let report = TestRun::new(
+        TopologyBuilder::new("list")
+            .source(source)
+            .pipeline(Pipeline::new().task(work)),
+    )
+    .until(|s| s.acked >= 2000)
+    .deadline(Duration::from_secs(60))
+    .run()
+    .unwrap();
     assert_eq!(report.stats.acked, 2000);
     assert_eq!(llen(&mut conn, &key), 0);
     assert_eq!(llen(&mut conn, &processing), 0, "everything acked");
@@ -82,9 +93,16 @@ fn messages_left_in_processing_are_redelivered_at_start_and_poison_is_dead_lette
     // A previous run of consumer c1 left two messages in its processing list.
     let probe = RedisListSource::from_config(config(&server, &key)).unwrap();
     let processing = probe.processing_key().to_string();
-    push(&mut conn, &processing, ["left-1".to_string(), "poison".to_string()]);
+    push(
+        &mut conn,
+        &processing,
+        ["left-1".to_string(), "poison".to_string()],
+    );
     push(&mut conn, &key, ["new-1".to_string()]);
-    let work = Work { seen: Arc::default(), poison: Some("poison") };
+    let work = Work {
+        seen: Arc::default(),
+        poison: Some("poison"),
+    };
     let seen = Arc::clone(&work.seen);
     let dead = format!("{key}:dead");
     // Runs until the poison message has gone to the dead list: each run
@@ -109,10 +127,27 @@ fn messages_left_in_processing_are_redelivered_at_start_and_poison_is_dead_lette
         assert_eq!(report.stats.inflight, 0);
     }
     let seen = seen.lock().unwrap().clone();
-    assert_eq!(seen.iter().filter(|s| *s == "left-1").count(), 1, "{seen:?}");
+    assert_eq!(
+        seen.iter().filter(|s| *s == "left-1").count(),
+        1,
+        "{seen:?}"
+    );
     assert_eq!(seen.iter().filter(|s| *s == "new-1").count(), 1, "{seen:?}");
-    assert_eq!(seen.iter().filter(|s| *s == "poison").count(), 2, "{seen:?}");
-    let dead_items: Vec<String> = redis::cmd("LRANGE").arg(&dead).arg(0).arg(-1).query(&mut conn).unwrap();
-    assert_eq!(dead_items, vec!["poison".to_string()], "dead-lettered exactly once");
+    assert_eq!(
+        seen.iter().filter(|s| *s == "poison").count(),
+        2,
+        "{seen:?}"
+    );
+    let dead_items: Vec<String> = redis::cmd("LRANGE")
+        .arg(&dead)
+        .arg(0)
+        .arg(-1)
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(
+        dead_items,
+        vec!["poison".to_string()],
+        "dead-lettered exactly once"
+    );
     assert_eq!(llen(&mut conn, &processing), 0);
 }
