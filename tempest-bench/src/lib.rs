@@ -16,6 +16,8 @@
 //! its own (so peak RSS is per scenario), interleaves repeated rounds with
 //! the baseline, and writes `BENCHMARKS.md`.
 
+pub mod redis_bench;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, Mutex, PoisonError};

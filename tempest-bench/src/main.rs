@@ -60,6 +60,16 @@ enum Cmd {
         #[arg(long)]
         rate: Option<f64>,
     },
+    /// A Redis stream of 100-byte entries consumed by the linear topology,
+    /// beside a raw XREADGROUP + XACK loop on the same server.
+    Redis {
+        /// Entries per run.
+        #[arg(long, default_value_t = 1_000_000)]
+        messages: u64,
+        /// Interleaved rounds.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+    },
     /// Runs one measurement from JSON parameters (used by `all`).
     #[command(hide = true)]
     Child {
@@ -463,6 +473,11 @@ fn all(smoke: bool, rounds: usize) -> anyhow::Result<String> {
     let dist_p99 = median(dist_lats.iter().map(|d| d.m.p99_us).collect());
     let dist_lat_acked = dist_lats.iter().all(|d| d.m.all_acked);
 
+    // Redis: the topology beside a raw XREADGROUP + XACK loop.
+    let redis_msgs = big(1_000_000);
+    let (redis_raw, redis_top) = tempest_bench::redis_bench::compare(redis_msgs, rounds)?;
+    let (redis_raw, redis_top) = (median(redis_raw), median(redis_top));
+
     // Scaling: workers per task and payload sizes (payloads allocated per message).
     let mut scaling = Vec::new();
     for (payload, n) in [
@@ -655,6 +670,21 @@ fn all(smoke: bool, rounds: usize) -> anyhow::Result<String> {
             "NO"
         }
     )?;
+    writeln!(md, "\n## Redis Streams: {redis_msgs} entries of 100 bytes, standalone linear topology, batched acks\n")?;
+    writeln!(md, "| measure | entries/s | command |")?;
+    writeln!(md, "| --- | --- | --- |")?;
+    writeln!(
+        md,
+        "| raw loop: XREADGROUP COUNT 1000 + XACK per batch (median of {rounds}) | {} | {} |",
+        fmt_rate(redis_raw),
+        cmd(&format!("redis --messages {redis_msgs} --rounds {rounds}"))
+    )?;
+    writeln!(
+        md,
+        "| the topology, every entry acked, XPENDING 0 at the end (median of {rounds}) | {} ({:.0}% of the raw loop) | (same) |",
+        fmt_rate(redis_top),
+        redis_top / redis_raw.max(1.0) * 100.0
+    )?;
     writeln!(md, "\n## Memory\n")?;
     writeln!(md, "| measure | value | command |")?;
     writeln!(md, "| --- | --- | --- |")?;
@@ -706,6 +736,11 @@ fn all(smoke: bool, rounds: usize) -> anyhow::Result<String> {
                 "p99 ≤ 10 ms at 50% load",
                 fmt_us(lat.p99_us),
                 lat.p99_us <= 10_000.0,
+            ),
+            (
+                "Redis topology ≥ 80% of the raw XREADGROUP + XACK loop",
+                format!("{:.0}%", redis_top / redis_raw.max(1.0) * 100.0),
+                redis_top >= 0.8 * redis_raw,
             ),
             (
                 "distributed linear ≥ 300,000 msgs/s",
@@ -771,6 +806,16 @@ fn main() -> ExitCode {
                 d.wire_bytes_per_msg
             );
         }),
+        Cmd::Redis { messages, rounds } => {
+            tempest_bench::redis_bench::compare(messages, rounds.max(1)).map(|(raw, top)| {
+                println!(
+                    "{{\"raw\":{:.0},\"topology\":{:.0},\"ratio\":{:.3}}}",
+                    median(raw.clone()),
+                    median(top.clone()),
+                    median(top) / median(raw).max(1.0)
+                );
+            })
+        }
         Cmd::Child { params } => serde_json::from_str::<Job>(&params)
             .context("reading the job")
             .and_then(|job| run_job(&job))

@@ -26,6 +26,8 @@ fn all_scenarios_run_and_ack_everything() {
         "RSS of an endless linear run",
         "## Distributed: 1 topology process + 1 task process per task",
         "bytes on the wire per message",
+        "## Redis Streams",
+        "% of the raw loop",
     ] {
         assert!(report.contains(needle), "missing {needle:?} in\n{report}");
     }
