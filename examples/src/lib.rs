@@ -30,6 +30,8 @@ pub mod book {
     pub struct Testing;
     #[doc = include_str!("../../book/src/sources.md")]
     pub struct Sources;
+    #[doc = include_str!("../../book/src/redis.md")]
+    pub struct Redis;
     #[doc = include_str!("../../book/src/metrics.md")]
     pub struct Metrics;
     #[doc = include_str!("../../book/src/benchmarks.md")]

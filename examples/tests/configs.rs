@@ -9,7 +9,8 @@ use std::sync::Arc;
 use tempest::config::ConfigFile;
 use tempest_examples::wordcount::{self, Totals};
 use tempest_source::Source;
-use tempest_source_mock::{MockConfig, MockSource};
+use tempest_source_mock::MockSource;
+use tempest_source_redis::{RedisListSource, RedisStreamSource};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -53,11 +54,30 @@ fn check(label: &str, file: ConfigFile) {
     let totals = Arc::new(Totals::default());
     let dag = wordcount::pipeline(&totals).build().unwrap();
     file.check(&dag).unwrap_or_else(|e| panic!("{label}: {e}"));
-    if let Some(config) = file
-        .source_config::<MockConfig>()
-        .unwrap_or_else(|e| panic!("{label}: {e}"))
-    {
-        MockSource::from_config(config).unwrap_or_else(|e| panic!("{label}: {e}"));
+    if !file.has_source_config() {
+        return;
+    }
+    // [source.config] must be valid for one of the shipped sources.
+    let errors = [
+        fits::<MockSource>(&file),
+        fits::<RedisStreamSource>(&file),
+        fits::<RedisListSource>(&file),
+    ];
+    if errors.iter().all(Option::is_some) {
+        let errors: Vec<String> = errors.into_iter().flatten().collect();
+        panic!(
+            "{label}: [source.config] fits no shipped source:\n{}",
+            errors.join("\n")
+        );
+    }
+}
+
+/// `None` if `[source.config]` builds an `S`, else why not.
+fn fits<S: Source>(file: &ConfigFile) -> Option<String> {
+    match file.source_config::<S::Config>() {
+        Ok(Some(c)) => S::from_config(c).err().map(|e| e.to_string()),
+        Ok(None) => None,
+        Err(e) => Some(e.to_string()),
     }
 }
 

@@ -2,10 +2,9 @@
 //! by the linear topology (batched acks), beside a raw `XREADGROUP COUNT
 //! 1000` + `XACK` loop against the same server.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::bail;
 use tempest::standalone::{self, RunOptions};
 use tempest::{FailurePolicy, TopologyBuilder};
 use tempest_source::{AckPolicy, Source};
@@ -13,68 +12,11 @@ use tempest_source_redis::{RedisStreamConfig, RedisStreamSource};
 
 use crate::{pipeline, Shape};
 
-/// A redis-server: `TEMPEST_REDIS_URL`, or one started on a free port.
-#[derive(Debug)]
-pub struct RedisServer {
-    /// Where it listens.
-    pub url: String,
-    child: Option<Child>,
-}
+/// The server the scenario runs against.
+pub type RedisServer = tempest_source_redis::test_server::TestServer;
 
-impl RedisServer {
-    /// Uses `TEMPEST_REDIS_URL` or starts a server (no persistence).
-    pub fn start() -> anyhow::Result<Self> {
-        if let Ok(url) = std::env::var("TEMPEST_REDIS_URL") {
-            if !url.is_empty() {
-                return Ok(RedisServer { url, child: None });
-            }
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting redis-server (install it, or set TEMPEST_REDIS_URL)")?;
-        let server = RedisServer {
-            url: format!("redis://127.0.0.1:{port}/"),
-            child: Some(child),
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while server.conn().is_err() {
-            if Instant::now() > deadline {
-                bail!("redis-server did not come up on port {port}");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(server)
-    }
-
-    fn conn(&self) -> anyhow::Result<redis::Connection> {
-        let mut c = redis::Client::open(self.url.as_str())?.get_connection()?;
-        redis::cmd("PING").query::<String>(&mut c)?;
-        Ok(c)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+fn conn(server: &RedisServer) -> anyhow::Result<redis::Connection> {
+    Ok(server.connection()?)
 }
 
 /// Appends `n` entries with 100-byte payloads to a fresh stream; returns its key.
@@ -84,7 +26,7 @@ pub fn prefill(server: &RedisServer, n: u64, tag: &str) -> anyhow::Result<String
         std::process::id(),
         Instant::now().elapsed().as_nanos()
     );
-    let mut conn = server.conn()?;
+    let mut conn = conn(server)?;
     let payload = "x".repeat(100);
     let mut sent = 0;
     while sent < n {
@@ -114,7 +56,7 @@ fn pending(server: &RedisServer, key: &str) -> anyhow::Result<i64> {
     let v: redis::Value = redis::cmd("XPENDING")
         .arg(key)
         .arg("g")
-        .query(&mut server.conn()?)?;
+        .query(&mut conn(server)?)?;
     Ok(match v {
         redis::Value::Array(items) => match items.first() {
             Some(redis::Value::Int(n)) => *n,
@@ -127,7 +69,7 @@ fn pending(server: &RedisServer, key: &str) -> anyhow::Result<i64> {
 /// The raw loop: `XREADGROUP COUNT 1000` then one `XACK` for the batch,
 /// until `n` entries are acked. Returns entries per second.
 pub fn raw_loop(server: &RedisServer, key: &str, n: u64) -> anyhow::Result<f64> {
-    let mut conn = server.conn()?;
+    let mut conn = conn(server)?;
     let started = Instant::now();
     let mut acked = 0u64;
     while acked < n {
@@ -223,14 +165,14 @@ pub fn topology(server: &RedisServer, key: &str, n: u64) -> anyhow::Result<f64> 
 pub fn drop_stream(server: &RedisServer, key: &str) -> anyhow::Result<()> {
     redis::cmd("DEL")
         .arg(key)
-        .query::<i64>(&mut server.conn()?)?;
+        .query::<i64>(&mut conn(server)?)?;
     Ok(())
 }
 
 /// `rounds` interleaved runs of the raw loop and the topology, each on a
 /// fresh stream of `n` entries; returns their rates.
 pub fn compare(n: u64, rounds: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
-    let server = RedisServer::start()?;
+    let server = RedisServer::shared()?;
     let (mut raw, mut top) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         eprintln!("round {}/{rounds}: redis raw loop", round + 1);

@@ -30,6 +30,7 @@
 mod list;
 mod reply;
 mod stream;
+pub mod test_server;
 
 pub use list::{RedisListConfig, RedisListSource};
 pub use stream::{PendingAction, RedisStreamSource};
