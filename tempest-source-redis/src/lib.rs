@@ -27,6 +27,20 @@
 //! assert_eq!(config.count, 1000);
 //! ```
 
+/// Chainable setters for config fields: `config.count(10).block_ms(5)`.
+macro_rules! setters {
+    ($($(#[$doc:meta])* $field:ident: $ty:ty),* $(,)?) => {
+        $(
+            $(#[$doc])*
+            pub fn $field(mut self, value: impl Into<$ty>) -> Self {
+                self.$field = value.into();
+                self
+            }
+        )*
+    };
+}
+pub(crate) use setters;
+
 mod list;
 mod reply;
 mod stream;
@@ -148,6 +162,43 @@ impl RedisStreamConfig {
         }
     }
 
+    /// Sets `consumer`.
+    pub fn consumer(mut self, name: impl Into<String>) -> Self {
+        self.consumer = Some(name.into());
+        self
+    }
+
+    /// Sets `dead_letter_key`.
+    pub fn dead_letter(mut self, key: impl Into<String>) -> Self {
+        self.dead_letter_key = Some(key.into());
+        self
+    }
+
+    setters! {
+        /// Sets `count`: entries per read.
+        count: usize,
+        /// Sets `block_ms`.
+        block_ms: u64,
+        /// Sets `group_start_id`.
+        group_start_id: String,
+        /// Sets `ack_policy`.
+        ack_policy: AckPolicy,
+        /// Sets `ack_interval_ms`.
+        ack_interval_ms: u64,
+        /// Sets `claim_min_idle_ms`.
+        claim_min_idle_ms: u64,
+        /// Sets `max_deliveries`.
+        max_deliveries: u32,
+        /// Sets `poll_interval_ms`.
+        poll_interval_ms: u64,
+        /// Sets `max_backoff_ms`.
+        max_backoff_ms: u64,
+        /// Sets `field`.
+        field: String,
+        /// Sets `on_pending`.
+        on_pending: PendingAction,
+    }
+
     /// The dead-letter stream's key.
     pub fn dead_letter_key(&self) -> String {
         self.dead_letter_key
@@ -248,6 +299,19 @@ mod tests {
     #[test]
     fn defaults_fill_what_is_left_out() {
         let c = parse("uri = \"redis://h\"\nkey = \"k\"\ngroup = \"g\"").unwrap();
+        assert_eq!(c, RedisStreamConfig::new("redis://h", "k", "g"));
+        let built = RedisStreamConfig::new("redis://h", "k", "g")
+            .count(7usize)
+            .consumer("c")
+            .dead_letter("d");
+        assert_eq!(
+            (
+                built.count,
+                built.consumer.as_deref(),
+                built.dead_letter_key()
+            ),
+            (7, Some("c"), "d".to_string())
+        );
         assert_eq!(c.block_ms, 100);
         assert_eq!(c.group_start_id, "$");
         assert_eq!(c.ack_policy, AckPolicy::Batch(1000));

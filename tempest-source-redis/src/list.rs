@@ -93,6 +93,35 @@ impl RedisListConfig {
         }
     }
 
+    /// Sets `consumer`.
+    pub fn consumer(mut self, name: impl Into<String>) -> Self {
+        self.consumer = Some(name.into());
+        self
+    }
+
+    /// Sets `dead_letter_key`.
+    pub fn dead_letter(mut self, key: impl Into<String>) -> Self {
+        self.dead_letter_key = Some(key.into());
+        self
+    }
+
+    crate::setters! {
+        /// Sets `count`: messages per poll.
+        count: usize,
+        /// Sets `block_ms`.
+        block_ms: u64,
+        /// Sets `ack_policy`.
+        ack_policy: AckPolicy,
+        /// Sets `ack_interval_ms`.
+        ack_interval_ms: u64,
+        /// Sets `max_deliveries`.
+        max_deliveries: u32,
+        /// Sets `poll_interval_ms`.
+        poll_interval_ms: u64,
+        /// Sets `max_backoff_ms`.
+        max_backoff_ms: u64,
+    }
+
     /// The dead-letter list's key.
     pub fn dead_letter_key(&self) -> String {
         self.dead_letter_key
