@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio_util::codec::Framed;
 
-use crate::actors::{Results, WorkerId};
+use crate::actors::{Results, Verdict, WorkerId};
 use crate::error::Error;
 use crate::inflight::TaskMsg;
 use crate::pipeline::Dag;
@@ -218,11 +218,11 @@ impl Io {
                 return Ok(sessions);
             }
             match self.connect().await {
-                Ok((framed, heartbeat)) => {
+                Ok((framed, heartbeat, max_frame)) => {
                     sessions += 1;
                     failures = 0;
                     backoff = self.options.backoff;
-                    match self.session(framed, heartbeat).await {
+                    match self.session(framed, heartbeat, max_frame).await {
                         End::Lost(why) => log::warn!(
                             "Worker {} of task {} lost its connection ({why}); reconnecting.",
                             self.worker,
@@ -270,7 +270,9 @@ impl Io {
         }
     }
 
-    async fn connect(&mut self) -> Result<(Framed<TcpStream, WireCodec>, Duration), Refused> {
+    async fn connect(
+        &mut self,
+    ) -> Result<(Framed<TcpStream, WireCodec>, Duration, usize), Refused> {
         let addrs: Vec<_> = self
             .options
             .topology
@@ -328,6 +330,7 @@ impl Io {
                 Ok((
                     framed,
                     Duration::from_millis(u64::from(heartbeat_ms.max(10))),
+                    max_frame as usize,
                 ))
             }
             other => Err(refused(other)),
@@ -338,6 +341,7 @@ impl Io {
         &mut self,
         mut framed: Framed<TcpStream, WireCodec>,
         heartbeat: Duration,
+        max_frame: usize,
     ) -> End {
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
         let mut fetches = 0usize; // outstanding at the topology
@@ -395,9 +399,11 @@ impl Io {
                             if r.complete {
                                 in_task = in_task.saturating_sub(1);
                             }
-                            let frame = Frame::Results { complete: r.complete, items: r.items, outputs: r.outputs };
-                            if let Err(err) = framed.send(frame).await {
-                                return End::Lost(err.to_string());
+                            let max = max_frame;
+                            for frame in split_results(r, max) {
+                                if let Err(err) = framed.send(frame).await {
+                                    return End::Lost(err.to_string());
+                                }
                             }
                             last_sent = Instant::now();
                         }
@@ -451,4 +457,124 @@ fn jitter(d: Duration) -> Duration {
         0.5
     };
     d.mul_f64(0.75 + r * 0.5)
+}
+
+/// Splits one batch's results into frames of at most `max_frame` bytes
+/// (only the last marked complete). A message whose outputs alone exceed
+/// the limit is reported as failed instead of being sent.
+fn split_results(results: Results, max_frame: usize) -> Vec<Frame> {
+    const FRAME: usize = 10;
+    let mut frames = Vec::new();
+    let mut items = Vec::new();
+    let mut outputs = Vec::new();
+    let mut size = FRAME;
+    let mut all_outputs = results.outputs.into_iter();
+    for (ticket, verdict) in results.items {
+        let (verdict, outs) = match verdict {
+            Verdict::Done(k) => {
+                let outs: Vec<bytes::Bytes> = all_outputs.by_ref().take(k as usize).collect();
+                (Verdict::Done(k), outs)
+            }
+            other => (other, Vec::new()),
+        };
+        let own =
+            15 + match &verdict {
+                Verdict::Error(m) | Verdict::Panicked(m) => 2 + m.len(),
+                _ => 0,
+            } + outs.iter().map(|o| 4 + o.len()).sum::<usize>();
+        let (verdict, outs, own) = if FRAME + own > max_frame {
+            let bytes: usize = outs.iter().map(|o| o.len()).sum();
+            let message =
+                format!("the outputs ({bytes} bytes) exceed the frame limit of {max_frame} bytes");
+            let own = 17 + message.len();
+            (Verdict::Error(message), Vec::new(), own)
+        } else {
+            (verdict, outs, own)
+        };
+        if size + own > max_frame && !items.is_empty() {
+            frames.push(Frame::Results {
+                complete: false,
+                items: std::mem::take(&mut items),
+                outputs: std::mem::take(&mut outputs),
+            });
+            size = FRAME;
+        }
+        size += own;
+        items.push((ticket, verdict));
+        outputs.extend(outs);
+    }
+    frames.push(Frame::Results {
+        complete: results.complete,
+        items,
+        outputs,
+    });
+    frames
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inflight::Ticket;
+    use bytes::Bytes;
+
+    fn t(slot: u32) -> Ticket {
+        Ticket {
+            slot,
+            gen: 0,
+            task: 0,
+        }
+    }
+
+    #[test]
+    fn results_are_split_to_fit_frames() {
+        let big = Bytes::from(vec![0u8; 400]);
+        let r = Results {
+            worker: 0,
+            items: vec![
+                (t(0), Verdict::Done(1)),
+                (t(1), Verdict::Done(1)),
+                (t(2), Verdict::Filtered),
+            ],
+            outputs: vec![big.clone(), big.clone()],
+            spent: Vec::new(),
+            complete: true,
+        };
+        let frames = split_results(r, 600);
+        assert_eq!(frames.len(), 2);
+        for (i, f) in frames.iter().enumerate() {
+            assert!(f.to_wire().len() - 4 <= 600, "frame {i} too big");
+            match f {
+                Frame::Results { complete, .. } => assert_eq!(*complete, i == 1),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn outputs_larger_than_a_frame_fail_their_message() {
+        let r = Results {
+            worker: 0,
+            items: vec![(t(0), Verdict::Done(1)), (t(1), Verdict::Done(0))],
+            outputs: vec![Bytes::from(vec![0u8; 5000])],
+            spent: Vec::new(),
+            complete: true,
+        };
+        let frames = split_results(r, 1024);
+        assert_eq!(frames.len(), 1);
+        match &frames[0] {
+            Frame::Results {
+                items,
+                outputs,
+                complete,
+            } => {
+                assert!(*complete);
+                assert!(outputs.is_empty());
+                assert!(
+                    matches!(&items[0].1, Verdict::Error(m) if m.contains("exceed the frame limit"))
+                );
+                assert_eq!(items[1].1, Verdict::Done(0));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }

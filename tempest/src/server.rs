@@ -187,6 +187,7 @@ async fn accept(
             sink: Box::new(SessionSink {
                 deliver: ctx.address().recipient(),
                 close: ctx.address().recipient(),
+                max_frame: options.max_frame,
             }),
         })
         .await;
@@ -403,6 +404,7 @@ impl Handler<CloseSession> for Session {
 struct SessionSink {
     deliver: Recipient<Deliver>,
     close: Recipient<CloseSession>,
+    max_frame: usize,
 }
 
 impl DeliverySink for SessionSink {
@@ -416,5 +418,10 @@ impl DeliverySink for SessionSink {
 
     fn close(&mut self) {
         self.close.do_send(CloseSession);
+    }
+
+    fn max_batch_bytes(&self) -> Option<usize> {
+        // The frame's tag and count take 5 bytes.
+        Some(self.max_frame.saturating_sub(5))
     }
 }

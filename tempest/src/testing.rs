@@ -38,7 +38,7 @@ use crate::actors::pipeline::{MsgReport, Stats};
 use crate::actors::StopReason;
 use crate::error::Error;
 use crate::inflight::Outcome;
-use crate::standalone::{self, RunOptions, RuntimeHandle, StopCondition};
+use crate::standalone::{self, RunOptions, RuntimeHandle, ServeOptions, StopCondition};
 use crate::topology::TopologyBuilder;
 
 /// Runs a topology in-process for a test. See the [module docs](self).
@@ -90,13 +90,25 @@ impl TestRun {
 
     /// Runs the topology on a thread of its own and waits for it to stop.
     pub fn run(self) -> Result<TestReport, Error> {
+        self.run_with(None)
+    }
+
+    /// Runs the topology as a topology process: no workers in this
+    /// process, task workers connect over TCP as `serve` says (see
+    /// [`RuntimeHandle::listening`] for the address).
+    pub fn run_serving(self, serve: ServeOptions) -> Result<TestReport, Error> {
+        self.run_with(Some(serve))
+    }
+
+    fn run_with(self, serve: Option<ServeOptions>) -> Result<TestReport, Error> {
         let topology = self.builder.build()?;
         let options = RunOptions {
             until: self.until,
             deadline: Some(self.deadline),
             record_outcomes: true,
             handle: self.handle,
-            ..RunOptions::default()
+            local_workers: serve.is_none(),
+            serve,
         };
         let report = std::thread::Builder::new()
             .name("tempest-test-run".into())

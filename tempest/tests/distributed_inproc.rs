@@ -127,3 +127,53 @@ fn a_wrong_secret_is_refused_for_good() {
     handle.shutdown();
     top.join().unwrap().unwrap();
 }
+
+#[test]
+fn batches_fit_the_frame_limit_and_oversized_messages_fail_cleanly() {
+    let (source, mock) = common::primed(&[]);
+    let small: Vec<_> = (0..50).map(|_| mock.push(vec![b's'; 200])).collect();
+    let huge = mock.push(vec![b'h'; 5000]);
+    let handle = RuntimeHandle::new();
+    let h = handle.clone();
+    let top = std::thread::spawn(move || {
+        tempest::testing::TestRun::new(
+            TopologyBuilder::new("frames")
+                .source(source)
+                .failure_policy(FailurePolicy::None)
+                .pipeline(Pipeline::new().task(pass("a"))),
+        )
+        .handle(h)
+        .deadline(Duration::from_secs(30))
+        .run_serving(ServeOptions {
+            max_frame: 2048,
+            ..ServeOptions::loopback()
+        })
+        .unwrap()
+    });
+    let addr = wait_for_listener(&handle);
+    let worker = std::thread::spawn(move || {
+        let t = TopologyBuilder::new("frames")
+            .source(generated(0).0)
+            .pipeline(Pipeline::new().task(pass("a")))
+            .build()
+            .unwrap();
+        standalone::run_worker(&t, "a", worker_options(addr, None), None).unwrap()
+    });
+    let report = top.join().unwrap();
+    worker.join().unwrap();
+    for id in &small {
+        assert_eq!(report.outcome(id), Some(tempest::Outcome::Acked));
+    }
+    assert_eq!(report.outcome(&huge), Some(tempest::Outcome::Failed));
+    let reason = report
+        .report(&huge)
+        .unwrap()
+        .reason
+        .clone()
+        .unwrap()
+        .to_string();
+    assert!(
+        reason.contains("cannot be sent to a remote worker"),
+        "{reason}"
+    );
+}

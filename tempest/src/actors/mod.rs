@@ -97,6 +97,12 @@ pub(crate) trait DeliverySink: Send {
     /// The topology is stopping: tell the worker (a remote one is told to
     /// disconnect; an in-process one stops when its queue is dropped).
     fn close(&mut self) {}
+
+    /// The most payload bytes (plus per-message overhead) one batch may
+    /// carry: the frame limit for a remote worker, none in process.
+    fn max_batch_bytes(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// A batch a worker could not take.

@@ -70,6 +70,9 @@ pub struct MsgReport {
 /// A condition on the counters that ends a run (checked after every batch).
 pub type StopCondition = Box<dyn FnMut(&Stats) -> bool + Send>;
 
+/// Bytes a message adds to a batch frame beside its payload.
+const BATCH_ENTRY_BYTES: usize = 14;
+
 struct Ready<'a>(&'a mut [VecDeque<TaskMsg>]);
 
 impl Dispatch for Ready<'_> {
@@ -338,13 +341,46 @@ impl PipelineActor {
                 break;
             };
             let mut batch = self.pool.pop().unwrap_or_default();
+            // Remote workers take at most a frame's worth of bytes.
+            let budget = self.workers[worker as usize]
+                .sink
+                .as_ref()
+                .and_then(|s| s.max_batch_bytes());
+            let mut bytes = 0usize;
             while batch.len() < max {
                 let Some(m) = self.ready[t].pop_front() else {
                     break;
                 };
-                if self.tracker.is_live(m.ticket) {
-                    batch.push(m);
+                if !self.tracker.is_live(m.ticket) {
+                    continue;
                 }
+                if let Some(budget) = budget {
+                    let size = BATCH_ENTRY_BYTES + m.payload.len();
+                    if size > budget {
+                        let reason = FailReason::TaskError {
+                            task: self.task_names[t].clone(),
+                            message: format!(
+                                "a message of {} bytes cannot be sent to a remote worker (max_frame allows {budget})",
+                                m.payload.len()
+                            ),
+                        };
+                        let now = Instant::now();
+                        self.tracker.on_error(
+                            m.ticket,
+                            reason,
+                            now,
+                            &mut Ready(&mut self.ready),
+                            &mut self.fin,
+                        );
+                        continue;
+                    }
+                    if bytes + size > budget {
+                        self.ready[t].push_front(m);
+                        break;
+                    }
+                    bytes += size;
+                }
+                batch.push(m);
             }
             if batch.is_empty() {
                 self.waiting[t].push_front((worker, max));
