@@ -1,9 +1,9 @@
 //! `tempest`: runs a topology package in each of its modes.
 //!
 //! A topology package is a Cargo binary whose `main` calls
-//! `tempest::rt::run(builder)`. `tempest standalone` builds it with Cargo
-//! (release profile unless `--debug`) and replaces itself with
-//! `PKG standalone ARGS...`, so signals reach the topology directly.
+//! `tempest::rt::run(builder)`. `tempest standalone|topology|task NAME|graph`
+//! builds it with Cargo (release profile unless `--debug`) and replaces
+//! itself with `PKG MODE ARGS...`, so signals reach the topology directly.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -45,6 +45,19 @@ enum Mode {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Runs the source and the pipeline, serving task workers over TCP.
+    Topology {
+        /// Passed on to the package, e.g. `--port 9311 --secret S`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Runs workers of one task, connected to the topology process.
+    Task {
+        /// The task's name and options passed on to the package, e.g.
+        /// `words --workers 2 --topology host:9311`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        args: Vec<OsString>,
+    },
     /// Prints the package's pipeline as a graph (DOT or Mermaid).
     Graph {
         /// Passed on to the package, e.g. `--format mermaid`.
@@ -57,6 +70,8 @@ impl Mode {
     fn split(&self) -> (&'static str, &[OsString]) {
         match self {
             Mode::Standalone { args } => ("standalone", args),
+            Mode::Topology { args } => ("topology", args),
+            Mode::Task { args } => ("task", args),
             Mode::Graph { args } => ("graph", args),
         }
     }
@@ -160,6 +175,25 @@ mod tests {
         let cli = Cli::try_parse_from(["tempest", "graph", "-p", "x", "--debug"]).unwrap();
         let args = args_of(&cargo_command(&cli.package, &cli.command));
         assert_eq!(args, ["run", "--quiet", "--package", "x", "--", "graph"]);
+    }
+
+    #[test]
+    fn topology_and_task_pass_everything_on() {
+        let cli =
+            Cli::try_parse_from(["tempest", "--bin", "wc", "task", "words", "--workers", "2"])
+                .unwrap();
+        let args = args_of(&cargo_command(&cli.package, &cli.command));
+        assert_eq!(
+            &args[args.len() - 5..],
+            ["--", "task", "words", "--workers", "2"]
+        );
+        let cli = Cli::try_parse_from(["tempest", "topology", "--port", "0"]).unwrap();
+        let args = args_of(&cargo_command(&cli.package, &cli.command));
+        assert_eq!(&args[args.len() - 4..], ["--", "topology", "--port", "0"]);
+        assert!(
+            Cli::try_parse_from(["tempest", "task"]).is_err(),
+            "task needs a name"
+        );
     }
 
     #[test]
