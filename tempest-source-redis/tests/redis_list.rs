@@ -30,7 +30,7 @@ impl Task for Work {
         if Some(text.as_str()) == self.poison {
             return Err(TaskError::msg("poison"));
         }
-        Ok(Output::None)
+        Ok(Output::One(msg))
     }
 }
 
@@ -150,4 +150,74 @@ fn messages_left_in_processing_are_redelivered_at_start_and_poison_is_dead_lette
         "dead-lettered exactly once"
     );
     assert_eq!(llen(&mut conn, &processing), 0);
+}
+
+#[test]
+fn the_list_source_reconnects_when_redis_restarts() {
+    let mut server = Server::own(true);
+    let key = unique_key("list-restart");
+    let mut conn = server.conn();
+    push(&mut conn, &key, (0..3000).map(|i| format!("m{i}")));
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let s = Arc::clone(&seen);
+    let source = RedisListSource::from_config(RedisListConfig {
+        max_backoff_ms: 100,
+        ..config(&server, &key)
+    })
+    .unwrap();
+    let processing = source.processing_key().to_string();
+    let restarted = Arc::new(Mutex::new(false));
+    let flag = Arc::clone(&restarted);
+    let handle = tempest::standalone::RuntimeHandle::new();
+    let h = handle.clone();
+    let run = std::thread::spawn(move || {
+        TestRun::new(
+            TopologyBuilder::new("list-restart")
+                .source(source)
+                .pipeline(
+                    Pipeline::new()
+                        .task(Work {
+                            seen: s,
+                            poison: None,
+                        })
+                        .task(Slow)
+                        .edge("work", "slow"),
+                ),
+        )
+        .handle(h)
+        .until(move |st| st.acked >= 3000 && *flag.lock().unwrap())
+        .deadline(Duration::from_secs(90))
+        .run()
+        .unwrap()
+    });
+    while handle.stats().map_or(0, |s| s.acked) < 500 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    server.restart();
+    *restarted.lock().unwrap() = true;
+    let report = run.join().unwrap();
+    let mut conn = server.conn();
+    assert!(report.stats.acked >= 3000, "{:?}", report.stats);
+    assert_eq!(llen(&mut conn, &key), 0);
+    assert_eq!(
+        llen(&mut conn, &processing),
+        0,
+        "everything acked after the restart"
+    );
+    let distinct: HashSet<_> = seen.lock().unwrap().iter().cloned().collect();
+    assert_eq!(distinct.len(), 3000, "no message lost");
+}
+
+/// Slows the pipeline so the restart lands mid-stream.
+#[derive(Clone)]
+struct Slow;
+
+impl Task for Slow {
+    fn name(&self) -> &str {
+        "slow"
+    }
+    fn handle(&mut self, _msg: Msg) -> TaskResult {
+        std::thread::sleep(Duration::from_micros(200));
+        Ok(Output::None)
+    }
 }
