@@ -75,8 +75,8 @@ pub struct FileConfig {
     /// `[[task]]`: per-task settings.
     #[serde(default)]
     pub task: Vec<TaskSection>,
-    /// `[metric]`: reserved for the metrics backends.
-    pub metric: Option<toml::Table>,
+    /// `[metric]`: the metrics backends.
+    pub metric: Option<crate::metrics::MetricsConfig>,
 }
 
 /// `[source]`.

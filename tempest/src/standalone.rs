@@ -207,6 +207,14 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
     })?;
 
     let options_handle = options.handle.clone();
+    let backends =
+        crate::metrics::backends::open(&topts.metrics.target).map_err(|e| Error::Io {
+            what: "opening the metrics backends".into(),
+            source: e,
+        })?;
+    let metrics_every = topts.metrics.interval();
+    let flusher = (!backends.is_empty())
+        .then(|| crate::metrics::aggregator::Flusher::new(metrics.clone(), backends));
     let started = Instant::now();
     let system = actix_rt::System::new();
     let outcome = system.block_on(async {
@@ -241,6 +249,7 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
             record_outcomes: options.record_outcomes,
             until: options.until,
             sweep_every,
+            metrics_every: metrics_every.min(Duration::from_secs(1)),
             root_queue_capacity: topts.max_pending.min(1 << 22),
         });
 
@@ -346,6 +355,9 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
                 spawn_error = Some(e);
             }
         }
+        if let Some(f) = &flusher {
+            crate::metrics::aggregator::Aggregator::new(Arc::clone(f), metrics_every).start();
+        }
         let reason = done_rx.await;
         let fin = pipe.send(Finish).await;
         if io_arbiter.is_some() {
@@ -371,6 +383,10 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
         if t.join().is_err() {
             log::error!("A task worker thread panicked outside a task call.");
         }
+    }
+    if let Some(f) = &flusher {
+        // The last flush, once every worker has recorded its last counts.
+        f.lock().unwrap_or_else(PoisonError::into_inner).flush();
     }
     if let Some(e) = spawn_error {
         return Err(e);
@@ -403,12 +419,40 @@ pub fn run_worker(
 ) -> Result<WorkerReport, Error> {
     let metrics = Metrics::new_registry().with_label("topology", topology.name.clone());
     let handle = handle.unwrap_or_default();
-    crate::remote::run(
+    // This process's metrics go to the backends from here.
+    let backends =
+        crate::metrics::backends::open(&topology.options.metrics.target).map_err(|e| {
+            Error::Io {
+                what: "opening the metrics backends".into(),
+                source: e,
+            }
+        })?;
+    let flusher = (!backends.is_empty())
+        .then(|| crate::metrics::aggregator::Flusher::new(metrics.clone(), backends));
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let ticker = flusher.clone().map(|f| {
+        let every = topology.options.metrics.interval();
+        std::thread::spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop_rx.recv_timeout(every)
+            {
+                f.lock().unwrap_or_else(PoisonError::into_inner).flush();
+            }
+        })
+    });
+    let result = crate::remote::run(
         Arc::clone(&topology.dag),
         &topology.name,
         task,
         options,
         metrics,
         handle.stop_signal(),
-    )
+    );
+    drop(stop_tx);
+    if let Some(t) = ticker {
+        let _ = t.join();
+    }
+    if let Some(f) = &flusher {
+        f.lock().unwrap_or_else(PoisonError::into_inner).flush();
+    }
+    result
 }

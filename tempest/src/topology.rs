@@ -49,6 +49,8 @@ pub struct TopologyOptions {
     pub max_retry_backoff: Duration,
     /// The most task messages a worker takes at once.
     pub task_batch: usize,
+    /// Where metrics go, and how often.
+    pub metrics: crate::metrics::MetricsConfig,
 }
 
 impl Default for TopologyOptions {
@@ -61,6 +63,7 @@ impl Default for TopologyOptions {
             retry_backoff: Duration::from_millis(100),
             max_retry_backoff: Duration::from_secs(10),
             task_batch: 1024,
+            metrics: crate::metrics::MetricsConfig::default(),
         }
     }
 }
@@ -328,6 +331,9 @@ impl TopologyBuilder {
         if let Some(ms) = c.max_retry_backoff {
             o.max_retry_backoff = Duration::from_millis(ms);
         }
+        if let Some(m) = &c.metric {
+            o.metrics = m.clone();
+        }
         for t in &c.task {
             if let Some(n) = t.workers {
                 self.workers.retain(|(name, _)| name != t.name.get_ref());
@@ -345,6 +351,12 @@ impl TopologyBuilder {
     /// The `Topology.toml` applied, if any.
     pub fn current_file(&self) -> Option<&ConfigFile> {
         self.file.as_ref()
+    }
+
+    /// Where metrics go and how often (`[metric]` in `Topology.toml`).
+    pub fn metrics(mut self, config: crate::metrics::MetricsConfig) -> Self {
+        self.options.metrics = config;
+        self
     }
 
     /// All options at once.

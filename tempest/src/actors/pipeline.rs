@@ -120,6 +120,7 @@ pub(crate) struct PipelineActor {
     metrics: Metrics,
     flushed: Stats,
     sweep_every: Duration,
+    metrics_every: Duration,
 }
 
 pub(crate) struct PipelineSetup {
@@ -130,6 +131,7 @@ pub(crate) struct PipelineSetup {
     pub record_outcomes: bool,
     pub until: Option<StopCondition>,
     pub sweep_every: Duration,
+    pub metrics_every: Duration,
     pub root_queue_capacity: usize,
 }
 
@@ -168,6 +170,7 @@ impl PipelineActor {
             metrics: setup.metrics,
             flushed: Stats::default(),
             sweep_every: setup.sweep_every,
+            metrics_every: setup.metrics_every,
         }
     }
 
@@ -454,7 +457,7 @@ impl Actor for PipelineActor {
                 .sweep(now, &mut Ready(&mut act.ready), &mut act.fin);
             act.settle(now);
         });
-        ctx.run_interval(Duration::from_secs(1), |act, _ctx| act.flush_metrics());
+        ctx.run_interval(self.metrics_every, |act, _ctx| act.flush_metrics());
     }
 }
 

@@ -1,7 +1,16 @@
-//! Metric names: every metric the runtime records, in one place.
+//! Metrics: every name the runtime records, and the backends a topology
+//! flushes them to.
 //!
 //! Every series carries the label `topology`; task metrics also `task`.
-//! The book's metrics chapter lists the same names.
+//! The book's metrics chapter lists the same names. The aggregator (see
+//! [`backends`]) takes a snapshot of the process's registry every
+//! `flush_interval` and hands it to each configured backend: statsd, a
+//! JSON-lines file, the log, the console.
+
+pub(crate) mod aggregator;
+pub mod backends;
+
+pub use backends::{MetricsConfig, Target};
 
 /// The names of the runtime's metrics.
 pub mod names {
