@@ -208,7 +208,7 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
 
     let options_handle = options.handle.clone();
     let backends =
-        crate::metrics::backends::open(&topts.metrics.target).map_err(|e| Error::Io {
+        crate::metrics::backends::open(&topts.metrics.target, &metrics).map_err(|e| Error::Io {
             what: "opening the metrics backends".into(),
             source: e,
         })?;
@@ -420,12 +420,10 @@ pub fn run_worker(
     let metrics = Metrics::new_registry().with_label("topology", topology.name.clone());
     let handle = handle.unwrap_or_default();
     // This process's metrics go to the backends from here.
-    let backends =
-        crate::metrics::backends::open(&topology.options.metrics.target).map_err(|e| {
-            Error::Io {
-                what: "opening the metrics backends".into(),
-                source: e,
-            }
+    let backends = crate::metrics::backends::open(&topology.options.metrics.target, &metrics)
+        .map_err(|e| Error::Io {
+            what: "opening the metrics backends".into(),
+            source: e,
         })?;
     let flusher = (!backends.is_empty())
         .then(|| crate::metrics::aggregator::Flusher::new(metrics.clone(), backends));

@@ -156,3 +156,81 @@ fn counters_match_the_outcomes_of_every_message() {
     );
     assert_eq!(m.counter(names::SOURCE_READ, &[]), 6);
 }
+
+#[test]
+fn the_prometheus_endpoint_serves_valid_exposition_text() {
+    use std::io::{Read, Write};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    use tempest_source::Source;
+    let source = tempest_source_mock::MockSource::from_config(tempest_source_mock::MockConfig {
+        open: true,
+        ..tempest_source_mock::MockConfig::generator(1_000_000_000, 8)
+    })
+    .unwrap();
+    let handle = tempest::standalone::RuntimeHandle::new();
+    let h = handle.clone();
+    let run = std::thread::spawn(move || {
+        TestRun::new(
+            builder("prom", source)
+                .pipeline(Pipeline::new().task(pass("a")))
+                .metrics(MetricsConfig {
+                    flush_interval: 50,
+                    target: vec![Target::Prometheus {
+                        host: "127.0.0.1".into(),
+                        port,
+                    }],
+                }),
+        )
+        .handle(h)
+        .run()
+        .unwrap()
+    });
+    while handle.stats().map_or(0, |s| s.acked) < 10_000 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Give the pipeline's periodic flush into the registry a moment.
+    std::thread::sleep(Duration::from_millis(200));
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    handle.shutdown();
+    run.join().unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.starts_with("HTTP/1.") && head.contains(" 200 "),
+        "{head}"
+    );
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    let mut types = 0;
+    let mut acked = None;
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let kind = rest.split_whitespace().nth(1).unwrap();
+            assert!(kind == "counter" || kind == "gauge", "{line}");
+            types += 1;
+            continue;
+        }
+        // name{labels} value
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line}"));
+        let name = series.split('{').next().unwrap();
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "{line}"
+        );
+        if series == "tempest_msgs_acked_total{topology=\"prom\"}" {
+            acked = Some(value);
+        }
+    }
+    assert!(types > 5, "{body}");
+    assert!(acked.unwrap_or(0.0) > 0.0, "{body}");
+}

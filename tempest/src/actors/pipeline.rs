@@ -121,6 +121,8 @@ pub(crate) struct PipelineActor {
     flushed: Stats,
     sweep_every: Duration,
     metrics_every: Duration,
+    next_sweep: Instant,
+    next_metrics: Instant,
 }
 
 pub(crate) struct PipelineSetup {
@@ -171,6 +173,8 @@ impl PipelineActor {
             flushed: Stats::default(),
             sweep_every: setup.sweep_every,
             metrics_every: setup.metrics_every,
+            next_sweep: Instant::now(),
+            next_metrics: Instant::now() + setup.metrics_every,
         }
     }
 
@@ -265,7 +269,23 @@ impl PipelineActor {
 
     /// Accounts for finished messages, tells the source, feeds waiting
     /// workers, and checks the stop condition and any drain.
+    /// The sweeper and the metrics flush, when due. Called from every
+    /// handler (through `settle`) and from a timer, so neither starves
+    /// when the mailbox never runs dry.
+    fn periodic(&mut self, now: Instant) {
+        if now >= self.next_sweep && !self.closed {
+            self.next_sweep = now + self.sweep_every;
+            self.tracker
+                .sweep(now, &mut Ready(&mut self.ready), &mut self.fin);
+        }
+        if now >= self.next_metrics {
+            self.next_metrics = now + self.metrics_every;
+            self.flush_metrics();
+        }
+    }
+
     fn settle(&mut self, now: Instant) {
+        self.periodic(now);
         for f in self.fin.drain(..) {
             match f.outcome {
                 Outcome::Acked => self.stats.acked += 1,
@@ -448,16 +468,9 @@ impl Actor for PipelineActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.run_interval(self.sweep_every, |act, _ctx| {
-            if act.closed {
-                return;
-            }
-            let now = Instant::now();
-            act.tracker
-                .sweep(now, &mut Ready(&mut act.ready), &mut act.fin);
-            act.settle(now);
-        });
-        ctx.run_interval(self.metrics_every, |act, _ctx| act.flush_metrics());
+        // Timers only fire when the mailbox runs dry; under constant load
+        // `settle` runs the same periodic work (see `periodic`).
+        ctx.run_interval(self.sweep_every, |act, _ctx| act.settle(Instant::now()));
     }
 }
 

@@ -8,7 +8,7 @@
 //! It also runs at most [`BATCHES_AHEAD`] batches ahead of the pipeline, so
 //! polled messages never pile up in the pipeline's mailbox.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tempest_source::{AckPolicy, Metrics, MsgId, SourceMsg, SourceSettings};
@@ -38,6 +38,9 @@ pub(crate) struct SourceActor {
     empty_polls: u64,
     polls: u64,
     ack_failures: u64,
+    next_ack_flush: Instant,
+    next_monitor: Instant,
+    next_metrics: Instant,
 }
 
 impl SourceActor {
@@ -54,6 +57,7 @@ impl SourceActor {
         if let AckPolicy::Batch(0) = settings.ack_policy {
             settings.ack_policy = AckPolicy::Batch(1);
         }
+        let settings_monitor = settings.monitor_interval;
         SourceActor {
             backoff: settings.poll_interval,
             source,
@@ -72,6 +76,9 @@ impl SourceActor {
             empty_polls: 0,
             polls: 0,
             ack_failures: 0,
+            next_ack_flush: Instant::now(),
+            next_monitor: Instant::now() + settings_monitor,
+            next_metrics: Instant::now() + Duration::from_secs(1),
         }
     }
 
@@ -250,6 +257,33 @@ impl SourceActor {
         }
     }
 
+    /// Flushes partial ack batches, runs the monitor hook and records
+    /// metrics, each when due.
+    fn periodic(&mut self, now: Instant) {
+        if now >= self.next_ack_flush {
+            self.next_ack_flush = now + self.settings.ack_interval.max(Duration::from_millis(1));
+            if let AckPolicy::Batch(_) = self.settings.ack_policy {
+                self.flush_acks();
+            }
+        }
+        if now >= self.next_monitor {
+            self.next_monitor = now
+                + self
+                    .settings
+                    .monitor_interval
+                    .max(Duration::from_millis(10));
+            if self.connected {
+                if let Err(e) = self.source.monitor() {
+                    log::warn!("Monitoring source {} failed: {e}.", self.source.name());
+                }
+            }
+        }
+        if now >= self.next_metrics {
+            self.next_metrics = now + Duration::from_secs(1);
+            self.flush_metrics();
+        }
+    }
+
     fn flush_metrics(&mut self) {
         self.source.flush_metrics();
         self.metrics
@@ -268,23 +302,13 @@ impl Actor for SourceActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.schedule(ctx, Duration::ZERO);
-        if let AckPolicy::Batch(_) = self.settings.ack_policy {
-            ctx.run_interval(
-                self.settings.ack_interval.max(Duration::from_millis(1)),
-                |act, _| act.flush_acks(),
-            );
-        }
-        ctx.run_interval(
-            self.settings
-                .monitor_interval
-                .max(Duration::from_millis(10)),
-            |act, _| {
-                if let Err(e) = act.source.monitor() {
-                    log::warn!("Monitoring source {} failed: {e}.", act.source.name());
-                }
-            },
-        );
-        ctx.run_interval(Duration::from_secs(1), |act, _| act.flush_metrics());
+        // Timers fire only when the mailbox runs dry; the handlers run the
+        // same periodic work (see `periodic`) so it never starves.
+        let tick = self
+            .settings
+            .ack_interval
+            .clamp(Duration::from_millis(1), Duration::from_millis(100));
+        ctx.run_interval(tick, |act, _| act.periodic(Instant::now()));
     }
 }
 
@@ -298,6 +322,7 @@ impl Handler<PollNow> for SourceActor {
     fn handle(&mut self, _: PollNow, ctx: &mut Context<Self>) {
         self.poll_scheduled = false;
         self.poll_once(ctx);
+        self.periodic(Instant::now());
     }
 }
 
@@ -323,6 +348,7 @@ impl Handler<Settle> for SourceActor {
         if !could_poll && self.credit > 0 && self.batches_ahead < BATCHES_AHEAD {
             self.schedule(ctx, Duration::ZERO);
         }
+        self.periodic(Instant::now());
     }
 }
 

@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 use tempest_source::metrics::{Key, Snapshot, Value};
+use tempest_source::Metrics;
 
 /// `[metric]`: how often to flush, and where.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -78,6 +79,16 @@ pub enum Target {
         #[serde(default = "default_true")]
         clobber: bool,
     },
+    /// A Prometheus scrape endpoint: `GET /metrics` answers with the
+    /// current registry in the text exposition format.
+    Prometheus {
+        /// The address to listen on (default 127.0.0.1).
+        #[serde(default = "default_prometheus_host")]
+        host: String,
+        /// The port (default 9312; 0 picks a free one, logged).
+        #[serde(default = "default_prometheus_port")]
+        port: u16,
+    },
     /// One log line per flush (target `tempest::metrics`, level info).
     Log,
     /// A table on stdout per flush.
@@ -86,6 +97,14 @@ pub enum Target {
 
 fn default_statsd_port() -> u16 {
     8125
+}
+
+fn default_prometheus_host() -> String {
+    "127.0.0.1".to_string()
+}
+
+fn default_prometheus_port() -> u16 {
+    9312
 }
 
 fn default_true() -> bool {
@@ -104,8 +123,8 @@ pub(crate) trait Backend: Send {
     fn flush(&mut self, f: &Flush<'_>) -> io::Result<()>;
 }
 
-/// Opens the backends `targets` describe.
-pub(crate) fn open(targets: &[Target]) -> io::Result<Vec<Box<dyn Backend>>> {
+/// Opens the backends `targets` describe, over the registry `root`.
+pub(crate) fn open(targets: &[Target], root: &Metrics) -> io::Result<Vec<Box<dyn Backend>>> {
     targets
         .iter()
         .map(|t| -> io::Result<Box<dyn Backend>> {
@@ -126,6 +145,9 @@ pub(crate) fn open(targets: &[Target]) -> io::Result<Vec<Box<dyn Backend>>> {
                             io::Error::new(e.kind(), format!("{}: {e}", path.display()))
                         })?;
                     Box::new(JsonLines { file })
+                }
+                Target::Prometheus { host, port } => {
+                    Box::new(Prometheus::start(host, *port, root.clone())?)
                 }
                 Target::Log => Box::new(Log),
                 Target::Console => Box::new(Console),
@@ -247,6 +269,116 @@ impl Backend for Console {
     }
 }
 
+/// `tempest.msgs.acked` → `tempest_msgs_acked` (and `_total` for counters).
+fn prometheus_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The registry in the Prometheus text exposition format (0.0.4).
+pub fn prometheus_text(snapshot: &Snapshot) -> String {
+    let mut out = String::new();
+    let mut last_family = String::new();
+    for (key, value) in snapshot.iter() {
+        let (family, kind, v) = match value {
+            Value::Counter(c) => (
+                format!("{}_total", prometheus_name(key.name())),
+                "counter",
+                c.to_string(),
+            ),
+            Value::Gauge(g) => (prometheus_name(key.name()), "gauge", g.to_string()),
+        };
+        if family != last_family {
+            out.push_str(&format!("# TYPE {family} {kind}\n"));
+            last_family = family.clone();
+        }
+        let labels: Vec<String> = key
+            .labels()
+            .map(|(k, v)| format!("{}=\"{}\"", prometheus_name(k), escape_label(v)))
+            .collect();
+        if labels.is_empty() {
+            out.push_str(&format!("{family} {v}\n"));
+        } else {
+            out.push_str(&format!("{family}{{{}}} {v}\n", labels.join(",")));
+        }
+    }
+    out
+}
+
+struct Prometheus {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Prometheus {
+    fn start(host: &str, port: u16, root: Metrics) -> io::Result<Self> {
+        let server = tiny_http::Server::http((host, port))
+            .map_err(|e| io::Error::other(format!("Prometheus endpoint on {host}:{port}: {e}")))?;
+        if let Some(addr) = server.server_addr().to_ip() {
+            log::info!("Serving Prometheus metrics on http://{addr}/metrics.");
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("tempest-prometheus".into())
+            .spawn(move || {
+                while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                    let Ok(Some(request)) = server.recv_timeout(Duration::from_millis(100)) else {
+                        continue;
+                    };
+                    let response = if request.url() == "/metrics" {
+                        let body = prometheus_text(&root.snapshot());
+                        let header = tiny_http::Header::from_bytes(
+                            &b"Content-Type"[..],
+                            &b"text/plain; version=0.0.4"[..],
+                        );
+                        let r = tiny_http::Response::from_string(body);
+                        match header {
+                            Ok(h) => r.with_header(h),
+                            Err(()) => r,
+                        }
+                    } else {
+                        tiny_http::Response::from_string("try /metrics\n").with_status_code(404)
+                    };
+                    let _ = request.respond(response);
+                }
+            })?;
+        Ok(Prometheus {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Backend for Prometheus {
+    fn flush(&mut self, _f: &Flush<'_>) -> io::Result<()> {
+        // Scrapes read the registry as it is; nothing to push.
+        Ok(())
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,6 +409,27 @@ target = [
         let e = toml::from_str::<MetricsConfig>("target = [{ type = \"carrier-pigeon\" }]")
             .unwrap_err();
         assert!(e.to_string().contains("carrier-pigeon"), "{e}");
+    }
+
+    #[test]
+    fn prometheus_text_is_valid_exposition() {
+        let m = Metrics::new_registry().with_label("topology", "w\"c");
+        m.incr("tempest.msgs.acked", 3);
+        m.with_label("task", "a")
+            .gauge("tempest.task.queue_depth", 2);
+        let text = prometheus_text(&m.snapshot());
+        assert!(
+            text.contains("# TYPE tempest_msgs_acked_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tempest_msgs_acked_total{topology=\"w\\\"c\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tempest_task_queue_depth{topology=\"w\\\"c\",task=\"a\"} 2\n"),
+            "{text}"
+        );
     }
 
     #[test]
