@@ -210,3 +210,53 @@ fn shutdown_leaves_what_misses_the_grace_period_to_the_source() {
         "abandoned, not failed: the source redelivers it"
     );
 }
+
+/// The sweeper runs while other messages keep the pipeline busy. (actix
+/// runs interval timers only when an actor's mailbox runs dry; the sweeper
+/// now also runs from the handlers. The metrics-flush starvation that
+/// revealed this is reproduced by the Prometheus test in
+/// `metrics_backends.rs`; this load pattern lets the mailbox drain now and
+/// then, so it guards the sweeper without reproducing the starvation.)
+#[test]
+fn the_sweeper_runs_under_constant_load() {
+    let source = MockSource::from_config(MockConfig {
+        open: true,
+        ack_interval_ms: 1,
+        ..MockConfig::generator(u64::MAX / 2, 8)
+    })
+    .unwrap();
+    let gate = Gate::default();
+    let g = gate.clone();
+    let hung = Arc::new(AtomicBool::new(false));
+    let h = Arc::clone(&hung);
+    let report = TestRun::new(
+        builder("busy-sweeper", source)
+            .failure_policy(FailurePolicy::None)
+            .msg_timeout(Duration::from_millis(200))
+            .pipeline(
+                Pipeline::new()
+                    .task(pass("a"))
+                    .task(pass("fast"))
+                    .task(FnTask::new("hang", move |m| {
+                        if !h.swap(true, Ordering::SeqCst) {
+                            g.wait();
+                        }
+                        Ok(Output::One(m))
+                    }))
+                    .edge("a", "fast")
+                    .edge("a", "hang"),
+            ),
+    )
+    .until(move |s| {
+        if s.timed_out >= 1 {
+            gate.open();
+            true
+        } else {
+            false
+        }
+    })
+    .deadline(Duration::from_secs(20))
+    .run()
+    .unwrap();
+    assert_eq!(report.stop, StopReason::Condition, "{:?}", report.stats);
+}
