@@ -11,7 +11,7 @@ use tempest_source::{
 };
 
 use crate::default_consumer;
-use crate::reply;
+use crate::reply::{self, invoke};
 
 /// The list source's configuration (`[source.config]`).
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -206,27 +206,6 @@ if redis.call('LPOS', KEYS[1], ARGV[1]) == false then redis.call('HDEL', KEYS[3]
 return 1
 ";
 
-/// Runs a script on `conn`; a connection error drops the connection so the
-/// runtime reconnects.
-fn invoke<T: redis::FromRedisValue>(
-    conn: &mut Option<Connection>,
-    what: &str,
-    inv: redis::ScriptInvocation<'_>,
-) -> Result<T, SourceError> {
-    let c = conn.as_mut().ok_or_else(|| {
-        SourceError::unavailable(
-            what.to_string(),
-            std::io::Error::new(std::io::ErrorKind::NotConnected, "not connected"),
-        )
-    })?;
-    inv.invoke::<T>(c).map_err(|e| {
-        if reply::is_connection_error(&e) {
-            *conn = None;
-        }
-        reply::source_error(what.to_string(), e)
-    })
-}
-
 /// A Redis list as a reliable queue. See the [crate docs](crate).
 ///
 /// Lists have no message ids: a message is identified by its bytes, so
@@ -261,12 +240,9 @@ impl RedisListSource {
     }
 
     fn conn(&mut self) -> Result<&mut Connection, SourceError> {
-        self.conn.as_mut().ok_or_else(|| {
-            SourceError::unavailable(
-                "redis list source",
-                std::io::Error::new(std::io::ErrorKind::NotConnected, "not connected"),
-            )
-        })
+        self.conn
+            .as_mut()
+            .ok_or_else(|| reply::not_connected("redis list source"))
     }
 
     fn deliver(&mut self, pairs: &Value, out: &mut Vec<SourceMsg>) -> Result<(), SourceError> {
@@ -343,16 +319,7 @@ impl Source for RedisListSource {
     }
 
     fn connect(&mut self) -> Result<(), SourceError> {
-        let client = redis::Client::open(self.config.uri.as_str())
-            .map_err(|e| SourceError::failed_with(format!("invalid uri {}", self.config.uri), e))?;
-        let conn = client
-            .get_connection_with_timeout(Duration::from_secs(5))
-            .map_err(|e| reply::source_error(format!("connecting to {}", self.config.uri), e))?;
-        conn.set_read_timeout(Some(
-            Duration::from_millis(self.config.block_ms) + Duration::from_secs(10),
-        ))
-        .map_err(|e| reply::source_error("setting the read timeout", e))?;
-        self.conn = Some(conn);
+        self.conn = Some(reply::connect(&self.config.uri, self.config.block_ms)?);
         self.recovering = Some(0);
         Ok(())
     }

@@ -111,3 +111,42 @@ pub(crate) fn is_transient(e: &RedisError) -> bool {
         Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN" | "READONLY")
     )
 }
+
+/// Connects to `uri` with a 5 s connect timeout and a read timeout long
+/// enough for a blocking read of `block_ms`.
+pub(crate) fn connect(uri: &str, block_ms: u64) -> Result<redis::Connection, SourceError> {
+    let client = redis::Client::open(uri)
+        .map_err(|e| SourceError::failed_with(format!("invalid uri {uri}"), e))?;
+    let conn = client
+        .get_connection_with_timeout(std::time::Duration::from_secs(5))
+        .map_err(|e| source_error(format!("connecting to {uri}"), e))?;
+    conn.set_read_timeout(Some(
+        std::time::Duration::from_millis(block_ms) + std::time::Duration::from_secs(10),
+    ))
+    .map_err(|e| source_error("setting the read timeout", e))?;
+    Ok(conn)
+}
+
+/// The error for an operation without a connection: retryable.
+pub(crate) fn not_connected(what: &str) -> SourceError {
+    SourceError::unavailable(
+        what.to_string(),
+        std::io::Error::new(std::io::ErrorKind::NotConnected, "not connected"),
+    )
+}
+
+/// Runs a script on `conn`; a connection error drops the connection so the
+/// runtime reconnects.
+pub(crate) fn invoke<T: redis::FromRedisValue>(
+    conn: &mut Option<redis::Connection>,
+    what: &str,
+    inv: redis::ScriptInvocation<'_>,
+) -> Result<T, SourceError> {
+    let c = conn.as_mut().ok_or_else(|| not_connected(what))?;
+    inv.invoke::<T>(c).map_err(|e| {
+        if is_connection_error(&e) {
+            *conn = None;
+        }
+        source_error(what.to_string(), e)
+    })
+}

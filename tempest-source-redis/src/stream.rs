@@ -80,12 +80,9 @@ impl RedisStreamSource {
     }
 
     fn conn(&mut self) -> Result<&mut Connection, SourceError> {
-        self.conn.as_mut().ok_or_else(|| {
-            SourceError::unavailable(
-                "redis stream source",
-                std::io::Error::new(std::io::ErrorKind::NotConnected, "not connected"),
-            )
-        })
+        self.conn
+            .as_mut()
+            .ok_or_else(|| reply::not_connected("redis stream source"))
     }
 
     /// Runs `cmd`; a connection error drops the connection so the runtime
@@ -160,14 +157,8 @@ impl RedisStreamSource {
             .arg(deliveries)
             .arg(reason)
             .arg(payload);
-        let Some(conn) = self.conn.as_mut() else {
-            return Err(SourceError::unavailable(
-                "dead-lettering an entry",
-                std::io::Error::new(std::io::ErrorKind::NotConnected, "not connected"),
-            ));
-        };
-        match inv.invoke::<i64>(conn) {
-            Ok(1) => {
+        match reply::invoke::<i64>(&mut self.conn, "dead-lettering an entry", inv)? {
+            1 => {
                 self.counts.dead_lettered += 1;
                 log::warn!(
                     "Entry {id} of stream {} went to {dead}: {reason}.",
@@ -175,13 +166,7 @@ impl RedisStreamSource {
                 );
                 Ok(())
             }
-            Ok(_) => Ok(()),
-            Err(e) => {
-                if reply::is_connection_error(&e) {
-                    self.conn = None;
-                }
-                Err(reply::source_error("dead-lettering an entry", e))
-            }
+            _ => Ok(()),
         }
     }
 
@@ -343,16 +328,7 @@ impl Source for RedisStreamSource {
     }
 
     fn connect(&mut self) -> Result<(), SourceError> {
-        let client = redis::Client::open(self.config.uri.as_str())
-            .map_err(|e| SourceError::failed_with(format!("invalid uri {}", self.config.uri), e))?;
-        let conn = client
-            .get_connection_with_timeout(Duration::from_secs(5))
-            .map_err(|e| reply::source_error(format!("connecting to {}", self.config.uri), e))?;
-        conn.set_read_timeout(Some(
-            Duration::from_millis(self.config.block_ms) + Duration::from_secs(10),
-        ))
-        .map_err(|e| reply::source_error("setting the read timeout", e))?;
-        self.conn = Some(conn);
+        self.conn = Some(reply::connect(&self.config.uri, self.config.block_ms)?);
         let create = redis::cmd("XGROUP")
             .arg("CREATE")
             .arg(&self.config.key)
