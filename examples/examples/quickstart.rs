@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use tempest::metrics::names;
 use tempest::standalone::{self, RunOptions};
 use tempest_examples::wordcount::{self, Totals};
 
@@ -62,6 +63,27 @@ fn main() -> ExitCode {
         .map(|(w, c)| format!("{w}={c}"))
         .collect();
     println!("Top words: {}", top.join(", "));
+    let per_task: Vec<String> = ["parse", "words", "chars", "report"]
+        .iter()
+        .map(|t| {
+            let n = report.metrics.counter(names::TASK_MSGS_IN, &[("task", t)]);
+            let batches = report
+                .metrics
+                .counter(names::TASK_BATCHES, &[("task", t)])
+                .max(1);
+            format!("{t} {n} in {batches} batches")
+        })
+        .collect();
+    println!(
+        "Metrics: {} read, {} acked, max {} in flight; tasks: {}.",
+        report.metrics.counter(names::SOURCE_READ, &[]),
+        report.metrics.counter(names::MSGS_ACKED, &[]),
+        report
+            .metrics
+            .gauge(names::MSGS_INFLIGHT_MAX, &[])
+            .unwrap_or(0),
+        per_task.join(", ")
+    );
     if s.acked == count && (words, letters) == wordcount::expected(count) {
         ExitCode::SUCCESS
     } else {
