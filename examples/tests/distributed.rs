@@ -288,6 +288,26 @@ fn wrong_secrets_and_unknown_tasks_are_refused() {
     assert!(err.contains("possible values: a, b, c"), "{err}");
 }
 
+/// Sends a Hello and returns the error the topology answers with; checks
+/// the connection is closed after it.
+fn refused_hello(addr: &str, version: u16, task: &str) -> (ErrorCode, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(
+        &Frame::Hello {
+            version,
+            task: task.into(),
+        }
+        .to_wire(),
+    )
+    .unwrap();
+    let answer = match read_frame(&mut s) {
+        Some(Frame::Error { code, message }) => (code, message),
+        other => panic!("expected an error frame, got {other:?}"),
+    };
+    assert!(closed(&mut s), "the connection is closed after the error");
+    answer
+}
+
 fn read_frame(stream: &mut TcpStream) -> Option<Frame> {
     let mut len = [0u8; 4];
     stream.read_exact(&mut len).ok()?;
@@ -336,41 +356,14 @@ fn raw_clients_sending_garbage_too_much_or_nothing_are_dropped_harmlessly() {
     assert!(started.elapsed() >= Duration::from_millis(250));
 
     // A Tempest worker of another protocol version gets a clear error.
-    let mut s = TcpStream::connect(&addr).unwrap();
-    s.write_all(
-        &Frame::Hello {
-            version: VERSION + 1,
-            task: "a".into(),
-        }
-        .to_wire(),
-    )
-    .unwrap();
-    match read_frame(&mut s) {
-        Some(Frame::Error { code, message }) => {
-            assert_eq!(code, ErrorCode::Version);
-            assert!(message.contains("not supported"), "{message}");
-        }
-        other => panic!("expected a version error, got {other:?}"),
-    }
-    assert!(closed(&mut s));
+    let (code, message) = refused_hello(&addr, VERSION + 1, "a");
+    assert_eq!(code, ErrorCode::Version);
+    assert!(message.contains("not supported"), "{message}");
 
     // An unknown task name.
-    let mut s = TcpStream::connect(&addr).unwrap();
-    s.write_all(
-        &Frame::Hello {
-            version: VERSION,
-            task: "zzz".into(),
-        }
-        .to_wire(),
-    )
-    .unwrap();
-    match read_frame(&mut s) {
-        Some(Frame::Error { code, message }) => {
-            assert_eq!(code, ErrorCode::UnknownTask);
-            assert!(message.contains("its tasks are: a, b, c"), "{message}");
-        }
-        other => panic!("expected an unknown-task error, got {other:?}"),
-    }
+    let (code, message) = refused_hello(&addr, VERSION, "zzz");
+    assert_eq!(code, ErrorCode::UnknownTask);
+    assert!(message.contains("its tasks are: a, b, c"), "{message}");
 
     // The topology is unharmed: real workers finish the job.
     let _workers: Vec<Proc> = ["a", "b", "c"]

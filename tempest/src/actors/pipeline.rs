@@ -17,9 +17,10 @@ use super::{
     DeliverySink, Fetch, Results, Settle, SourceBatch, Stop, StopReason, Undelivered, Verdict,
     WorkerId,
 };
-use crate::inflight::{Dispatch, Finished, InflightEntry, Outcome, TaskMsg, Tracker};
+use crate::inflight::{Dispatch, Finished, InflightEntry, Outcome, TaskMsg, Ticket, Tracker};
 use crate::metrics::names;
 use crate::pipeline::TaskIdx;
+use crate::task::Msg;
 
 /// Counters of one topology run, as the pipeline sees them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -231,13 +232,7 @@ impl PipelineActor {
                     let reason = FailReason::WorkerLost {
                         task: self.task_names[t].clone(),
                     };
-                    self.tracker.on_error(
-                        m.ticket,
-                        reason,
-                        now,
-                        &mut Ready(&mut self.ready),
-                        &mut self.fin,
-                    );
+                    self.fail_ticket(m.ticket, reason, now);
                 }
             }
         }
@@ -269,6 +264,18 @@ impl PipelineActor {
 
     /// Accounts for finished messages, tells the source, feeds waiting
     /// workers, and checks the stop condition and any drain.
+    /// Hands a failed task message to the inflight table (and so to the
+    /// failure policy); false for a stale ticket.
+    fn fail_ticket(&mut self, ticket: Ticket, reason: FailReason, now: Instant) -> bool {
+        self.tracker.on_error(
+            ticket,
+            reason,
+            now,
+            &mut Ready(&mut self.ready),
+            &mut self.fin,
+        )
+    }
+
     /// The sweeper and the metrics flush, when due. Called from every
     /// handler (through `settle`) and from a timer, so neither starves
     /// when the mailbox never runs dry.
@@ -387,14 +394,7 @@ impl PipelineActor {
                                 m.payload.len()
                             ),
                         };
-                        let now = Instant::now();
-                        self.tracker.on_error(
-                            m.ticket,
-                            reason,
-                            now,
-                            &mut Ready(&mut self.ready),
-                            &mut self.fin,
-                        );
+                        self.fail_ticket(m.ticket, reason, Instant::now());
                         continue;
                     }
                     if bytes + size > budget {
@@ -549,52 +549,52 @@ impl Handler<Results> for PipelineActor {
                 self.stats.stale_results += 1;
                 continue;
             }
-            let mut ready = Ready(&mut self.ready);
-            let accepted = match verdict {
+            let task_name = || self.task_names[task as usize].clone();
+            let outcome: Result<&[Msg], FailReason> = match verdict {
                 Verdict::Done(k) => {
                     let end = offset.saturating_add(k as usize);
                     match results.outputs.get(offset..end) {
                         Some(outputs) => {
                             offset = end;
-                            self.tracker
-                                .on_done(ticket, outputs, now, &mut ready, &mut self.fin)
+                            Ok(outputs)
                         }
-                        None => {
-                            let reason = FailReason::TaskError {
-                                task: self.task_names[task as usize].clone(),
-                                message: format!(
-                                    "malformed result: {k} outputs claimed, {} left",
-                                    results.outputs.len().saturating_sub(offset)
-                                ),
-                            };
-                            self.tracker
-                                .on_error(ticket, reason, now, &mut ready, &mut self.fin)
-                        }
+                        None => Err(FailReason::TaskError {
+                            task: task_name(),
+                            message: format!(
+                                "malformed result: {k} outputs claimed, {} left",
+                                results.outputs.len().saturating_sub(offset)
+                            ),
+                        }),
                     }
                 }
                 Verdict::Filtered => {
                     self.stats.filtered += 1;
-                    self.tracker
-                        .on_done(ticket, &[], now, &mut ready, &mut self.fin)
+                    Ok(&[])
                 }
                 Verdict::Error(message) => {
                     self.stats.task_errors += 1;
-                    let reason = FailReason::TaskError {
-                        task: self.task_names[task as usize].clone(),
+                    Err(FailReason::TaskError {
+                        task: task_name(),
                         message,
-                    };
-                    self.tracker
-                        .on_error(ticket, reason, now, &mut ready, &mut self.fin)
+                    })
                 }
                 Verdict::Panicked(message) => {
                     self.stats.task_panics += 1;
-                    let reason = FailReason::TaskPanic {
-                        task: self.task_names[task as usize].clone(),
+                    Err(FailReason::TaskPanic {
+                        task: task_name(),
                         message,
-                    };
-                    self.tracker
-                        .on_error(ticket, reason, now, &mut ready, &mut self.fin)
+                    })
                 }
+            };
+            let accepted = match outcome {
+                Ok(outputs) => self.tracker.on_done(
+                    ticket,
+                    outputs,
+                    now,
+                    &mut Ready(&mut self.ready),
+                    &mut self.fin,
+                ),
+                Err(reason) => self.fail_ticket(ticket, reason, now),
             };
             if !accepted {
                 self.stats.stale_results += 1;
