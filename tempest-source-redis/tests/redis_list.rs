@@ -166,36 +166,21 @@ fn the_list_source_reconnects_when_redis_restarts() {
     })
     .unwrap();
     let processing = source.processing_key().to_string();
-    let restarted = Arc::new(Mutex::new(false));
-    let flag = Arc::clone(&restarted);
-    let handle = tempest::standalone::RuntimeHandle::new();
-    let h = handle.clone();
-    let run = std::thread::spawn(move || {
-        TestRun::new(
-            TopologyBuilder::new("list-restart")
-                .source(source)
-                .pipeline(
-                    Pipeline::new()
-                        .task(Work {
-                            seen: s,
-                            poison: None,
-                        })
-                        .task(Slow)
-                        .edge("work", "slow"),
-                ),
-        )
-        .handle(h)
-        .until(move |st| st.acked >= 3000 && *flag.lock().unwrap())
-        .deadline(Duration::from_secs(90))
-        .run()
-        .unwrap()
-    });
-    while handle.stats().map_or(0, |s| s.acked) < 500 {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    server.restart();
-    *restarted.lock().unwrap() = true;
-    let report = run.join().unwrap();
+    let report = common::run_through_restart(
+        &mut server,
+        TopologyBuilder::new("list-restart")
+            .source(source)
+            .pipeline(
+                Pipeline::new()
+                    .task(Work {
+                        seen: s,
+                        poison: None,
+                    })
+                    .task(Slow)
+                    .edge("work", "slow"),
+            ),
+        3000,
+    );
     let mut conn = server.conn();
     assert!(report.stats.acked >= 3000, "{:?}", report.stats);
     assert_eq!(llen(&mut conn, &key), 0);

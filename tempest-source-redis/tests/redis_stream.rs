@@ -185,36 +185,20 @@ fn the_topology_reconnects_when_redis_restarts() {
         ..config(&server, &key)
     })
     .unwrap();
-    let restarted = Arc::new(Mutex::new(false));
-    let flag = Arc::clone(&restarted);
     let slow = Arc::clone(&seen);
-    let handle = tempest::standalone::RuntimeHandle::new();
-    let h = handle.clone();
-    let run = std::thread::spawn(move || {
-        TestRun::new(
-            TopologyBuilder::new("redis-restart")
-                .source(source)
-                .pipeline(Pipeline::new().task(FnTask(move |m: Msg| {
-                    std::thread::sleep(Duration::from_micros(200));
-                    slow.lock()
-                        .unwrap()
-                        .push(String::from_utf8_lossy(&m).into_owned());
-                    Ok(Output::None)
-                }))),
-        )
-        .handle(h)
-        .until(move |s| s.acked >= 3000 && *flag.lock().unwrap())
-        .deadline(Duration::from_secs(90))
-        .run()
-        .unwrap()
-    });
-    // Restart once work is under way.
-    while handle.stats().map_or(0, |s| s.acked) < 500 {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    server.restart();
-    *restarted.lock().unwrap() = true;
-    let report = run.join().unwrap();
+    let report = common::run_through_restart(
+        &mut server,
+        TopologyBuilder::new("redis-restart")
+            .source(source)
+            .pipeline(Pipeline::new().task(FnTask(move |m: Msg| {
+                std::thread::sleep(Duration::from_micros(200));
+                slow.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&m).into_owned());
+                Ok(Output::None)
+            }))),
+        3000,
+    );
     let mut conn = server.conn();
     assert!(report.stats.acked >= 3000, "{:?}", report.stats);
     assert_eq!(pending(&mut conn, &key, "g"), 0);

@@ -62,3 +62,35 @@ pub fn pending(conn: &mut redis::Connection, key: &str, group: &str) -> i64 {
 pub fn xlen(conn: &mut redis::Connection, key: &str) -> i64 {
     redis::cmd("XLEN").arg(key).query(conn).unwrap()
 }
+
+/// Runs `builder` until `n` messages are acked, restarting `server` once
+/// 500 are; returns the report.
+pub fn run_through_restart(
+    server: &mut Server,
+    builder: tempest::TopologyBuilder,
+    n: u64,
+) -> tempest::testing::TestReport {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let restarted = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&restarted);
+    let handle = tempest::standalone::RuntimeHandle::new();
+    let h = handle.clone();
+    let run = std::thread::spawn(move || {
+        tempest::testing::TestRun::new(builder)
+            .handle(h)
+            .until(move |s| s.acked >= n && flag.load(Ordering::SeqCst))
+            .deadline(Duration::from_secs(90))
+            .run()
+            .unwrap()
+    });
+    // Restart once work is under way.
+    while handle.stats().map_or(0, |s| s.acked) < 500 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    server.restart();
+    restarted.store(true, Ordering::SeqCst);
+    run.join().unwrap()
+}
