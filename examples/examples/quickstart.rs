@@ -71,9 +71,23 @@ fn main() -> ExitCode {
                 .metrics
                 .counter(names::TASK_BATCHES, &[("task", t)])
                 .max(1);
-            format!("{t} {n} in {batches} batches")
+            let batch_us = report
+                .metrics
+                .histogram(names::TASK_BATCH_US, &[("task", t)]);
+            format!(
+                "{t} {n} in {batches} batches (p99 {} µs a batch)",
+                batch_us.quantile(0.99)
+            )
         })
         .collect();
+    let latency = report.metrics.histogram(names::MSGS_LATENCY_US, &[]);
+    println!(
+        "End-to-end latency: p50 {} µs, p90 {} µs, p99 {} µs, max {} µs.",
+        latency.quantile(0.5),
+        latency.quantile(0.9),
+        latency.quantile(0.99),
+        latency.max()
+    );
     println!(
         "Metrics: {} read, {} acked, max {} in flight; tasks: {}.",
         report.metrics.counter(names::SOURCE_READ, &[]),

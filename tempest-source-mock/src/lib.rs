@@ -30,8 +30,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::Deserialize;
+use tempest_source::metrics::names;
 use tempest_source::{
-    now_millis, AckPolicy, FailedMsg, MsgId, Source, SourceError, SourceMsg, SourceSettings,
+    now_millis, AckPolicy, FailedMsg, Metrics, MsgId, Source, SourceContext, SourceError,
+    SourceMsg, SourceSettings,
 };
 
 /// The mock source's configuration (`[source.config]`).
@@ -140,6 +142,8 @@ struct State {
     visibility: VecDeque<(Instant, u64)>,
     /// Delivered, not yet acked nor dead-lettered.
     outstanding: u64,
+    /// Dead-lettered since the last metrics flush.
+    dead_unreported: u64,
     failed: Vec<FailedMsg>,
     ack_calls: u64,
     unknown_acks: u64,
@@ -170,6 +174,7 @@ impl State {
             dead: Vec::new(),
             visibility: VecDeque::new(),
             outstanding: 0,
+            dead_unreported: 0,
             failed: Vec::new(),
             ack_calls: 0,
             unknown_acks: 0,
@@ -207,6 +212,7 @@ impl State {
             match self.config.max_deliveries {
                 Some(max) if self.delivered[i] >= max => {
                     self.dead[i] = true;
+                    self.dead_unreported += 1;
                     self.outstanding -= 1;
                 }
                 _ => self.ready.push_back(id),
@@ -261,6 +267,7 @@ impl State {
 pub struct MockSource {
     state: Arc<Mutex<State>>,
     settings: SourceSettings,
+    metrics: Option<Metrics>,
 }
 
 /// A handle to prime a [`MockSource`] and to read what happened to its
@@ -305,7 +312,29 @@ impl Source for MockSource {
         Ok(MockSource {
             state: Arc::new(Mutex::new(State::new(config))),
             settings,
+            metrics: None,
         })
+    }
+
+    fn setup(&mut self, ctx: &SourceContext) -> Result<(), SourceError> {
+        self.metrics = Some(ctx.metrics.clone());
+        Ok(())
+    }
+
+    fn flush_metrics(&mut self) {
+        if let Some(m) = &self.metrics {
+            let mut state = lock(&self.state);
+            m.incr(
+                names::SOURCE_DEAD_LETTERED,
+                std::mem::take(&mut state.dead_unreported),
+            );
+            let waiting = (state.ready.len() as u64)
+                .saturating_add(state.config.count.saturating_sub(state.generated));
+            m.gauge(
+                names::SOURCE_LAG,
+                i64::try_from(waiting).unwrap_or(i64::MAX),
+            );
+        }
     }
 
     fn settings(&self) -> SourceSettings {

@@ -262,12 +262,7 @@ impl RedisStreamConfig {
 /// The default consumer name: stable for this host and program, so a
 /// restarted topology first re-reads its own pending entries.
 pub fn default_consumer() -> String {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".to_string());
+    let host = tempest_source::metrics::host_name();
     let program = std::env::current_exe()
         .ok()
         .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))

@@ -6,8 +6,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use redis::{Connection, Value};
 use serde::Deserialize;
+use tempest_source::metrics::names;
 use tempest_source::{
-    now_millis, AckPolicy, MsgId, Source, SourceError, SourceMsg, SourceSettings,
+    now_millis, AckPolicy, Metrics, MsgId, Source, SourceContext, SourceError, SourceMsg,
+    SourceSettings,
 };
 
 use crate::default_consumer;
@@ -221,6 +223,8 @@ pub struct RedisListSource {
     recover: redis::Script,
     ack_script: redis::Script,
     dead: redis::Script,
+    metrics: Option<Metrics>,
+    dead_lettered: u64,
 }
 
 impl std::fmt::Debug for RedisListSource {
@@ -263,6 +267,7 @@ impl RedisListSource {
                 inv.key(&dead).key(&deliveries).arg(payload);
                 let moved: i64 = invoke(&mut self.conn, "dead-lettering a message", inv)?;
                 if moved == 1 {
+                    self.dead_lettered += 1;
                     log::warn!(
                         "A message of list {} was delivered {delivered} times; moved to {dead}.",
                         self.config.key
@@ -303,7 +308,14 @@ impl Source for RedisListSource {
             recover: redis::Script::new(RECOVER),
             ack_script: redis::Script::new(ACK),
             dead: redis::Script::new(DEAD_LETTER),
+            metrics: None,
+            dead_lettered: 0,
         })
+    }
+
+    fn setup(&mut self, ctx: &SourceContext) -> Result<(), SourceError> {
+        self.metrics = Some(ctx.metrics.clone());
+        Ok(())
     }
 
     fn settings(&self) -> SourceSettings {
@@ -411,5 +423,21 @@ impl Source for RedisListSource {
         // Messages the runtime gave up on stay in the processing list; they
         // are delivered again after the next (re)connect.
         Ok(())
+    }
+
+    fn flush_metrics(&mut self) {
+        let Some(m) = self.metrics.clone() else {
+            return;
+        };
+        m.incr(
+            names::SOURCE_DEAD_LETTERED,
+            std::mem::take(&mut self.dead_lettered),
+        );
+        if let Some(conn) = self.conn.as_mut() {
+            match redis::cmd("LLEN").arg(&self.config.key).query::<i64>(conn) {
+                Ok(waiting) => m.gauge(names::SOURCE_LAG, waiting),
+                Err(e) => log::debug!("LLEN {} for the lag gauge failed: {e}.", self.config.key),
+            }
+        }
     }
 }

@@ -4,8 +4,10 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use bytes::Bytes;
-use redis::{Connection, Value};
+use redis::streams::StreamInfoGroupsReply;
+use redis::{Commands as _, Connection, Value};
 use serde::Deserialize;
+use tempest_source::metrics::names;
 use tempest_source::{
     now_millis, FailedMsg, Metrics, MsgId, Source, SourceContext, SourceError, SourceMsg,
     SourceSettings,
@@ -454,8 +456,26 @@ impl Source for RedisStreamSource {
             m.incr("tempest.redis.read", c.read);
             m.incr("tempest.redis.acked", c.acked);
             m.incr("tempest.redis.reclaimed", c.reclaimed);
-            m.incr("tempest.redis.dead_lettered", c.dead_lettered);
-            m.incr("tempest.redis.lost", c.lost);
+            m.incr(names::SOURCE_DEAD_LETTERED, c.dead_lettered);
+            m.incr(names::SOURCE_LOST, c.lost);
+            if let Some(conn) = self.conn.as_mut() {
+                let key = &self.config.key;
+                match conn.xinfo_groups::<_, StreamInfoGroupsReply>(key) {
+                    Ok(reply) => {
+                        // `lag` is known from Redis 7 on, and unknown after
+                        // some deletions: then there is no gauge.
+                        let lag = reply
+                            .groups
+                            .iter()
+                            .find(|g| g.name == self.config.group)
+                            .and_then(|g| g.lag);
+                        if let Some(lag) = lag {
+                            m.gauge(names::SOURCE_LAG, lag as i64);
+                        }
+                    }
+                    Err(e) => log::debug!("XINFO GROUPS {key} for the lag gauge failed: {e}."),
+                }
+            }
         }
     }
 }

@@ -251,7 +251,7 @@ impl Io {
                 Err(Refused::Retry(why)) => {
                     failures += 1;
                     let wait = jitter(backoff);
-                    if failures == 1 || failures % 20 == 0 {
+                    if failures == 1 || failures.is_multiple_of(20) {
                         log::warn!(
                             "Worker {} of task {} cannot reach the topology at {} ({why}); retrying in {wait:?}.",
                             self.worker,

@@ -207,14 +207,12 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
     })?;
 
     let options_handle = options.handle.clone();
-    let backends =
-        crate::metrics::backends::open(&topts.metrics.target, &metrics).map_err(|e| Error::Io {
-            what: "opening the metrics backends".into(),
-            source: e,
-        })?;
+    let flusher = crate::metrics::aggregator::Flusher::open(
+        &topts.metrics,
+        &metrics,
+        crate::metrics::backends::Role::Topology,
+    )?;
     let metrics_every = topts.metrics.interval();
-    let flusher = (!backends.is_empty())
-        .then(|| crate::metrics::aggregator::Flusher::new(metrics.clone(), backends));
     let started = Instant::now();
     let system = actix_rt::System::new();
     let outcome = system.block_on(async {
@@ -420,13 +418,11 @@ pub fn run_worker(
     let metrics = Metrics::new_registry().with_label("topology", topology.name.clone());
     let handle = handle.unwrap_or_default();
     // This process's metrics go to the backends from here.
-    let backends = crate::metrics::backends::open(&topology.options.metrics.target, &metrics)
-        .map_err(|e| Error::Io {
-            what: "opening the metrics backends".into(),
-            source: e,
-        })?;
-    let flusher = (!backends.is_empty())
-        .then(|| crate::metrics::aggregator::Flusher::new(metrics.clone(), backends));
+    let flusher = crate::metrics::aggregator::Flusher::open(
+        &topology.options.metrics,
+        &metrics,
+        crate::metrics::backends::Role::Worker,
+    )?;
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let ticker = flusher.clone().map(|f| {
         let every = topology.options.metrics.interval();

@@ -78,6 +78,8 @@ pub(crate) fn run_task_loop(
         );
     }
     let mut counts = Counts::default();
+    let mut batch_us = ctx.metrics.histogram(names::TASK_BATCH_US);
+    let mut batch_size = ctx.metrics.histogram(names::TASK_BATCH_SIZE);
     let mut last_flush = Instant::now();
     while let Some(mut batch) = transport.next_batch() {
         let started = Instant::now();
@@ -86,6 +88,7 @@ pub(crate) fn run_task_loop(
         let mut outputs: Vec<Msg> = Vec::with_capacity(batch.len());
         counts.batches += 1;
         counts.msgs_in += batch.len() as u64;
+        batch_size.record(batch.len() as u64);
         for m in batch.drain(..) {
             if !items.is_empty() && clock.due() {
                 counts.msgs_out += outputs.len() as u64;
@@ -129,7 +132,9 @@ pub(crate) fn run_task_loop(
             items.push((m.ticket, verdict));
         }
         counts.msgs_out += outputs.len() as u64;
-        counts.handle_nanos += started.elapsed().as_nanos() as u64;
+        let spent = started.elapsed();
+        counts.handle_nanos += spent.as_nanos() as u64;
+        batch_us.record_duration(spent);
         transport.send_results(Results {
             worker,
             items,
@@ -140,11 +145,15 @@ pub(crate) fn run_task_loop(
         if last_flush.elapsed().as_millis() >= 200 {
             task.flush_metrics();
             counts.flush(&ctx.metrics);
+            batch_us.flush();
+            batch_size.flush();
             last_flush = Instant::now();
         }
     }
     task.flush_metrics();
     counts.flush(&ctx.metrics);
+    batch_us.flush();
+    batch_size.flush();
     if let Err(p) = catch_unwind(AssertUnwindSafe(|| task.shutdown())) {
         log::error!(
             "Task {name} panicked in shutdown(): {}.",

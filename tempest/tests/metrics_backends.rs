@@ -37,12 +37,20 @@ fn statsd_receives_counters_and_gauges() {
     .unwrap();
     assert_eq!(report.stats.acked, 1000);
     let mut acked = 0.0;
+    let mut latencies = 0.0;
     let mut gauges = 0;
+    let mut p99s = Vec::new();
     let mut buf = [0u8; 65536];
     while let Ok(n) = socket.recv(&mut buf) {
         for line in String::from_utf8_lossy(&buf[..n]).lines() {
             if let Some(rest) = line.strip_prefix("myapp.tempest.msgs.acked.stats:") {
                 acked += rest.trim_end_matches("|c").parse::<f64>().unwrap();
+            }
+            if let Some(rest) = line.strip_prefix("myapp.tempest.msgs.latency_us.stats.count:") {
+                latencies += rest.trim_end_matches("|c").parse::<f64>().unwrap();
+            }
+            if let Some(rest) = line.strip_prefix("myapp.tempest.task.batch_us.stats.a.p99:") {
+                p99s.push(rest.trim_end_matches("|g").parse::<f64>().unwrap());
             }
             if line.ends_with("|g") {
                 gauges += 1;
@@ -51,6 +59,10 @@ fn statsd_receives_counters_and_gauges() {
     }
     assert_eq!(acked, 1000.0, "the counter's deltas add up to the total");
     assert!(gauges > 0, "gauges are sent too");
+    // Histograms: one count per interval (adding up to every observation)
+    // and quantiles as gauges.
+    assert_eq!(latencies, 1000.0, "one latency per acked message");
+    assert!(!p99s.is_empty(), "per-task batch-time quantiles are sent");
 }
 
 #[test]
@@ -96,6 +108,32 @@ fn the_file_backend_writes_json_lines() {
         "counter"
     );
     assert!(text.lines().count() >= 1);
+    // A histogram: the whole run in "value", the last interval beside it.
+    let batches = metrics
+        .iter()
+        .find(|m| m["name"] == names::TASK_BATCH_SIZE && m["labels"]["task"] == "b")
+        .unwrap();
+    assert_eq!(batches["type"], "histogram");
+    assert_eq!(batches["value"]["sum"], 300, "every message in some batch");
+    let count = batches["value"]["count"].as_u64().unwrap();
+    assert!(count >= 1);
+    for q in ["min", "p50", "p90", "p99", "p999", "max"] {
+        let v = batches["value"][q].as_u64().unwrap();
+        assert!((1..=300).contains(&v), "{q} = {v}");
+    }
+    assert!(batches["interval"]["count"].as_u64().unwrap() <= count);
+    // Over all lines, the intervals add up to the whole run.
+    let intervals: u64 = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|snap| {
+            snap["metrics"].as_array().unwrap().iter().find_map(|m| {
+                (m["name"] == names::MSGS_LATENCY_US)
+                    .then(|| m["interval"]["count"].as_u64().unwrap())
+            })
+        })
+        .sum();
+    assert_eq!(intervals, 300);
 }
 
 #[test]
@@ -155,6 +193,24 @@ fn counters_match_the_outcomes_of_every_message() {
         m.counter(names::TASK_ERRORS, &[("task", "work")]) >= report.count(Outcome::Failed) as u64
     );
     assert_eq!(m.counter(names::SOURCE_READ, &[]), 6);
+    // Histograms agree with the counters: one latency per acked message,
+    // every message read in some poll and taken in some batch.
+    let latency = m.histogram(names::MSGS_LATENCY_US, &[]);
+    assert_eq!(latency.count() as usize, report.count(Outcome::Acked));
+    assert!(latency.quantile(0.5) <= latency.max());
+    assert_eq!(m.histogram(names::SOURCE_POLL_SIZE, &[]).sum(), 6);
+    assert!(m.histogram(names::SOURCE_POLL_US, &[]).count() >= 1);
+    let batches = m.histogram(names::TASK_BATCH_SIZE, &[("task", "work")]);
+    assert_eq!(
+        batches.sum(),
+        m.counter(names::TASK_MSGS_IN, &[("task", "work")])
+    );
+    assert_eq!(batches.max(), 1, "task_batch(1)");
+    assert_eq!(
+        m.histogram(names::TASK_BATCH_US, &[("task", "work")])
+            .count(),
+        batches.count()
+    );
 }
 
 #[test]
@@ -208,13 +264,19 @@ fn the_prometheus_endpoint_serves_valid_exposition_text() {
         "{head}"
     );
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
-    let mut types = 0;
+    let mut types = std::collections::BTreeMap::new();
     let mut acked = None;
+    let mut latency_count = None;
+    let mut latency_p99 = None;
     for line in body.lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let kind = rest.split_whitespace().nth(1).unwrap();
-            assert!(kind == "counter" || kind == "gauge", "{line}");
-            types += 1;
+            let mut words = rest.split_whitespace();
+            let (family, kind) = (words.next().unwrap(), words.next().unwrap());
+            assert!(["counter", "gauge", "summary"].contains(&kind), "{line}");
+            assert!(
+                types.insert(family.to_string(), kind.to_string()).is_none(),
+                "family declared twice: {line}"
+            );
             continue;
         }
         // name{labels} value
@@ -227,10 +289,205 @@ fn the_prometheus_endpoint_serves_valid_exposition_text() {
             name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
             "{line}"
         );
-        if series == "tempest_msgs_acked_total{topology=\"prom\"}" {
-            acked = Some(value);
+        // Every sample belongs to the family declared last, a summary's
+        // `_sum`/`_count` included.
+        let family = types
+            .keys()
+            .filter(|f| {
+                name == f.as_str()
+                    || name
+                        .strip_prefix(f.as_str())
+                        .is_some_and(|s| s == "_sum" || s == "_count")
+            })
+            .max_by_key(|f| f.len())
+            .unwrap_or_else(|| panic!("no # TYPE for {line}"));
+        if types[family] == "summary" && name == family {
+            assert!(series.contains(",quantile=\""), "{line}");
+        }
+        match series {
+            "tempest_msgs_acked_total{topology=\"prom\"}" => acked = Some(value),
+            "tempest_msgs_latency_us_count{topology=\"prom\"}" => latency_count = Some(value),
+            "tempest_msgs_latency_us{topology=\"prom\",quantile=\"0.99\"}" => {
+                latency_p99 = Some(value)
+            }
+            _ => {}
         }
     }
-    assert!(types > 5, "{body}");
+    assert!(types.len() > 5, "{body}");
     assert!(acked.unwrap_or(0.0) > 0.0, "{body}");
+    // End-to-end latency is a summary: a count, and a p99 from the last
+    // flush interval (NaN only if that interval acked nothing).
+    assert_eq!(types["tempest_msgs_latency_us"], "summary");
+    assert!(latency_count.unwrap_or(0.0) > 0.0, "{body}");
+    assert!(latency_p99.is_some(), "{body}");
+    assert_eq!(types["tempest_task_batch_us"], "summary");
+}
+
+/// A stand-in push gateway: records every request's method, path and body.
+struct Gateway {
+    addr: std::net::SocketAddr,
+    pushes: std::sync::mpsc::Receiver<(String, String, String)>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Gateway {
+    fn start() -> Gateway {
+        let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let addr = server.server_addr().to_ip().unwrap();
+        let (tx, pushes) = std::sync::mpsc::channel();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                let Ok(Some(mut request)) = server.recv_timeout(Duration::from_millis(20)) else {
+                    continue;
+                };
+                let mut body = String::new();
+                std::io::Read::read_to_string(request.as_reader(), &mut body).unwrap();
+                let _ = tx.send((
+                    request.method().to_string(),
+                    request.url().to_string(),
+                    body,
+                ));
+                let _ = request.respond(tiny_http::Response::empty(200));
+            }
+        });
+        Gateway {
+            addr,
+            pushes,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the gateway; every push it received, all of them `PUT`s.
+    fn pushes_split(mut self) -> Pushes {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap();
+        let pushes: Vec<_> = self.pushes.try_iter().collect();
+        assert!(pushes.iter().all(|(m, _, _)| m == "PUT"), "{pushes:?}");
+        Pushes(pushes)
+    }
+}
+
+struct Pushes(Vec<(String, String, String)>);
+
+impl Pushes {
+    /// How many pushes went to `path`, and the body of the last.
+    fn last(&self, path: &str) -> (usize, String) {
+        let mine: Vec<_> = self.0.iter().filter(|(_, p, _)| p == path).collect();
+        (
+            mine.len(),
+            mine.last().map(|p| p.2.clone()).unwrap_or_default(),
+        )
+    }
+}
+
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn workers_push_their_metrics_to_a_push_gateway_and_the_last_push_is_complete() {
+    use tempest::standalone::{self, RunOptions, RuntimeHandle, ServeOptions, WorkerOptions};
+    let gateway = Gateway::start();
+    let url = format!("http://{}", gateway.addr);
+    // The worker's config also names the topology's scrape port: a worker
+    // serves no scrape endpoint, so the two do not clash.
+    let scrape = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = |instance: &str| MetricsConfig {
+        flush_interval: 50,
+        target: vec![
+            Target::PrometheusPush {
+                url: url.clone(),
+                job: "tests".into(),
+                instance: Some(instance.into()),
+                timeout: 2000,
+            },
+            Target::Prometheus {
+                host: "127.0.0.1".into(),
+                port: scrape,
+            },
+        ],
+    };
+    let (source, mock) = generated(2000);
+    let handle = RuntimeHandle::new();
+    let h = handle.clone();
+    let topo_metrics = config("topo");
+    let top = std::thread::spawn(move || {
+        standalone::run(
+            builder("push", source)
+                .pipeline(Pipeline::new().task(pass("a")))
+                .metrics(topo_metrics)
+                .build()
+                .unwrap(),
+            RunOptions {
+                handle: Some(h),
+                local_workers: false,
+                serve: Some(ServeOptions::loopback()),
+                ..RunOptions::default()
+            },
+        )
+        .unwrap()
+    });
+    let addr = loop {
+        if let Some(a) = handle.listening() {
+            break a;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let worker_metrics = config("worker-1");
+    let worker = std::thread::spawn(move || {
+        let t = builder("push", generated(0).0)
+            .pipeline(Pipeline::new().task(pass("a")))
+            .metrics(worker_metrics)
+            .build()
+            .unwrap();
+        let opts = WorkerOptions {
+            topology: addr.to_string(),
+            secret: None,
+            workers: 1,
+            fetch_max: 64,
+            backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(200),
+        };
+        standalone::run_worker(&t, "a", opts, None).unwrap()
+    });
+    let report = top.join().unwrap();
+    worker.join().unwrap();
+    assert_eq!(report.stats.acked, 2000);
+    assert_eq!(mock.acked(), 2000);
+
+    let pushes = gateway.pushes_split();
+    let (n, topo) = pushes.last("/metrics/job/tests/instance/topo");
+    assert!(n >= 1);
+    assert_eq!(
+        sample(&topo, "tempest_msgs_acked_total{topology=\"push\"}"),
+        Some(2000.0),
+        "the topology's last push has the final count:\n{topo}"
+    );
+    let (n, worker) = pushes.last("/metrics/job/tests/instance/worker-1");
+    assert!(n >= 1);
+    assert_eq!(
+        sample(
+            &worker,
+            "tempest_task_msgs_in_total{topology=\"push\",task=\"a\"}"
+        ),
+        Some(2000.0),
+        "the worker's last push, at exit, has every message it handled:\n{worker}"
+    );
+    assert!(
+        sample(
+            &worker,
+            "tempest_task_batch_us_count{topology=\"push\",task=\"a\"}"
+        )
+        .is_some_and(|c| c >= 1.0),
+        "{worker}"
+    );
 }

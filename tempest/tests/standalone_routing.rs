@@ -145,7 +145,7 @@ fn dead_ends_complete_descendants_without_another_live_parent() {
                 .task(pass("root"))
                 .task(FnTask::new("a", |m| {
                     let n: u32 = std::str::from_utf8(&m)?.parse()?;
-                    Ok(if n % 2 == 0 {
+                    Ok(if n.is_multiple_of(2) {
                         Output::One(m)
                     } else {
                         Output::None
@@ -207,7 +207,7 @@ impl Task for EvenOnly {
         "even-only"
     }
     fn filter(&mut self, msg: &Msg) -> bool {
-        msg.last().is_some_and(|b| (b - b'0') % 2 == 0)
+        msg.last().is_some_and(|b| (b - b'0').is_multiple_of(2))
     }
     fn handle(&mut self, msg: Msg) -> TaskResult {
         Ok(Output::One(msg))

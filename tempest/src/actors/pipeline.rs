@@ -10,6 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use tempest_source::metrics::Histogram;
 use tempest_source::{FailReason, FailedMsg, Metrics, MsgId};
 use tokio::sync::oneshot;
 
@@ -119,6 +120,8 @@ pub(crate) struct PipelineActor {
     closed: bool,
     pool: Vec<Vec<TaskMsg>>,
     metrics: Metrics,
+    /// End-to-end latency of acked source messages, recorded locally.
+    latency: Histogram,
     flushed: Stats,
     sweep_every: Duration,
     metrics_every: Duration,
@@ -170,6 +173,7 @@ impl PipelineActor {
             drain_deadline: None,
             closed: false,
             pool: Vec::new(),
+            latency: setup.metrics.histogram(names::MSGS_LATENCY_US),
             metrics: setup.metrics,
             flushed: Stats::default(),
             sweep_every: setup.sweep_every,
@@ -313,6 +317,7 @@ impl PipelineActor {
                 );
             }
             if f.outcome == Outcome::Acked {
+                self.latency.record_duration(f.latency);
                 self.pending.acks.push(f.msg.id);
             } else {
                 self.pending.failed.push(FailedMsg {
@@ -446,6 +451,7 @@ impl PipelineActor {
     fn flush_metrics(&mut self) {
         let now = self.current_stats();
         let old = std::mem::replace(&mut self.flushed, now.clone());
+        self.latency.flush();
         let m = &self.metrics;
         m.incr(names::SOURCE_READ, now.read - old.read);
         m.incr(names::MSGS_ACKED, now.acked - old.acked);

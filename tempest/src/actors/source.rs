@@ -11,6 +11,7 @@
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use tempest_source::metrics::Histogram;
 use tempest_source::{AckPolicy, Metrics, MsgId, SourceMsg, SourceSettings};
 
 use super::{Settle, SourceBatch, Stop, StopReason};
@@ -34,6 +35,8 @@ pub(crate) struct SourceActor {
     overflow: Vec<SourceMsg>,
     acks: Vec<MsgId>,
     metrics: Metrics,
+    poll_us: Histogram,
+    poll_size: Histogram,
     finished: bool,
     empty_polls: u64,
     polls: u64,
@@ -71,6 +74,8 @@ impl SourceActor {
             connected: false,
             overflow: Vec::new(),
             acks: Vec::new(),
+            poll_us: metrics.histogram(names::SOURCE_POLL_US),
+            poll_size: metrics.histogram(names::SOURCE_POLL_SIZE),
             metrics,
             finished: false,
             empty_polls: 0,
@@ -144,7 +149,13 @@ impl SourceActor {
             batch.extend(self.overflow.drain(..take));
         } else {
             self.polls += 1;
-            if let Err(e) = self.source.poll(max, &mut batch) {
+            let started = Instant::now();
+            let polled = self.source.poll(max, &mut batch);
+            self.poll_us.record_duration(started.elapsed());
+            if !batch.is_empty() {
+                self.poll_size.record(batch.len() as u64);
+            }
+            if let Err(e) = polled {
                 if e.is_retryable() {
                     log::warn!(
                         "Polling source {} failed ({e}); retrying in {:?}.",
@@ -237,7 +248,7 @@ impl SourceActor {
         if let Err(e) = result {
             if e.is_retryable() && self.acks.len() < self.settings.poll_count * 64 {
                 self.ack_failures += 1;
-                if self.ack_failures == 1 || self.ack_failures % 100 == 0 {
+                if self.ack_failures == 1 || self.ack_failures.is_multiple_of(100) {
                     log::warn!(
                         "Acking {} message(s) at source {} failed ({e}); retrying ({} failure(s) so far).",
                         ids.len(),
@@ -286,6 +297,8 @@ impl SourceActor {
 
     fn flush_metrics(&mut self) {
         self.source.flush_metrics();
+        self.poll_us.flush();
+        self.poll_size.flush();
         self.metrics
             .incr(names::SOURCE_POLLS, std::mem::take(&mut self.polls));
         self.metrics.incr(

@@ -9,40 +9,77 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use actix::prelude::*;
-use tempest_source::metrics::{Key, Value};
+use tempest_source::metrics::{Distribution, Key, Value};
 use tempest_source::Metrics;
 
-use super::backends::{Backend, Flush};
+use super::backends::{self, Backend, Flush, Role};
+use super::MetricsConfig;
+use crate::Error;
 
 /// The registry, the backends, and the counters as last flushed.
 pub(crate) struct Flusher {
     root: Metrics,
     backends: Vec<Box<dyn Backend>>,
     last: BTreeMap<Key, u64>,
+    last_hist: BTreeMap<Key, Distribution>,
 }
 
 impl Flusher {
-    pub fn new(root: Metrics, backends: Vec<Box<dyn Backend>>) -> Arc<Mutex<Flusher>> {
+    /// Opens the backends `config` names for a process in `role`; `None`
+    /// if there are none.
+    pub fn open(
+        config: &MetricsConfig,
+        root: &Metrics,
+        role: Role,
+    ) -> Result<Option<Arc<Mutex<Flusher>>>, Error> {
+        let backends = backends::open(&config.target, root, role).map_err(|e| Error::Io {
+            what: "opening the metrics backends".into(),
+            source: e,
+        })?;
+        Ok((!backends.is_empty()).then(|| Flusher::new(root.clone(), backends)))
+    }
+
+    fn new(root: Metrics, backends: Vec<Box<dyn Backend>>) -> Arc<Mutex<Flusher>> {
         Arc::new(Mutex::new(Flusher {
             root,
             backends,
             last: BTreeMap::new(),
+            last_hist: BTreeMap::new(),
         }))
     }
 
     pub fn flush(&mut self) {
         let snapshot = self.root.snapshot();
         let mut deltas = Vec::new();
+        let mut intervals = BTreeMap::new();
         for (key, value) in snapshot.iter() {
-            if let Value::Counter(now) = value {
-                let before = self.last.insert(key.clone(), *now).unwrap_or(0);
-                deltas.push((key.clone(), now.saturating_sub(before)));
+            match value {
+                Value::Counter(now) => {
+                    let before = self.last.insert(key.clone(), *now).unwrap_or(0);
+                    deltas.push((key.clone(), now.saturating_sub(before)));
+                }
+                Value::Histogram(now) => {
+                    let interval = match self.last_hist.get_mut(key) {
+                        Some(before) => {
+                            let interval = now.since(before);
+                            before.clone_from(now);
+                            interval
+                        }
+                        None => {
+                            self.last_hist.insert(key.clone(), now.clone());
+                            now.clone()
+                        }
+                    };
+                    intervals.insert(key.clone(), interval);
+                }
+                Value::Gauge(_) => {}
             }
         }
         let flush = Flush {
             at: SystemTime::now(),
             snapshot: &snapshot,
             deltas: &deltas,
+            intervals: &intervals,
         };
         for b in &mut self.backends {
             if let Err(e) = b.flush(&flush) {

@@ -1,4 +1,5 @@
-//! Where metrics go: statsd, a JSON-lines file, the log, the console.
+//! Where metrics go: statsd, Prometheus (scrape endpoint and push
+//! gateway), a JSON-lines file, the log, the console.
 //!
 //! Configured by `[metric]` in `Topology.toml` or
 //! [`TopologyBuilder::metrics`](crate::TopologyBuilder::metrics):
@@ -8,19 +9,29 @@
 //! flush_interval = 5000          # ms
 //! target = [
 //!     { type = "statsd", host = "127.0.0.1", port = 8125, prefix = "tempest" },
+//!     { type = "prometheus", host = "0.0.0.0", port = 9312 },
+//!     { type = "prometheus_push", url = "http://127.0.0.1:9091", job = "tempest" },
 //!     { type = "file", path = "metrics.jsonl", clobber = true },
 //!     { type = "log" },
 //!     { type = "console" },
 //! ]
 //! ```
+//!
+//! Counters and gauges go out as they are. A histogram goes out as its
+//! count, sum and quantiles (p50, p90, p99, p99.9) and max: cumulative
+//! count and sum, and quantiles over the last flush interval (the file
+//! backend also writes the quantiles over the whole run).
 
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write as _};
 use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
-use tempest_source::metrics::{Key, Snapshot, Value};
+use tempest_source::metrics::{Distribution, Key, Snapshot, Value};
 use tempest_source::Metrics;
 
 /// `[metric]`: how often to flush, and where.
@@ -89,10 +100,35 @@ pub enum Target {
         #[serde(default = "default_prometheus_port")]
         port: u16,
     },
+    /// Pushes the registry to a Prometheus push gateway at every flush
+    /// (and once more at exit), for processes too short-lived to be
+    /// scraped, such as task workers. Each process pushes to its own group
+    /// `/metrics/job/<job>/instance/<instance>`, replacing its last push.
+    PrometheusPush {
+        /// The push gateway's base URL, e.g. `http://127.0.0.1:9091`.
+        url: String,
+        /// The `job` grouping label (default `tempest`).
+        #[serde(default = "default_push_job")]
+        job: String,
+        /// The `instance` grouping label (default `<host>-<pid>`).
+        #[serde(default)]
+        instance: Option<String>,
+        /// Milliseconds to wait for the push gateway (default 5000).
+        #[serde(default = "default_push_timeout")]
+        timeout: u64,
+    },
     /// One log line per flush (target `tempest::metrics`, level info).
     Log,
     /// A table on stdout per flush.
     Console,
+}
+
+fn default_push_job() -> String {
+    "tempest".to_string()
+}
+
+fn default_push_timeout() -> u64 {
+    5000
 }
 
 fn default_statsd_port() -> u16 {
@@ -117,16 +153,42 @@ pub(crate) struct Flush<'a> {
     pub snapshot: &'a Snapshot,
     /// Counters' increase since the previous flush.
     pub deltas: &'a [(Key, u64)],
+    /// Histograms' observations since the previous flush.
+    pub intervals: &'a BTreeMap<Key, Distribution>,
 }
 
 pub(crate) trait Backend: Send {
     fn flush(&mut self, f: &Flush<'_>) -> io::Result<()>;
 }
 
+/// Which process opens the backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// The topology (or standalone) process: every backend.
+    Topology,
+    /// A task worker process: it serves no scrape endpoint (many workers
+    /// share a host, and the endpoint belongs to the topology process).
+    Worker,
+}
+
 /// Opens the backends `targets` describe, over the registry `root`.
-pub(crate) fn open(targets: &[Target], root: &Metrics) -> io::Result<Vec<Box<dyn Backend>>> {
+pub(crate) fn open(
+    targets: &[Target],
+    root: &Metrics,
+    role: Role,
+) -> io::Result<Vec<Box<dyn Backend>>> {
     targets
         .iter()
+        .filter(|t| {
+            let skip = role == Role::Worker && matches!(t, Target::Prometheus { .. });
+            if skip {
+                log::info!(
+                    "Task workers serve no Prometheus scrape endpoint (the topology process \
+                     does); use a prometheus_push target for worker metrics."
+                );
+            }
+            !skip
+        })
         .map(|t| -> io::Result<Box<dyn Backend>> {
             Ok(match t {
                 Target::Statsd { host, port, prefix } => {
@@ -149,12 +211,39 @@ pub(crate) fn open(targets: &[Target], root: &Metrics) -> io::Result<Vec<Box<dyn
                 Target::Prometheus { host, port } => {
                     Box::new(Prometheus::start(host, *port, root.clone())?)
                 }
+                Target::PrometheusPush {
+                    url,
+                    job,
+                    instance,
+                    timeout,
+                } => {
+                    let instance = instance.clone().unwrap_or_else(|| {
+                        format!(
+                            "{}-{}",
+                            tempest_source::metrics::host_name(),
+                            std::process::id()
+                        )
+                    });
+                    Box::new(Push::start(
+                        push_url(url, job, &instance)?,
+                        Duration::from_millis(*timeout),
+                    )?)
+                }
                 Target::Log => Box::new(Log),
                 Target::Console => Box::new(Console),
             })
         })
         .collect()
 }
+
+/// The quantiles every backend reports for a histogram: (q, short name,
+/// Prometheus label value).
+const QUANTILES: [(f64, &str, &str); 4] = [
+    (0.5, "p50", "0.5"),
+    (0.9, "p90", "0.9"),
+    (0.99, "p99", "0.99"),
+    (0.999, "p999", "0.999"),
+];
 
 /// `name.label1.label2`, with anything but letters, digits, `_`, `-` in
 /// label values replaced by `_`.
@@ -190,6 +279,17 @@ impl Backend for Statsd {
                 pipe.gauge(&flat_name(key), *g as f64);
             }
         }
+        for (key, d) in f.intervals {
+            if d.is_empty() {
+                continue;
+            }
+            let name = flat_name(key);
+            pipe.count(&format!("{name}.count"), d.count() as f64);
+            for (q, suffix, _) in QUANTILES {
+                pipe.gauge(&format!("{name}.{suffix}"), d.quantile(q) as f64);
+            }
+            pipe.gauge(&format!("{name}.max"), d.max() as f64);
+        }
         pipe.send(&self.client);
         Ok(())
     }
@@ -210,14 +310,37 @@ fn json(f: &Flush<'_>) -> serde_json::Value {
                 .labels()
                 .map(|(k, v)| (k.to_string(), serde_json::Value::from(v)))
                 .collect();
-            let (kind, value) = match value {
-                Value::Counter(c) => ("counter", serde_json::Value::from(*c)),
-                Value::Gauge(g) => ("gauge", serde_json::Value::from(*g)),
-            };
-            serde_json::json!({ "name": key.name(), "labels": labels, "type": kind, "value": value })
+            match value {
+                Value::Counter(c) => serde_json::json!({
+                    "name": key.name(), "labels": labels, "type": "counter", "value": c,
+                }),
+                Value::Gauge(g) => serde_json::json!({
+                    "name": key.name(), "labels": labels, "type": "gauge", "value": g,
+                }),
+                Value::Histogram(d) => {
+                    let interval = f.intervals.get(key).map(json_distribution);
+                    serde_json::json!({
+                        "name": key.name(), "labels": labels, "type": "histogram",
+                        "value": json_distribution(d), "interval": interval,
+                    })
+                }
+            }
         })
         .collect();
     serde_json::json!({ "ts": millis(f.at), "metrics": metrics })
+}
+
+fn json_distribution(d: &Distribution) -> serde_json::Value {
+    let mut o = serde_json::Map::new();
+    o.insert("count".into(), d.count().into());
+    o.insert("sum".into(), d.sum().into());
+    o.insert("min".into(), d.min().into());
+    for (q, suffix, _) in QUANTILES {
+        o.insert(suffix.into(), d.quantile(q).into());
+    }
+    o.insert("max".into(), d.max().into());
+    o.insert("mean".into(), d.mean().into());
+    serde_json::Value::Object(o)
 }
 
 struct JsonLines {
@@ -233,16 +356,27 @@ impl Backend for JsonLines {
     }
 }
 
+/// One line per series: counters and gauges as they are, histograms over
+/// the last interval (skipped when it saw nothing, like zero counters).
 fn lines(f: &Flush<'_>) -> Vec<String> {
     f.snapshot
         .iter()
-        .filter(|(_, v)| !matches!(v, Value::Counter(0)))
-        .map(|(key, value)| {
+        .filter_map(|(key, value)| {
             let v = match value {
+                Value::Counter(0) => return None,
                 Value::Counter(c) => c.to_string(),
                 Value::Gauge(g) => g.to_string(),
+                Value::Histogram(_) => {
+                    let d = f.intervals.get(key).filter(|d| !d.is_empty())?;
+                    let mut v = format!("n={}", d.count());
+                    for (q, suffix, _) in QUANTILES {
+                        let _ = write!(v, " {suffix}={}", d.quantile(q));
+                    }
+                    let _ = write!(v, " max={}", d.max());
+                    v
+                }
             };
-            format!("{key:?} = {v}")
+            Some(format!("{key:?} = {v}"))
         })
         .collect()
 }
@@ -289,37 +423,77 @@ fn escape_label(v: &str) -> String {
 }
 
 /// The registry in the Prometheus text exposition format (0.0.4).
+/// Histograms are summaries with quantiles over every observation.
 pub fn prometheus_text(snapshot: &Snapshot) -> String {
+    render_prometheus(snapshot, None)
+}
+
+/// The exposition text, with histogram quantiles taken from `recent`
+/// (the last flush interval; `NaN` for a series with no observation in
+/// it) when given, else from every observation.
+fn render_prometheus(snapshot: &Snapshot, recent: Option<&BTreeMap<Key, Distribution>>) -> String {
     let mut out = String::new();
     let mut last_family = String::new();
     for (key, value) in snapshot.iter() {
-        let (family, kind, v) = match value {
-            Value::Counter(c) => (
-                format!("{}_total", prometheus_name(key.name())),
-                "counter",
-                c.to_string(),
-            ),
-            Value::Gauge(g) => (prometheus_name(key.name()), "gauge", g.to_string()),
+        let (family, kind) = match value {
+            Value::Counter(_) => (format!("{}_total", prometheus_name(key.name())), "counter"),
+            Value::Gauge(_) => (prometheus_name(key.name()), "gauge"),
+            Value::Histogram(_) => (prometheus_name(key.name()), "summary"),
         };
         if family != last_family {
-            out.push_str(&format!("# TYPE {family} {kind}\n"));
-            last_family = family.clone();
+            let _ = writeln!(out, "# TYPE {family} {kind}");
+            last_family.clone_from(&family);
         }
         let labels: Vec<String> = key
             .labels()
             .map(|(k, v)| format!("{}=\"{}\"", prometheus_name(k), escape_label(v)))
             .collect();
-        if labels.is_empty() {
-            out.push_str(&format!("{family} {v}\n"));
-        } else {
-            out.push_str(&format!("{family}{{{}}} {v}\n", labels.join(",")));
+        let labels = labels.join(",");
+        let series = |suffix: &str, extra: &str| -> String {
+            match (labels.is_empty(), extra.is_empty()) {
+                (true, true) => format!("{family}{suffix}"),
+                (true, false) => format!("{family}{suffix}{{{extra}}}"),
+                (false, true) => format!("{family}{suffix}{{{labels}}}"),
+                (false, false) => format!("{family}{suffix}{{{labels},{extra}}}"),
+            }
+        };
+        match value {
+            Value::Counter(c) => {
+                let _ = writeln!(out, "{} {c}", series("", ""));
+            }
+            Value::Gauge(g) => {
+                let _ = writeln!(out, "{} {g}", series("", ""));
+            }
+            Value::Histogram(d) => {
+                let window = match recent {
+                    Some(r) => r.get(key),
+                    None => Some(d),
+                };
+                for (q, _, label) in QUANTILES {
+                    let quantile = format!("quantile=\"{label}\"");
+                    match window.filter(|w| !w.is_empty()) {
+                        Some(w) => {
+                            let _ = writeln!(out, "{} {}", series("", &quantile), w.quantile(q));
+                        }
+                        None => {
+                            let _ = writeln!(out, "{} NaN", series("", &quantile));
+                        }
+                    }
+                }
+                let _ = writeln!(out, "{} {}", series("_sum", ""), d.sum());
+                let _ = writeln!(out, "{} {}", series("_count", ""), d.count());
+            }
         }
     }
     out
 }
 
+/// The last flush interval's histograms, shared with the scrape thread.
+type Recent = Arc<Mutex<Option<BTreeMap<Key, Distribution>>>>;
+
 struct Prometheus {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    recent: Recent,
+    stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -330,8 +504,10 @@ impl Prometheus {
         if let Some(addr) = server.server_addr().to_ip() {
             log::info!("Serving Prometheus metrics on http://{addr}/metrics.");
         }
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = std::sync::Arc::clone(&stop);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let recent: Recent = Arc::default();
+        let windows = Arc::clone(&recent);
         let thread = std::thread::Builder::new()
             .name("tempest-prometheus".into())
             .spawn(move || {
@@ -340,7 +516,10 @@ impl Prometheus {
                         continue;
                     };
                     let response = if request.url() == "/metrics" {
-                        let body = prometheus_text(&root.snapshot());
+                        let snapshot = root.snapshot();
+                        let windows = windows.lock().unwrap_or_else(PoisonError::into_inner);
+                        let body = render_prometheus(&snapshot, windows.as_ref());
+                        drop(windows);
                         let header = tiny_http::Header::from_bytes(
                             &b"Content-Type"[..],
                             &b"text/plain; version=0.0.4"[..],
@@ -357,6 +536,7 @@ impl Prometheus {
                 }
             })?;
         Ok(Prometheus {
+            recent,
             stop,
             thread: Some(thread),
         })
@@ -364,8 +544,10 @@ impl Prometheus {
 }
 
 impl Backend for Prometheus {
-    fn flush(&mut self, _f: &Flush<'_>) -> io::Result<()> {
-        // Scrapes read the registry as it is; nothing to push.
+    fn flush(&mut self, f: &Flush<'_>) -> io::Result<()> {
+        // Scrapes read the registry as it is, and the quantiles of the
+        // last interval from here.
+        *self.recent.lock().unwrap_or_else(PoisonError::into_inner) = Some(f.intervals.clone());
         Ok(())
     }
 }
@@ -373,6 +555,116 @@ impl Backend for Prometheus {
 impl Drop for Prometheus {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `<url>/metrics/job/<job>/instance/<instance>`, checking the URL and
+/// making the labels path-safe.
+fn push_url(url: &str, job: &str, instance: &str) -> io::Result<String> {
+    let base = url.trim_end_matches('/');
+    if !(base.starts_with("http://") || base.starts_with("https://")) || base.len() < 8 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("prometheus_push url {url:?} is not an http:// URL"),
+        ));
+    }
+    let safe = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "_.:-".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    if job.is_empty() || instance.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "prometheus_push job and instance must not be empty",
+        ));
+    }
+    Ok(format!(
+        "{base}/metrics/job/{}/instance/{}",
+        safe(job),
+        safe(instance)
+    ))
+}
+
+/// The next body to push, and whether the backend is closing.
+#[derive(Default)]
+struct PushSlot {
+    body: Option<String>,
+    closing: bool,
+}
+
+/// Pushes from a thread of its own, so a slow gateway never holds up a
+/// flush: each flush replaces the body waiting to go (the latest wins),
+/// and dropping the backend pushes what is waiting, then stops.
+struct Push {
+    slot: Arc<(Mutex<PushSlot>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Push {
+    fn start(url: String, timeout: Duration) -> io::Result<Self> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .build()
+            .into();
+        let slot: Arc<(Mutex<PushSlot>, Condvar)> = Arc::default();
+        let shared = Arc::clone(&slot);
+        log::info!("Pushing metrics to {url}.");
+        let thread = std::thread::Builder::new()
+            .name("tempest-push".into())
+            .spawn(move || {
+                let (lock, ready) = &*shared;
+                loop {
+                    let body = {
+                        let mut s = lock.lock().unwrap_or_else(PoisonError::into_inner);
+                        while s.body.is_none() && !s.closing {
+                            s = ready.wait(s).unwrap_or_else(PoisonError::into_inner);
+                        }
+                        match s.body.take() {
+                            Some(b) => b,
+                            None => return,
+                        }
+                    };
+                    let sent = agent
+                        .put(&url)
+                        .header("Content-Type", "text/plain; version=0.0.4")
+                        .send(body.as_str());
+                    if let Err(e) = sent {
+                        log::warn!("Pushing metrics to {url} failed: {e}.");
+                    }
+                }
+            })?;
+        Ok(Push {
+            slot,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Backend for Push {
+    fn flush(&mut self, f: &Flush<'_>) -> io::Result<()> {
+        let body = render_prometheus(f.snapshot, Some(f.intervals));
+        let (lock, ready) = &*self.slot;
+        lock.lock().unwrap_or_else(PoisonError::into_inner).body = Some(body);
+        ready.notify_one();
+        Ok(())
+    }
+}
+
+impl Drop for Push {
+    fn drop(&mut self) {
+        let (lock, ready) = &*self.slot;
+        lock.lock().unwrap_or_else(PoisonError::into_inner).closing = true;
+        ready.notify_one();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
