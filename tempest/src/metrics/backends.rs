@@ -725,6 +725,100 @@ target = [
     }
 
     #[test]
+    fn histograms_are_prometheus_summaries() {
+        let m = Metrics::new_registry().with_label("topology", "t");
+        for v in 1..=100 {
+            m.record("tempest.msgs.latency_us", v);
+        }
+        let snap = m.snapshot();
+        let text = prometheus_text(&snap);
+        assert!(
+            text.contains("# TYPE tempest_msgs_latency_us summary\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tempest_msgs_latency_us{topology=\"t\",quantile=\"0.5\"} 50\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tempest_msgs_latency_us{topology=\"t\",quantile=\"0.99\"} 99\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tempest_msgs_latency_us_sum{topology=\"t\"} 5050\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tempest_msgs_latency_us_count{topology=\"t\"} 100\n"),
+            "{text}"
+        );
+        // With a window that saw nothing, quantiles are NaN; sum and count
+        // stay cumulative.
+        let (key, _) = snap.iter().next().unwrap();
+        let empty = BTreeMap::from([(key.clone(), Distribution::new())]);
+        let text = render_prometheus(&snap, Some(&empty));
+        assert!(
+            text.contains("tempest_msgs_latency_us{topology=\"t\",quantile=\"0.9\"} NaN\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tempest_msgs_latency_us_count{topology=\"t\"} 100\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn log_lines_show_a_histograms_last_interval() {
+        let m = Metrics::new_registry();
+        m.record("lat_us", 10);
+        m.incr("zero", 0);
+        let snap = m.snapshot();
+        let (key, value) = snap.iter().next().unwrap();
+        let Value::Histogram(d) = value else {
+            panic!("{value:?}")
+        };
+        let intervals = BTreeMap::from([(key.clone(), d.clone())]);
+        let flush = Flush {
+            at: SystemTime::now(),
+            snapshot: &snap,
+            deltas: &[],
+            intervals: &intervals,
+        };
+        assert_eq!(
+            lines(&flush),
+            ["lat_us = n=1 p50=10 p90=10 p99=10 p999=10 max=10"]
+        );
+        let quiet = BTreeMap::from([(key.clone(), Distribution::new())]);
+        let flush = Flush {
+            intervals: &quiet,
+            ..flush
+        };
+        assert!(lines(&flush).is_empty(), "a quiet interval is skipped");
+    }
+
+    #[test]
+    fn push_urls_are_checked_and_path_safe() {
+        assert_eq!(
+            push_url("http://gw:9091/", "wc", "host a/1").unwrap(),
+            "http://gw:9091/metrics/job/wc/instance/host_a_1"
+        );
+        assert!(push_url("gw:9091", "wc", "i").is_err());
+        assert!(push_url("http://gw", "", "i").is_err());
+        let c: MetricsConfig =
+            toml::from_str("target = [{ type = \"prometheus_push\", url = \"http://gw:9091\" }]")
+                .unwrap();
+        assert_eq!(
+            c.target[0],
+            Target::PrometheusPush {
+                url: "http://gw:9091".into(),
+                job: "tempest".into(),
+                instance: None,
+                timeout: 5000
+            }
+        );
+    }
+
+    #[test]
     fn names_flatten_labels() {
         let m = Metrics::new_registry()
             .with_label("topology", "wc")
