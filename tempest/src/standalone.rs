@@ -216,8 +216,10 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
     let started = Instant::now();
     let system = actix_rt::System::new();
     let outcome = system.block_on(async {
-        let pipe_ctx: Context<PipelineActor> = Context::new();
-        let pipe = pipe_ctx.address();
+        // The pipeline's mailbox, made here so every part can hold its
+        // address before the actor starts on its own arbiter below.
+        let (pipe_tx, pipe_mailbox) = actix::dev::channel::channel::<PipelineActor>(16);
+        let pipe = Addr::new(pipe_tx);
         let topo_ctx: Context<TopologyActor> = Context::new();
         let topo = topo_ctx.address();
 
@@ -292,7 +294,18 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
                 }
             }
         }
-        pipe_ctx.run(pipeline);
+        // The pipeline gets a thread of its own: under constant load its
+        // mailbox never runs dry, and actix handles a mailbox until it does,
+        // which would starve every other actor and timer on its thread (the
+        // topology actor and its stop signals, the metrics aggregator).
+        let pipe_arbiter = Arbiter::new();
+        if !pipe_arbiter.spawn_fn(move || {
+            Context::with_receiver(pipe_mailbox).run(pipeline);
+        }) {
+            spawn_error = Some(Error::Runtime(
+                "the pipeline's arbiter stopped before it started".into(),
+            ));
+        }
         let (done_tx, done_rx) = oneshot::channel();
         topo_ctx.run(TopologyActor::new(
             pipe.clone(),
@@ -362,9 +375,16 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
             // Let the sessions tell their workers the topology is stopping.
             actix_rt::time::sleep(Duration::from_millis(50)).await;
         }
-        (reason, fin, threads, arbiter, spawn_error, io_arbiter)
+        (
+            reason,
+            fin,
+            threads,
+            [arbiter, pipe_arbiter],
+            spawn_error,
+            io_arbiter,
+        )
     });
-    let (reason, fin, threads, arbiter, spawn_error, io_arbiter) = outcome;
+    let (reason, fin, threads, arbiters, spawn_error, io_arbiter) = outcome;
     if let Some(io) = io_arbiter {
         io.stop();
         let _ = io.join();
@@ -375,8 +395,10 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = None;
     }
-    arbiter.stop();
-    let _ = arbiter.join();
+    for arbiter in arbiters {
+        arbiter.stop();
+        let _ = arbiter.join();
+    }
     for t in threads {
         if t.join().is_err() {
             log::error!("A task worker thread panicked outside a task call.");

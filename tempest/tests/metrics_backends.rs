@@ -215,6 +215,7 @@ fn counters_match_the_outcomes_of_every_message() {
 
 #[test]
 fn the_prometheus_endpoint_serves_valid_exposition_text() {
+    common::logs();
     use std::io::{Read, Write};
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -245,17 +246,33 @@ fn the_prometheus_endpoint_serves_valid_exposition_text() {
         .run()
         .unwrap()
     });
-    while handle.stats().map_or(0, |s| s.acked) < 10_000 {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    // Give the pipeline's periodic flush into the registry a moment.
-    std::thread::sleep(Duration::from_millis(200));
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
+    let scrape = || {
+        // Refused until the run has opened its backends.
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            return String::new();
+        };
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+    };
+    // Scrape until the components have flushed their histograms into the
+    // registry and the aggregator has flushed an interval with acks in it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let response = loop {
+        let response = scrape();
+        let ready = response.contains("tempest_task_batch_us_count{")
+            && response.contains("tempest_msgs_latency_us_count{")
+            && !response
+                .contains("tempest_msgs_latency_us{topology=\"prom\",quantile=\"0.99\"} NaN")
+            && handle.stats().map_or(0, |s| s.acked) >= 10_000;
+        if ready || std::time::Instant::now() > deadline {
+            break response;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     handle.shutdown();
     run.join().unwrap();
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
@@ -265,18 +282,20 @@ fn the_prometheus_endpoint_serves_valid_exposition_text() {
     );
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
     let mut types = std::collections::BTreeMap::new();
+    let mut family = String::new();
     let mut acked = None;
     let mut latency_count = None;
     let mut latency_p99 = None;
     for line in body.lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let mut words = rest.split_whitespace();
-            let (family, kind) = (words.next().unwrap(), words.next().unwrap());
+            let (name, kind) = (words.next().unwrap(), words.next().unwrap());
             assert!(["counter", "gauge", "summary"].contains(&kind), "{line}");
             assert!(
-                types.insert(family.to_string(), kind.to_string()).is_none(),
+                types.insert(name.to_string(), kind.to_string()).is_none(),
                 "family declared twice: {line}"
             );
+            family = name.to_string();
             continue;
         }
         // name{labels} value
@@ -289,19 +308,16 @@ fn the_prometheus_endpoint_serves_valid_exposition_text() {
             name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
             "{line}"
         );
-        // Every sample belongs to the family declared last, a summary's
-        // `_sum`/`_count` included.
-        let family = types
-            .keys()
-            .filter(|f| {
-                name == f.as_str()
-                    || name
-                        .strip_prefix(f.as_str())
-                        .is_some_and(|s| s == "_sum" || s == "_count")
-            })
-            .max_by_key(|f| f.len())
-            .unwrap_or_else(|| panic!("no # TYPE for {line}"));
-        if types[family] == "summary" && name == family {
+        // Every sample belongs to the family declared last: its own name,
+        // or for a summary also `_sum` and `_count`.
+        let summary = types.get(&family).is_some_and(|k| k == "summary");
+        assert!(
+            name == family
+                || (summary
+                    && (name == format!("{family}_sum") || name == format!("{family}_count"))),
+            "{line} is not in family {family}"
+        );
+        if summary && name == family {
             assert!(series.contains(",quantile=\""), "{line}");
         }
         match series {
@@ -319,7 +335,10 @@ fn the_prometheus_endpoint_serves_valid_exposition_text() {
     // flush interval (NaN only if that interval acked nothing).
     assert_eq!(types["tempest_msgs_latency_us"], "summary");
     assert!(latency_count.unwrap_or(0.0) > 0.0, "{body}");
-    assert!(latency_p99.is_some(), "{body}");
+    assert!(
+        latency_p99.is_some_and(|p| p.is_finite() && p > 0.0),
+        "{body}"
+    );
     assert_eq!(types["tempest_task_batch_us"], "summary");
 }
 

@@ -565,7 +565,16 @@ impl Drop for Prometheus {
 /// making the labels path-safe.
 fn push_url(url: &str, job: &str, instance: &str) -> io::Result<String> {
     let base = url.trim_end_matches('/');
-    if !(base.starts_with("http://") || base.starts_with("https://")) || base.len() < 8 {
+    if base.starts_with("https://") {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "prometheus_push url {url:?}: https is not supported in this version \
+                 (push over http, e.g. to a local TLS-terminating proxy)"
+            ),
+        ));
+    }
+    if !base.starts_with("http://") || base.len() <= "http://".len() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("prometheus_push url {url:?} is not an http:// URL"),
@@ -803,6 +812,9 @@ target = [
             "http://gw:9091/metrics/job/wc/instance/host_a_1"
         );
         assert!(push_url("gw:9091", "wc", "i").is_err());
+        assert!(push_url("http://", "wc", "i").is_err());
+        let e = push_url("https://gw:9091", "wc", "i").unwrap_err();
+        assert!(e.to_string().contains("https is not supported"), "{e}");
         assert!(push_url("http://gw", "", "i").is_err());
         let c: MetricsConfig =
             toml::from_str("target = [{ type = \"prometheus_push\", url = \"http://gw:9091\" }]")
