@@ -184,6 +184,15 @@ impl ConfigFile {
         if c.secret.as_deref() == Some("") {
             problems.push("secret must not be empty (leave it out for none)".to_string());
         }
+        if let Some(metric) = &c.metric {
+            let at = match self.text.lines().position(|l| l.trim() == "[metric]") {
+                Some(i) => format!("line {}: [metric]", i + 1),
+                None => "[metric]".to_string(),
+            };
+            for p in metric.problems() {
+                problems.push(format!("{at} {p}"));
+            }
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -324,6 +333,21 @@ flush_interval = 5
             .unwrap_err()
             .to_string();
         assert!(e.contains("line 3") && e.contains("worker"), "{e}");
+    }
+
+    #[test]
+    fn metric_targets_are_checked_with_the_file_and_line() {
+        let f = parse(
+            "name = \"x\"\n\n[metric]\ntarget = [{ type = \"prometheus_push\", url = \"gw:9091\" }]\n",
+        )
+        .unwrap();
+        let e = f.check(&dag()).unwrap_err().to_string();
+        assert!(e.contains("Topology.toml"), "{e}");
+        assert!(
+            e.contains("line 3: [metric] target 1 (prometheus_push)")
+                && e.contains("\"gw:9091\" is not an http:// URL"),
+            "{e}"
+        );
     }
 
     #[test]

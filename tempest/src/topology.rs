@@ -399,6 +399,12 @@ impl TopologyBuilder {
         if self.options.msg_timeout == Some(Duration::ZERO) {
             problems.push("msg_timeout must be more than 0".to_string());
         }
+        // Metrics settings from the file are checked with the file, below.
+        if self.file.as_ref().is_none_or(|f| f.config.metric.is_none()) {
+            for p in self.options.metrics.problems() {
+                problems.push(format!("metrics: {p}"));
+            }
+        }
         if let Some(file) = &self.file {
             if let Err(Error::Config { message, .. }) = file.check(&dag) {
                 problems.push(format!("{}: {message}", file.path.display()));

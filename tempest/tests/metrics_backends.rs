@@ -510,3 +510,26 @@ fn workers_push_their_metrics_to_a_push_gateway_and_the_last_push_is_complete() 
         "{worker}"
     );
 }
+
+#[test]
+fn bad_metrics_settings_fail_the_build_naming_the_target() {
+    let (source, _mock) = generated(1);
+    let e = builder("bad", source)
+        .pipeline(Pipeline::new().task(pass("a")))
+        .metrics(MetricsConfig {
+            flush_interval: 100,
+            target: vec![Target::PrometheusPush {
+                url: "https://gw:9091".into(),
+                job: "j".into(),
+                instance: None,
+                timeout: 1000,
+            }],
+        })
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("metrics: target 1 (prometheus_push)") && e.contains("https is not supported"),
+        "{e}"
+    );
+}

@@ -64,6 +64,57 @@ impl MetricsConfig {
     pub fn interval(&self) -> Duration {
         Duration::from_millis(self.flush_interval.max(10))
     }
+
+    /// Every problem with these settings, each naming its key; empty if
+    /// there is none. Checked when the topology is built.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.flush_interval == 0 {
+            problems.push("flush_interval must be at least 1 ms".to_string());
+        }
+        for (i, t) in self.target.iter().enumerate() {
+            let at = format!("target {} ({})", i + 1, t.kind());
+            match t {
+                Target::Statsd { host, .. } | Target::Prometheus { host, .. }
+                    if host.trim().is_empty() =>
+                {
+                    problems.push(format!("{at}: host is empty"));
+                }
+                Target::File { path, .. } if path.as_os_str().is_empty() => {
+                    problems.push(format!("{at}: path is empty"));
+                }
+                Target::PrometheusPush {
+                    url,
+                    job,
+                    instance,
+                    timeout,
+                } => {
+                    if let Err(e) = push_url(url, job, instance.as_deref().unwrap_or("default")) {
+                        problems.push(format!("{at}: {e}"));
+                    }
+                    if *timeout == 0 {
+                        problems.push(format!("{at}: timeout must be at least 1 ms"));
+                    }
+                }
+                _ => {}
+            }
+        }
+        problems
+    }
+}
+
+impl Target {
+    /// The `type` of this target, as written in `Topology.toml`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Target::Statsd { .. } => "statsd",
+            Target::File { .. } => "file",
+            Target::Prometheus { .. } => "prometheus",
+            Target::PrometheusPush { .. } => "prometheus_push",
+            Target::Log => "log",
+            Target::Console => "console",
+        }
+    }
 }
 
 /// One backend.
@@ -803,6 +854,33 @@ target = [
             ..flush
         };
         assert!(lines(&flush).is_empty(), "a quiet interval is skipped");
+    }
+
+    #[test]
+    fn problems_name_the_target_and_key() {
+        let c: MetricsConfig = toml::from_str(
+            r#"
+flush_interval = 0
+target = [
+    { type = "log" },
+    { type = "statsd", host = " " },
+    { type = "prometheus_push", url = "https://gw", timeout = 0 },
+    { type = "file", path = "" },
+]
+"#,
+        )
+        .unwrap();
+        let p = c.problems();
+        assert_eq!(p.len(), 5, "{p:#?}");
+        assert_eq!(p[0], "flush_interval must be at least 1 ms");
+        assert_eq!(p[1], "target 2 (statsd): host is empty");
+        assert!(p[2].starts_with("target 3 (prometheus_push): prometheus_push url \"https://gw\": https is not supported"), "{}", p[2]);
+        assert_eq!(
+            p[3],
+            "target 3 (prometheus_push): timeout must be at least 1 ms"
+        );
+        assert_eq!(p[4], "target 4 (file): path is empty");
+        assert!(MetricsConfig::default().problems().is_empty());
     }
 
     #[test]
