@@ -268,23 +268,11 @@ fn wrong_secrets_and_unknown_tasks_are_refused() {
         "secret = \"right\"\n\n[source.config]\ncount = 10\n",
     );
     let (mut top, addr) = topology(&cfg);
-    let out = Command::new(BIN)
-        .current_dir(std::env::temp_dir())
-        .args(["task", "a", "--topology", &addr, "--secret", "wrong"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&["task", "a", "--topology", &addr, "--secret", "wrong"]);
     assert!(err.contains("wrong secret"), "{err}");
     top.wait_for("refused: wrong secret");
 
-    let out = Command::new(BIN)
-        .current_dir(std::env::temp_dir())
-        .args(["task", "nope", "--topology", &addr])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&["task", "nope", "--topology", &addr]);
     assert!(err.contains("possible values: a, b, c"), "{err}");
 }
 
@@ -376,19 +364,25 @@ fn raw_clients_sending_garbage_too_much_or_nothing_are_dropped_harmlessly() {
     assert_eq!(get(&s, "acked"), 3000, "{s:?}");
 }
 
+/// Runs the package with `args`, which it must refuse with exit code 2;
+/// its stderr.
+fn refused(args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .current_dir(std::env::temp_dir())
+        .args(args)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn config_errors_name_the_file_the_key_and_the_line() {
     let cfg = config(
         "bad-config",
         "max_pending = 10\n\n[[task]]\nname = \"bb\"\n\n[source.config]\ncont = 3\n",
     );
-    let out = Command::new(BIN)
-        .current_dir(std::env::temp_dir())
-        .args(["--config", cfg.to_str().unwrap(), "standalone"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&["--config", cfg.to_str().unwrap(), "standalone"]);
     assert!(err.contains("Topology.toml"), "{err}");
     assert!(
         err.contains(
@@ -398,26 +392,14 @@ fn config_errors_name_the_file_the_key_and_the_line() {
     );
 
     let cfg = config("bad-source-config", "[source.config]\ncont = 3\n");
-    let out = Command::new(BIN)
-        .current_dir(std::env::temp_dir())
-        .args(["--config", cfg.to_str().unwrap(), "standalone"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&["--config", cfg.to_str().unwrap(), "standalone"]);
     assert!(
         err.contains("[source.config]") && err.contains("line 2") && err.contains("cont"),
         "{err}"
     );
 
     let cfg = config("no-secret", "host = \"0.0.0.0\"\n");
-    let out = Command::new(BIN)
-        .current_dir(std::env::temp_dir())
-        .args(["--config", cfg.to_str().unwrap(), "topology"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&["--config", cfg.to_str().unwrap(), "topology"]);
     assert!(err.contains("no secret is set"), "{err}");
 }
 
