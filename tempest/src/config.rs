@@ -256,18 +256,8 @@ impl ConfigFile {
 mod tests {
     use super::*;
     use crate::pipeline::Pipeline;
-    use crate::task::{Msg, Output, Task, TaskResult};
 
-    #[derive(Clone)]
-    struct T(&'static str);
-    impl Task for T {
-        fn name(&self) -> &str {
-            self.0
-        }
-        fn handle(&mut self, msg: Msg) -> TaskResult {
-            Ok(Output::One(msg))
-        }
-    }
+    use crate::task::PassOn as T;
 
     fn dag() -> Dag {
         Pipeline::new()

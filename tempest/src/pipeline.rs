@@ -588,18 +588,8 @@ fn escape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::task::{Msg, Output, TaskResult};
 
-    #[derive(Clone)]
-    struct T(&'static str);
-    impl Task for T {
-        fn name(&self) -> &str {
-            self.0
-        }
-        fn handle(&mut self, msg: Msg) -> TaskResult {
-            Ok(Output::One(msg))
-        }
-    }
+    use crate::task::PassOn as T;
 
     fn pipe(names: &[&'static str], edges: &[(&str, &str)]) -> Pipeline {
         let mut p = Pipeline::new();

@@ -175,6 +175,22 @@ pub trait Task: Send + 'static {
     fn flush_metrics(&mut self) {}
 }
 
+/// A task that passes every message on unchanged, for the crate's unit
+/// tests.
+#[cfg(test)]
+#[derive(Clone, Copy)]
+pub(crate) struct PassOn(pub &'static str);
+
+#[cfg(test)]
+impl Task for PassOn {
+    fn name(&self) -> &str {
+        self.0
+    }
+    fn handle(&mut self, msg: Msg) -> TaskResult {
+        Ok(Output::One(msg))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
