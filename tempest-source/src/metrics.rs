@@ -349,9 +349,7 @@ impl Metrics {
     /// Records one observation into histogram `name`. On hot paths keep a
     /// [`Histogram`] instead: it records without taking the lock.
     pub fn record(&self, name: impl Into<Cow<'static, str>>, value: u64) {
-        let mut d = Distribution::new();
-        d.record(value);
-        self.merge(name.into(), &d);
+        self.update_histogram(name.into(), |h| h.record(value));
     }
 
     /// Records a duration, in microseconds, into histogram `name`.
@@ -371,17 +369,24 @@ impl Metrics {
     }
 
     fn merge(&self, name: Cow<'static, str>, d: &Distribution) {
-        if d.is_empty() {
-            return;
+        if !d.is_empty() {
+            self.update_histogram(name, |h| h.merge(d));
         }
+    }
+
+    /// Applies `update` to histogram `name` in the registry, under one lock;
+    /// a series of another kind under that name becomes a histogram.
+    fn update_histogram(&self, name: Cow<'static, str>, update: impl FnOnce(&mut Distribution)) {
         let key = self.key(name);
         let mut values = self.lock();
-        match values
+        let value = values
             .entry(key)
-            .or_insert_with(|| Value::Histogram(Distribution::new()))
-        {
-            Value::Histogram(h) => h.merge(d),
-            other => *other = Value::Histogram(d.clone()),
+            .or_insert_with(|| Value::Histogram(Distribution::new()));
+        if !matches!(value, Value::Histogram(_)) {
+            *value = Value::Histogram(Distribution::new());
+        }
+        if let Value::Histogram(h) = value {
+            update(h);
         }
     }
 
