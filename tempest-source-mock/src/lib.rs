@@ -308,6 +308,8 @@ impl Source for MockSource {
             ack_policy: config.ack_policy,
             ack_interval: Duration::from_millis(config.ack_interval_ms.max(1)),
             monitor_interval: SourceSettings::default().monitor_interval,
+            // Ids are sequence numbers: one id, one message.
+            unique_ids: true,
         };
         Ok(MockSource {
             state: Arc::new(Mutex::new(State::new(config))),

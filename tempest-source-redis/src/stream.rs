@@ -321,6 +321,8 @@ impl Source for RedisStreamSource {
             ack_policy: c.ack_policy,
             ack_interval: Duration::from_millis(c.ack_interval_ms.max(1)),
             monitor_interval: Duration::from_millis((c.claim_min_idle_ms / 2).clamp(100, 10_000)),
+            // A stream id names exactly one entry.
+            unique_ids: true,
         }
     }
 

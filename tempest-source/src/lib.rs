@@ -217,6 +217,13 @@ pub struct SourceSettings {
     pub ack_interval: Duration,
     /// How often [`Source::monitor`] runs.
     pub monitor_interval: Duration,
+    /// Whether an id names exactly one entry of the source (a Redis stream
+    /// id, a Kafka offset): then a second delivery of an id still in flight
+    /// is the same entry delivered again, and the runtime does not run it a
+    /// second time; it settles it when the first delivery completes. Leave
+    /// it `false` where two entries may share an id (a list source whose
+    /// ids are payloads): every delivery then runs.
+    pub unique_ids: bool,
 }
 
 impl Default for SourceSettings {
@@ -228,6 +235,7 @@ impl Default for SourceSettings {
             ack_policy: AckPolicy::Batch(1024),
             ack_interval: Duration::from_millis(10),
             monitor_interval: Duration::from_secs(10),
+            unique_ids: false,
         }
     }
 }
