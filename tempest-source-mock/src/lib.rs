@@ -65,6 +65,11 @@ pub struct MockConfig {
     pub poll_interval_ms: u64,
     /// The longest wait between polls, in milliseconds.
     pub max_backoff_ms: u64,
+    /// Declare that an id names one message (true by default: ids are
+    /// sequence numbers), so the runtime does not run a redelivery of an
+    /// id that is still in flight. `false` makes the mock behave like a
+    /// source whose ids may repeat, where every delivery runs.
+    pub unique_ids: bool,
 }
 
 impl Default for MockConfig {
@@ -82,6 +87,7 @@ impl Default for MockConfig {
             ack_interval_ms: settings.ack_interval.as_millis() as u64,
             poll_interval_ms: settings.poll_interval.as_millis() as u64,
             max_backoff_ms: settings.max_backoff.as_millis() as u64,
+            unique_ids: true,
         }
     }
 }
@@ -142,6 +148,12 @@ struct State {
     visibility: VecDeque<(Instant, u64)>,
     /// Delivered, not yet acked nor dead-lettered.
     outstanding: u64,
+    /// Per id: deliveries the runtime holds (not yet acked, handed back by
+    /// `fail`, or dead-lettered); one ack settles them all.
+    in_hand: Vec<u32>,
+    /// Deliveries the runtime holds, and the most it ever held at once.
+    held: u64,
+    max_held: u64,
     /// Dead-lettered since the last metrics flush.
     dead_unreported: u64,
     failed: Vec<FailedMsg>,
@@ -174,6 +186,9 @@ impl State {
             dead: Vec::new(),
             visibility: VecDeque::new(),
             outstanding: 0,
+            in_hand: Vec::new(),
+            held: 0,
+            max_held: 0,
             dead_unreported: 0,
             failed: Vec::new(),
             ack_calls: 0,
@@ -189,7 +204,13 @@ impl State {
         self.delivered.push(0);
         self.acked.push(0);
         self.dead.push(false);
+        self.in_hand.push(0);
         id
+    }
+
+    /// The runtime no longer holds any delivery of message `i`.
+    fn settle(&mut self, i: usize) {
+        self.held -= u64::from(std::mem::take(&mut self.in_hand[i]));
     }
 
     fn payload(&self, id: u64) -> Bytes {
@@ -214,6 +235,7 @@ impl State {
                     self.dead[i] = true;
                     self.dead_unreported += 1;
                     self.outstanding -= 1;
+                    self.settle(i);
                 }
                 _ => self.ready.push_back(id),
             }
@@ -226,6 +248,9 @@ impl State {
         if self.delivered[i] == 1 {
             self.outstanding += 1;
         }
+        self.in_hand[i] += 1;
+        self.held += 1;
+        self.max_held = self.max_held.max(self.held);
         if let Some(after) = self.config.redeliver_after_ms {
             self.visibility
                 .push_back((now + Duration::from_millis(after), id));
@@ -251,6 +276,7 @@ impl State {
         if self.acked[i] == 1 && !self.dead[i] && self.delivered[i] > 0 {
             self.outstanding -= 1;
         }
+        self.settle(i);
         true
     }
 
@@ -308,8 +334,9 @@ impl Source for MockSource {
             ack_policy: config.ack_policy,
             ack_interval: Duration::from_millis(config.ack_interval_ms.max(1)),
             monitor_interval: SourceSettings::default().monitor_interval,
-            // Ids are sequence numbers: one id, one message.
-            unique_ids: true,
+            // Ids are sequence numbers: one id, one message (unless a test
+            // says otherwise).
+            unique_ids: config.unique_ids,
         };
         Ok(MockSource {
             state: Arc::new(Mutex::new(State::new(config))),
@@ -390,7 +417,13 @@ impl Source for MockSource {
     }
 
     fn fail(&mut self, msgs: &[FailedMsg]) -> Result<(), SourceError> {
-        lock(&self.state).failed.extend_from_slice(msgs);
+        let mut state = lock(&self.state);
+        for m in msgs {
+            if let Some(i) = m.id.as_int().filter(|&n| n < state.next_id) {
+                state.settle(i as usize);
+            }
+        }
+        state.failed.extend_from_slice(msgs);
         Ok(())
     }
 
@@ -491,6 +524,18 @@ impl MockHandle {
     /// How many `ack`/`batch_ack` calls the source received.
     pub fn ack_calls(&self) -> u64 {
         lock(&self.state).ack_calls
+    }
+
+    /// The most deliveries the runtime ever held at once: delivered and
+    /// not yet acked, handed back through `fail`, or dead-lettered. The
+    /// runtime keeps this at or below its `max_pending`.
+    pub fn max_held(&self) -> u64 {
+        lock(&self.state).max_held
+    }
+
+    /// Deliveries the runtime holds now (see [`max_held`](Self::max_held)).
+    pub fn held(&self) -> u64 {
+        lock(&self.state).held
     }
 
     /// How many acked ids were unknown to the source.

@@ -160,6 +160,10 @@ pub(crate) struct Tracker {
     high_water: usize,
     retried: u64,
     stack: Vec<TaskIdx>,
+    /// Attempts timed out since the last [`take_timeouts`](Self::take_timeouts),
+    /// per task they were waiting for (the first with messages
+    /// outstanding), with the id of the first.
+    timed_out: Vec<(u64, Option<MsgId>)>,
 }
 
 impl Tracker {
@@ -169,6 +173,7 @@ impl Tracker {
     pub fn new(dag: Arc<Dag>, config: TrackerConfig, epoch: Instant, capacity: usize) -> Self {
         let capacity = capacity.min(1 << 22);
         Tracker {
+            timed_out: vec![(0, None); dag.len()],
             records: Vec::with_capacity(capacity),
             states: Vec::with_capacity(capacity * dag.len()),
             held: Vec::with_capacity(capacity * dag.fanin_count()),
@@ -213,6 +218,24 @@ impl Tracker {
 
     fn nanos(&self, t: Instant) -> u64 {
         t.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+
+    /// The id of the source message `ticket` belongs to, while it is live.
+    pub fn id_of(&self, ticket: Ticket) -> Option<&MsgId> {
+        if !self.is_live(ticket) {
+            return None;
+        }
+        self.records[ticket.slot as usize]
+            .msg
+            .as_ref()
+            .map(|m| &m.id)
+    }
+
+    /// Per task, the attempts that timed out waiting for it since the last
+    /// call, with the id of the first.
+    pub fn take_timeouts(&mut self) -> Vec<(u64, Option<MsgId>)> {
+        let fresh = vec![(0, None); self.timed_out.len()];
+        std::mem::replace(&mut self.timed_out, fresh)
     }
 
     /// Whether a result for `ticket` would be accepted.
@@ -491,6 +514,20 @@ impl Tracker {
         let now_ns = self.nanos(now);
         while self.head != NIL && self.records[self.head as usize].deadline <= now_ns {
             let slot = self.head;
+            let n = self.dag.len();
+            let base = slot as usize * n;
+            let waiting = (0..n)
+                .find(|&t| self.states[base + t].outstanding > 0)
+                .or_else(|| (0..n).find(|&t| !self.states[base + t].done))
+                .unwrap_or(0);
+            let (count, first) = &mut self.timed_out[waiting];
+            *count += 1;
+            if first.is_none() {
+                *first = self.records[slot as usize]
+                    .msg
+                    .as_ref()
+                    .map(|m| m.id.clone());
+            }
             let r = &mut self.records[slot as usize];
             r.timeouts += 1;
             if self.config.policy == FailurePolicy::BestEffort {

@@ -158,8 +158,9 @@ pub struct RunReport {
     pub elapsed: Duration,
     /// Every metric recorded by the runtime, the tasks and the source.
     pub metrics: Snapshot,
-    /// Each source message's outcome, if recorded.
-    pub outcomes: Option<HashMap<MsgId, MsgReport>>,
+    /// What happened to each delivery of each source message, in the
+    /// order they finished, if recorded.
+    pub outcomes: Option<HashMap<MsgId, Vec<MsgReport>>>,
 }
 
 impl RunReport {
@@ -197,6 +198,7 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
     let metrics = Metrics::new_registry().with_label("topology", name.clone());
     let mut src = source(file.as_ref())?;
     let source_metrics = metrics.with_label("source", src.name().to_string());
+    let unique_ids = src.settings().unique_ids;
     src.setup(&SourceContext {
         topology: name.clone(),
         metrics: source_metrics.clone(),
@@ -251,6 +253,7 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
             sweep_every,
             metrics_every: metrics_every.min(Duration::from_secs(1)),
             root_queue_capacity: topts.max_pending.min(1 << 22),
+            unique_ids,
         });
 
         let mut threads: Vec<JoinHandle<()>> = Vec::new();

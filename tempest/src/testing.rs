@@ -140,31 +140,38 @@ pub struct TestReport {
     pub metrics: Snapshot,
     /// How long the run took.
     pub elapsed: Duration,
-    outcomes: HashMap<MsgId, MsgReport>,
+    outcomes: HashMap<MsgId, Vec<MsgReport>>,
 }
 
 impl TestReport {
-    /// The final outcome of message `id`; `None` if it never finished (still
-    /// in flight at the end, or never polled).
+    /// The outcome of the last finished delivery of message `id`; `None` if
+    /// none finished (still in flight at the end, or never polled).
     pub fn outcome(&self, id: &MsgId) -> Option<Outcome> {
-        self.outcomes.get(id).map(|r| r.outcome)
+        self.report(id).map(|r| r.outcome)
     }
 
-    /// Everything recorded about message `id`.
+    /// Everything recorded about the last finished delivery of `id`.
     pub fn report(&self, id: &MsgId) -> Option<&MsgReport> {
-        self.outcomes.get(id)
+        self.outcomes.get(id).and_then(|all| all.last())
     }
 
-    /// Every finished message and what happened to it.
-    pub fn outcomes(&self) -> &HashMap<MsgId, MsgReport> {
+    /// Every finished delivery of message `id`, in the order they finished
+    /// (a source may deliver one id several times: redeliveries, equal
+    /// payloads of a list, duplicates settled with the delivery in flight).
+    pub fn deliveries(&self, id: &MsgId) -> &[MsgReport] {
+        self.outcomes.get(id).map_or(&[], Vec::as_slice)
+    }
+
+    /// Every finished message and what happened to each of its deliveries.
+    pub fn outcomes(&self) -> &HashMap<MsgId, Vec<MsgReport>> {
         &self.outcomes
     }
 
-    /// How many messages ended with `outcome`.
+    /// How many messages' last finished delivery ended with `outcome`.
     pub fn count(&self, outcome: Outcome) -> usize {
         self.outcomes
             .values()
-            .filter(|r| r.outcome == outcome)
+            .filter(|all| all.last().is_some_and(|r| r.outcome == outcome))
             .count()
     }
 }

@@ -110,7 +110,7 @@ fn the_sweeper_fails_a_message_whose_task_never_answers() {
     assert!(inspected.load(Ordering::SeqCst));
     assert_eq!(report.stop, StopReason::Condition);
     assert_eq!(report.count(Outcome::TimedOut), 1);
-    let r = report.outcomes().values().next().unwrap();
+    let r = report.outcomes().values().next().unwrap().last().unwrap();
     assert!(r.latency >= Duration::from_millis(150), "{:?}", r.latency);
     assert_eq!(mock.acked(), 0);
     assert_eq!(mock.failed()[0].reason, FailReason::Timeout);

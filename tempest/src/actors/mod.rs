@@ -32,12 +32,23 @@ pub type WorkerId = u32;
 pub(crate) struct SourceBatch(pub Vec<SourceMsg>);
 
 /// What the pipeline tells the source after a batch: what to ack, what it
-/// gave up on, and how many messages left the inflight table (credit).
+/// gave up on, and how much credit returns.
+///
+/// Credit counts deliveries, not ids: a source message the pipeline
+/// completed returns its credit when its ack has been *sent* to the source
+/// (each id in `acks` returns one, and `ack_extra` more for deliveries of
+/// those ids that arrived while they were in flight and are settled by the
+/// same ack); a message given up on returns its credit at once
+/// (`released`), as the source has it back.
 #[derive(Debug, Default, Message)]
 #[rtype(result = "()")]
 pub(crate) struct Settle {
     pub acks: Vec<MsgId>,
+    /// Deliveries settled by `acks` beyond one per id.
+    pub ack_extra: usize,
     pub failed: Vec<FailedMsg>,
+    /// Credit that returns now: messages given up on (and their duplicate
+    /// deliveries), and acks the source will never be sent.
     pub released: usize,
     /// Source batches the pipeline has taken in since the last settle.
     pub batches_taken: usize,
@@ -46,6 +57,7 @@ pub(crate) struct Settle {
 impl Settle {
     pub fn is_empty(&self) -> bool {
         self.acks.is_empty()
+            && self.ack_extra == 0
             && self.failed.is_empty()
             && self.released == 0
             && self.batches_taken == 0

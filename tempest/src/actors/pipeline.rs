@@ -6,10 +6,12 @@
 //! handler ends in [`PipelineActor::settle`], which sends the source what
 //! to ack in one message and hands ready messages to waiting workers.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use rustc_hash::FxHashMap;
 use tempest_source::metrics::Histogram;
 use tempest_source::{FailReason, FailedMsg, Metrics, MsgId};
 use tokio::sync::oneshot;
@@ -44,12 +46,44 @@ pub struct Stats {
     pub filtered: u64,
     /// Results that arrived for a message already retried, failed or timed out.
     pub stale_results: u64,
+    /// Deliveries of an id already in flight, from a source whose ids name
+    /// one entry: not run again, settled with the delivery in flight.
+    pub duplicates: u64,
+    /// Source messages acked although an attempt failed or timed out
+    /// (`BestEffort`): their work is lost.
+    pub acked_after_failure: u64,
     /// Source messages in flight now.
     pub inflight: usize,
     /// The most source messages ever in flight at once.
     pub max_inflight: usize,
     /// Connected workers per task (in-process threads or remote sessions).
+    /// In a run's final counters: the workers connected when it stopped.
     pub workers: Vec<(String, usize)>,
+    /// Every worker that joined during the run, connected or gone, with
+    /// the task messages it handled.
+    pub per_worker: Vec<WorkerStats>,
+}
+
+impl Stats {
+    /// Source messages whose work was given up on: failed, timed out, or
+    /// acked after a failure under `BestEffort`. A run that gives any up
+    /// exits with code 3 (see `rt`).
+    pub fn given_up(&self) -> u64 {
+        self.failed + self.timed_out + self.acked_after_failure
+    }
+}
+
+/// One worker of a task, as the counters see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerStats {
+    /// The task it serves.
+    pub task: String,
+    /// Its id in the pipeline (in the order workers joined).
+    pub worker: WorkerId,
+    /// Task messages it handled (results returned, errors included).
+    pub handled: u64,
+    /// Whether it is still connected.
+    pub connected: bool,
 }
 
 /// What happened to one source message (recorded by the test harness).
@@ -67,6 +101,10 @@ pub struct MsgReport {
     pub reason: Option<FailReason>,
     /// From entering the inflight table to leaving it.
     pub latency: Duration,
+    /// This delivery arrived while the same id was in flight (from a
+    /// source whose ids name one entry): it did not run, and was settled
+    /// with the delivery that did.
+    pub duplicate: bool,
 }
 
 /// A condition on the counters that ends a run (checked after every batch).
@@ -75,6 +113,63 @@ pub type StopCondition = Box<dyn FnMut(&Stats) -> bool + Send>;
 /// Bytes a message adds to a batch frame beside its payload.
 const BATCH_ENTRY_BYTES: usize = 14;
 
+/// How often the failure, no-worker and progress checks run.
+const REPORT_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// The shortest interval between two failure summaries.
+const FAILURE_WARN_EVERY: Duration = Duration::from_secs(10);
+/// Messages waiting this long for a task with no worker are logged (and
+/// again every `NO_WORKER_WARN_EVERY` while it lasts).
+const NO_WORKER_WARN_AFTER: Duration = Duration::from_secs(5);
+const NO_WORKER_WARN_EVERY: Duration = Duration::from_secs(30);
+/// The interval of the progress line.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// Failures of one task since the last summary.
+#[derive(Debug, Default)]
+struct FailWindow {
+    errors: u64,
+    timeouts: u64,
+    first: Option<(String, Option<MsgId>)>,
+}
+
+impl FailWindow {
+    fn note(&mut self, reason: impl FnOnce() -> String, id: Option<&MsgId>) {
+        if self.first.is_none() {
+            self.first = Some((reason(), id.cloned()));
+        }
+    }
+}
+
+/// The operator-facing reports: failure summaries, tasks without workers,
+/// progress lines. Each is rate-limited.
+#[derive(Debug)]
+struct Reports {
+    failures: Vec<FailWindow>,
+    window_start: Instant,
+    last_failure_warn: Option<Instant>,
+    no_worker_since: Vec<Option<Instant>>,
+    no_worker_warned: Vec<Option<Instant>>,
+    next_check: Instant,
+    next_progress: Instant,
+    progress_at: (Instant, u64),
+    last_progress: Option<Stats>,
+}
+
+impl Reports {
+    fn new(tasks: usize, now: Instant) -> Self {
+        Reports {
+            failures: (0..tasks).map(|_| FailWindow::default()).collect(),
+            window_start: now,
+            last_failure_warn: None,
+            no_worker_since: vec![None; tasks],
+            no_worker_warned: vec![None; tasks],
+            next_check: now + REPORT_CHECK_EVERY,
+            next_progress: now + PROGRESS_EVERY,
+            progress_at: (now, 0),
+            last_progress: None,
+        }
+    }
+}
 struct Ready<'a>(&'a mut [VecDeque<TaskMsg>]);
 
 impl Dispatch for Ready<'_> {
@@ -91,13 +186,15 @@ struct Worker {
     /// For workers that can be lost (remote sessions): the batches they
     /// hold, oldest first, with how many of each they have answered.
     held: Option<VecDeque<(Vec<TaskMsg>, usize)>>,
+    /// Task messages it returned results for.
+    handled: u64,
 }
 
 /// Everything the pipeline knows at the end of a run.
 #[derive(Debug)]
 pub(crate) struct Final {
     pub stats: Stats,
-    pub reports: Option<HashMap<MsgId, MsgReport>>,
+    pub reports: Option<HashMap<MsgId, Vec<MsgReport>>>,
 }
 
 pub(crate) struct PipelineActor {
@@ -111,7 +208,11 @@ pub(crate) struct PipelineActor {
     fin: Vec<Finished>,
     pending: Settle,
     stats: Stats,
-    reports: Option<HashMap<MsgId, MsgReport>>,
+    reports: Option<HashMap<MsgId, Vec<MsgReport>>>,
+    /// For a source whose ids name one entry: the ids in flight, each with
+    /// the further deliveries that arrived while it was.
+    inflight_ids: Option<FxHashMap<MsgId, u32>>,
+    ops: Reports,
     until: Option<StopCondition>,
     drains: Vec<oneshot::Sender<()>>,
     drain_deadline: Option<Instant>,
@@ -139,6 +240,8 @@ pub(crate) struct PipelineSetup {
     pub sweep_every: Duration,
     pub metrics_every: Duration,
     pub root_queue_capacity: usize,
+    /// The source declares that an id names exactly one entry.
+    pub unique_ids: bool,
 }
 
 impl PipelineActor {
@@ -168,6 +271,8 @@ impl PipelineActor {
             pending: Settle::default(),
             stats: Stats::default(),
             reports: setup.record_outcomes.then(HashMap::new),
+            inflight_ids: setup.unique_ids.then(FxHashMap::default),
+            ops: Reports::new(n, Instant::now()),
             until: setup.until,
             drains: Vec::new(),
             drain_deadline: None,
@@ -197,6 +302,7 @@ impl PipelineActor {
             sink: Some(sink),
             in_hand: 0,
             held: may_be_lost.then(VecDeque::new),
+            handled: 0,
         });
         (self.workers.len() - 1) as WorkerId
     }
@@ -236,6 +342,9 @@ impl PipelineActor {
                     let reason = FailReason::WorkerLost {
                         task: self.task_names[t].clone(),
                     };
+                    let window = &mut self.ops.failures[t];
+                    window.errors += 1;
+                    window.note(|| reason.to_string(), self.tracker.id_of(m.ticket));
                     self.fail_ticket(m.ticket, reason, now);
                 }
             }
@@ -258,6 +367,17 @@ impl PipelineActor {
                 .iter()
                 .cloned()
                 .zip(self.workers_per_task())
+                .collect(),
+            per_worker: self
+                .workers
+                .iter()
+                .enumerate()
+                .map(|(id, w)| WorkerStats {
+                    task: self.task_names[w.task as usize].clone(),
+                    worker: id as WorkerId,
+                    handled: w.handled,
+                    connected: w.sink.is_some(),
+                })
                 .collect(),
             inflight: self.tracker.len(),
             max_inflight: self.tracker.high_water(),
@@ -293,6 +413,123 @@ impl PipelineActor {
             self.next_metrics = now + self.metrics_every;
             self.flush_metrics();
         }
+        if now >= self.ops.next_check {
+            self.ops.next_check = now + REPORT_CHECK_EVERY;
+            self.report_failures(now, false);
+            self.report_idle_tasks(now);
+            if now >= self.ops.next_progress {
+                self.ops.next_progress = now + PROGRESS_EVERY;
+                self.report_progress(now);
+            }
+        }
+    }
+
+    /// Logs a WARN summary of the failures and timeouts per task since the
+    /// last one: at once for the first after a quiet spell, then at most
+    /// every `FAILURE_WARN_EVERY` (`force`: now, at the end of a run).
+    fn report_failures(&mut self, now: Instant, force: bool) {
+        for (t, (count, first)) in self.tracker.take_timeouts().into_iter().enumerate() {
+            let window = &mut self.ops.failures[t];
+            window.timeouts += count;
+            if let Some(id) = first {
+                window.note(|| "timed out".to_string(), Some(&id));
+            }
+        }
+        if !self
+            .ops
+            .failures
+            .iter()
+            .any(|w| w.errors > 0 || w.timeouts > 0)
+        {
+            self.ops.window_start = now;
+            return;
+        }
+        let due = force
+            || self
+                .ops
+                .last_failure_warn
+                .is_none_or(|last| now.saturating_duration_since(last) >= FAILURE_WARN_EVERY);
+        if !due {
+            return;
+        }
+        let secs = now
+            .saturating_duration_since(self.ops.window_start)
+            .as_secs_f64()
+            .max(1.0);
+        for (t, w) in self.ops.failures.iter_mut().enumerate() {
+            if w.errors == 0 && w.timeouts == 0 {
+                continue;
+            }
+            let (reason, id) = w.first.take().unwrap_or_default();
+            let id = id.map_or_else(String::new, |id| format!(" (message {id})"));
+            log::warn!(
+                "Task {}: {} message(s) failed and {} timed out in the last {secs:.0} s; the first: {reason}{id}. The failure policy is {:?}.",
+                self.task_names[t],
+                w.errors,
+                w.timeouts,
+                self.tracker.policy()
+            );
+            *w = FailWindow::default();
+        }
+        self.ops.last_failure_warn = Some(now);
+        self.ops.window_start = now;
+    }
+
+    /// Logs tasks that have messages waiting and no worker connected.
+    fn report_idle_tasks(&mut self, now: Instant) {
+        let workers = self.workers_per_task();
+        for (t, &count) in workers.iter().enumerate() {
+            let waiting = self.ready[t].len();
+            if waiting == 0 || count > 0 {
+                self.ops.no_worker_since[t] = None;
+                if self.ops.no_worker_warned[t].take().is_some() && count > 0 {
+                    log::info!(
+                        "Task {} has a worker again; its waiting messages are moving.",
+                        self.task_names[t]
+                    );
+                }
+                continue;
+            }
+            let since = *self.ops.no_worker_since[t].get_or_insert(now);
+            let due = match self.ops.no_worker_warned[t] {
+                None => now.saturating_duration_since(since) >= NO_WORKER_WARN_AFTER,
+                Some(last) => now.saturating_duration_since(last) >= NO_WORKER_WARN_EVERY,
+            };
+            if due {
+                self.ops.no_worker_warned[t] = Some(now);
+                log::warn!(
+                    "Task {} has {waiting} message(s) waiting and no worker connected, for {:.0} s now; start one with `<package> task {}`.",
+                    self.task_names[t],
+                    now.saturating_duration_since(since).as_secs_f64(),
+                    self.task_names[t]
+                );
+            }
+        }
+    }
+
+    /// Logs a progress line at INFO when anything moved since the last.
+    fn report_progress(&mut self, now: Instant) {
+        let s = &self.stats;
+        let inflight = self.tracker.len();
+        let moved = self.ops.last_progress.as_ref().is_none_or(|last| {
+            last.read != s.read || last.acked != s.acked || last.failed != s.failed
+        });
+        if !moved && inflight == 0 {
+            return;
+        }
+        let (then, acked_then) = self.ops.progress_at;
+        let rate = (s.acked - acked_then) as f64
+            / now.saturating_duration_since(then).as_secs_f64().max(1e-3);
+        log::info!(
+            "Progress: {} read, {} acked, {} failed, {} timed out, {inflight} in flight; {rate:.0} acked/s over the last {:.0} s.",
+            s.read,
+            s.acked,
+            s.failed,
+            s.timed_out,
+            now.saturating_duration_since(then).as_secs_f64()
+        );
+        self.ops.progress_at = (now, s.acked);
+        self.ops.last_progress = Some(s.clone());
     }
 
     fn settle(&mut self, now: Instant) {
@@ -303,30 +540,48 @@ impl PipelineActor {
                 Outcome::Failed => self.stats.failed += 1,
                 Outcome::TimedOut => self.stats.timed_out += 1,
             }
+            if f.outcome == Outcome::Acked && (f.errors > 0 || f.timeouts > 0) {
+                self.stats.acked_after_failure += 1;
+            }
+            // Deliveries of the same id that arrived while it was in flight
+            // settle with it: one ack (or one failure) covers them all.
+            let extra = self
+                .inflight_ids
+                .as_mut()
+                .and_then(|ids| ids.remove(&f.msg.id))
+                .unwrap_or(0);
             if let Some(reports) = &mut self.reports {
-                reports.insert(
-                    f.msg.id.clone(),
-                    MsgReport {
-                        outcome: f.outcome,
-                        attempts: f.attempts,
-                        errors: f.errors,
-                        timeouts: f.timeouts,
-                        reason: f.reason.clone(),
-                        latency: f.latency,
-                    },
-                );
+                let report = MsgReport {
+                    outcome: f.outcome,
+                    attempts: f.attempts,
+                    errors: f.errors,
+                    timeouts: f.timeouts,
+                    reason: f.reason.clone(),
+                    latency: f.latency,
+                    duplicate: false,
+                };
+                let all = reports.entry(f.msg.id.clone()).or_default();
+                for _ in 0..extra {
+                    all.push(MsgReport {
+                        attempts: 0,
+                        duplicate: true,
+                        ..report.clone()
+                    });
+                }
+                all.push(report);
             }
             if f.outcome == Outcome::Acked {
                 self.latency.record_duration(f.latency);
                 self.pending.acks.push(f.msg.id);
+                self.pending.ack_extra += extra as usize;
             } else {
                 self.pending.failed.push(FailedMsg {
                     id: f.msg.id,
                     reason: f.reason.unwrap_or(FailReason::Timeout),
                     attempts: f.attempts,
                 });
+                self.pending.released += 1 + extra as usize;
             }
-            self.pending.released += 1;
         }
         for t in 0..self.ready.len() {
             if !self.ready[t].is_empty() && !self.waiting[t].is_empty() {
@@ -459,6 +714,7 @@ impl PipelineActor {
         m.incr(names::MSGS_TIMED_OUT, now.timed_out - old.timed_out);
         m.incr(names::MSGS_RETRIED, now.retried - old.retried);
         m.incr(names::STALE_RESULTS, now.stale_results - old.stale_results);
+        m.incr(names::MSGS_DUPLICATES, now.duplicates - old.duplicates);
         m.gauge(names::MSGS_INFLIGHT, now.inflight as i64);
         m.gauge(names::MSGS_INFLIGHT_MAX, now.max_inflight as i64);
         let workers = self.workers_per_task();
@@ -492,6 +748,28 @@ impl Handler<SourceBatch> for PipelineActor {
         self.pending.batches_taken += 1;
         self.stats.read += batch.0.len() as u64;
         for msg in batch.0 {
+            if let Some(ids) = &mut self.inflight_ids {
+                match ids.entry(msg.id.clone()) {
+                    Entry::Occupied(mut e) => {
+                        // The source delivered it again while it runs (a
+                        // visibility timeout shorter than the work): it
+                        // settles with the delivery in flight.
+                        *e.get_mut() += 1;
+                        self.stats.duplicates += 1;
+                        if self.stats.duplicates == 1 {
+                            log::warn!(
+                                "Message {} was delivered again while in flight; it is not run twice (the source's redelivery timeout may be shorter than processing). Further duplicates are counted in {}.",
+                                msg.id,
+                                names::MSGS_DUPLICATES
+                            );
+                        }
+                        continue;
+                    }
+                    Entry::Vacant(e) => {
+                        e.insert(0);
+                    }
+                }
+            }
             self.tracker.insert(msg, now, &mut Ready(&mut self.ready));
         }
         self.settle(now);
@@ -534,6 +812,7 @@ impl Handler<Results> for PipelineActor {
             self.stats.stale_results += results.items.len() as u64;
             return;
         }
+        w.handled += results.items.len() as u64;
         if results.complete {
             w.in_hand = w.in_hand.saturating_sub(1);
         }
@@ -592,6 +871,11 @@ impl Handler<Results> for PipelineActor {
                     })
                 }
             };
+            if let Err(reason) = &outcome {
+                let window = &mut self.ops.failures[task as usize];
+                window.errors += 1;
+                window.note(|| reason.to_string(), self.tracker.id_of(ticket));
+            }
             let accepted = match outcome {
                 Ok(outputs) => self.tracker.on_done(
                     ticket,
@@ -648,6 +932,9 @@ impl Handler<Finish> for PipelineActor {
 
     fn handle(&mut self, _: Finish, ctx: &mut Context<Self>) -> Self::Result {
         self.flush_metrics();
+        self.report_failures(Instant::now(), true);
+        // The counters as they stand, workers included, before they close.
+        let stats = self.current_stats();
         for w in &mut self.workers {
             if let Some(sink) = &mut w.sink {
                 sink.close();
@@ -656,7 +943,7 @@ impl Handler<Finish> for PipelineActor {
         self.workers.clear();
         ctx.stop();
         MessageResult(Final {
-            stats: self.current_stats(),
+            stats,
             reports: self.reports.take(),
         })
     }

@@ -1,9 +1,13 @@
 //! The source actor: polls the source on a thread of its own and acks.
 //!
-//! It polls only while it has credit (`max_pending` minus the messages in
-//! flight), so the inflight table never holds more than `max_pending`
-//! messages: when the credit runs out polling pauses until a [`Settle`]
-//! returns some. After an empty poll it waits `poll_interval`, doubling up to
+//! It polls only while it has credit: `max_pending` minus the deliveries
+//! the runtime holds — in flight, or completed with their ack not yet sent
+//! to the source. Credit for a completed message returns only once its ack
+//! has been sent, so the source never has more than `max_pending`
+//! delivered, unacked messages out (messages given up on are handed back
+//! through `fail` and return their credit at once). When the credit runs
+//! out polling pauses until a [`Settle`] or an ack flush returns some; a
+//! pause longer than [`PAUSE_WARN_AFTER`] is logged. After an empty poll it waits `poll_interval`, doubling up to
 //! `max_backoff`; after a retryable error likewise, reconnecting first.
 //! It also runs at most [`BATCHES_AHEAD`] batches ahead of the pipeline, so
 //! polled messages never pile up in the pipeline's mailbox.
@@ -21,12 +25,28 @@ use crate::topology::DynSource;
 /// The most polled batches the pipeline may not have taken in yet.
 pub(crate) const BATCHES_AHEAD: usize = 4;
 
+/// Polling paused on `max_pending` this long is logged (and again every
+/// [`PAUSE_WARN_EVERY`] while it lasts).
+pub(crate) const PAUSE_WARN_AFTER: Duration = Duration::from_secs(5);
+const PAUSE_WARN_EVERY: Duration = Duration::from_secs(30);
+
 pub(crate) struct SourceActor {
     source: Box<dyn DynSource>,
     settings: SourceSettings,
     pipeline: Recipient<SourceBatch>,
     topology: Recipient<Stop>,
+    max_pending: usize,
     credit: usize,
+    /// Credit that returns once every id now in `acks` is sent (deliveries
+    /// settled by those acks beyond one per id).
+    ack_extra: usize,
+    /// Send a partial ack batch once it holds this many ids, so unsent
+    /// acks never hold more than a quarter of `max_pending`'s credit.
+    ack_threshold: usize,
+    /// Since when polling has waited for credit, and when that was last
+    /// logged.
+    paused_since: Option<Instant>,
+    pause_warned: Option<Instant>,
     batches_ahead: usize,
     polling: bool,
     poll_scheduled: bool,
@@ -61,13 +81,22 @@ impl SourceActor {
             settings.ack_policy = AckPolicy::Batch(1);
         }
         let settings_monitor = settings.monitor_interval;
+        let ack_threshold = match settings.ack_policy {
+            AckPolicy::Batch(n) => n.min((max_pending / 4).max(1)),
+            _ => 1,
+        };
         SourceActor {
             backoff: settings.poll_interval,
             source,
             settings,
             pipeline,
             topology,
+            max_pending,
             credit: max_pending,
+            ack_extra: 0,
+            ack_threshold,
+            paused_since: None,
+            pause_warned: None,
             batches_ahead: 0,
             polling: true,
             poll_scheduled: false,
@@ -116,8 +145,22 @@ impl SourceActor {
         if !self.polling {
             return;
         }
-        if self.credit == 0 || self.batches_ahead >= BATCHES_AHEAD {
-            // Resumed by the next Settle that returns credit or takes a batch.
+        if self.credit == 0 {
+            // Resumed by the next Settle or ack flush that returns credit.
+            self.paused_since.get_or_insert_with(Instant::now);
+            return;
+        }
+        if let Some(since) = self.paused_since.take() {
+            if self.pause_warned.take().is_some() {
+                log::info!(
+                    "Polling source {} resumed after a pause of {:.1} s on max_pending.",
+                    self.source.name(),
+                    since.elapsed().as_secs_f64()
+                );
+            }
+        }
+        if self.batches_ahead >= BATCHES_AHEAD {
+            // Resumed by the next Settle that takes a batch.
             return;
         }
         if !self.connected {
@@ -200,9 +243,9 @@ impl SourceActor {
         self.schedule(ctx, Duration::ZERO);
     }
 
-    fn ack(&mut self, ids: Vec<MsgId>) {
+    fn ack(&mut self, ids: Vec<MsgId>, extra: usize) {
         match self.settings.ack_policy {
-            AckPolicy::None => {}
+            AckPolicy::None => self.credit += ids.len() + extra,
             AckPolicy::Individual => {
                 for id in &ids {
                     if let Err(e) = self.source.ack(id) {
@@ -210,8 +253,10 @@ impl SourceActor {
                     }
                 }
                 self.metrics.incr(names::SOURCE_ACK_CALLS, ids.len() as u64);
+                self.credit += ids.len() + extra;
             }
             AckPolicy::Batch(n) => {
+                self.ack_extra += extra;
                 if self.acks.is_empty() {
                     self.acks = ids;
                 } else {
@@ -223,6 +268,9 @@ impl SourceActor {
                 while self.acks.len() >= n {
                     let rest = self.acks.split_off(n);
                     full.push(std::mem::replace(&mut self.acks, rest));
+                }
+                if self.acks.len() >= self.ack_threshold {
+                    full.push(std::mem::take(&mut self.acks));
                 }
                 for batch in full {
                     self.batch_ack(batch);
@@ -238,15 +286,25 @@ impl SourceActor {
         }
     }
 
+    /// Sends one ack batch; its credit returns unless a retryable failure
+    /// puts the ids back for the next flush.
     fn batch_ack(&mut self, ids: Vec<MsgId>) {
         self.metrics.incr(names::SOURCE_ACK_CALLS, 1);
         let result = self.source.batch_ack(&ids);
+        let retry = matches!(&result, Err(e) if e.is_retryable())
+            && self.acks.len() < self.settings.poll_count * 64;
+        if !retry {
+            self.credit += ids.len();
+            if self.acks.is_empty() {
+                self.credit += std::mem::take(&mut self.ack_extra);
+            }
+        }
         if result.is_ok() && self.ack_failures > 0 {
             log::info!("Acking at source {} works again.", self.source.name());
             self.ack_failures = 0;
         }
         if let Err(e) = result {
-            if e.is_retryable() && self.acks.len() < self.settings.poll_count * 64 {
+            if retry {
                 self.ack_failures += 1;
                 if self.ack_failures == 1 || self.ack_failures.is_multiple_of(100) {
                     log::warn!(
@@ -270,11 +328,15 @@ impl SourceActor {
 
     /// Flushes partial ack batches, runs the monitor hook and records
     /// metrics, each when due.
-    fn periodic(&mut self, now: Instant) {
+    fn periodic(&mut self, ctx: &mut Context<Self>, now: Instant) {
         if now >= self.next_ack_flush {
             self.next_ack_flush = now + self.settings.ack_interval.max(Duration::from_millis(1));
             if let AckPolicy::Batch(_) = self.settings.ack_policy {
                 self.flush_acks();
+                // Credit may have come back with the acks.
+                if self.credit > 0 && self.batches_ahead < BATCHES_AHEAD {
+                    self.schedule(ctx, Duration::ZERO);
+                }
             }
         }
         if now >= self.next_monitor {
@@ -292,6 +354,21 @@ impl SourceActor {
         if now >= self.next_metrics {
             self.next_metrics = now + Duration::from_secs(1);
             self.flush_metrics();
+        }
+        if let Some(since) = self.paused_since {
+            let due = match self.pause_warned {
+                None => now.saturating_duration_since(since) >= PAUSE_WARN_AFTER,
+                Some(last) => now.saturating_duration_since(last) >= PAUSE_WARN_EVERY,
+            };
+            if due && self.polling {
+                self.pause_warned = Some(now);
+                log::warn!(
+                    "Polling source {} has been paused for {:.0} s: the runtime holds max_pending = {} message(s) (in flight or waiting for their ack). A slow or stuck task, or a task with no worker connected, holds them.",
+                    self.source.name(),
+                    now.saturating_duration_since(since).as_secs_f64(),
+                    self.max_pending
+                );
+            }
         }
     }
 
@@ -321,7 +398,7 @@ impl Actor for SourceActor {
             .settings
             .ack_interval
             .clamp(Duration::from_millis(1), Duration::from_millis(100));
-        ctx.run_interval(tick, |act, _| act.periodic(Instant::now()));
+        ctx.run_interval(tick, |act, ctx| act.periodic(ctx, Instant::now()));
     }
 }
 
@@ -335,7 +412,7 @@ impl Handler<PollNow> for SourceActor {
     fn handle(&mut self, _: PollNow, ctx: &mut Context<Self>) {
         self.poll_scheduled = false;
         self.poll_once(ctx);
-        self.periodic(Instant::now());
+        self.periodic(ctx, Instant::now());
     }
 }
 
@@ -346,8 +423,8 @@ impl Handler<Settle> for SourceActor {
         let could_poll = self.credit > 0 && self.batches_ahead < BATCHES_AHEAD;
         self.credit += settle.released;
         self.batches_ahead = self.batches_ahead.saturating_sub(settle.batches_taken);
-        if !settle.acks.is_empty() {
-            self.ack(settle.acks);
+        if !settle.acks.is_empty() || settle.ack_extra > 0 {
+            self.ack(settle.acks, settle.ack_extra);
         }
         if !settle.failed.is_empty() {
             if let Err(e) = self.source.fail(&settle.failed) {
@@ -361,7 +438,7 @@ impl Handler<Settle> for SourceActor {
         if !could_poll && self.credit > 0 && self.batches_ahead < BATCHES_AHEAD {
             self.schedule(ctx, Duration::ZERO);
         }
-        self.periodic(Instant::now());
+        self.periodic(ctx, Instant::now());
     }
 }
 

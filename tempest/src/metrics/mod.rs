@@ -53,6 +53,9 @@ pub mod names {
     pub const MSGS_INFLIGHT_MAX: &str = "tempest.msgs.inflight_max";
     /// Counter: results for messages already retried, failed or timed out.
     pub const STALE_RESULTS: &str = "tempest.msgs.stale_results";
+    /// Counter: deliveries of an id already in flight (from a source whose
+    /// ids name one entry), not run again but settled with it.
+    pub const MSGS_DUPLICATES: &str = "tempest.msgs.duplicates";
     /// Counter (per task): task messages received.
     pub const TASK_MSGS_IN: &str = "tempest.task.msgs_in";
     /// Counter (per task): task messages emitted.

@@ -1,0 +1,147 @@
+//! Guarantees at the edges: what the source sees unacked, ids delivered
+//! twice while in flight, and the counters a run ends with.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{builder, pass, FnTask};
+use tempest::testing::TestRun;
+use tempest::{Outcome, Output, Pipeline};
+use tempest_source::{AckPolicy, Source};
+use tempest_source_mock::{MockConfig, MockSource};
+
+/// Regression: credit returned when a message completed, but its ack was
+/// batched, so the source saw ~1,100 delivered-and-unacked messages with
+/// `max_pending = 100`.
+#[test]
+fn the_source_never_holds_more_than_max_pending_unacked() {
+    let source = MockSource::from_config(MockConfig {
+        ack_policy: AckPolicy::Batch(1024),
+        ack_interval_ms: 50,
+        ..MockConfig::generator(5_000, 16)
+    })
+    .unwrap();
+    let mock = source.handle();
+    let report = TestRun::new(
+        builder("unacked-bound", source)
+            .max_pending(100)
+            .pipeline(Pipeline::new().task(pass("a"))),
+    )
+    .run()
+    .unwrap();
+    assert_eq!(report.stats.acked, 5_000);
+    assert_eq!(mock.acked(), 5_000);
+    assert_eq!(mock.held(), 0);
+    assert!(
+        mock.max_held() <= 100,
+        "the source had {} delivered, unacked messages out with max_pending = 100",
+        mock.max_held()
+    );
+}
+
+/// A source with a visibility timeout shorter than the work: the mock
+/// redelivers message 0 every 20 ms while its task takes 300 ms.
+fn redelivering(unique_ids: bool) -> (MockSource, tempest_source_mock::MockHandle) {
+    let source = MockSource::from_config(MockConfig {
+        redeliver_after_ms: Some(20),
+        ack_interval_ms: 1,
+        unique_ids,
+        ..MockConfig::default()
+    })
+    .unwrap();
+    let mock = source.handle();
+    mock.push("slow");
+    (source, mock)
+}
+
+fn slow_task(runs: Arc<AtomicU64>) -> FnTask {
+    FnTask::new("slow", move |m| {
+        runs.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Output::One(m))
+    })
+}
+
+/// Regression: the same id delivered twice while in flight ran twice
+/// concurrently and was acked twice.
+#[test]
+fn an_id_delivered_again_while_in_flight_runs_once_and_is_acked_once() {
+    let (source, mock) = redelivering(true);
+    let runs = Arc::new(AtomicU64::new(0));
+    let report = TestRun::new(
+        builder("dedup", source)
+            .pipeline(Pipeline::new().task(slow_task(Arc::clone(&runs))))
+            .workers("slow", 2),
+    )
+    .run()
+    .unwrap();
+    let id = tempest_source::MsgId::Int(0);
+    assert!(mock.delivery_count(&id) >= 2, "the mock redelivered it");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "it ran once");
+    assert_eq!(mock.ack_count(&id), 1, "one ack settles every delivery");
+    assert_eq!(mock.held(), 0);
+    let deliveries = report.deliveries(&id);
+    assert_eq!(deliveries.len() as u32, mock.delivery_count(&id));
+    assert_eq!(deliveries.iter().filter(|d| !d.duplicate).count(), 1);
+    assert!(deliveries.iter().all(|d| d.outcome == Outcome::Acked));
+    assert_eq!(
+        report.stats.duplicates + 1,
+        u64::from(mock.delivery_count(&id))
+    );
+    assert_eq!(report.stats.read, u64::from(mock.delivery_count(&id)));
+}
+
+/// Where ids may name several entries, every delivery runs (and the report
+/// keeps each one, where the later used to overwrite the earlier).
+#[test]
+fn without_unique_ids_every_delivery_runs_and_is_reported() {
+    let (source, mock) = redelivering(false);
+    let runs = Arc::new(AtomicU64::new(0));
+    let report = TestRun::new(
+        builder("no-dedup", source)
+            .pipeline(Pipeline::new().task(slow_task(Arc::clone(&runs))))
+            .workers("slow", 4),
+    )
+    .run()
+    .unwrap();
+    let id = tempest_source::MsgId::Int(0);
+    let delivered = mock.delivery_count(&id);
+    assert!(delivered >= 2, "the mock redelivered it");
+    assert_eq!(runs.load(Ordering::SeqCst), u64::from(delivered));
+    assert_eq!(report.deliveries(&id).len() as u32, delivered);
+    assert_eq!(report.stats.duplicates, 0);
+}
+
+/// Regression: the final counters listed 0 workers for every task.
+#[test]
+fn the_final_counters_show_the_workers_that_ran() {
+    let (source, _mock) = common::generated(3_000);
+    let report = TestRun::new(
+        builder("workers", source)
+            .pipeline(
+                Pipeline::new()
+                    .task(pass("a"))
+                    .task(pass("b"))
+                    .edge("a", "b"),
+            )
+            .workers("b", 3),
+    )
+    .run()
+    .unwrap();
+    assert_eq!(
+        report.stats.workers,
+        vec![("a".to_string(), 1), ("b".to_string(), 3)]
+    );
+    let b: Vec<_> = report
+        .stats
+        .per_worker
+        .iter()
+        .filter(|w| w.task == "b")
+        .collect();
+    assert_eq!(b.len(), 3);
+    assert_eq!(b.iter().map(|w| w.handled).sum::<u64>(), 3_000);
+}
