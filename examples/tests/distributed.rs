@@ -53,14 +53,25 @@ impl Proc {
 
     /// Waits for a stderr line containing `needle`; returns it.
     fn wait_for(&mut self, needle: &str) -> String {
+        self.wait_for_all(&[needle]).remove(0)
+    }
+
+    /// Waits until each needle has been in a stderr line, in any order;
+    /// returns the first line with each.
+    fn wait_for_all(&mut self, needles: &[&str]) -> Vec<String> {
+        let mut found: Vec<Option<String>> = vec![None; needles.len()];
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             match self.lines.recv_timeout(Duration::from_millis(100)) {
                 Ok(line) => {
-                    let hit = line.contains(needle);
-                    self.seen.push(line.clone());
-                    if hit {
-                        return line;
+                    for (needle, slot) in needles.iter().zip(&mut found) {
+                        if slot.is_none() && line.contains(needle) {
+                            *slot = Some(line.clone());
+                        }
+                    }
+                    self.seen.push(line);
+                    if found.iter().all(Option::is_some) {
+                        return found.into_iter().flatten().collect();
                     }
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
@@ -68,7 +79,7 @@ impl Proc {
             }
         }
         panic!(
-            "{} never said {needle:?}; it said:\n{}",
+            "{} never said all of {needles:?}; it said:\n{}",
             self.name,
             self.seen.join("\n")
         );
@@ -506,4 +517,64 @@ fn workers_reconnect_to_a_restarted_topology() {
         let (code, _) = w.finish();
         assert_eq!(code, Some(0), "{name}");
     }
+}
+
+/// Regression: a failing task printed nothing at the default log level and
+/// the process exited 0.
+#[test]
+fn failures_are_logged_at_the_default_level_and_set_the_exit_code() {
+    let cfg = config(
+        "failures-visible",
+        "failure_policy = \"none\"\n\n[source.config]\ncount = 2000\npayload_size = 16\n",
+    );
+    let mut p = Proc::start(
+        "standalone",
+        &["--config", cfg.to_str().unwrap(), "standalone"],
+        &[("TESTBED_FAIL_EVERY", "100")],
+    );
+    let warn = p.wait_for("message(s) failed in the last");
+    assert!(
+        warn.contains("WARN")
+            && warn.contains("Task b: ")
+            && warn.contains("fails on purpose")
+            && warn.contains("(message "),
+        "{warn}"
+    );
+    let given_up = p.wait_for("were given up on");
+    assert!(given_up.contains("20 failed"), "{given_up}");
+    let (code, out) = p.finish();
+    assert_eq!(code, Some(3), "a run that gave messages up exits 3");
+    let s = summary(&out);
+    assert_eq!(get(&s, "acked"), 1980, "{s:?}");
+    assert_eq!(get(&s, "failed"), 20, "{s:?}");
+}
+
+/// Regression: a topology with no worker for a task, and a source paused
+/// on max_pending, logged nothing.
+#[test]
+fn a_task_without_workers_and_a_paused_source_are_logged() {
+    let cfg = config(
+        "no-worker",
+        "max_pending = 100\n\n[source.config]\ncount = 2000\npayload_size = 16\n",
+    );
+    let (mut top, addr) = topology(&cfg);
+    let _a = worker(&cfg, "a", &addr, &[]);
+    let _c = worker(&cfg, "c", &addr, &[]);
+    // The two warnings come about 5 s in, in either order.
+    let lines = top.wait_for_all(&[
+        "Polling source testbed has been paused",
+        "waiting and no worker connected",
+    ]);
+    let (paused, no_worker) = (&lines[0], &lines[1]);
+    assert!(paused.contains("max_pending = 100"), "{paused}");
+    assert!(
+        no_worker.contains("Task b has 100 message(s) waiting and no worker connected"),
+        "{no_worker}"
+    );
+    let _b = worker(&cfg, "b", &addr, &[]);
+    top.wait_for("Task b has a worker again");
+    top.wait_for("resumed after a pause");
+    let (code, out) = top.finish();
+    assert_eq!(code, Some(0));
+    assert_eq!(get(&summary(&out), "acked"), 2000);
 }

@@ -23,8 +23,16 @@
 //! TCP; `task NAME` runs workers of one task that connect to it; `graph`
 //! prints the pipeline. Settings come from the builder, then `Topology.toml`
 //! (`--config`, or `./Topology.toml` when present), then `TEMPEST_*`
-//! environment variables, then flags. Exit codes: 0 after a clean stop, 2
-//! for a usage or configuration error, 1 for a runtime failure.
+//! environment variables, then flags.
+//!
+//! Exit codes:
+//!
+//! | code | meaning |
+//! | --- | --- |
+//! | 0 | stopped cleanly, no message given up on |
+//! | 1 | a runtime failure: the source failed, the process could not start |
+//! | 2 | a usage or configuration error |
+//! | 3 | stopped cleanly, but messages were given up on: failed or timed out under the failure policy, or acked after a failure under `BestEffort` (the log's WARN lines name the tasks, reasons and message ids) |
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -425,6 +433,9 @@ fn serve_until_stopped(
     Ok(summarize(&report))
 }
 
+/// The exit code of a run that stopped cleanly but gave messages up.
+pub const EXIT_GAVE_UP: u8 = 3;
+
 fn summarize(report: &RunReport) -> ExitCode {
     let s = &report.stats;
     log::info!(
@@ -439,8 +450,22 @@ fn summarize(report: &RunReport) -> ExitCode {
         report.elapsed.as_secs_f64(),
         report.acked_per_sec()
     );
+    let given_up = s.given_up();
+    if given_up > 0 {
+        log::warn!(
+            "{given_up} message(s) were given up on: {} failed, {} timed out, {} acked after a failure (BestEffort). The warnings above name the tasks, the reasons and message ids; the exit code is {EXIT_GAVE_UP}.",
+            s.failed,
+            s.timed_out,
+            s.acked_after_failure
+        );
+    }
+    exit_code(report)
+}
+
+fn exit_code(report: &RunReport) -> ExitCode {
     match report.stop {
         StopReason::SourceFailed(_) => ExitCode::from(1),
+        _ if report.stats.given_up() > 0 => ExitCode::from(EXIT_GAVE_UP),
         _ => ExitCode::SUCCESS,
     }
 }

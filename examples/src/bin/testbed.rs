@@ -3,6 +3,8 @@
 //! `[source.config]`), then `a → b → c`.
 //!
 //! - `TESTBED_SLOW_US`: microseconds task `b` spends per message (default 0).
+//! - `TESTBED_FAIL_EVERY`: task `b` fails every N-th message it handles
+//!   (default: never).
 //! - Task `b` prints `b: 1000 handled` to stderr once it has handled 1,000
 //!   messages, so a test can wait for work to be under way.
 //! - When the source shuts down, the topology process prints
@@ -82,6 +84,7 @@ impl Task for Pass {
 #[derive(Clone)]
 struct Slow {
     per_msg: Duration,
+    fail_every: u64,
     handled: u64,
 }
 
@@ -97,15 +100,25 @@ impl Task for Slow {
         if self.handled == 1000 {
             eprintln!("b: 1000 handled");
         }
+        if self.fail_every > 0 && self.handled.is_multiple_of(self.fail_every) {
+            return Err(tempest::TaskError::msg(format!(
+                "message number {} fails on purpose",
+                self.handled
+            )));
+        }
         Ok(Output::One(msg))
     }
 }
 
 fn main() -> ExitCode {
-    let slow_us = std::env::var("TESTBED_SLOW_US")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let env = |name: &str| -> u64 {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let slow_us = env("TESTBED_SLOW_US");
+    let fail_every = env("TESTBED_FAIL_EVERY");
     tempest::rt::run(
         TopologyBuilder::new("testbed")
             .source_config::<Reporting>(MockConfig::generator(10_000, 16))
@@ -114,6 +127,7 @@ fn main() -> ExitCode {
                     .task(Pass("a"))
                     .task(Slow {
                         per_msg: Duration::from_micros(slow_us),
+                        fail_every,
                         handled: 0,
                     })
                     .task(Pass("c"))

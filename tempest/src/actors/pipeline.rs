@@ -462,11 +462,14 @@ impl PipelineActor {
             }
             let (reason, id) = w.first.take().unwrap_or_default();
             let id = id.map_or_else(String::new, |id| format!(" (message {id})"));
+            let what = match (w.errors, w.timeouts) {
+                (e, 0) => format!("{e} message(s) failed"),
+                (0, t) => format!("{t} message(s) timed out"),
+                (e, t) => format!("{e} message(s) failed and {t} timed out"),
+            };
             log::warn!(
-                "Task {}: {} message(s) failed and {} timed out in the last {secs:.0} s; the first: {reason}{id}. The failure policy is {:?}.",
+                "Task {}: {what} in the last {secs:.0} s; the first: {reason}{id}. The failure policy is {:?}.",
                 self.task_names[t],
-                w.errors,
-                w.timeouts,
                 self.tracker.policy()
             );
             *w = FailWindow::default();
@@ -540,7 +543,10 @@ impl PipelineActor {
                 Outcome::Failed => self.stats.failed += 1,
                 Outcome::TimedOut => self.stats.timed_out += 1,
             }
-            if f.outcome == Outcome::Acked && (f.errors > 0 || f.timeouts > 0) {
+            if f.outcome == Outcome::Acked
+                && (f.errors > 0 || f.timeouts > 0)
+                && self.tracker.policy() == crate::FailurePolicy::BestEffort
+            {
                 self.stats.acked_after_failure += 1;
             }
             // Deliveries of the same id that arrived while it was in flight
@@ -998,6 +1004,14 @@ impl Handler<RegisterWorker> for PipelineActor {
 
     fn handle(&mut self, msg: RegisterWorker, _ctx: &mut Context<Self>) -> Self::Result {
         let id = self.add_worker(msg.task, msg.sink, true);
+        let t = msg.task as usize;
+        self.ops.no_worker_since[t] = None;
+        if self.ops.no_worker_warned[t].take().is_some() {
+            log::info!(
+                "Task {} has a worker again; its waiting messages are moving.",
+                self.task_names[t]
+            );
+        }
         log::info!(
             "Worker {id} joined task {} ({} worker(s) now).",
             self.task_names[msg.task as usize],
