@@ -21,11 +21,11 @@ use tokio_util::codec::Framed;
 
 use crate::actors::{Results, Verdict, WorkerId};
 use crate::error::Error;
-use crate::inflight::TaskMsg;
+
 use crate::pipeline::Dag;
 use crate::task::TaskContext;
 use crate::wire::{self, ErrorCode, Frame, WireCodec, WireError};
-use crate::worker::{run_task_loop, Transport, PREFETCH};
+use crate::worker::{run_task_loop, SharedBatch, Transport, PREFETCH};
 
 /// How a worker process connects and works.
 #[derive(Clone, Debug)]
@@ -71,14 +71,14 @@ enum End {
 
 /// The task thread's end of the connection.
 struct Remote {
-    rx: mpsc::Receiver<(u64, Vec<TaskMsg>)>,
+    rx: mpsc::Receiver<(u64, Arc<SharedBatch>)>,
     tx: mpsc::Sender<ToIo>,
     epoch: Arc<AtomicU64>,
     current: u64,
 }
 
 impl Transport for Remote {
-    fn next_batch(&mut self) -> Option<Vec<TaskMsg>> {
+    fn next_batch(&mut self) -> Option<Arc<SharedBatch>> {
         loop {
             let (epoch, batch) = self.rx.blocking_recv()?;
             let _ = self.tx.blocking_send(ToIo::Took(epoch));
@@ -191,7 +191,7 @@ pub(crate) fn run(
 struct Io {
     options: WorkerOptions,
     task: String,
-    batch_tx: mpsc::Sender<(u64, Vec<TaskMsg>)>,
+    batch_tx: mpsc::Sender<(u64, Arc<SharedBatch>)>,
     io_rx: mpsc::Receiver<ToIo>,
     epoch: Arc<AtomicU64>,
     stop: watch::Receiver<bool>,
@@ -352,6 +352,10 @@ impl Io {
         let mut last_heard = Instant::now();
         let mut last_sent = Instant::now();
         let mut tick = tokio::time::interval(heartbeat);
+        // The batches handed to the task thread and not complete, oldest
+        // first: what a give-back takes from.
+        let mut handed: std::collections::VecDeque<Arc<SharedBatch>> =
+            std::collections::VecDeque::new();
         loop {
             if draining && queued == 0 && in_task == 0 {
                 let _ = framed.send(Frame::Goodbye).await;
@@ -377,11 +381,26 @@ impl Io {
                         Some(Ok(Frame::Batch(batch))) => {
                             fetches = fetches.saturating_sub(1);
                             queued += 1;
-                            if self.batch_tx.send((epoch, batch)).await.is_err() {
+                            let shared = SharedBatch::new(batch);
+                            handed.push_back(Arc::clone(&shared));
+                            if self.batch_tx.send((epoch, shared)).await.is_err() {
                                 return End::Lost("the task thread is gone".into());
                             }
                         }
                         Some(Ok(Frame::Heartbeat)) => {}
+                        Some(Ok(Frame::GiveBack)) => {
+                            // One frame per batch: each came in one frame.
+                            for batch in &handed {
+                                let rest = batch.take_rest();
+                                if rest.is_empty() {
+                                    continue;
+                                }
+                                if let Err(e) = framed.send(Frame::Returned(rest)).await {
+                                    return End::Lost(e.to_string());
+                                }
+                                last_sent = Instant::now();
+                            }
+                        }
                         Some(Ok(Frame::Error { code: ErrorCode::ShuttingDown, .. })) => return End::TopologyStopped,
                         Some(Ok(Frame::Error { code, message })) => return End::Lost(format!("{code:?}: {message}")),
                         Some(Ok(other)) => return End::Lost(format!("unexpected frame {other:?}")),
@@ -398,6 +417,7 @@ impl Io {
                         Some(ToIo::Results(e, r)) if e == epoch => {
                             if r.complete {
                                 in_task = in_task.saturating_sub(1);
+                                handed.pop_front();
                             }
                             let max = max_frame;
                             for frame in split_results(r, max) {
@@ -538,6 +558,7 @@ mod tests {
             outputs: vec![big.clone(), big.clone()],
             spent: Vec::new(),
             complete: true,
+            returned: Vec::new(),
         };
         let frames = split_results(r, 600);
         assert_eq!(frames.len(), 2);
@@ -558,6 +579,7 @@ mod tests {
             outputs: vec![Bytes::from(vec![0u8; 5000])],
             spent: Vec::new(),
             complete: true,
+            returned: Vec::new(),
         };
         let frames = split_results(r, 1024);
         assert_eq!(frames.len(), 1);

@@ -25,6 +25,7 @@ use crate::actors::{DeliverySink, Fetch, Results, Undelivered, WorkerId};
 use crate::inflight::TaskMsg;
 use crate::pipeline::{Dag, TaskIdx};
 use crate::wire::{self, ErrorCode, Frame, WireCodec, WireError};
+use crate::worker::SharedBatch;
 
 /// How the topology process serves workers.
 #[derive(Clone, Debug)]
@@ -187,6 +188,7 @@ async fn accept(
             sink: Box::new(SessionSink {
                 deliver: ctx.address().recipient(),
                 close: ctx.address().recipient(),
+                give_back: ctx.address().recipient(),
                 max_frame: options.max_frame,
             }),
         })
@@ -236,6 +238,8 @@ fn frame_name(frame: &Frame) -> &'static str {
         Frame::Results { .. } => "Results",
         Frame::Heartbeat => "Heartbeat",
         Frame::Goodbye => "Goodbye",
+        Frame::GiveBack => "GiveBack",
+        Frame::Returned(_) => "Returned",
         Frame::Error { .. } => "Error",
     }
 }
@@ -339,6 +343,20 @@ impl StreamHandler<Result<Frame, WireError>> for Session {
                     outputs,
                     spent: Vec::new(),
                     complete,
+                    returned: Vec::new(),
+                });
+            }
+            Ok(Frame::Returned(msgs)) => {
+                if msgs.iter().any(|m| m.ticket.task != self.task) {
+                    return self.protocol_error(ctx, "returned messages of another task".into());
+                }
+                self.pipeline.do_send(Results {
+                    worker: self.worker,
+                    items: Vec::new(),
+                    outputs: Vec::new(),
+                    spent: Vec::new(),
+                    complete: false,
+                    returned: msgs,
                 });
             }
             Ok(Frame::Heartbeat) => {}
@@ -384,6 +402,22 @@ impl Handler<Deliver> for Session {
     }
 }
 
+/// Asks the worker for the messages it has not started.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct GiveBack;
+
+impl Handler<GiveBack> for Session {
+    type Result = ();
+
+    fn handle(&mut self, _: GiveBack, _ctx: &mut Context<Self>) {
+        if !self.closing {
+            self.writer.write(Frame::GiveBack);
+            self.last_sent = Instant::now();
+        }
+    }
+}
+
 /// Ends the session: the topology is shutting down.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
@@ -404,16 +438,17 @@ impl Handler<CloseSession> for Session {
 struct SessionSink {
     deliver: Recipient<Deliver>,
     close: Recipient<CloseSession>,
+    give_back: Recipient<GiveBack>,
     max_frame: usize,
 }
 
 impl DeliverySink for SessionSink {
-    fn deliver(&mut self, batch: Vec<TaskMsg>) -> Result<(), Undelivered> {
+    fn deliver(&mut self, batch: Vec<TaskMsg>) -> Result<Option<Arc<SharedBatch>>, Undelivered> {
         if !self.deliver.connected() {
             return Err(Undelivered::Gone(batch));
         }
         self.deliver.do_send(Deliver(batch));
-        Ok(())
+        Ok(None)
     }
 
     fn close(&mut self) {
@@ -423,5 +458,9 @@ impl DeliverySink for SessionSink {
     fn max_batch_bytes(&self) -> Option<usize> {
         // The frame's tag and count take 5 bytes.
         Some(self.max_frame.saturating_sub(5))
+    }
+
+    fn give_back(&mut self) {
+        self.give_back.do_send(GiveBack);
     }
 }

@@ -26,12 +26,18 @@
 //!                                      ◄── Welcome {worker, heartbeat_ms, max_frame}  (or Error, close)
 //!   Fetch {max} ──►                    ◄── Batch [(ticket, payload)…]  (when work is ready)
 //!   Results {complete, verdicts, outputs} ──►
+//!                                      ◄── GiveBack    (a peer of the task is idle)
+//!   Returned [(ticket, payload)…] ──►  (per batch held: what the task thread has
+//!                                       not claimed; the batch's Results still end it)
 //!   Heartbeat ◄──► Heartbeat           (each way, when idle)
 //!   Goodbye ──►                        (clean disconnect)
 //! ```
 //!
 //! A worker keeps up to two fetches outstanding; the topology answers a
-//! fetch as soon as its task has messages (a long poll).
+//! fetch as soon as its task has messages (a long poll). When a worker's
+//! batch runs long while another worker of its task is idle, the topology
+//! asks it to give back what it has not started: the worker answers with
+//! `Returned` frames naming exactly those messages, so nothing runs twice.
 
 use std::fmt;
 
@@ -46,7 +52,7 @@ use crate::inflight::{TaskMsg, Ticket};
 /// The first bytes of a worker's first frame.
 pub const MAGIC: [u8; 4] = *b"TMPS";
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// The frame limit until the handshake completes.
 pub const HANDSHAKE_MAX: usize = 1024;
 /// The default frame limit after the handshake.
@@ -64,6 +70,8 @@ const RESULTS: u8 = 7;
 const HEARTBEAT: u8 = 8;
 const GOODBYE: u8 = 9;
 const ERROR: u8 = 10;
+const GIVE_BACK: u8 = 11;
+const RETURNED: u8 = 12;
 
 const V_DONE: u8 = 0;
 const V_FILTERED: u8 = 1;
@@ -162,6 +170,13 @@ pub enum Frame {
         /// The outputs of `Done` verdicts, in order.
         outputs: Vec<Bytes>,
     },
+    /// Topology → worker: give back the messages you hold and have not
+    /// started (another worker of the task is idle).
+    GiveBack,
+    /// Worker → topology: these messages of one batch it holds will not
+    /// run here (the task thread had not claimed them); the batch itself
+    /// still ends with its `Results`. Laid out like `Batch`.
+    Returned(Vec<TaskMsg>),
     /// Either way: still here.
     Heartbeat,
     /// Worker → topology: leaving cleanly.
@@ -276,6 +291,27 @@ fn put_ticket(dst: &mut BytesMut, t: &Ticket) {
     dst.put_u16(t.task);
 }
 
+fn put_msgs(dst: &mut BytesMut, tag: u8, msgs: &[TaskMsg]) {
+    dst.reserve(5 + msgs.iter().map(|m| 14 + m.payload.len()).sum::<usize>());
+    dst.put_u8(tag);
+    dst.put_u32(msgs.len() as u32);
+    for m in msgs {
+        put_ticket(dst, &m.ticket);
+        put_bytes(dst, &m.payload);
+    }
+}
+
+fn get_msgs(buf: &mut Bytes, what: &str) -> Result<Vec<TaskMsg>, DecodeError> {
+    let n = get_count(buf, 14, what)?;
+    let mut msgs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let ticket = get_ticket(buf)?;
+        let payload = get_bytes(buf, "payload")?;
+        msgs.push(TaskMsg { ticket, payload });
+    }
+    Ok(msgs)
+}
+
 impl Frame {
     /// Appends the frame's body (tag and fields, no length) to `dst`.
     pub fn encode_body(&self, dst: &mut BytesMut) {
@@ -308,15 +344,9 @@ impl Frame {
                 dst.put_u8(FETCH);
                 dst.put_u32(*max);
             }
-            Frame::Batch(msgs) => {
-                dst.reserve(5 + msgs.iter().map(|m| 14 + m.payload.len()).sum::<usize>());
-                dst.put_u8(BATCH);
-                dst.put_u32(msgs.len() as u32);
-                for m in msgs {
-                    put_ticket(dst, &m.ticket);
-                    put_bytes(dst, &m.payload);
-                }
-            }
+            Frame::Batch(msgs) => put_msgs(dst, BATCH, msgs),
+            Frame::Returned(msgs) => put_msgs(dst, RETURNED, msgs),
+            Frame::GiveBack => dst.put_u8(GIVE_BACK),
             Frame::Results {
                 complete,
                 items,
@@ -399,16 +429,9 @@ impl Frame {
             FETCH => Frame::Fetch {
                 max: get_u32(buf, "max")?,
             },
-            BATCH => {
-                let n = get_count(buf, 14, "batch")?;
-                let mut msgs = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let ticket = get_ticket(buf)?;
-                    let payload = get_bytes(buf, "payload")?;
-                    msgs.push(TaskMsg { ticket, payload });
-                }
-                Frame::Batch(msgs)
-            }
+            BATCH => Frame::Batch(get_msgs(buf, "batch")?),
+            RETURNED => Frame::Returned(get_msgs(buf, "returned")?),
+            GIVE_BACK => Frame::GiveBack,
             RESULTS => {
                 let complete = match get_u8(buf, "complete")? {
                     0 => false,
@@ -626,6 +649,11 @@ mod tests {
                 ],
                 outputs: vec![Bytes::from_static(b"a"), Bytes::from_static(b"bc")],
             },
+            Frame::GiveBack,
+            Frame::Returned(vec![TaskMsg {
+                ticket: t,
+                payload: Bytes::from_static(b"unstarted"),
+            }]),
             Frame::Heartbeat,
             Frame::Goodbye,
             Frame::Error {
@@ -749,6 +777,14 @@ mod tests {
                         .collect(),
                 )
             }),
+            proptest::collection::vec((ticket.clone(), bytes.clone()), 0..8).prop_map(|v| {
+                Frame::Returned(
+                    v.into_iter()
+                        .map(|(ticket, payload)| TaskMsg { ticket, payload })
+                        .collect(),
+                )
+            }),
+            Just(Frame::GiveBack),
             (
                 any::<bool>(),
                 proptest::collection::vec((ticket, verdict), 0..8),

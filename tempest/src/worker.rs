@@ -4,10 +4,16 @@
 //! A [`Transport`] moves batches between this loop and the pipeline: in
 //! standalone mode bounded in-memory channels ([`InProc`]), in distributed
 //! mode a TCP session. The loop itself knows neither.
+//!
+//! A batch is a [`SharedBatch`]: the loop claims its messages in short
+//! runs, and whatever it has not claimed can be taken back while it is
+//! busy (another worker of the task is idle), without running twice.
 
 use std::any::Any;
+use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use actix::Addr;
@@ -22,10 +28,70 @@ use crate::task::{Msg, Task, TaskContext};
 /// Moves batches between the task loop and the pipeline.
 pub(crate) trait Transport {
     /// The next batch to handle; `None` once the pipeline is gone.
-    fn next_batch(&mut self) -> Option<Vec<TaskMsg>>;
+    fn next_batch(&mut self) -> Option<Arc<SharedBatch>>;
     /// Returns one batch's results.
     fn send_results(&mut self, results: Results);
 }
+
+/// A delivered batch, shared between the worker that works through it and
+/// whoever may take back what the worker has not claimed yet: the pipeline
+/// (in process) or the worker process's I/O thread (for a remote worker).
+///
+/// The worker claims messages in short runs, starting with one and
+/// doubling while a run takes under [`CLAIM_SPAN`]; a claimed message is
+/// the worker's, an unclaimed one can be taken back at any time. The lock
+/// decides which, so a message never runs twice without a fault, and it is
+/// taken once per run, not per message.
+#[derive(Debug, Default)]
+pub(crate) struct SharedBatch(Mutex<VecDeque<TaskMsg>>);
+
+impl SharedBatch {
+    pub fn new(msgs: Vec<TaskMsg>) -> Arc<Self> {
+        Arc::new(SharedBatch(Mutex::new(VecDeque::from(msgs))))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<TaskMsg>> {
+        // Every critical section leaves the queue consistent.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Moves up to `n` messages from the front to `into`.
+    fn claim(&self, n: usize, into: &mut Vec<TaskMsg>) {
+        let mut q = self.lock();
+        let n = n.min(q.len());
+        into.extend(q.drain(..n));
+    }
+
+    /// Takes every message not claimed yet.
+    pub fn take_rest(&self) -> Vec<TaskMsg> {
+        self.lock().drain(..).collect()
+    }
+
+    /// How many messages are not claimed yet.
+    pub fn unclaimed(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// The batch's emptied vector, for reuse, if this is the last handle.
+    pub fn into_spent(this: Arc<Self>) -> Vec<TaskMsg> {
+        match Arc::try_unwrap(this) {
+            Ok(b) => {
+                let mut v = Vec::from(b.0.into_inner().unwrap_or_else(PoisonError::into_inner));
+                v.clear();
+                v
+            }
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+/// A run of claimed messages is sized to take about this long, so that a
+/// message the worker has claimed but not started waits at most about
+/// this long behind a slow one.
+pub(crate) const CLAIM_SPAN: Duration = Duration::from_micros(200);
+
+/// The most messages one run claims.
+const MAX_CLAIM: usize = 1024;
 
 /// Per-batch counters of one worker, flushed into its metrics handle.
 #[derive(Default)]
@@ -81,66 +147,90 @@ pub(crate) fn run_task_loop(
     let mut batch_us = ctx.metrics.histogram(names::TASK_BATCH_US);
     let mut batch_size = ctx.metrics.histogram(names::TASK_BATCH_SIZE);
     let mut last_flush = Instant::now();
-    while let Some(mut batch) = transport.next_batch() {
+    let mut run: Vec<TaskMsg> = Vec::new();
+    while let Some(shared) = transport.next_batch() {
         let started = Instant::now();
         let mut clock = PartialClock::new(started);
-        let mut items = Vec::with_capacity(batch.len());
-        let mut outputs: Vec<Msg> = Vec::with_capacity(batch.len());
-        counts.batches += 1;
-        counts.msgs_in += batch.len() as u64;
-        batch_size.record(batch.len() as u64);
-        for m in batch.drain(..) {
-            if !items.is_empty() && clock.due() {
-                counts.msgs_out += outputs.len() as u64;
-                transport.send_results(Results {
-                    worker,
-                    items: std::mem::take(&mut items),
-                    outputs: std::mem::take(&mut outputs),
-                    spent: Vec::new(),
-                    complete: false,
-                });
-                clock.sent();
+        let mut items = Vec::new();
+        let mut outputs: Vec<Msg> = Vec::new();
+        let mut claim = 1usize;
+        let mut handled = 0usize;
+        loop {
+            run.clear();
+            shared.claim(claim, &mut run);
+            if run.is_empty() {
+                break;
             }
-            let before = outputs.len();
-            let verdict = match catch_unwind(AssertUnwindSafe(|| {
-                if task.filter(&m.payload) {
-                    Some(task.handle(m.payload))
-                } else {
-                    None
+            let run_len = run.len();
+            if items.capacity() == 0 {
+                let expected = run_len + shared.unclaimed();
+                items.reserve(expected);
+                outputs.reserve(expected);
+            }
+            let run_started = Instant::now();
+            for m in run.drain(..) {
+                if !items.is_empty() && clock.due() {
+                    counts.msgs_out += outputs.len() as u64;
+                    transport.send_results(Results {
+                        worker,
+                        items: std::mem::take(&mut items),
+                        outputs: std::mem::take(&mut outputs),
+                        spent: Vec::new(),
+                        complete: false,
+                        returned: Vec::new(),
+                    });
+                    clock.sent();
                 }
-            })) {
-                Ok(None) => {
-                    counts.filtered += 1;
-                    Verdict::Filtered
-                }
-                Ok(Some(Ok(out))) => {
-                    out.drain_into(&mut outputs);
-                    Verdict::Done((outputs.len() - before) as u32)
-                }
-                Ok(Some(Err(e))) => {
-                    counts.errors += 1;
-                    log::debug!("Task {name} failed a message: {e}.");
-                    Verdict::Error(e.message().to_string())
-                }
-                Err(p) => {
-                    counts.panics += 1;
-                    let message = panic_message(&*p);
-                    log::error!("Task {name} panicked handling a message: {message}.");
-                    Verdict::Panicked(message)
-                }
-            };
-            items.push((m.ticket, verdict));
+                let before = outputs.len();
+                let verdict = match catch_unwind(AssertUnwindSafe(|| {
+                    if task.filter(&m.payload) {
+                        Some(task.handle(m.payload))
+                    } else {
+                        None
+                    }
+                })) {
+                    Ok(None) => {
+                        counts.filtered += 1;
+                        Verdict::Filtered
+                    }
+                    Ok(Some(Ok(out))) => {
+                        out.drain_into(&mut outputs);
+                        Verdict::Done((outputs.len() - before) as u32)
+                    }
+                    Ok(Some(Err(e))) => {
+                        counts.errors += 1;
+                        log::debug!("Task {name} failed a message: {e}.");
+                        Verdict::Error(e.message().to_string())
+                    }
+                    Err(p) => {
+                        counts.panics += 1;
+                        let message = panic_message(&*p);
+                        log::error!("Task {name} panicked handling a message: {message}.");
+                        Verdict::Panicked(message)
+                    }
+                };
+                items.push((m.ticket, verdict));
+            }
+            handled += run_len;
+            claim = next_claim(claim, run_len, run_started.elapsed());
         }
+        counts.batches += 1;
+        counts.msgs_in += handled as u64;
         counts.msgs_out += outputs.len() as u64;
+        batch_size.record(handled as u64);
         let spent = started.elapsed();
         counts.handle_nanos += spent.as_nanos() as u64;
         batch_us.record_duration(spent);
+        // The last handle goes first, so the pipeline's end can reuse the
+        // batch's vector.
+        let spent_vec = SharedBatch::into_spent(shared);
         transport.send_results(Results {
             worker,
             items,
             outputs,
-            spent: batch,
+            spent: spent_vec,
             complete: true,
+            returned: Vec::new(),
         });
         if last_flush.elapsed().as_millis() >= 200 {
             task.flush_metrics();
@@ -160,6 +250,16 @@ pub(crate) fn run_task_loop(
             panic_message(&*p)
         );
     }
+}
+
+/// The size of the next run: double while a run stays under
+/// [`CLAIM_SPAN`], else what fits in it at the pace just seen.
+fn next_claim(claim: usize, ran: usize, took: Duration) -> usize {
+    let per_msg = took.as_nanos() as u64 / ran.max(1) as u64;
+    let fits = (CLAIM_SPAN.as_nanos() as u64)
+        .checked_div(per_msg)
+        .unwrap_or(MAX_CLAIM as u64) as usize;
+    (claim * 2).min(fits).clamp(1, MAX_CLAIM)
 }
 
 /// A batch that takes longer than this sends its results so far early.
@@ -218,12 +318,12 @@ pub(crate) struct InProc {
     pub worker: WorkerId,
     pub max: usize,
     pub pipeline: Addr<PipelineActor>,
-    pub rx: Receiver<Vec<TaskMsg>>,
+    pub rx: Receiver<Arc<SharedBatch>>,
     pub outstanding: usize,
 }
 
 impl Transport for InProc {
-    fn next_batch(&mut self) -> Option<Vec<TaskMsg>> {
+    fn next_batch(&mut self) -> Option<Arc<SharedBatch>> {
         while self.outstanding < PREFETCH {
             self.pipeline.do_send(Fetch {
                 worker: self.worker,
@@ -248,14 +348,25 @@ impl Transport for InProc {
 }
 
 /// The pipeline's end of an in-process worker.
-pub(crate) struct InProcSink(pub SyncSender<Vec<TaskMsg>>);
+pub(crate) struct InProcSink(pub SyncSender<Arc<SharedBatch>>);
 
 impl DeliverySink for InProcSink {
-    fn deliver(&mut self, batch: Vec<TaskMsg>) -> Result<(), Undelivered> {
-        match self.0.try_send(batch) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(b)) => Err(Undelivered::Busy(b)),
-            Err(TrySendError::Disconnected(b)) => Err(Undelivered::Gone(b)),
+    fn deliver(&mut self, batch: Vec<TaskMsg>) -> Result<Option<Arc<SharedBatch>>, Undelivered> {
+        let shared = SharedBatch::new(batch);
+        match self.0.try_send(Arc::clone(&shared)) {
+            Ok(()) => Ok(Some(shared)),
+            Err(TrySendError::Full(b)) => Err(Undelivered::Busy(unshare(b, shared))),
+            Err(TrySendError::Disconnected(b)) => Err(Undelivered::Gone(unshare(b, shared))),
         }
     }
+
+    fn give_back(&mut self) {
+        // In process the pipeline takes back unclaimed messages itself.
+    }
+}
+
+/// The messages of a batch that was never handed over.
+fn unshare(sent: Arc<SharedBatch>, kept: Arc<SharedBatch>) -> Vec<TaskMsg> {
+    drop(kept);
+    sent.take_rest()
 }

@@ -145,3 +145,90 @@ fn the_final_counters_show_the_workers_that_ran() {
     assert_eq!(b.len(), 3);
     assert_eq!(b.iter().map(|w| w.handled).sum::<u64>(), 3_000);
 }
+
+/// Regression: with 4 workers on a task and a 400-message burst, one worker
+/// took all 400 (the default batch is 1,024) and the others sat idle.
+#[test]
+fn a_burst_spreads_over_every_worker_of_a_task() {
+    let source = MockSource::from_config(MockConfig {
+        ack_interval_ms: 1,
+        ..MockConfig::default()
+    })
+    .unwrap();
+    let mock = source.handle();
+    mock.push_all((0..400).map(|i| format!("m{i}")));
+    let report = TestRun::new(
+        builder("spread", source)
+            .pipeline(Pipeline::new().task(FnTask::new("io", |m| {
+                std::thread::sleep(Duration::from_millis(1));
+                Ok(Output::One(m))
+            })))
+            .workers("io", 4),
+    )
+    .run()
+    .unwrap();
+    assert_eq!(report.stats.acked, 400);
+    let handled: Vec<u64> = report.stats.per_worker.iter().map(|w| w.handled).collect();
+    assert_eq!(handled.iter().sum::<u64>(), 400, "{handled:?}");
+    assert_eq!(handled.len(), 4);
+    assert!(
+        handled.iter().all(|&n| n <= 160),
+        "no worker takes more than 40% of the burst: {handled:?}"
+    );
+}
+
+/// Regression: one slow message held every message behind it in its batch
+/// (until they timed out) while another worker of the task sat idle.
+#[test]
+fn a_busy_worker_gives_back_what_it_has_not_started() {
+    let source = MockSource::from_config(MockConfig {
+        ack_interval_ms: 1,
+        ..MockConfig::default()
+    })
+    .unwrap();
+    let mock = source.handle();
+    mock.push("slow");
+    mock.push_all((0..50).map(|i| format!("fast{i}")));
+    let fast_done = Arc::new(AtomicU64::new(0));
+    let (done, seen_by_slow) = (Arc::clone(&fast_done), Arc::new(AtomicU64::new(0)));
+    let seen = Arc::clone(&seen_by_slow);
+    let report = TestRun::new(
+        builder("give-back", source)
+            .pipeline(Pipeline::new().task(FnTask::new("t", move |m| {
+                if m.as_ref() == b"slow" {
+                    // Waits (up to 20 s) for every fast message: only
+                    // possible if those behind it in its batch move to
+                    // the other worker.
+                    let until = std::time::Instant::now() + Duration::from_secs(20);
+                    while done.load(Ordering::SeqCst) < 50 && std::time::Instant::now() < until {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    seen.store(done.load(Ordering::SeqCst), Ordering::SeqCst);
+                } else {
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok(Output::One(m))
+            })))
+            .workers("t", 2),
+    )
+    .run()
+    .unwrap();
+    assert_eq!(report.stats.acked, 51);
+    assert_eq!(
+        seen_by_slow.load(Ordering::SeqCst),
+        50,
+        "every fast message finished while the slow one ran"
+    );
+    assert!(report.stats.returned > 0, "{:?}", report.stats);
+    assert_eq!(mock.acked_twice(), 0);
+    assert_eq!(
+        report
+            .stats
+            .per_worker
+            .iter()
+            .map(|w| w.handled)
+            .sum::<u64>(),
+        51,
+        "nothing ran twice"
+    );
+}

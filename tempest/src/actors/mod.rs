@@ -16,12 +16,14 @@ pub(crate) mod source;
 pub(crate) mod topology;
 
 use std::fmt;
+use std::sync::Arc;
 
 use actix::Message;
 use tempest_source::{FailedMsg, MsgId, SourceMsg};
 
 use crate::inflight::{TaskMsg, Ticket};
 use crate::task::Msg;
+use crate::worker::SharedBatch;
 
 /// A worker's index in its pipeline actor.
 pub type WorkerId = u32;
@@ -99,12 +101,17 @@ pub(crate) struct Results {
     /// takes long sends what it has early, so fast messages are not held
     /// back by slow ones.
     pub complete: bool,
+    /// Messages a remote worker gave back without starting them (asked to
+    /// through [`DeliverySink::give_back`]); they end no batch.
+    pub returned: Vec<TaskMsg>,
 }
 
 /// Where the pipeline delivers a worker's batches.
 pub(crate) trait DeliverySink: Send {
-    /// Hands over a batch, or gives it back.
-    fn deliver(&mut self, batch: Vec<TaskMsg>) -> Result<(), Undelivered>;
+    /// Hands over a batch, or gives it back. An in-process worker's batch
+    /// comes back as a handle through which the pipeline can take back
+    /// what the worker has not claimed yet.
+    fn deliver(&mut self, batch: Vec<TaskMsg>) -> Result<Option<Arc<SharedBatch>>, Undelivered>;
 
     /// The topology is stopping: tell the worker (a remote one is told to
     /// disconnect; an in-process one stops when its queue is dropped).
@@ -115,6 +122,11 @@ pub(crate) trait DeliverySink: Send {
     fn max_batch_bytes(&self) -> Option<usize> {
         None
     }
+
+    /// Asks a remote worker to give back the messages it holds and has not
+    /// started; it answers with results whose `returned` names them. (An
+    /// in-process worker's are taken back through its batches' handles.)
+    fn give_back(&mut self);
 }
 
 /// A batch a worker could not take.

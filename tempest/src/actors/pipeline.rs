@@ -8,6 +8,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -24,6 +25,7 @@ use crate::inflight::{Dispatch, Finished, InflightEntry, Outcome, TaskMsg, Ticke
 use crate::metrics::names;
 use crate::pipeline::TaskIdx;
 use crate::task::Msg;
+use crate::worker::SharedBatch;
 
 /// Counters of one topology run, as the pipeline sees them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -52,6 +54,9 @@ pub struct Stats {
     /// Source messages acked although an attempt failed or timed out
     /// (`BestEffort`): their work is lost.
     pub acked_after_failure: u64,
+    /// Task messages a busy worker gave back unstarted, for an idle worker
+    /// of its task to take.
+    pub returned: u64,
     /// Source messages in flight now.
     pub inflight: usize,
     /// The most source messages ever in flight at once.
@@ -123,6 +128,12 @@ const NO_WORKER_WARN_AFTER: Duration = Duration::from_secs(5);
 const NO_WORKER_WARN_EVERY: Duration = Duration::from_secs(30);
 /// The interval of the progress line.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+/// A worker busy with a batch this long while another worker of its task
+/// is idle with nothing to do is asked to give back what it has not
+/// started.
+const GIVE_BACK_AFTER: Duration = Duration::from_millis(20);
+/// How often that is checked.
+const GIVE_BACK_CHECK_EVERY: Duration = Duration::from_millis(5);
 
 /// Failures of one task since the last summary.
 #[derive(Debug, Default)]
@@ -188,6 +199,20 @@ struct Worker {
     held: Option<VecDeque<(Vec<TaskMsg>, usize)>>,
     /// Task messages it returned results for.
     handled: u64,
+    /// For in-process workers: the batches delivered and not complete,
+    /// oldest first, through which unclaimed messages can be taken back.
+    shared: VecDeque<Arc<SharedBatch>>,
+    /// Since when it has been working on its oldest batch.
+    busy_since: Option<Instant>,
+    /// Whether it was asked to give back its unstarted messages since it
+    /// last had nothing in hand.
+    asked_back: bool,
+}
+
+impl Worker {
+    fn is_idle(&self) -> bool {
+        self.sink.is_some() && self.in_hand == 0
+    }
 }
 
 /// Everything the pipeline knows at the end of a run.
@@ -228,6 +253,7 @@ pub(crate) struct PipelineActor {
     metrics_every: Duration,
     next_sweep: Instant,
     next_metrics: Instant,
+    next_give_back_check: Instant,
 }
 
 pub(crate) struct PipelineSetup {
@@ -285,6 +311,7 @@ impl PipelineActor {
             metrics_every: setup.metrics_every,
             next_sweep: Instant::now(),
             next_metrics: Instant::now() + setup.metrics_every,
+            next_give_back_check: Instant::now(),
         }
     }
 
@@ -303,6 +330,9 @@ impl PipelineActor {
             in_hand: 0,
             held: may_be_lost.then(VecDeque::new),
             handled: 0,
+            shared: VecDeque::new(),
+            busy_since: None,
+            asked_back: false,
         });
         (self.workers.len() - 1) as WorkerId
     }
@@ -326,6 +356,8 @@ impl PipelineActor {
         };
         w.sink = None;
         w.in_hand = 0;
+        w.busy_since = None;
+        w.shared.clear();
         let t = w.task as usize;
         let held = w.held.take().unwrap_or_default();
         self.waiting[t].retain(|&(id, _)| id != worker);
@@ -413,6 +445,10 @@ impl PipelineActor {
             self.next_metrics = now + self.metrics_every;
             self.flush_metrics();
         }
+        if now >= self.next_give_back_check {
+            self.next_give_back_check = now + GIVE_BACK_CHECK_EVERY;
+            self.ask_for_give_backs(now);
+        }
         if now >= self.ops.next_check {
             self.ops.next_check = now + REPORT_CHECK_EVERY;
             self.report_failures(now, false);
@@ -420,6 +456,57 @@ impl PipelineActor {
             if now >= self.ops.next_progress {
                 self.ops.next_progress = now + PROGRESS_EVERY;
                 self.report_progress(now);
+            }
+        }
+    }
+
+    /// Takes back the unstarted messages of busy workers where another
+    /// worker of their task is idle with nothing queued: at once from an
+    /// in-process worker's batches, by asking a remote worker (it answers
+    /// with `Returned`).
+    fn ask_for_give_backs(&mut self, now: Instant) {
+        for t in 0..self.ready.len() {
+            let idle_waiting = self.waiting[t]
+                .iter()
+                .any(|&(w, _)| self.workers[w as usize].is_idle());
+            if !self.ready[t].is_empty() || !idle_waiting {
+                continue;
+            }
+            let mut taken: Vec<TaskMsg> = Vec::new();
+            for (id, w) in self.workers.iter_mut().enumerate() {
+                let stuck = w.task as usize == t
+                    && w.in_hand > 0
+                    && !w.asked_back
+                    && w.busy_since.is_some_and(|since| {
+                        now.saturating_duration_since(since) >= GIVE_BACK_AFTER
+                    });
+                let Some(sink) = w.sink.as_mut().filter(|_| stuck) else {
+                    continue;
+                };
+                w.asked_back = true;
+                if w.held.is_some() {
+                    log::debug!(
+                        "Worker {id} of task {} is busy while another is idle; asking it to give back what it has not started.",
+                        self.task_names[t]
+                    );
+                    sink.give_back();
+                } else {
+                    for batch in &w.shared {
+                        taken.extend(batch.take_rest());
+                    }
+                }
+            }
+            if !taken.is_empty() {
+                log::debug!(
+                    "Took back {} unstarted message(s) of task {} from busy workers for idle ones.",
+                    taken.len(),
+                    self.task_names[t]
+                );
+                self.stats.returned += taken.len() as u64;
+                for m in taken.into_iter().rev() {
+                    self.ready[t].push_front(m);
+                }
+                self.pump(t);
             }
         }
     }
@@ -636,6 +723,19 @@ impl PipelineActor {
             let Some((worker, max)) = self.waiting[t].remove(idle.unwrap_or(0)) else {
                 break;
             };
+            // While other workers of the task are idle, a worker takes no
+            // more than its share of the queue, so a burst spreads.
+            let idle_peers = self
+                .workers
+                .iter()
+                .enumerate()
+                .filter(|&(id, w)| id != worker as usize && w.task as usize == t && w.is_idle())
+                .count();
+            let max = if idle_peers > 0 {
+                max.min(self.ready[t].len().div_ceil(idle_peers + 1))
+            } else {
+                max
+            };
             let mut batch = self.pool.pop().unwrap_or_default();
             // Remote workers take at most a frame's worth of bytes.
             let budget = self.workers[worker as usize]
@@ -683,8 +783,14 @@ impl PipelineActor {
             };
             let copy = w.held.as_ref().map(|_| batch.clone());
             match sink.deliver(batch) {
-                Ok(()) => {
+                Ok(shared) => {
+                    if w.in_hand == 0 {
+                        w.busy_since = Some(Instant::now());
+                    }
                     w.in_hand += 1;
+                    if let Some(shared) = shared {
+                        w.shared.push_back(shared);
+                    }
                     if let (Some(held), Some(copy)) = (&mut w.held, copy) {
                         held.push_back((copy, 0));
                     }
@@ -698,6 +804,31 @@ impl PipelineActor {
                     w.sink = None;
                     self.requeue(t, batch);
                 }
+            }
+        }
+    }
+
+    /// A remote worker gave back messages it had not started: they are no
+    /// longer its to lose, and first in line for the idle workers.
+    fn take_returned(&mut self, worker: WorkerId, returned: &mut Vec<TaskMsg>) {
+        let Some(w) = self.workers.get_mut(worker as usize) else {
+            return;
+        };
+        let t = w.task as usize;
+        if let Some(held) = &mut w.held {
+            let back: std::collections::HashSet<Ticket> =
+                returned.iter().map(|m| m.ticket).collect();
+            for (batch, _) in held.iter_mut() {
+                for m in batch.iter_mut().filter(|m| back.contains(&m.ticket)) {
+                    // Never live: losing the worker now skips it.
+                    m.ticket.task = TaskIdx::MAX;
+                }
+            }
+        }
+        self.stats.returned += returned.len() as u64;
+        for m in returned.drain(..).rev() {
+            if self.tracker.is_live(m.ticket) && m.ticket.task as usize == t {
+                self.ready[t].push_front(m);
             }
         }
     }
@@ -821,6 +952,18 @@ impl Handler<Results> for PipelineActor {
         w.handled += results.items.len() as u64;
         if results.complete {
             w.in_hand = w.in_hand.saturating_sub(1);
+            if let Some(done) = w.shared.pop_front() {
+                let spent = SharedBatch::into_spent(done);
+                if spent.capacity() > 0 && results.spent.capacity() == 0 {
+                    results.spent = spent;
+                }
+            }
+            if w.in_hand == 0 {
+                w.busy_since = None;
+                w.asked_back = false;
+            } else {
+                w.busy_since = Some(now);
+            }
         }
         if let Some(held) = &mut w.held {
             if results.complete {
@@ -895,6 +1038,9 @@ impl Handler<Results> for PipelineActor {
             if !accepted {
                 self.stats.stale_results += 1;
             }
+        }
+        if !results.returned.is_empty() {
+            self.take_returned(results.worker, &mut results.returned);
         }
         results.spent.clear();
         if self.pool.len() < 64 && results.spent.capacity() > 0 {
