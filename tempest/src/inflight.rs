@@ -224,6 +224,15 @@ impl Tracker {
                 .is_some_and(|r| r.gen == ticket.gen && r.phase == Phase::Running)
     }
 
+    /// The id of the source message `ticket` belongs to, if the ticket is
+    /// live.
+    pub fn id_of(&self, ticket: Ticket) -> Option<&MsgId> {
+        if !self.is_live(ticket) {
+            return None;
+        }
+        self.records.get(ticket.slot as usize)?.msg.as_ref().map(|m| &m.id)
+    }
+
     /// Adds a source message and dispatches it to the root task.
     pub fn insert(&mut self, msg: SourceMsg, now: Instant, d: &mut impl Dispatch) {
         let slot = match self.free.pop() {

@@ -24,7 +24,9 @@
 //! prints the pipeline. Settings come from the builder, then `Topology.toml`
 //! (`--config`, or `./Topology.toml` when present), then `TEMPEST_*`
 //! environment variables, then flags. Exit codes: 0 after a clean stop, 2
-//! for a usage or configuration error, 1 for a runtime failure.
+//! for a usage or configuration error, 1 for a runtime failure (among them
+//! a port already in use, and a source still unreachable when
+//! `source_connect_timeout` runs out).
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -86,6 +88,10 @@ enum Command {
         /// the port can join).
         #[arg(long)]
         insecure: bool,
+        /// The most connections in the handshake at once (default 64); the
+        /// topology closes any more at once.
+        #[arg(long, env = "TEMPEST_MAX_HANDSHAKES")]
+        max_handshakes: Option<usize>,
         /// Stop gracefully after this many seconds.
         #[arg(long)]
         run_for_secs: Option<u64>,
@@ -112,6 +118,10 @@ enum Command {
         /// The longest wait before reconnecting, in milliseconds.
         #[arg(long, env = "TEMPEST_MAX_BACKOFF_MS")]
         max_backoff_ms: Option<u64>,
+        /// Stop when the topology stops (it says it is shutting down),
+        /// instead of reconnecting until a topology is back.
+        #[arg(long, env = "TEMPEST_EXIT_WITH_TOPOLOGY")]
+        exit_with_topology: bool,
     },
     /// Prints the pipeline as a graph.
     Graph {
@@ -140,6 +150,10 @@ struct DeliveryArgs {
     /// milliseconds.
     #[arg(long, env = "TEMPEST_GRACEFUL_SHUTDOWN_MS")]
     graceful_shutdown_ms: Option<u64>,
+    /// How long the source may stay unreachable at start before the
+    /// topology gives up, in milliseconds (0: retry forever).
+    #[arg(long, env = "TEMPEST_SOURCE_CONNECT_TIMEOUT_MS")]
+    source_connect_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -246,6 +260,11 @@ fn apply_delivery(mut builder: TopologyBuilder, d: &DeliveryArgs) -> TopologyBui
     if let Some(ms) = d.graceful_shutdown_ms {
         builder = builder.graceful_shutdown(Duration::from_millis(ms));
     }
+    match d.source_connect_timeout_ms {
+        Some(0) => builder = builder.no_source_connect_timeout(),
+        Some(ms) => builder = builder.source_connect_timeout(Duration::from_millis(ms)),
+        None => {}
+    }
     builder
 }
 
@@ -309,6 +328,7 @@ fn execute(mut builder: TopologyBuilder, cli: Cli) -> Result<ExitCode, Error> {
             host,
             port,
             insecure,
+            max_handshakes,
             run_for_secs,
         } => {
             builder = apply_delivery(builder, &delivery);
@@ -339,7 +359,16 @@ fn execute(mut builder: TopologyBuilder, cli: Cli) -> Result<ExitCode, Error> {
                 handshake_timeout: Duration::from_millis(
                     file.handshake_timeout.unwrap_or(5000).max(1),
                 ),
+                max_handshakes: max_handshakes
+                    .or(file.max_handshakes)
+                    .unwrap_or(crate::server::DEFAULT_MAX_HANDSHAKES),
             };
+            if serve.max_handshakes == 0 {
+                return Err(usage(
+                    topology.name(),
+                    "max_handshakes must be at least 1".into(),
+                ));
+            }
             serve_until_stopped(topology, handle, run_for_secs, Some(serve))
         }
         Command::Task {
@@ -350,6 +379,7 @@ fn execute(mut builder: TopologyBuilder, cli: Cli) -> Result<ExitCode, Error> {
             poll_count,
             poll_interval_ms,
             max_backoff_ms,
+            exit_with_topology,
         } => {
             let topology = builder.build()?;
             let section = topology.file().and_then(|f| f.task(&name)).cloned();
@@ -385,6 +415,12 @@ fn execute(mut builder: TopologyBuilder, cli: Cli) -> Result<ExitCode, Error> {
                         .or(section.as_ref().and_then(|s| s.max_backoff))
                         .unwrap_or(5_000),
                 ),
+                exit_with_topology: exit_with_topology
+                    || section
+                        .as_ref()
+                        .and_then(|s| s.exit_with_topology)
+                        .unwrap_or(false),
+                graceful_shutdown: topology.options().graceful_shutdown,
             };
             if options.workers == 0 || options.fetch_max == 0 {
                 return Err(usage(
