@@ -94,7 +94,10 @@ impl Proc {
         let deadline = Instant::now() + within;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left.min(Duration::from_millis(100))) {
+            match self
+                .lines
+                .recv_timeout(left.min(Duration::from_millis(100)))
+            {
                 Ok(line) => self.seen.push(line),
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
@@ -577,7 +580,9 @@ fn a_gracefully_restarted_topology_keeps_its_workers() {
     let port = free_port();
     let endless = config(
         "graceful-restart-1",
-        &format!("port = {port}\nheartbeat = 200\n\n[source.config]\ncount = 1000000000\nopen = true\n"),
+        &format!(
+            "port = {port}\nheartbeat = 200\n\n[source.config]\ncount = 1000000000\nopen = true\n"
+        ),
     );
     let mut first = Proc::start(
         "first topology",
@@ -586,7 +591,10 @@ fn a_gracefully_restarted_topology_keeps_its_workers() {
     );
     first.wait_for("Listening for task workers on");
     let addr = format!("127.0.0.1:{port}");
-    let reconnect = [("TEMPEST_POLL_INTERVAL_MS", "20"), ("TEMPEST_MAX_BACKOFF_MS", "200")];
+    let reconnect = [
+        ("TEMPEST_POLL_INTERVAL_MS", "20"),
+        ("TEMPEST_MAX_BACKOFF_MS", "200"),
+    ];
     let mut workers: Vec<Proc> = ["a", "b", "c"]
         .iter()
         .map(|t| worker(&endless, t, &addr, &reconnect))
@@ -647,8 +655,9 @@ fn sigterm_with_a_task_stuck_forever_exits_after_the_grace_naming_what_is_stuck(
     assert_eq!(code, Some(0), "{}", said.join("\n"));
     // Standalone workers are numbered a = 0, b = 1, c = 2.
     assert!(
-        said.iter().any(|l| l
-            .contains("Left unacked: message 100 (attempt 1) was held by worker 1 of task b")),
+        said.iter()
+            .any(|l| l
+                .contains("Left unacked: message 100 (attempt 1) was held by worker 1 of task b")),
         "{}",
         said.join("\n")
     );
@@ -669,7 +678,11 @@ fn sigterm_with_nothing_that_can_finish_exits_at_once() {
         "graceful_shutdown = 60000\n\n[source.config]\ncount = 1000\nopen = true\n",
     );
     let (mut top, _addr) = topology(&cfg);
-    if !top.seen.iter().any(|l| l.contains("Source testbed connected.")) {
+    if !top
+        .seen
+        .iter()
+        .any(|l| l.contains("Source testbed connected."))
+    {
         top.wait_for("Source testbed connected.");
     }
     top.sigterm();
@@ -688,12 +701,21 @@ fn sigterm_with_nothing_that_can_finish_exits_at_once() {
 /// blamed the source, and exited after the full grace period.
 #[test]
 fn a_busy_port_fails_the_start_before_the_source_is_polled() {
-    let cfg = config("busy-port", "[source.config]\ncount = 100000\nopen = true\n");
+    let cfg = config(
+        "busy-port",
+        "[source.config]\ncount = 100000\nopen = true\n",
+    );
     let (_first, addr) = topology(&cfg);
     let port = addr.rsplit(':').next().unwrap();
     let second = Proc::start(
         "second topology",
-        &["--config", cfg.to_str().unwrap(), "topology", "--port", port],
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "topology",
+            "--port",
+            port,
+        ],
         &[],
     );
     let (code, out, said) = second.exit_within(Duration::from_secs(20));
@@ -738,7 +760,8 @@ fn still_open(stream: &mut TcpStream) -> bool {
         .unwrap();
     let mut buf = [0u8; 64];
     match stream.read(&mut buf) {
-        Ok(_) => false,
+        // EOF, or bytes the server should not have sent.
+        Ok(_n) => false,
         Err(e) => matches!(
             e.kind(),
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
@@ -756,7 +779,9 @@ fn connections_beyond_max_handshakes_are_closed_at_once() {
     );
     let (mut top, addr) = topology(&cfg);
     let mut idle: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(&addr).unwrap()).collect();
-    let mut excess: Vec<TcpStream> = (0..20).map(|_| TcpStream::connect(&addr).unwrap()).collect();
+    let mut excess: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(&addr).unwrap())
+        .collect();
     for s in &mut excess {
         assert!(closed(s), "a connection over the cap is closed");
     }
@@ -770,7 +795,10 @@ fn connections_beyond_max_handshakes_are_closed_at_once() {
         &cfg,
         "a",
         &addr,
-        &[("TEMPEST_POLL_INTERVAL_MS", "50"), ("TEMPEST_MAX_BACKOFF_MS", "200")],
+        &[
+            ("TEMPEST_POLL_INTERVAL_MS", "50"),
+            ("TEMPEST_MAX_BACKOFF_MS", "200"),
+        ],
     );
     w.wait_for("joined the topology");
     top.wait_for("Worker 0 joined task a");

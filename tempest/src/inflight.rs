@@ -230,7 +230,11 @@ impl Tracker {
         if !self.is_live(ticket) {
             return None;
         }
-        self.records.get(ticket.slot as usize)?.msg.as_ref().map(|m| &m.id)
+        self.records
+            .get(ticket.slot as usize)?
+            .msg
+            .as_ref()
+            .map(|m| &m.id)
     }
 
     /// Adds a source message and dispatches it to the root task.

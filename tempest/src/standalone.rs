@@ -19,10 +19,10 @@ use tokio::sync::{oneshot, watch};
 
 pub use crate::server::ServeOptions;
 
-pub use crate::actors::pipeline::{StopCondition, Unfinished};
 use crate::actors::pipeline::{
     Finish, GetStats, Inspect, MsgReport, PipelineActor, PipelineSetup, Stats,
 };
+pub use crate::actors::pipeline::{StopCondition, Unfinished};
 use crate::actors::source::SourceActor;
 use crate::actors::topology::TopologyActor;
 use crate::actors::{Stop, StopReason, WorkerId};
@@ -376,8 +376,7 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
             });
         }
         let mut io_arbiter = None;
-        if let (Some(serve), Some(listener), None) =
-            (options.serve.clone(), listener, &spawn_error)
+        if let (Some(serve), Some(listener), None) = (options.serve.clone(), listener, &spawn_error)
         {
             let arbiter = Arbiter::new();
             let (tx, rx) = oneshot::channel();

@@ -428,7 +428,11 @@ impl PipelineActor {
     /// wait: no worker holds a batch, and every message waits only for
     /// tasks that no worker is connected for (a retry waits for the root).
     fn nothing_can_finish(&self, now: Instant) -> bool {
-        if self.workers.iter().any(|w| w.sink.is_some() && w.in_hand > 0) {
+        if self
+            .workers
+            .iter()
+            .any(|w| w.sink.is_some() && w.in_hand > 0)
+        {
             return false;
         }
         let workers = self.workers_per_task();

@@ -137,7 +137,9 @@ impl SourceActor {
                     self.give_up_at = None;
                     log::info!("Source {} connected.", self.source.name());
                 }
-                Err(e) if e.is_retryable() && self.give_up_at.is_some_and(|t| Instant::now() >= t) => {
+                Err(e)
+                    if e.is_retryable() && self.give_up_at.is_some_and(|t| Instant::now() >= t) =>
+                {
                     let what = format!(
                         "source {} could not connect within {:.1} s (source_connect_timeout): {e}",
                         self.source.name(),
@@ -149,7 +151,9 @@ impl SourceActor {
                 Err(e) if e.is_retryable() => {
                     // The last try comes at the time limit, not after it.
                     if let Some(t) = self.give_up_at {
-                        self.backoff = self.backoff.min(t.saturating_duration_since(Instant::now()));
+                        self.backoff = self
+                            .backoff
+                            .min(t.saturating_duration_since(Instant::now()));
                     }
                     log::warn!(
                         "Source {} cannot connect ({e}); retrying in {:?}.",
