@@ -669,6 +669,67 @@ fn sigterm_with_a_task_stuck_forever_exits_after_the_grace_naming_what_is_stuck(
     );
 }
 
+/// Distributed, a stuck worker bounds nothing either: the topology names
+/// the message and the worker holding it and exits after its grace; the
+/// worker, told to stop, leaves its stuck call behind and exits.
+#[test]
+fn a_stuck_remote_worker_does_not_hold_the_topology_or_itself() {
+    let cfg = config(
+        "stuck-remote",
+        "max_pending = 1\ngraceful_shutdown = 1000\nmsg_timeout = 0\n\n[source.config]\ncount = 1000000\nopen = true\n",
+    );
+    let (top, addr) = topology(&cfg);
+    let _a = worker(&cfg, "a", &addr, &[]);
+    let _c = worker(&cfg, "c", &addr, &[]);
+    let mut b = worker(&cfg, "b", &addr, &[("TESTBED_STUCK_AT", "100")]);
+    b.wait_for("b: stuck on message 100");
+    top.sigterm();
+    let (code, _, said) = top.exit_within(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "{}", said.join("\n"));
+    let named = said
+        .iter()
+        .find(|l| l.contains("Left unacked: message 100 (attempt 1) was held by worker "))
+        .unwrap_or_else(|| panic!("{}", said.join("\n")));
+    assert!(named.contains("of task b"), "{named}");
+    // The worker stays for the next topology; told to stop, it does not
+    // wait for its stuck call.
+    b.wait_for("reconnects when a topology is back");
+    b.sigterm();
+    let (code, _, said) = b.exit_within(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "{}", said.join("\n"));
+    assert!(
+        said.iter().any(|l| l.contains("is still in a task call")),
+        "{}",
+        said.join("\n")
+    );
+}
+
+/// A worker told to stop while its task is stuck gives up on what it
+/// holds after `graceful_shutdown` and exits; the topology hands the
+/// message to the failure policy.
+#[test]
+fn sigterm_to_a_worker_with_a_stuck_task_exits_after_the_grace() {
+    let cfg = config(
+        "stuck-worker",
+        "max_pending = 1\ngraceful_shutdown = 1000\nmsg_timeout = 0\n\n[source.config]\ncount = 1000000\nopen = true\n",
+    );
+    let (mut top, addr) = topology(&cfg);
+    let _a = worker(&cfg, "a", &addr, &[]);
+    let _c = worker(&cfg, "c", &addr, &[]);
+    let mut b = worker(&cfg, "b", &addr, &[("TESTBED_STUCK_AT", "100")]);
+    b.wait_for("b: stuck on message 100");
+    b.sigterm();
+    let (code, _, said) = b.exit_within(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "{}", said.join("\n"));
+    assert!(
+        said.iter()
+            .any(|l| l.contains("still holds 1 unfinished batch(es) after the graceful shutdown")),
+        "{}",
+        said.join("\n")
+    );
+    top.wait_for("was lost holding 1 message(s)");
+}
+
 /// Regression: with messages queued for a task no worker was connected
 /// for, SIGTERM waited out the whole graceful shutdown.
 #[test]
