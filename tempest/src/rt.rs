@@ -119,8 +119,9 @@ enum Command {
         #[arg(long, env = "TEMPEST_MAX_BACKOFF_MS")]
         max_backoff_ms: Option<u64>,
         /// Stop when the topology stops (it says it is shutting down),
-        /// instead of reconnecting until a topology is back.
-        #[arg(long, env = "TEMPEST_EXIT_WITH_TOPOLOGY")]
+        /// instead of reconnecting until a topology is back. The variable
+        /// takes true/false, 1/0, yes/no or on/off.
+        #[arg(long, env = "TEMPEST_EXIT_WITH_TOPOLOGY", value_parser = clap::builder::BoolishValueParser::new())]
         exit_with_topology: bool,
     },
     /// Prints the pipeline as a graph.
@@ -560,5 +561,21 @@ mod tests {
         assert_eq!(cli.config, Some(PathBuf::from("x.toml")));
         assert!(matches!(cli.command, Command::Task { ref name, .. } if name == "split"));
         assert!(Cli::try_parse_from(["pkg", "graph", "--format", "png"]).is_err());
+        let cli = Cli::try_parse_from(["pkg", "task", "a", "--exit-with-topology"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Task {
+                exit_with_topology: true,
+                ..
+            }
+        ));
+        let cli = Cli::try_parse_from(["pkg", "topology", "--max-handshakes", "8"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Topology {
+                max_handshakes: Some(8),
+                ..
+            }
+        ));
     }
 }
