@@ -24,7 +24,11 @@ struct Proc {
 
 impl Proc {
     fn start(name: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
-        let mut cmd = Command::new(BIN);
+        Proc::start_bin(BIN, name, args, envs)
+    }
+
+    fn start_bin(bin: &str, name: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new(bin);
         cmd.current_dir(std::env::temp_dir());
         cmd.args(args)
             .env("RUST_LOG", "info")
@@ -93,6 +97,43 @@ impl Proc {
         }
         let status = self.child.wait().unwrap();
         (status.code(), out)
+    }
+
+    /// Waits (at most `within`) for the process to exit, collecting its
+    /// stderr lines; returns its code and stdout.
+    fn exit_within(mut self, within: Duration) -> (Option<i32>, String, Vec<String>) {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self
+                .lines
+                .recv_timeout(left.min(Duration::from_millis(100)))
+            {
+                Ok(line) => self.seen.push(line),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if left.is_zero() {
+                        panic!(
+                            "{} did not exit within {within:?}; it said:\n{}",
+                            self.name,
+                            self.seen.join("\n")
+                        );
+                    }
+                }
+            }
+        }
+        let seen = std::mem::take(&mut self.seen);
+        let (code, out) = self.finish();
+        (code, out, seen)
+    }
+
+    fn sigterm(&self) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
     }
 
     fn kill_9(&mut self) {
@@ -182,11 +223,12 @@ fn one_topology_and_four_worker_processes_ack_everything() {
         "secret = \"s3cret\"\nfailure_policy = { retry = 3 }\n\n[source.config]\ncount = 20000\npayload_size = 32\n",
     );
     let (top, addr) = topology(&cfg);
+    let exit = [("TEMPEST_EXIT_WITH_TOPOLOGY", "true")];
     let workers = vec![
-        worker(&cfg, "a", &addr, &[]),
-        worker(&cfg, "b", &addr, &[]),
-        worker(&cfg, "b", &addr, &[]),
-        worker(&cfg, "c", &addr, &[]),
+        worker(&cfg, "a", &addr, &exit),
+        worker(&cfg, "b", &addr, &exit),
+        worker(&cfg, "b", &addr, &exit),
+        worker(&cfg, "c", &addr, &exit),
     ];
     let (code, out) = top.finish();
     assert_eq!(code, Some(0));
@@ -200,7 +242,7 @@ fn one_topology_and_four_worker_processes_ack_everything() {
         assert_eq!(
             code,
             Some(0),
-            "{name} exits cleanly when the topology stops"
+            "{name} exits cleanly when the topology stops (exit_with_topology)"
         );
     }
 }
@@ -477,10 +519,24 @@ fn workers_reconnect_to_a_restarted_topology() {
     let mut first = start("first topology");
     first.wait_for("Listening for task workers on");
     let addr = format!("127.0.0.1:{port}");
-    let slow = [("TESTBED_SLOW_US", "50")];
     let mut workers: Vec<Proc> = ["a", "b", "c"]
         .iter()
-        .map(|t| worker(&cfg, t, &addr, &slow))
+        .map(|t| {
+            Proc::start(
+                &format!("worker {t}"),
+                &[
+                    "--config",
+                    cfg.to_str().unwrap(),
+                    "task",
+                    t,
+                    "--topology",
+                    &addr,
+                    // A crash is not a stop: they reconnect all the same.
+                    "--exit-with-topology",
+                ],
+                &[("TESTBED_SLOW_US", "50")],
+            )
+        })
         .collect();
     workers[1].wait_for("b: 1000 handled");
     first.kill_9();
@@ -515,7 +571,273 @@ fn workers_reconnect_to_a_restarted_topology() {
     for w in workers {
         let name = w.name.clone();
         let (code, _) = w.finish();
-        assert_eq!(code, Some(0), "{name}");
+        assert_eq!(code, Some(0), "{name} stops with the topology");
+    }
+}
+
+/// A free port on loopback (bound, read and released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Regression: after a topology's SIGTERM every worker exited 0, so a
+/// rolling restart of the topology stranded the deployment.
+#[test]
+fn a_gracefully_restarted_topology_keeps_its_workers() {
+    let port = free_port();
+    let endless = config(
+        "graceful-restart-1",
+        &format!(
+            "port = {port}\nheartbeat = 200\n\n[source.config]\ncount = 1000000000\nopen = true\n"
+        ),
+    );
+    let mut first = Proc::start(
+        "first topology",
+        &["--config", endless.to_str().unwrap(), "topology"],
+        &[],
+    );
+    first.wait_for("Listening for task workers on");
+    let addr = format!("127.0.0.1:{port}");
+    let reconnect = [
+        ("TEMPEST_POLL_INTERVAL_MS", "20"),
+        ("TEMPEST_MAX_BACKOFF_MS", "200"),
+    ];
+    let mut workers: Vec<Proc> = ["a", "b", "c"]
+        .iter()
+        .map(|t| worker(&endless, t, &addr, &reconnect))
+        .collect();
+    workers[1].wait_for("b: 1000 handled");
+    first.sigterm();
+    for w in &mut workers {
+        w.wait_for("reconnects when a topology is back");
+    }
+    let (code, _, _) = first.exit_within(Duration::from_secs(60));
+    assert_eq!(code, Some(0));
+    for w in &mut workers {
+        assert!(
+            w.child.try_wait().unwrap().is_none(),
+            "{} is still running",
+            w.name
+        );
+    }
+
+    // The next topology on the same port, with 5,000 messages: the same
+    // worker processes join it and do all the work.
+    let bounded = config(
+        "graceful-restart-2",
+        &format!("port = {port}\nheartbeat = 200\n\n[source.config]\ncount = 5000\n"),
+    );
+    let second = Proc::start(
+        "second topology",
+        &["--config", bounded.to_str().unwrap(), "topology"],
+        &[],
+    );
+    for w in &mut workers {
+        w.wait_for("joined the topology");
+    }
+    let (code, out) = second.finish();
+    assert_eq!(code, Some(0));
+    let s = summary(&out);
+    assert_eq!(get(&s, "acked"), 5000, "{s:?}");
+    assert_eq!(get(&s, "unacked"), 0, "{s:?}");
+}
+
+/// Regression: a task stuck in its call kept a SIGTERMed process running
+/// long past its graceful shutdown (31 s and counting).
+#[test]
+fn sigterm_with_a_task_stuck_forever_exits_after_the_grace_naming_what_is_stuck() {
+    // One message in flight at a time: b's 101st message is message 100.
+    let cfg = config(
+        "stuck",
+        "max_pending = 1\ngraceful_shutdown = 1000\nmsg_timeout = 0\n\n[source.config]\ncount = 1000000\nopen = true\n",
+    );
+    let mut p = Proc::start(
+        "standalone",
+        &["--config", cfg.to_str().unwrap(), "standalone"],
+        &[("TESTBED_STUCK_AT", "100")],
+    );
+    p.wait_for("b: stuck on message 100");
+    p.sigterm();
+    let (code, _, said) = p.exit_within(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "{}", said.join("\n"));
+    // Standalone workers are numbered a = 0, b = 1, c = 2.
+    assert!(
+        said.iter()
+            .any(|l| l
+                .contains("Left unacked: message 100 (attempt 1) was held by worker 1 of task b")),
+        "{}",
+        said.join("\n")
+    );
+    assert!(
+        said.iter()
+            .any(|l| l.contains("Worker 1 of task b is still in a task call")),
+        "{}",
+        said.join("\n")
+    );
+}
+
+/// Distributed, a stuck worker bounds nothing either: the topology names
+/// the message and the worker holding it and exits after its grace; the
+/// worker, told to stop, leaves its stuck call behind and exits.
+#[test]
+fn a_stuck_remote_worker_does_not_hold_the_topology_or_itself() {
+    let cfg = config(
+        "stuck-remote",
+        "max_pending = 1\ngraceful_shutdown = 1000\nmsg_timeout = 0\n\n[source.config]\ncount = 1000000\nopen = true\n",
+    );
+    let (top, addr) = topology(&cfg);
+    let _a = worker(&cfg, "a", &addr, &[]);
+    let _c = worker(&cfg, "c", &addr, &[]);
+    let mut b = worker(&cfg, "b", &addr, &[("TESTBED_STUCK_AT", "100")]);
+    b.wait_for("b: stuck on message 100");
+    top.sigterm();
+    let (code, _, said) = top.exit_within(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "{}", said.join("\n"));
+    let named = said
+        .iter()
+        .find(|l| l.contains("Left unacked: message 100 (attempt 1) was held by worker "))
+        .unwrap_or_else(|| panic!("{}", said.join("\n")));
+    assert!(named.contains("of task b"), "{named}");
+    // The worker stays for the next topology; told to stop, it does not
+    // wait for its stuck call.
+    b.wait_for("reconnects when a topology is back");
+    b.sigterm();
+    let (code, _, said) = b.exit_within(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "{}", said.join("\n"));
+    assert!(
+        said.iter().any(|l| l.contains("is still in a task call")),
+        "{}",
+        said.join("\n")
+    );
+}
+
+/// A worker told to stop while its task is stuck gives up on what it
+/// holds after `graceful_shutdown` and exits; the topology hands the
+/// message to the failure policy.
+#[test]
+fn sigterm_to_a_worker_with_a_stuck_task_exits_after_the_grace() {
+    let cfg = config(
+        "stuck-worker",
+        "max_pending = 1\ngraceful_shutdown = 1000\nmsg_timeout = 0\n\n[source.config]\ncount = 1000000\nopen = true\n",
+    );
+    let (mut top, addr) = topology(&cfg);
+    let _a = worker(&cfg, "a", &addr, &[]);
+    let _c = worker(&cfg, "c", &addr, &[]);
+    let mut b = worker(&cfg, "b", &addr, &[("TESTBED_STUCK_AT", "100")]);
+    b.wait_for("b: stuck on message 100");
+    b.sigterm();
+    let (code, _, said) = b.exit_within(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "{}", said.join("\n"));
+    assert!(
+        said.iter()
+            .any(|l| l.contains("still holds 1 unfinished batch(es) after the graceful shutdown")),
+        "{}",
+        said.join("\n")
+    );
+    top.wait_for("was lost holding 1 message(s)");
+}
+
+/// Regression: with messages queued for a task no worker was connected
+/// for, SIGTERM waited out the whole graceful shutdown.
+#[test]
+fn sigterm_with_nothing_that_can_finish_exits_at_once() {
+    let cfg = config(
+        "no-workers",
+        "graceful_shutdown = 60000\n\n[source.config]\ncount = 1000\nopen = true\n",
+    );
+    let (mut top, _addr) = topology(&cfg);
+    if !top
+        .seen
+        .iter()
+        .any(|l| l.contains("Source testbed connected."))
+    {
+        top.wait_for("Source testbed connected.");
+    }
+    top.sigterm();
+    // Far less than the 60 s grace period.
+    let (code, out, said) = top.exit_within(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "{}", said.join("\n"));
+    assert!(
+        said.iter().any(|l| l.contains("Stopping without waiting")),
+        "{}",
+        said.join("\n")
+    );
+    assert_eq!(get(&summary(&out), "acked"), 0);
+}
+
+/// Regression: a second topology on a busy port polled 14,336 messages,
+/// blamed the source, and exited after the full grace period.
+#[test]
+fn a_busy_port_fails_the_start_before_the_source_is_polled() {
+    let cfg = config(
+        "busy-port",
+        "[source.config]\ncount = 100000\nopen = true\n",
+    );
+    let (_first, addr) = topology(&cfg);
+    let port = addr.rsplit(':').next().unwrap();
+    let second = Proc::start(
+        "second topology",
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "topology",
+            "--port",
+            port,
+        ],
+        &[],
+    );
+    let (code, out, said) = second.exit_within(Duration::from_secs(20));
+    let said = said.join("\n");
+    assert_eq!(code, Some(1), "{said}");
+    assert!(
+        said.contains(&format!("listening for task workers on {addr}")),
+        "{said}"
+    );
+    assert!(said.contains("in use"), "{said}");
+    assert!(!said.contains("Source testbed connected"), "{said}");
+    assert!(
+        !out.contains("testbed:"),
+        "the source was never started: {out}"
+    );
+}
+
+/// An unreachable source at start is retried with backoff, then given up
+/// on after `source_connect_timeout`, naming the address.
+#[test]
+fn an_unreachable_source_at_start_gives_up_after_source_connect_timeout() {
+    let port = free_port();
+    let cfg = config("unreachable", "source_connect_timeout = 2000\n");
+    let url = format!("redis://127.0.0.1:{port}");
+    let p = Proc::start_bin(
+        env!("CARGO_BIN_EXE_stream_wordcount"),
+        "stream_wordcount",
+        &["--config", cfg.to_str().unwrap(), "standalone"],
+        &[("REDIS_URL", &url)],
+    );
+    let (code, _, said) = p.exit_within(Duration::from_secs(30));
+    let said = said.join("\n");
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains(&format!("127.0.0.1:{port}")), "{said}");
+    assert!(said.contains("source_connect_timeout"), "{said}");
+}
+
+/// Reads nothing for a moment; true if the connection is still open.
+fn still_open(stream: &mut TcpStream) -> bool {
+    stream
+        .set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    match stream.read(&mut buf) {
+        // EOF, or bytes the server should not have sent.
+        Ok(_n) => false,
+        Err(e) => matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
     }
 }
 
@@ -577,4 +899,46 @@ fn a_task_without_workers_and_a_paused_source_are_logged() {
     let (code, out) = top.finish();
     assert_eq!(code, Some(0));
     assert_eq!(get(&summary(&out), "acked"), 2000);
+}
+
+/// Regression: idle sockets that never finish the handshake could use up
+/// the topology's file descriptors and keep real workers out.
+#[test]
+fn connections_beyond_max_handshakes_are_closed_at_once() {
+    let cfg = config(
+        "max-handshakes",
+        "max_handshakes = 4\nhandshake_timeout = 5000\n\n[source.config]\ncount = 100\n",
+    );
+    let (mut top, addr) = topology(&cfg);
+    let mut idle: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(&addr).unwrap()).collect();
+    let mut excess: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(&addr).unwrap())
+        .collect();
+    for s in &mut excess {
+        assert!(closed(s), "a connection over the cap is closed");
+    }
+    // Closed for the cap, not at the handshake deadline: the idle ones,
+    // opened first, are still open.
+    for s in &mut idle {
+        assert!(still_open(s), "an idle connection within the cap waits");
+    }
+    // A real worker gets in once the idle ones have timed out.
+    let mut w = worker(
+        &cfg,
+        "a",
+        &addr,
+        &[
+            ("TEMPEST_POLL_INTERVAL_MS", "50"),
+            ("TEMPEST_MAX_BACKOFF_MS", "200"),
+        ],
+    );
+    w.wait_for("joined the topology");
+    top.wait_for("Worker 0 joined task a");
+    let refusals = top.seen.iter().filter(|l| l.contains("refused")).count();
+    assert!(
+        refusals <= 7,
+        "24+ refusals make at most 5 lines and a notice, plus a summary: {}",
+        top.seen.join("\n")
+    );
+    drop(idle);
 }

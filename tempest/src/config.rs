@@ -13,10 +13,12 @@
 //! host = "127.0.0.1"
 //! port = 9311
 //! graceful_shutdown = 30000   # ms
+//! source_connect_timeout = 60000  # ms the source may be unreachable at start; 0: forever
 //! failure_policy = { retry = 3 }   # or "none", "best_effort"
 //! msg_timeout = 30000         # ms; 0 for none
 //! max_pending = 16384
 //! secret = "change me"
+//! max_handshakes = 64         # connections allowed in the handshake at once
 //!
 //! [source.config]             # the source's own typed configuration
 //! count = 1000
@@ -27,6 +29,7 @@
 //! poll_count = 1024           # most messages per fetch
 //! poll_interval = 100         # ms: first reconnect wait of a task worker
 //! max_backoff = 5000          # ms: longest reconnect wait
+//! exit_with_topology = false  # task workers stop when the topology stops
 //! ```
 
 use std::ops::Range;
@@ -52,6 +55,8 @@ pub struct FileConfig {
     pub port: Option<u16>,
     /// Milliseconds in-flight messages may take to finish on shutdown.
     pub graceful_shutdown: Option<u64>,
+    /// Milliseconds the source may stay unreachable at start; 0 for no limit.
+    pub source_connect_timeout: Option<u64>,
     /// `"none"`, `"best_effort"` or `{ retry = N }`.
     pub failure_policy: Option<FailurePolicy>,
     /// Milliseconds one attempt may take; 0 for no limit.
@@ -66,6 +71,8 @@ pub struct FileConfig {
     pub heartbeat: Option<u64>,
     /// Milliseconds a connecting worker has to complete the handshake.
     pub handshake_timeout: Option<u64>,
+    /// The most connections in the handshake at once; more are closed at once.
+    pub max_handshakes: Option<usize>,
     /// Milliseconds before the first retry (`Retry` policy).
     pub retry_backoff: Option<u64>,
     /// The longest wait before a retry, in milliseconds.
@@ -102,6 +109,8 @@ pub struct TaskSection {
     pub poll_interval: Option<u64>,
     /// Milliseconds: a task worker's longest wait before reconnecting.
     pub max_backoff: Option<u64>,
+    /// Task workers stop when the topology stops, instead of reconnecting.
+    pub exit_with_topology: Option<bool>,
 }
 
 /// A loaded `Topology.toml`: where it came from, its text, its contents.
@@ -177,6 +186,9 @@ impl ConfigFile {
                 "max_frame must be at least {} bytes",
                 crate::wire::HANDSHAKE_MAX
             ));
+        }
+        if c.max_handshakes == Some(0) {
+            problems.push("max_handshakes must be at least 1".to_string());
         }
         if c.heartbeat == Some(0) {
             problems.push("heartbeat must be at least 1 ms".to_string());

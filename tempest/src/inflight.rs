@@ -220,17 +220,6 @@ impl Tracker {
         t.saturating_duration_since(self.epoch).as_nanos() as u64
     }
 
-    /// The id of the source message `ticket` belongs to, while it is live.
-    pub fn id_of(&self, ticket: Ticket) -> Option<&MsgId> {
-        if !self.is_live(ticket) {
-            return None;
-        }
-        self.records[ticket.slot as usize]
-            .msg
-            .as_ref()
-            .map(|m| &m.id)
-    }
-
     /// Per task, the attempts that timed out waiting for it since the last
     /// call, with the id of the first.
     pub fn take_timeouts(&mut self) -> Vec<(u64, Option<MsgId>)> {
@@ -245,6 +234,19 @@ impl Tracker {
                 .records
                 .get(ticket.slot as usize)
                 .is_some_and(|r| r.gen == ticket.gen && r.phase == Phase::Running)
+    }
+
+    /// The id of the source message `ticket` belongs to, if the ticket is
+    /// live.
+    pub fn id_of(&self, ticket: Ticket) -> Option<&MsgId> {
+        if !self.is_live(ticket) {
+            return None;
+        }
+        self.records
+            .get(ticket.slot as usize)?
+            .msg
+            .as_ref()
+            .map(|m| &m.id)
     }
 
     /// Adds a source message and dispatches it to the root task.

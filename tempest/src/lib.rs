@@ -47,7 +47,7 @@ pub mod topology;
 pub mod wire;
 mod worker;
 
-pub use actors::pipeline::{MsgReport, Stats, WorkerStats};
+pub use actors::pipeline::{MsgReport, Stats, Unfinished, WorkerStats};
 pub use actors::{StopReason, Verdict};
 pub use error::Error;
 pub use inflight::{InflightEntry, Outcome, TaskMsg, Ticket, TrackerConfig};

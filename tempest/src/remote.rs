@@ -8,6 +8,14 @@
 //! run once. Batches are tagged with the connection they came on: a batch
 //! from a connection that has since dropped is skipped (the topology has
 //! already handed those messages to the failure policy).
+//!
+//! When the topology stops (it says it is shutting down, or it is gone) a
+//! worker reconnects with backoff until a topology is back at the address:
+//! a rolling restart of the topology keeps its workers. With
+//! `exit_with_topology` it stops instead when the topology says it stops.
+//! Asked to stop itself, a worker finishes what it holds for up to
+//! `graceful_shutdown`, then leaves; a task thread still in a task call by
+//! then is left behind so that the process can exit.
 
 use std::net::ToSocketAddrs;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,6 +51,29 @@ pub struct WorkerOptions {
     pub backoff: Duration,
     /// The longest wait before reconnecting.
     pub max_backoff: Duration,
+    /// Stop when the topology says it is shutting down, instead of
+    /// reconnecting until one is back.
+    pub exit_with_topology: bool,
+    /// Asked to stop, how long a worker may take to finish what it holds.
+    pub graceful_shutdown: Duration,
+}
+
+impl Default for WorkerOptions {
+    /// One worker for a topology on `127.0.0.1:9311`, 1,024 messages per
+    /// fetch, reconnecting after 100 ms doubling up to 5 s, staying when
+    /// the topology stops, 30 s to finish on shutdown.
+    fn default() -> Self {
+        WorkerOptions {
+            topology: format!("127.0.0.1:{}", crate::rt::DEFAULT_PORT),
+            secret: None,
+            workers: 1,
+            fetch_max: 1024,
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            exit_with_topology: false,
+            graceful_shutdown: Duration::from_secs(30),
+        }
+    }
 }
 
 /// What a worker process did.
@@ -63,7 +94,7 @@ enum ToIo {
 enum End {
     /// Lost: reconnect.
     Lost(String),
-    /// The topology is shutting down: stop.
+    /// The topology is shutting down.
     TopologyStopped,
     /// We were asked to stop and drained.
     Drained,
@@ -168,7 +199,8 @@ pub(crate) fn run(
     }
     let mut report = WorkerReport::default();
     let mut first_error = None;
-    for (task_thread, io_thread) in threads {
+    let mut task_threads = Vec::new();
+    for (w, (task_thread, io_thread)) in threads.into_iter().enumerate() {
         match io_thread.join() {
             Ok(Ok(sessions)) => report.sessions += sessions,
             Ok(Err(e)) => {
@@ -177,6 +209,21 @@ pub(crate) fn run(
             Err(_) => {
                 first_error.get_or_insert(Error::Runtime("a worker I/O thread panicked".into()));
             }
+        }
+        task_threads.push((w, task_thread));
+    }
+    // With its connection gone a task thread stops after its current call;
+    // one stuck in a call is left behind, or the process could not exit.
+    let give_up = Instant::now() + Duration::from_secs(1);
+    for (w, task_thread) in task_threads {
+        while !task_thread.is_finished() && Instant::now() < give_up {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !task_thread.is_finished() {
+            log::warn!(
+                "Worker {w} of task {task} is still in a task call; its thread is left behind and the process exits without it."
+            );
+            continue;
         }
         if task_thread.join().is_err() {
             first_error.get_or_insert(Error::Runtime("a worker task thread panicked".into()));
@@ -228,13 +275,26 @@ impl Io {
                             self.worker,
                             self.task
                         ),
-                        End::TopologyStopped => {
+                        End::TopologyStopped if self.options.exit_with_topology => {
                             log::info!(
-                                "The topology is shutting down; worker {} of task {} stops.",
+                                "The topology is shutting down; worker {} of task {} stops with it.",
                                 self.worker,
                                 self.task
                             );
                             return Ok(sessions);
+                        }
+                        End::TopologyStopped => {
+                            log::info!(
+                                "The topology is shutting down; worker {} of task {} reconnects when a topology is back at {} (exit_with_topology stops it instead).",
+                                self.worker,
+                                self.task,
+                                self.options.topology
+                            );
+                            let mut stop = self.stop.clone();
+                            tokio::select! {
+                                _ = tokio::time::sleep(jitter(backoff)) => {}
+                                _ = stop.wait_for(|s| *s) => return Ok(sessions),
+                            }
                         }
                         End::Drained => return Ok(sessions),
                     }
@@ -348,6 +408,7 @@ impl Io {
         let mut queued = 0usize; // handed to the task thread, not yet taken
         let mut in_task = 0usize; // taken, results not yet complete
         let mut draining = *self.stop.borrow();
+        let mut drain_until = Instant::now() + self.options.graceful_shutdown;
         let mut stop = self.stop.clone();
         let mut last_heard = Instant::now();
         let mut last_sent = Instant::now();
@@ -357,6 +418,17 @@ impl Io {
         let mut handed: std::collections::VecDeque<Arc<SharedBatch>> =
             std::collections::VecDeque::new();
         loop {
+            if draining && (queued > 0 || in_task > 0) && Instant::now() >= drain_until {
+                log::warn!(
+                    "Worker {} of task {} still holds {} unfinished batch(es) after the graceful shutdown ({:?}); it leaves them to the topology's failure policy and disconnects.",
+                    self.worker,
+                    self.task,
+                    queued + in_task,
+                    self.options.graceful_shutdown
+                );
+                let _ = SinkExt::<Frame>::close(&mut framed).await;
+                return End::Drained;
+            }
             if draining && queued == 0 && in_task == 0 {
                 let _ = framed.send(Frame::Goodbye).await;
                 let _ = SinkExt::<Frame>::close(&mut framed).await;
@@ -445,7 +517,9 @@ impl Io {
                 _ = stop.wait_for(|s| *s), if !draining => {
                     log::info!("Worker {} of task {} is finishing what it holds, then disconnecting.", self.worker, self.task);
                     draining = true;
+                    drain_until = Instant::now() + self.options.graceful_shutdown;
                 }
+                _ = tokio::time::sleep_until(drain_until.into()), if draining => {}
             }
         }
     }

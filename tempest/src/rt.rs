@@ -30,7 +30,7 @@
 //! | code | meaning |
 //! | --- | --- |
 //! | 0 | stopped cleanly, no message given up on |
-//! | 1 | a runtime failure: the source failed, the process could not start |
+//! | 1 | a runtime failure: the source failed, the process could not start (among them a port already in use, and a source still unreachable when `source_connect_timeout` runs out) |
 //! | 2 | a usage or configuration error |
 //! | 3 | stopped cleanly, but messages were given up on: failed or timed out under the failure policy, or acked after a failure under `BestEffort` (the log's WARN lines name the tasks, reasons and message ids) |
 
@@ -94,6 +94,10 @@ enum Command {
         /// the port can join).
         #[arg(long)]
         insecure: bool,
+        /// The most connections in the handshake at once (default 64); the
+        /// topology closes any more at once.
+        #[arg(long, env = "TEMPEST_MAX_HANDSHAKES")]
+        max_handshakes: Option<usize>,
         /// Stop gracefully after this many seconds.
         #[arg(long)]
         run_for_secs: Option<u64>,
@@ -120,6 +124,11 @@ enum Command {
         /// The longest wait before reconnecting, in milliseconds.
         #[arg(long, env = "TEMPEST_MAX_BACKOFF_MS")]
         max_backoff_ms: Option<u64>,
+        /// Stop when the topology stops (it says it is shutting down),
+        /// instead of reconnecting until a topology is back. The variable
+        /// takes true/false, 1/0, yes/no or on/off.
+        #[arg(long, env = "TEMPEST_EXIT_WITH_TOPOLOGY", value_parser = clap::builder::BoolishValueParser::new())]
+        exit_with_topology: bool,
     },
     /// Prints the pipeline as a graph.
     Graph {
@@ -148,6 +157,10 @@ struct DeliveryArgs {
     /// milliseconds.
     #[arg(long, env = "TEMPEST_GRACEFUL_SHUTDOWN_MS")]
     graceful_shutdown_ms: Option<u64>,
+    /// How long the source may stay unreachable at start before the
+    /// topology gives up, in milliseconds (0: retry forever).
+    #[arg(long, env = "TEMPEST_SOURCE_CONNECT_TIMEOUT_MS")]
+    source_connect_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -254,6 +267,11 @@ fn apply_delivery(mut builder: TopologyBuilder, d: &DeliveryArgs) -> TopologyBui
     if let Some(ms) = d.graceful_shutdown_ms {
         builder = builder.graceful_shutdown(Duration::from_millis(ms));
     }
+    match d.source_connect_timeout_ms {
+        Some(0) => builder = builder.no_source_connect_timeout(),
+        Some(ms) => builder = builder.source_connect_timeout(Duration::from_millis(ms)),
+        None => {}
+    }
     builder
 }
 
@@ -317,6 +335,7 @@ fn execute(mut builder: TopologyBuilder, cli: Cli) -> Result<ExitCode, Error> {
             host,
             port,
             insecure,
+            max_handshakes,
             run_for_secs,
         } => {
             builder = apply_delivery(builder, &delivery);
@@ -347,7 +366,16 @@ fn execute(mut builder: TopologyBuilder, cli: Cli) -> Result<ExitCode, Error> {
                 handshake_timeout: Duration::from_millis(
                     file.handshake_timeout.unwrap_or(5000).max(1),
                 ),
+                max_handshakes: max_handshakes
+                    .or(file.max_handshakes)
+                    .unwrap_or(crate::server::DEFAULT_MAX_HANDSHAKES),
             };
+            if serve.max_handshakes == 0 {
+                return Err(usage(
+                    topology.name(),
+                    "max_handshakes must be at least 1".into(),
+                ));
+            }
             serve_until_stopped(topology, handle, run_for_secs, Some(serve))
         }
         Command::Task {
@@ -358,6 +386,7 @@ fn execute(mut builder: TopologyBuilder, cli: Cli) -> Result<ExitCode, Error> {
             poll_count,
             poll_interval_ms,
             max_backoff_ms,
+            exit_with_topology,
         } => {
             let topology = builder.build()?;
             let section = topology.file().and_then(|f| f.task(&name)).cloned();
@@ -393,6 +422,12 @@ fn execute(mut builder: TopologyBuilder, cli: Cli) -> Result<ExitCode, Error> {
                         .or(section.as_ref().and_then(|s| s.max_backoff))
                         .unwrap_or(5_000),
                 ),
+                exit_with_topology: exit_with_topology
+                    || section
+                        .as_ref()
+                        .and_then(|s| s.exit_with_topology)
+                        .unwrap_or(false),
+                graceful_shutdown: topology.options().graceful_shutdown,
             };
             if options.workers == 0 || options.fetch_max == 0 {
                 return Err(usage(
@@ -549,5 +584,21 @@ mod tests {
         assert_eq!(cli.config, Some(PathBuf::from("x.toml")));
         assert!(matches!(cli.command, Command::Task { ref name, .. } if name == "split"));
         assert!(Cli::try_parse_from(["pkg", "graph", "--format", "png"]).is_err());
+        let cli = Cli::try_parse_from(["pkg", "task", "a", "--exit-with-topology"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Task {
+                exit_with_topology: true,
+                ..
+            }
+        ));
+        let cli = Cli::try_parse_from(["pkg", "topology", "--max-handshakes", "8"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Topology {
+                max_handshakes: Some(8),
+                ..
+            }
+        ));
     }
 }

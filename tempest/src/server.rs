@@ -3,13 +3,20 @@
 //!
 //! A connection first goes through the handshake (see [`crate::wire`]) with
 //! a tiny frame limit and a deadline; a client that sends garbage, too much
-//! or nothing at all is dropped without touching the pipeline. A session
+//! or nothing at all is dropped without touching the pipeline. At most
+//! `max_handshakes` connections may be in the handshake at once: the
+//! listener closes any more at once, so idle or hostile sockets cannot use
+//! up the process's file descriptors or keep real workers out for long.
+//! Refused connections are logged in full a few times per period, then
+//! counted and summed up once per period. A session
 //! that completes it registers with the pipeline as a worker of its task and
 //! then relays fetches and results one way and batches the other. When a
 //! session ends (disconnect, heartbeat loss, protocol error) the pipeline
 //! is told at once, and hands what the worker held to the failure policy.
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,10 +25,12 @@ use actix::prelude::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::{Framed, FramedRead};
 
 use crate::actors::pipeline::{PipelineActor, RegisterWorker, WorkerLost};
 use crate::actors::{DeliverySink, Fetch, Results, Undelivered, WorkerId};
+use crate::error::Error;
 use crate::inflight::TaskMsg;
 use crate::pipeline::{Dag, TaskIdx};
 use crate::wire::{self, ErrorCode, Frame, WireCodec, WireError};
@@ -42,7 +51,13 @@ pub struct ServeOptions {
     pub heartbeat: Duration,
     /// How long a client may take to complete the handshake.
     pub handshake_timeout: Duration,
+    /// The most connections in the handshake at once; the listener closes
+    /// any more at once.
+    pub max_handshakes: usize,
 }
+
+/// The default of [`ServeOptions::max_handshakes`].
+pub const DEFAULT_MAX_HANDSHAKES: usize = 64;
 
 impl ServeOptions {
     /// Loopback, an ephemeral port, no secret, defaults otherwise.
@@ -53,18 +68,76 @@ impl ServeOptions {
             max_frame: wire::DEFAULT_MAX_FRAME,
             heartbeat: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(5),
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
         }
     }
 }
 
-/// Starts listening; returns the bound address. Runs on the current actix
-/// arbiter until the system stops.
+/// Binds the listener, before anything else of the topology starts, so a
+/// busy or forbidden address fails the start at once and names itself.
+pub(crate) fn bind(options: &ServeOptions) -> Result<std::net::TcpListener, Error> {
+    let what = || format!("listening for task workers on {}", options.bind);
+    let listener = std::net::TcpListener::bind(options.bind).map_err(|e| Error::Io {
+        what: what(),
+        source: e,
+    })?;
+    listener.set_nonblocking(true).map_err(|e| Error::Io {
+        what: what(),
+        source: e,
+    })?;
+    Ok(listener)
+}
+
+/// How many refused connections per period are logged in full.
+const REFUSALS_LOGGED: u32 = 5;
+/// The period after which further refusals are summed up in one line.
+const REFUSALS_PERIOD: Duration = Duration::from_secs(10);
+
+/// Rate-limits the warnings about refused connections.
+#[derive(Default)]
+struct Refusals {
+    logged: u32,
+    unlogged: u64,
+}
+
+impl Refusals {
+    fn refused(&mut self, peer: SocketAddr, why: &str) {
+        if self.logged < REFUSALS_LOGGED {
+            self.logged += 1;
+            log::warn!("Connection from {peer} refused: {why}.");
+            if self.logged == REFUSALS_LOGGED {
+                log::warn!(
+                    "Further refused connections are counted and summed up every {} s.",
+                    REFUSALS_PERIOD.as_secs()
+                );
+            }
+        } else {
+            self.unlogged += 1;
+        }
+    }
+
+    /// The period is over: sums up what was not logged.
+    fn period(&mut self) {
+        if self.unlogged > 0 {
+            log::warn!(
+                "{} more connection(s) were refused in the last {} s (too many in the handshake, or the handshake failed).",
+                self.unlogged,
+                REFUSALS_PERIOD.as_secs()
+            );
+        }
+        *self = Refusals::default();
+    }
+}
+
+/// Starts serving on `listener` (from [`bind`]); returns its address. Runs
+/// on the current actix arbiter until the system stops.
 pub(crate) async fn listen(
+    listener: std::net::TcpListener,
     options: ServeOptions,
     dag: Arc<Dag>,
     pipeline: Addr<PipelineActor>,
 ) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(options.bind).await?;
+    let listener = TcpListener::from_std(listener)?;
     let local = listener.local_addr()?;
     match (&options.secret, local.ip().is_loopback()) {
         (None, true) => log::info!(
@@ -75,17 +148,41 @@ pub(crate) async fn listen(
         ),
         (Some(_), _) => log::info!("Listening for task workers on {local}; workers must prove the secret."),
     }
+    let handshakes = Arc::new(Semaphore::new(options.max_handshakes.max(1)));
     let options = Arc::new(options);
     actix_rt::spawn(async move {
+        let refusals = Rc::new(RefCell::new(Refusals::default()));
+        let mut period = tokio::time::interval(REFUSALS_PERIOD);
+        period.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        period.tick().await;
         loop {
-            match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = period.tick() => {
+                    refusals.borrow_mut().period();
+                    continue;
+                }
+            };
+            match accepted {
                 Ok((stream, peer)) => {
+                    let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else {
+                        // Closed at once: the client sees the connection end.
+                        drop(stream);
+                        let why = format!(
+                            "{} connections are already in the handshake (max_handshakes)",
+                            options.max_handshakes
+                        );
+                        refusals.borrow_mut().refused(peer, &why);
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
                     let (options, dag, pipeline) =
                         (Arc::clone(&options), Arc::clone(&dag), pipeline.clone());
+                    let refusals = Rc::clone(&refusals);
                     actix_rt::spawn(async move {
-                        if let Err(why) = accept(stream, peer, options, dag, pipeline).await {
-                            log::warn!("Connection from {peer} refused: {why}.");
+                        if let Err(why) = accept(stream, peer, options, dag, pipeline, permit).await
+                        {
+                            refusals.borrow_mut().refused(peer, &why);
                         }
                     });
                 }
@@ -138,6 +235,8 @@ async fn accept(
     options: Arc<ServeOptions>,
     dag: Arc<Dag>,
     pipeline: Addr<PipelineActor>,
+    // Held until the handshake is over, either way.
+    _handshake: OwnedSemaphorePermit,
 ) -> Result<(), String> {
     let deadline = Instant::now() + options.handshake_timeout;
     let mut framed = Framed::new(stream, WireCodec::handshake());

@@ -19,13 +19,13 @@ use tokio::sync::{oneshot, watch};
 
 pub use crate::server::ServeOptions;
 
-pub use crate::actors::pipeline::StopCondition;
 use crate::actors::pipeline::{
     Finish, GetStats, Inspect, MsgReport, PipelineActor, PipelineSetup, Stats,
 };
+pub use crate::actors::pipeline::{StopCondition, Unfinished};
 use crate::actors::source::SourceActor;
 use crate::actors::topology::TopologyActor;
-use crate::actors::{Stop, StopReason};
+use crate::actors::{Stop, StopReason, WorkerId};
 use crate::error::Error;
 use crate::inflight::{InflightEntry, Tracker, TrackerConfig};
 use crate::pipeline::TaskIdx;
@@ -161,6 +161,10 @@ pub struct RunReport {
     /// What happened to each delivery of each source message, in the
     /// order they finished, if recorded.
     pub outcomes: Option<HashMap<MsgId, Vec<MsgReport>>>,
+    /// The messages still in flight when the run stopped (the graceful
+    /// shutdown ran out, or they waited for tasks without workers): left
+    /// unacked, for the source to redeliver.
+    pub unfinished: Vec<Unfinished>,
 }
 
 impl RunReport {
@@ -181,8 +185,28 @@ fn sweep_interval(topology: &Topology) -> Duration {
     (finest / 10).clamp(Duration::from_millis(1), Duration::from_millis(20))
 }
 
+/// How long task threads may take to stop once the run has ended; a thread
+/// still in a task call after that is left behind (see [`run`]).
+const THREAD_STOP_WAIT: Duration = Duration::from_secs(1);
+
+/// Tells the run that a task thread has ended, however it ends.
+struct ThreadDone(std::sync::mpsc::Sender<usize>, usize);
+
+impl Drop for ThreadDone {
+    fn drop(&mut self) {
+        let _ = self.0.send(self.1);
+    }
+}
+
 /// Runs `topology` in this process until its source is exhausted, the
 /// options say stop, or it is shut down; returns what it did.
+///
+/// With `serve`, the listener is bound first, before the source is even
+/// built: a busy port fails the run at once, naming the address.
+///
+/// A shutdown lasts `graceful_shutdown` at most. A task thread still in a
+/// task call after that (and a short wait) is not joined but left behind,
+/// so the run returns; its messages are in [`RunReport::unfinished`].
 pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> {
     let sweep_every = sweep_interval(&topology);
     let Topology {
@@ -195,6 +219,10 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
         batches,
         file,
     } = topology;
+    let listener = match &options.serve {
+        Some(serve) => Some(crate::server::bind(serve)?),
+        None => None,
+    };
     let metrics = Metrics::new_registry().with_label("topology", name.clone());
     let mut src = source(file.as_ref())?;
     let source_metrics = metrics.with_label("source", src.name().to_string());
@@ -216,6 +244,7 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
     )?;
     let metrics_every = topts.metrics.interval();
     let started = Instant::now();
+    let (thread_done, threads_done) = std::sync::mpsc::channel();
     let system = actix_rt::System::new();
     let outcome = system.block_on(async {
         // The pipeline's mailbox, made here so every part can hold its
@@ -229,7 +258,14 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
         let (pipe_rx, topo_rx) = (pipe.clone().recipient(), topo.clone().recipient());
         let max_pending = topts.max_pending;
         let source_addr = SourceActor::start_in_arbiter(&arbiter.handle(), move |_| {
-            SourceActor::new(src, max_pending, pipe_rx, topo_rx, source_metrics)
+            SourceActor::new(
+                src,
+                max_pending,
+                pipe_rx,
+                topo_rx,
+                source_metrics,
+                topts.source_connect_timeout,
+            )
         });
 
         let tracker = Tracker::new(
@@ -256,7 +292,7 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
             unique_ids,
         });
 
-        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        let mut threads: Vec<(JoinHandle<()>, WorkerId, String)> = Vec::new();
         let mut spawn_error: Option<Error> = None;
         let local_workers = if options.local_workers {
             workers.clone()
@@ -282,11 +318,14 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
                     rx,
                     outstanding: 0,
                 };
+                let done = ThreadDone(thread_done.clone(), threads.len());
                 match std::thread::Builder::new()
                     .name(format!("tempest-{task_name}-{w}"))
-                    .spawn(move || run_task_loop(task, ctx, id, &mut transport))
-                {
-                    Ok(h) => threads.push(h),
+                    .spawn(move || {
+                        let _done = done;
+                        run_task_loop(task, ctx, id, &mut transport)
+                    }) {
+                    Ok(h) => threads.push((h, id, task_name)),
                     Err(e) => {
                         spawn_error = Some(Error::Io {
                             what: format!("starting a worker thread for task {task_name}"),
@@ -340,12 +379,13 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
             });
         }
         let mut io_arbiter = None;
-        if let (Some(serve), None) = (options.serve.clone(), &spawn_error) {
+        if let (Some(serve), Some(listener), None) = (options.serve.clone(), listener, &spawn_error)
+        {
             let arbiter = Arbiter::new();
             let (tx, rx) = oneshot::channel();
             let (dag, pipe) = (Arc::clone(&dag), pipe.clone());
             arbiter.spawn(async move {
-                let _ = tx.send(crate::server::listen(serve, dag, pipe).await);
+                let _ = tx.send(crate::server::listen(listener, serve, dag, pipe).await);
             });
             io_arbiter = Some(arbiter);
             let failed = match rx.await {
@@ -402,10 +442,30 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
         arbiter.stop();
         let _ = arbiter.join();
     }
-    for t in threads {
-        if t.join().is_err() {
-            log::error!("A task worker thread panicked outside a task call.");
+    // The threads stop once their queues are gone; one still in a task
+    // call is left behind, or the run would last as long as the call.
+    let give_up = Instant::now() + THREAD_STOP_WAIT;
+    let mut running: Vec<Option<(JoinHandle<()>, WorkerId, String)>> =
+        threads.into_iter().map(Some).collect();
+    drop(thread_done);
+    while running.iter().any(Option::is_some) {
+        let wait = give_up.saturating_duration_since(Instant::now());
+        match threads_done.recv_timeout(wait) {
+            Ok(i) => {
+                if let Some((t, _, _)) = running.get_mut(i).and_then(Option::take) {
+                    if t.join().is_err() {
+                        log::error!("A task worker thread panicked outside a task call.");
+                    }
+                }
+            }
+            Err(_) => break,
         }
+    }
+    for (t, worker, task) in running.into_iter().flatten() {
+        log::warn!(
+            "Worker {worker} of task {task} is still in a task call after the shutdown; its thread ({}) is left behind and the run ends without it.",
+            t.thread().name().unwrap_or("unnamed")
+        );
     }
     if let Some(f) = &flusher {
         // The last flush, once every worker has recorded its last counts.
@@ -425,6 +485,7 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
         elapsed: started.elapsed(),
         metrics: metrics.snapshot(),
         outcomes: fin.reports,
+        unfinished: fin.unfinished,
     })
 }
 

@@ -34,7 +34,7 @@ use std::time::Duration;
 use tempest_source::metrics::Snapshot;
 use tempest_source::MsgId;
 
-use crate::actors::pipeline::{MsgReport, Stats};
+use crate::actors::pipeline::{MsgReport, Stats, Unfinished};
 use crate::actors::StopReason;
 use crate::error::Error;
 use crate::inflight::Outcome;
@@ -125,6 +125,7 @@ impl TestRun {
             metrics: report.metrics,
             elapsed: report.elapsed,
             outcomes: report.outcomes.unwrap_or_default(),
+            unfinished: report.unfinished,
         })
     }
 }
@@ -141,6 +142,7 @@ pub struct TestReport {
     /// How long the run took.
     pub elapsed: Duration,
     outcomes: HashMap<MsgId, Vec<MsgReport>>,
+    unfinished: Vec<Unfinished>,
 }
 
 impl TestReport {
@@ -165,6 +167,12 @@ impl TestReport {
     /// Every finished message and what happened to each of its deliveries.
     pub fn outcomes(&self) -> &HashMap<MsgId, Vec<MsgReport>> {
         &self.outcomes
+    }
+
+    /// The messages still in flight when the run stopped, left unacked:
+    /// each with the tasks and workers that held it.
+    pub fn unfinished(&self) -> &[Unfinished] {
+        &self.unfinished
     }
 
     /// How many messages' last finished delivery ended with `outcome`.

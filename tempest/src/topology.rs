@@ -43,6 +43,10 @@ pub struct TopologyOptions {
     pub max_pending: usize,
     /// On shutdown, how long in-flight messages may take to finish.
     pub graceful_shutdown: Duration,
+    /// At start, how long the source may stay unreachable (its `connect`
+    /// retried with backoff) before the topology gives up and exits with
+    /// an error; `None` to retry forever.
+    pub source_connect_timeout: Option<Duration>,
     /// The wait before the first retry (`Retry` policy); doubles per retry.
     pub retry_backoff: Duration,
     /// The longest wait before a retry.
@@ -60,6 +64,7 @@ impl Default for TopologyOptions {
             msg_timeout: Some(Duration::from_secs(30)),
             max_pending: 16_384,
             graceful_shutdown: Duration::from_secs(30),
+            source_connect_timeout: Some(Duration::from_secs(60)),
             retry_backoff: Duration::from_millis(100),
             max_retry_backoff: Duration::from_secs(10),
             task_batch: 1024,
@@ -277,6 +282,19 @@ impl TopologyBuilder {
         self
     }
 
+    /// How long the source may stay unreachable at start before the
+    /// topology gives up (default 60 s).
+    pub fn source_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.options.source_connect_timeout = Some(timeout);
+        self
+    }
+
+    /// Retry connecting the source at start for as long as it takes.
+    pub fn no_source_connect_timeout(mut self) -> Self {
+        self.options.source_connect_timeout = None;
+        self
+    }
+
     /// The first retry's backoff and the longest one (default 100 ms, 10 s).
     pub fn retry_backoff(mut self, first: Duration, max: Duration) -> Self {
         self.options.retry_backoff = first;
@@ -315,6 +333,9 @@ impl TopologyBuilder {
         let o = &mut self.options;
         if let Some(ms) = c.graceful_shutdown {
             o.graceful_shutdown = Duration::from_millis(ms);
+        }
+        if let Some(ms) = c.source_connect_timeout {
+            o.source_connect_timeout = (ms > 0).then(|| Duration::from_millis(ms));
         }
         if let Some(p) = c.failure_policy {
             o.failure_policy = p;

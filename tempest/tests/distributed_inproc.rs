@@ -34,6 +34,9 @@ fn worker_options(addr: std::net::SocketAddr, secret: Option<&str>) -> WorkerOpt
         fetch_max: 256,
         backoff: Duration::from_millis(20),
         max_backoff: Duration::from_millis(200),
+        // These tests join the workers once the topology has stopped.
+        exit_with_topology: true,
+        ..WorkerOptions::default()
     }
 }
 

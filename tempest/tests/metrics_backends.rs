@@ -475,6 +475,8 @@ fn workers_push_their_metrics_to_a_push_gateway_and_the_last_push_is_complete() 
             fetch_max: 64,
             backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(200),
+            exit_with_topology: true,
+            ..WorkerOptions::default()
         };
         standalone::run_worker(&t, "a", opts, None).unwrap()
     });

@@ -5,6 +5,9 @@
 //! - `TESTBED_SLOW_US`: microseconds task `b` spends per message (default 0).
 //! - `TESTBED_FAIL_EVERY`: task `b` fails every N-th message it handles
 //!   (default: never).
+//! - `TESTBED_STUCK_AT`: task `b` never returns from its call on the
+//!   message with this sequence number (from 0; with `max_pending = 1` it
+//!   is the mock source's id), after printing `b: stuck on message N`.
 //! - Task `b` prints `b: 1000 handled` to stderr once it has handled 1,000
 //!   messages, so a test can wait for work to be under way.
 //! - When the source shuts down, the topology process prints
@@ -86,6 +89,7 @@ struct Slow {
     per_msg: Duration,
     fail_every: u64,
     handled: u64,
+    stuck_at: Option<u64>,
 }
 
 impl Task for Slow {
@@ -95,6 +99,12 @@ impl Task for Slow {
     fn handle(&mut self, msg: Msg) -> TaskResult {
         if !self.per_msg.is_zero() {
             std::thread::sleep(self.per_msg);
+        }
+        if self.stuck_at == Some(self.handled) {
+            eprintln!("b: stuck on message {}", self.handled);
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
         }
         self.handled += 1;
         if self.handled == 1000 {
@@ -119,6 +129,9 @@ fn main() -> ExitCode {
     };
     let slow_us = env("TESTBED_SLOW_US");
     let fail_every = env("TESTBED_FAIL_EVERY");
+    let stuck_at = std::env::var("TESTBED_STUCK_AT")
+        .ok()
+        .and_then(|v| v.parse().ok());
     tempest::rt::run(
         TopologyBuilder::new("testbed")
             .source_config::<Reporting>(MockConfig::generator(10_000, 16))
@@ -129,6 +142,7 @@ fn main() -> ExitCode {
                         per_msg: Duration::from_micros(slow_us),
                         fail_every,
                         handled: 0,
+                        stuck_at,
                     })
                     .task(Pass("c"))
                     .edge("a", "b")

@@ -220,6 +220,43 @@ impl Worker {
 pub(crate) struct Final {
     pub stats: Stats,
     pub reports: Option<HashMap<MsgId, Vec<MsgReport>>>,
+    pub unfinished: Vec<Unfinished>,
+}
+
+/// A source message still in flight when a shutdown ended: left unacked
+/// for the source to redeliver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unfinished {
+    /// The source message's id.
+    pub id: MsgId,
+    /// Its attempt, from 1.
+    pub attempt: u32,
+    /// Whether it was waiting for a retry (then `tasks` is empty).
+    pub waiting_for_retry: bool,
+    /// Each task that has a task message of it outstanding, with the
+    /// workers that held it (none: it was queued, not taken).
+    pub tasks: Vec<(String, Vec<WorkerId>)>,
+}
+
+impl std::fmt::Display for Unfinished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "message {} (attempt {})", self.id, self.attempt)?;
+        if self.waiting_for_retry {
+            return f.write_str(" was waiting for a retry");
+        }
+        for (i, (task, workers)) in self.tasks.iter().enumerate() {
+            f.write_str(if i == 0 { " was " } else { "; " })?;
+            match workers.as_slice() {
+                [] => write!(f, "queued for task {task}, not taken by any worker")?,
+                [w] => write!(f, "held by worker {w} of task {task}")?,
+                ws => {
+                    let ws: Vec<String> = ws.iter().map(|w| w.to_string()).collect();
+                    write!(f, "held by one of workers {} of task {task}", ws.join(", "))?
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 pub(crate) struct PipelineActor {
@@ -244,6 +281,8 @@ pub(crate) struct PipelineActor {
     /// Set once a drain ends: the source is being shut down, so nothing
     /// more may complete (it could not be acked).
     closed: bool,
+    /// What was left in flight when the drain ended.
+    unfinished: Vec<Unfinished>,
     pool: Vec<Vec<TaskMsg>>,
     metrics: Metrics,
     /// End-to-end latency of acked source messages, recorded locally.
@@ -303,6 +342,7 @@ impl PipelineActor {
             drains: Vec::new(),
             drain_deadline: None,
             closed: false,
+            unfinished: Vec::new(),
             pool: Vec::new(),
             latency: setup.metrics.histogram(names::MSGS_LATENCY_US),
             metrics: setup.metrics,
@@ -697,19 +737,125 @@ impl PipelineActor {
             }
         }
         if !self.drains.is_empty()
-            && (self.tracker.len() == 0 || self.drain_deadline.is_some_and(|d| now >= d))
+            && (self.tracker.len() == 0
+                || self.drain_deadline.is_some_and(|d| now >= d)
+                || (self.drain_deadline.is_some() && self.nothing_can_finish(now)))
         {
             if self.tracker.len() > 0 {
-                log::warn!(
-                    "Graceful shutdown time is up with {} message(s) in flight; they are left unacked for the source to redeliver.",
-                    self.tracker.len()
-                );
+                if self.drain_deadline.is_some_and(|d| now >= d) {
+                    log::warn!(
+                        "Graceful shutdown time is up with {} message(s) in flight; they are left unacked for the source to redeliver.",
+                        self.tracker.len()
+                    );
+                } else {
+                    log::warn!(
+                        "Stopping without waiting: none of the {} message(s) in flight can finish (they wait for tasks no worker is connected for); they are left unacked for the source to redeliver.",
+                        self.tracker.len()
+                    );
+                }
+                self.unfinished = self.list_unfinished(now);
+                const SHOWN: usize = 20;
+                for u in self.unfinished.iter().take(SHOWN) {
+                    log::warn!("Left unacked: {u}.");
+                }
+                if self.unfinished.len() > SHOWN {
+                    log::warn!(
+                        "Left unacked: {} more message(s) not listed.",
+                        self.unfinished.len() - SHOWN
+                    );
+                }
             }
             self.closed = true;
             for tx in self.drains.drain(..) {
                 let _ = tx.send(());
             }
         }
+    }
+
+    /// Whether nothing in flight can still finish, so a shutdown need not
+    /// wait: no worker holds a batch, and every message waits only for
+    /// tasks that no worker is connected for (a retry waits for the root).
+    fn nothing_can_finish(&self, now: Instant) -> bool {
+        if self
+            .workers
+            .iter()
+            .any(|w| w.sink.is_some() && w.in_hand > 0)
+        {
+            return false;
+        }
+        let workers = self.workers_per_task();
+        if (0..self.ready.len()).any(|t| workers[t] > 0 && !self.ready[t].is_empty()) {
+            return false;
+        }
+        let root = self.tracker.dag().root() as usize;
+        self.tracker.entries(now).iter().all(|e| {
+            if e.waiting_for_retry {
+                workers[root] == 0
+            } else {
+                e.pending
+                    .iter()
+                    .all(|&(t, outstanding)| outstanding == 0 || workers[t as usize] == 0)
+            }
+        })
+    }
+
+    /// The messages in flight, each with the tasks it waits for and the
+    /// workers that hold it. A remote worker's batches are known exactly;
+    /// an in-process worker's are not, so a message not queued for a task
+    /// is put down to that task's busy in-process workers.
+    fn list_unfinished(&self, now: Instant) -> Vec<Unfinished> {
+        let mut held: HashMap<(MsgId, TaskIdx), Vec<WorkerId>> = HashMap::new();
+        let mut busy: Vec<Vec<WorkerId>> = vec![Vec::new(); self.ready.len()];
+        for (id, w) in self.workers.iter().enumerate() {
+            match &w.held {
+                Some(batches) => {
+                    for (batch, answered) in batches {
+                        for m in batch.iter().skip(*answered) {
+                            if let Some(msg) = self.tracker.id_of(m.ticket) {
+                                held.entry((msg.clone(), m.ticket.task))
+                                    .or_default()
+                                    .push(id as WorkerId);
+                            }
+                        }
+                    }
+                }
+                None if w.in_hand > 0 => busy[w.task as usize].push(id as WorkerId),
+                None => {}
+            }
+        }
+        let mut queued = std::collections::HashSet::new();
+        for q in &self.ready {
+            for m in q {
+                if let Some(msg) = self.tracker.id_of(m.ticket) {
+                    queued.insert((msg.clone(), m.ticket.task));
+                }
+            }
+        }
+        self.tracker
+            .entries(now)
+            .into_iter()
+            .map(|e| {
+                let tasks = e
+                    .pending
+                    .iter()
+                    .filter(|&&(_, outstanding)| outstanding > 0)
+                    .map(|&(t, _)| {
+                        let key = (e.id.clone(), t);
+                        let mut workers = held.remove(&key).unwrap_or_default();
+                        if workers.is_empty() && !queued.contains(&key) {
+                            workers = busy[t as usize].clone();
+                        }
+                        (self.task_names[t as usize].clone(), workers)
+                    })
+                    .collect();
+                Unfinished {
+                    id: e.id,
+                    attempt: e.attempt,
+                    waiting_for_retry: e.waiting_for_retry,
+                    tasks,
+                }
+            })
+            .collect()
     }
 
     /// Hands ready messages of task `t` to its waiting workers.
@@ -1097,6 +1243,7 @@ impl Handler<Finish> for PipelineActor {
         MessageResult(Final {
             stats,
             reports: self.reports.take(),
+            unfinished: std::mem::take(&mut self.unfinished),
         })
     }
 }

@@ -9,6 +9,10 @@
 //! out polling pauses until a [`Settle`] or an ack flush returns some; a
 //! pause longer than [`PAUSE_WARN_AFTER`] is logged. After an empty poll it waits `poll_interval`, doubling up to
 //! `max_backoff`; after a retryable error likewise, reconnecting first.
+//! Until the source has connected once, `connect` is retried only until
+//! `source_connect_timeout` has passed; then the topology stops with the
+//! source's error (an unreachable source at start is more often a wrong
+//! address than an outage).
 //! It also runs at most [`BATCHES_AHEAD`] batches ahead of the pipeline, so
 //! polled messages never pile up in the pipeline's mailbox.
 
@@ -51,6 +55,9 @@ pub(crate) struct SourceActor {
     polling: bool,
     poll_scheduled: bool,
     connected: bool,
+    /// Until the first connection: when to give up connecting.
+    give_up_at: Option<Instant>,
+    started: Instant,
     backoff: Duration,
     overflow: Vec<SourceMsg>,
     acks: Vec<MsgId>,
@@ -73,6 +80,7 @@ impl SourceActor {
         pipeline: Recipient<SourceBatch>,
         topology: Recipient<Stop>,
         metrics: Metrics,
+        connect_timeout: Option<Duration>,
     ) -> Self {
         let mut settings = source.settings();
         settings.poll_count = settings.poll_count.max(1);
@@ -101,6 +109,8 @@ impl SourceActor {
             polling: true,
             poll_scheduled: false,
             connected: false,
+            give_up_at: connect_timeout.map(|t| Instant::now() + t),
+            started: Instant::now(),
             overflow: Vec::new(),
             acks: Vec::new(),
             poll_us: metrics.histogram(names::SOURCE_POLL_US),
@@ -167,9 +177,27 @@ impl SourceActor {
             match self.source.connect() {
                 Ok(()) => {
                     self.connected = true;
+                    self.give_up_at = None;
                     log::info!("Source {} connected.", self.source.name());
                 }
+                Err(e)
+                    if e.is_retryable() && self.give_up_at.is_some_and(|t| Instant::now() >= t) =>
+                {
+                    let what = format!(
+                        "source {} could not connect within {:.1} s (source_connect_timeout): {e}",
+                        self.source.name(),
+                        self.started.elapsed().as_secs_f64()
+                    );
+                    self.fatal(ctx, what);
+                    return;
+                }
                 Err(e) if e.is_retryable() => {
+                    // The last try comes at the time limit, not after it.
+                    if let Some(t) = self.give_up_at {
+                        self.backoff = self
+                            .backoff
+                            .min(t.saturating_duration_since(Instant::now()));
+                    }
                     log::warn!(
                         "Source {} cannot connect ({e}); retrying in {:?}.",
                         self.source.name(),
