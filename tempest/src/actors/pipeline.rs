@@ -862,21 +862,26 @@ impl PipelineActor {
     fn pump(&mut self, t: usize) {
         while !self.ready[t].is_empty() {
             // Idle workers first: a worker busy with a batch (perhaps stuck
-            // on a slow message) only gets more once no idle one is waiting.
+            // on a slow message) gets more only while no worker of the task
+            // is idle (an idle one whose fetch is still on its way gets
+            // them when it arrives).
             let idle = self.waiting[t]
                 .iter()
                 .position(|&(w, _)| self.workers[w as usize].in_hand == 0);
+            let idle_workers = self
+                .workers
+                .iter()
+                .filter(|w| w.task as usize == t && w.is_idle())
+                .count();
+            if idle.is_none() && idle_workers > 0 {
+                break;
+            }
             let Some((worker, max)) = self.waiting[t].remove(idle.unwrap_or(0)) else {
                 break;
             };
             // While other workers of the task are idle, a worker takes no
             // more than its share of the queue, so a burst spreads.
-            let idle_peers = self
-                .workers
-                .iter()
-                .enumerate()
-                .filter(|&(id, w)| id != worker as usize && w.task as usize == t && w.is_idle())
-                .count();
+            let idle_peers = idle_workers - usize::from(self.workers[worker as usize].is_idle());
             let max = if idle_peers > 0 {
                 max.min(self.ready[t].len().div_ceil(idle_peers + 1))
             } else {
