@@ -11,6 +11,9 @@
 //!   threads joined by bounded channels passing the same payloads in batches.
 //! - [`memory_probe`]: resident memory with `max_pending` messages held in
 //!   flight, to compute the runtime's bytes per in-flight message.
+//! - [`SpreadParams`] and [`run_spread`]: one burst through a task that
+//!   waits per message (I/O-like), with 1 or more workers: how the burst
+//!   spreads over them and how much sooner it is all acked.
 //!
 //! The `tempest-bench` binary runs each measurement in a child process of
 //! its own (so peak RSS is per scenario), interleaves repeated rounds with
@@ -656,6 +659,208 @@ impl Task for Hold {
     }
 }
 
+/// The task of the spread scenario: waits `sleep` per message (as a task
+/// waiting on I/O would), then drops it.
+#[derive(Clone, Debug)]
+pub struct Sleep {
+    sleep: Duration,
+}
+
+/// The spread scenario's one task.
+pub const SPREAD_TASK: &str = "io";
+
+impl Task for Sleep {
+    fn name(&self) -> &str {
+        SPREAD_TASK
+    }
+    fn handle(&mut self, _msg: Msg) -> TaskResult {
+        std::thread::sleep(self.sleep);
+        Ok(Output::None)
+    }
+}
+
+/// One burst through one waiting task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SpreadParams {
+    /// Messages in the burst, all polled at once (one poll).
+    pub messages: u64,
+    /// How long the task waits per message, in microseconds.
+    pub sleep_us: u64,
+    /// Workers of the task.
+    pub workers: usize,
+}
+
+/// What one burst measured.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SpreadMeasured {
+    /// Workers of the task.
+    pub workers: usize,
+    /// Messages acked.
+    pub acked: u64,
+    /// Whether every message was acked exactly once.
+    pub all_acked: bool,
+    /// Seconds from the burst's poll to its last ack.
+    pub wall_s: f64,
+    /// Acked messages per second over `wall_s`.
+    pub rate: f64,
+    /// Task messages each worker handled, in the order they joined
+    /// (`RunReport.stats.per_worker`).
+    pub per_worker: Vec<u64>,
+    /// The largest share of the burst one worker handled, 0 to 1.
+    pub max_share: f64,
+}
+
+/// What the burst source saw.
+#[derive(Debug, Default)]
+struct BurstLog {
+    polled: Option<Instant>,
+    last_ack: Option<Instant>,
+    acked: Vec<bool>,
+    good: u64,
+    bad: u64,
+}
+
+/// A source that hands out all its messages in its first poll.
+#[derive(Debug)]
+struct BurstSource {
+    total: u64,
+    next: u64,
+    payload: Bytes,
+    log: Arc<Mutex<BurstLog>>,
+}
+
+impl BurstSource {
+    fn new(total: u64) -> Result<Self, SourceError> {
+        let n = usize::try_from(total)
+            .map_err(|_| SourceError::config("messages does not fit in memory"))?;
+        Ok(BurstSource {
+            total,
+            next: 0,
+            payload: Bytes::from_static(b"burst"),
+            log: Arc::new(Mutex::new(BurstLog {
+                acked: vec![false; n],
+                ..BurstLog::default()
+            })),
+        })
+    }
+}
+
+impl Source for BurstSource {
+    type Config = u64;
+
+    fn name(&self) -> &str {
+        "burst"
+    }
+
+    fn from_config(total: u64) -> Result<Self, SourceError> {
+        BurstSource::new(total)
+    }
+
+    fn settings(&self) -> SourceSettings {
+        SourceSettings {
+            poll_count: usize::try_from(self.total).unwrap_or(usize::MAX).max(1),
+            poll_interval: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(1),
+            ack_policy: AckPolicy::Batch(1024),
+            ack_interval: Duration::from_millis(1),
+            ..SourceSettings::default()
+        }
+    }
+
+    fn poll(&mut self, max: usize, out: &mut Vec<SourceMsg>) -> Result<(), SourceError> {
+        let n = (max as u64).min(self.total - self.next);
+        if n > 0 {
+            self.log
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .polled
+                .get_or_insert_with(Instant::now);
+        }
+        for _ in 0..n {
+            out.push(SourceMsg {
+                id: MsgId::Int(self.next),
+                payload: self.payload.clone(),
+                timestamp: 0,
+                delivered: 1,
+            });
+            self.next += 1;
+        }
+        Ok(())
+    }
+
+    fn ack(&mut self, id: &MsgId) -> Result<(), SourceError> {
+        self.batch_ack(std::slice::from_ref(id))
+    }
+
+    fn batch_ack(&mut self, ids: &[MsgId]) -> Result<(), SourceError> {
+        let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        log.last_ack = Some(Instant::now());
+        for id in ids {
+            match id.as_int().and_then(|i| usize::try_from(i).ok()) {
+                Some(i) if log.acked.get(i) == Some(&false) => {
+                    log.acked[i] = true;
+                    log.good += 1;
+                }
+                _ => log.bad += 1,
+            }
+        }
+        Ok(())
+    }
+
+    fn exhausted(&self) -> bool {
+        self.next == self.total
+    }
+}
+
+/// Runs one burst of `p.messages` through one task that sleeps
+/// `p.sleep_us` per message, with `p.workers` workers, in this process.
+pub fn run_spread(p: &SpreadParams) -> Result<SpreadMeasured, tempest::Error> {
+    let source = BurstSource::new(p.messages).map_err(|e| tempest::Error::Source {
+        name: "burst".into(),
+        source: e,
+    })?;
+    let log = Arc::clone(&source.log);
+    let mut b = TopologyBuilder::new("bench-spread")
+        .source(source)
+        .pipeline(Pipeline::new().task(Sleep {
+            sleep: Duration::from_micros(p.sleep_us),
+        }))
+        .failure_policy(FailurePolicy::None)
+        // Room for the whole burst in flight, so it is one poll.
+        .max_pending(
+            usize::try_from(p.messages)
+                .unwrap_or(usize::MAX)
+                .max(16_384),
+        )
+        .msg_timeout(Duration::from_secs(600));
+    if p.workers > 1 {
+        b = b.workers(SPREAD_TASK, p.workers);
+    }
+    let report = standalone::run(b.build()?, RunOptions::default())?;
+    let per_worker: Vec<u64> = report
+        .stats
+        .per_worker
+        .iter()
+        .filter(|w| w.task == SPREAD_TASK)
+        .map(|w| w.handled)
+        .collect();
+    let log = log.lock().unwrap_or_else(PoisonError::into_inner);
+    let wall_s = match (log.polled, log.last_ack) {
+        (Some(polled), Some(last)) => last.saturating_duration_since(polled).as_secs_f64(),
+        _ => 0.0,
+    };
+    let handled: u64 = per_worker.iter().sum();
+    Ok(SpreadMeasured {
+        workers: p.workers,
+        acked: log.good,
+        all_acked: log.good == p.messages && log.bad == 0 && report.stats.acked == p.messages,
+        wall_s,
+        rate: log.good as f64 / wall_s.max(1e-9),
+        max_share: per_worker.iter().copied().max().unwrap_or(0) as f64 / handled.max(1) as f64,
+        per_worker,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -687,6 +892,21 @@ mod tests {
     #[test]
     fn the_baseline_passes_everything() {
         assert!(channel_baseline(100_000, 100) > 0.0);
+    }
+
+    #[test]
+    fn a_burst_spreads_over_the_workers_of_a_waiting_task() {
+        let m = run_spread(&SpreadParams {
+            messages: 300,
+            sleep_us: 1_000,
+            workers: 2,
+        })
+        .unwrap();
+        assert!(m.all_acked, "{m:?}");
+        assert_eq!(m.per_worker.len(), 2, "{m:?}");
+        assert_eq!(m.per_worker.iter().sum::<u64>(), 300, "{m:?}");
+        assert!(m.max_share < 1.0, "one worker took the whole burst: {m:?}");
+        assert!(m.wall_s > 0.0, "{m:?}");
     }
 
     #[test]

@@ -10,7 +10,10 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
-use tempest_bench::{channel_baseline, memory_probe, run_scenario, Measured, Params, Shape};
+use tempest_bench::{
+    channel_baseline, memory_probe, run_scenario, run_spread, Measured, Params, Shape,
+    SpreadMeasured, SpreadParams,
+};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -59,6 +62,24 @@ enum Cmd {
         /// Pace the source to this many messages per second.
         #[arg(long)]
         rate: Option<f64>,
+    },
+    /// One burst through a task that waits per message (sleeps, as on I/O)
+    /// with 1, 2 and 4 workers: wall time to ack all, msgs/s, the speed-up
+    /// vs 1 worker and the largest share one worker took; one JSON line
+    /// per worker count (each run in a child process).
+    Spread {
+        /// Messages in the burst, all polled at once.
+        #[arg(long, default_value_t = 2_000)]
+        messages: u64,
+        /// Microseconds the task sleeps per message.
+        #[arg(long, default_value_t = 1_000)]
+        sleep_us: u64,
+        /// Workers of the task, one row each (comma-separated).
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2, 4])]
+        workers: Vec<usize>,
+        /// Interleaved rounds (medians reported).
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
     },
     /// A Redis stream of 100-byte entries consumed by the linear topology,
     /// beside a raw XREADGROUP + XACK loop on the same server.
@@ -125,11 +146,13 @@ enum Job {
     Scenario(Params),
     Baseline { messages: u64 },
     Memory { inflight: usize },
+    Spread(SpreadParams),
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 enum JobResult {
     Scenario(Measured),
+    Spread(SpreadMeasured),
     Baseline { rate: f64, peak_rss_kib: u64 },
     Memory { rss_kib: u64 },
 }
@@ -144,6 +167,7 @@ fn run_job(job: &Job) -> anyhow::Result<JobResult> {
         Job::Memory { inflight } => JobResult::Memory {
             rss_kib: memory_probe(*inflight)?,
         },
+        Job::Spread(p) => JobResult::Spread(run_spread(p)?),
     })
 }
 
@@ -172,6 +196,86 @@ fn scenario(p: Params) -> anyhow::Result<Measured> {
         JobResult::Scenario(m) => Ok(m),
         other => bail!("unexpected child result {other:?}"),
     }
+}
+
+/// One row of the spread scenario: the medians of its rounds.
+#[derive(Debug, serde::Serialize)]
+struct SpreadRow {
+    workers: usize,
+    messages: u64,
+    sleep_us: u64,
+    /// Median seconds from the burst's poll to its last ack.
+    wall_s: f64,
+    /// Messages over the median wall time.
+    rate: f64,
+    /// The 1-worker median wall time over this one (if 1 worker was run).
+    speedup: Option<f64>,
+    /// The median of the largest share of the burst one worker took.
+    max_share: f64,
+    /// Messages per worker in the round closest to the median.
+    per_worker: Vec<u64>,
+    all_acked: bool,
+    /// Each round's wall time.
+    wall_s_rounds: Vec<f64>,
+}
+
+/// Runs the spread scenario: `rounds` interleaved rounds of one burst per
+/// worker count, each in a child process.
+fn spread(
+    messages: u64,
+    sleep_us: u64,
+    workers: &[usize],
+    rounds: usize,
+) -> anyhow::Result<Vec<SpreadRow>> {
+    let rounds = rounds.max(1);
+    let mut runs: Vec<Vec<SpreadMeasured>> = vec![Vec::new(); workers.len()];
+    for round in 0..rounds {
+        for (i, &w) in workers.iter().enumerate() {
+            eprintln!(
+                "round {}/{rounds}: spread, {messages} messages, {w} workers",
+                round + 1
+            );
+            let p = SpreadParams {
+                messages,
+                sleep_us,
+                workers: w.max(1),
+            };
+            match in_child(&Job::Spread(p))? {
+                JobResult::Spread(m) => runs[i].push(m),
+                other => bail!("unexpected child result {other:?}"),
+            }
+        }
+    }
+    let mut rows: Vec<SpreadRow> = workers
+        .iter()
+        .zip(runs)
+        .map(|(&w, ms)| {
+            let wall = median(ms.iter().map(|m| m.wall_s).collect());
+            let closest = ms
+                .iter()
+                .min_by(|a, b| (a.wall_s - wall).abs().total_cmp(&(b.wall_s - wall).abs()))
+                .cloned()
+                .unwrap_or_default();
+            SpreadRow {
+                workers: w,
+                messages,
+                sleep_us,
+                wall_s: wall,
+                rate: messages as f64 / wall.max(1e-9),
+                speedup: None,
+                max_share: median(ms.iter().map(|m| m.max_share).collect()),
+                per_worker: closest.per_worker,
+                all_acked: ms.iter().all(|m| m.all_acked),
+                wall_s_rounds: ms.iter().map(|m| m.wall_s).collect(),
+            }
+        })
+        .collect();
+    if let Some(one) = rows.iter().find(|r| r.workers == 1).map(|r| r.wall_s) {
+        for r in &mut rows {
+            r.speedup = Some(one / r.wall_s.max(1e-9));
+        }
+    }
+    Ok(rows)
 }
 
 /// What a distributed run measured, and the topology process's bytes read
@@ -499,6 +603,10 @@ fn all(smoke: bool, rounds: usize) -> anyhow::Result<String> {
         }
     }
 
+    // Scaling an I/O-bound task: one burst through a task that sleeps.
+    let (spread_msgs, spread_sleep_us) = (if smoke { 200 } else { 2_000 }, 1_000u64);
+    let spread_rows = spread(spread_msgs, spread_sleep_us, &[1, 2, 4], rounds)?;
+
     // Memory per message in flight.
     let (hi, lo) = if smoke {
         (20_000, 1_000)
@@ -555,6 +663,14 @@ fn all(smoke: bool, rounds: usize) -> anyhow::Result<String> {
         if !m.all_acked {
             failures.push(format!(
                 "scaling {payload} B × {workers}: not every message acked"
+            ));
+        }
+    }
+    for r in &spread_rows {
+        if !r.all_acked {
+            failures.push(format!(
+                "spread with {} workers: not every message acked",
+                r.workers
             ));
         }
     }
@@ -633,6 +749,34 @@ fn all(smoke: bool, rounds: usize) -> anyhow::Result<String> {
             if m.all_acked { "yes" } else { "NO" },
             cmd(&format!(
                 "run linear --payload {payload} --copy --workers {workers} --messages {n}"
+            ))
+        )?;
+    }
+    writeln!(
+        md,
+        "\n## Scaling an I/O-bound task: workers per task, one burst\n"
+    )?;
+    writeln!(
+        md,
+        "{spread_msgs} messages polled at once (one poll) through a one-task pipeline whose task sleeps {spread_sleep_us} µs per message (waiting, as on I/O: the speed-up does not depend on the cores); wall time from the burst's poll to its last ack, median of {rounds} interleaved round(s). The largest share is of the task messages one worker handled (`RunReport.stats.per_worker`).\n"
+    )?;
+    writeln!(md, "| workers per task | wall time to ack all | acked msgs/s | speed-up vs 1 worker | largest share one worker took | all acked | command |")?;
+    writeln!(md, "| --- | --- | --- | --- | --- | --- | --- |")?;
+    for r in &spread_rows {
+        writeln!(
+            md,
+            "| {} | {} | {:.0} | {} | {:.0}% | {} | {} |",
+            r.workers,
+            format!("{:.2} s", r.wall_s),
+            r.rate,
+            r.speedup
+                .map(|x| format!("{x:.2}×"))
+                .unwrap_or_else(|| "–".into()),
+            r.max_share * 100.0,
+            if r.all_acked { "yes" } else { "NO" },
+            cmd(&format!(
+                "spread --messages {spread_msgs} --sleep-us {spread_sleep_us} --workers {}",
+                r.workers
             ))
         )?;
     }
@@ -813,6 +957,17 @@ fn main() -> ExitCode {
                 serde_json::to_string(&d.m).unwrap_or_default(),
                 d.wire_bytes_per_msg
             );
+        }),
+        Cmd::Spread {
+            messages,
+            sleep_us,
+            workers,
+            rounds,
+        } => spread(messages, sleep_us, &workers, rounds).and_then(|rows| {
+            for r in rows {
+                println!("{}", serde_json::to_string(&r)?);
+            }
+            Ok(())
         }),
         Cmd::Redis { messages, rounds } => {
             tempest_bench::redis_bench::compare(messages, rounds.max(1)).map(|(raw, top)| {

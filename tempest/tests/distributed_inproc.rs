@@ -185,40 +185,12 @@ fn batches_fit_the_frame_limit_and_oversized_messages_fail_cleanly() {
 /// started (GiveBack / Returned frames) for an idle worker to take.
 #[test]
 fn a_busy_remote_worker_gives_back_what_it_has_not_started() {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::Arc;
-    let fast_done = Arc::new(AtomicU64::new(0));
-    let seen_by_slow = Arc::new(AtomicU64::new(0));
-    let make = {
-        let (done, seen) = (Arc::clone(&fast_done), Arc::clone(&seen_by_slow));
-        move |source: MockSource| {
-            let (done, seen) = (Arc::clone(&done), Arc::clone(&seen));
-            TopologyBuilder::new("give-back")
-                .source(source)
-                .pipeline(Pipeline::new().task(FnTask::new("t", move |m| {
-                    if m.as_ref() == b"slow" {
-                        let until = std::time::Instant::now() + Duration::from_secs(20);
-                        while done.load(Ordering::SeqCst) < 50 && std::time::Instant::now() < until
-                        {
-                            std::thread::sleep(Duration::from_millis(2));
-                        }
-                        seen.store(done.load(Ordering::SeqCst), Ordering::SeqCst);
-                    } else {
-                        done.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Ok(Output::One(m))
-                })))
-        }
+    let (source, run) = common::SlowAndFast::new(50);
+    let make = |source: MockSource| {
+        TopologyBuilder::new("give-back")
+            .source(source)
+            .pipeline(Pipeline::new().task(run.task()))
     };
-    use tempest_source::Source as _;
-    let source = MockSource::from_config(tempest_source_mock::MockConfig {
-        ack_interval_ms: 1,
-        ..tempest_source_mock::MockConfig::default()
-    })
-    .unwrap();
-    let mock = source.handle();
-    mock.push("slow");
-    mock.push_all((0..50).map(|i| format!("fast{i}")));
     let handle = RuntimeHandle::new();
     let h = handle.clone();
     let topo = make(source).build().unwrap();
@@ -243,24 +215,5 @@ fn a_busy_remote_worker_gives_back_what_it_has_not_started() {
     let w = std::thread::spawn(move || standalone::run_worker(&worker_topology, "t", opts, None));
     let report = top.join().unwrap();
     w.join().unwrap().unwrap();
-    assert_eq!(report.stats.acked, 51);
-    assert_eq!(
-        seen_by_slow.load(Ordering::SeqCst),
-        50,
-        "{:?}",
-        report.stats
-    );
-    assert!(report.stats.returned > 0, "{:?}", report.stats);
-    assert_eq!(mock.acked_twice(), 0);
-    assert_eq!(
-        report
-            .stats
-            .per_worker
-            .iter()
-            .map(|w| w.handled)
-            .sum::<u64>(),
-        51,
-        "nothing ran twice: {:?}",
-        report.stats.per_worker
-    );
+    run.check(&report.stats);
 }

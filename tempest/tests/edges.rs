@@ -181,54 +181,13 @@ fn a_burst_spreads_over_every_worker_of_a_task() {
 /// (until they timed out) while another worker of the task sat idle.
 #[test]
 fn a_busy_worker_gives_back_what_it_has_not_started() {
-    let source = MockSource::from_config(MockConfig {
-        ack_interval_ms: 1,
-        ..MockConfig::default()
-    })
-    .unwrap();
-    let mock = source.handle();
-    mock.push("slow");
-    mock.push_all((0..50).map(|i| format!("fast{i}")));
-    let fast_done = Arc::new(AtomicU64::new(0));
-    let (done, seen_by_slow) = (Arc::clone(&fast_done), Arc::new(AtomicU64::new(0)));
-    let seen = Arc::clone(&seen_by_slow);
+    let (source, run) = common::SlowAndFast::new(50);
     let report = TestRun::new(
         builder("give-back", source)
-            .pipeline(Pipeline::new().task(FnTask::new("t", move |m| {
-                if m.as_ref() == b"slow" {
-                    // Waits (up to 20 s) for every fast message: only
-                    // possible if those behind it in its batch move to
-                    // the other worker.
-                    let until = std::time::Instant::now() + Duration::from_secs(20);
-                    while done.load(Ordering::SeqCst) < 50 && std::time::Instant::now() < until {
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                    seen.store(done.load(Ordering::SeqCst), Ordering::SeqCst);
-                } else {
-                    done.fetch_add(1, Ordering::SeqCst);
-                }
-                Ok(Output::One(m))
-            })))
+            .pipeline(Pipeline::new().task(run.task()))
             .workers("t", 2),
     )
     .run()
     .unwrap();
-    assert_eq!(report.stats.acked, 51);
-    assert_eq!(
-        seen_by_slow.load(Ordering::SeqCst),
-        50,
-        "every fast message finished while the slow one ran"
-    );
-    assert!(report.stats.returned > 0, "{:?}", report.stats);
-    assert_eq!(mock.acked_twice(), 0);
-    assert_eq!(
-        report
-            .stats
-            .per_worker
-            .iter()
-            .map(|w| w.handled)
-            .sum::<u64>(),
-        51,
-        "nothing ran twice"
-    );
+    run.check(&report.stats);
 }

@@ -122,3 +122,75 @@ pub fn pass(name: &str) -> FnTask {
 pub fn logs() {
     let _ = env_logger::builder().is_test(true).try_init();
 }
+
+/// The give-back scenario: a mock source primed with `slow` and then
+/// `fast` other messages, and a task `t` whose `slow` message waits (up to
+/// 20 s) until every fast one is done. The fast ones can only all finish
+/// if those behind `slow` in its batch move to another worker.
+pub struct SlowAndFast {
+    pub mock: MockHandle,
+    pub fast: u64,
+    done: Arc<std::sync::atomic::AtomicU64>,
+    seen_by_slow: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl SlowAndFast {
+    pub fn new(fast: u64) -> (MockSource, SlowAndFast) {
+        let source = MockSource::from_config(MockConfig {
+            ack_interval_ms: 1,
+            ..MockConfig::default()
+        })
+        .unwrap();
+        let mock = source.handle();
+        mock.push("slow");
+        mock.push_all((0..fast).map(|i| format!("fast{i}")));
+        let run = SlowAndFast {
+            mock,
+            fast,
+            done: Arc::default(),
+            seen_by_slow: Arc::default(),
+        };
+        (source, run)
+    }
+
+    /// The task `t` (every worker shares the counters).
+    pub fn task(&self) -> FnTask {
+        use std::sync::atomic::Ordering;
+        let (done, seen, fast) = (
+            Arc::clone(&self.done),
+            Arc::clone(&self.seen_by_slow),
+            self.fast,
+        );
+        FnTask::new("t", move |m| {
+            if m.as_ref() == b"slow" {
+                let until = std::time::Instant::now() + Duration::from_secs(20);
+                while done.load(Ordering::SeqCst) < fast && std::time::Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                seen.store(done.load(Ordering::SeqCst), Ordering::SeqCst);
+            } else {
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(m.into())
+        })
+    }
+
+    /// Every fast message finished while the slow one ran, something was
+    /// given back, and nothing ran or was acked twice.
+    pub fn check(&self, stats: &tempest::Stats) {
+        use std::sync::atomic::Ordering;
+        assert_eq!(stats.acked, self.fast + 1, "{stats:?}");
+        assert_eq!(
+            self.seen_by_slow.load(Ordering::SeqCst),
+            self.fast,
+            "every fast message finished while the slow one ran: {stats:?}"
+        );
+        assert!(stats.returned > 0, "{stats:?}");
+        assert_eq!(self.mock.acked_twice(), 0);
+        assert_eq!(
+            stats.per_worker.iter().map(|w| w.handled).sum::<u64>(),
+            self.fast + 1,
+            "nothing ran twice: {stats:?}"
+        );
+    }
+}
