@@ -55,10 +55,22 @@ fn single_runs_print_json() {
 #[test]
 fn the_spread_scenario_prints_a_json_line_per_worker_count() {
     let out = Command::new(env!("CARGO_BIN_EXE_tempest-bench"))
-        .args(["spread", "--messages", "100", "--sleep-us", "500", "--workers", "1,2"])
+        .args([
+            "spread",
+            "--messages",
+            "100",
+            "--sleep-us",
+            "500",
+            "--workers",
+            "1,2",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     let rows: Vec<serde_json::Value> = text
         .lines()
@@ -69,6 +81,10 @@ fn the_spread_scenario_prints_a_json_line_per_worker_count() {
         assert_eq!(row["workers"], workers, "{text}");
         assert_eq!(row["all_acked"], true, "{text}");
         assert!(row["speedup"].is_number(), "{text}");
-        assert_eq!(row["per_worker"].as_array().unwrap().len(), workers, "{text}");
+        assert_eq!(
+            row["per_worker"].as_array().unwrap().len(),
+            workers,
+            "{text}"
+        );
     }
 }

@@ -191,22 +191,7 @@ fn a_busy_remote_worker_gives_back_what_it_has_not_started() {
             .source(source)
             .pipeline(Pipeline::new().task(run.task()))
     };
-    let handle = RuntimeHandle::new();
-    let h = handle.clone();
-    let topo = make(source).build().unwrap();
-    let top = std::thread::spawn(move || {
-        standalone::run(
-            topo,
-            RunOptions {
-                handle: Some(h),
-                local_workers: false,
-                serve: Some(ServeOptions::loopback()),
-                ..RunOptions::default()
-            },
-        )
-        .unwrap()
-    });
-    let addr = wait_for_listener(&handle);
+    let (top, addr) = common::serve_on_loopback(make(source).build().unwrap());
     let worker_topology = make(generated(0).0).build().unwrap();
     let opts = WorkerOptions {
         workers: 2,

@@ -410,7 +410,7 @@ fn sample(body: &str, series: &str) -> Option<f64> {
 
 #[test]
 fn workers_push_their_metrics_to_a_push_gateway_and_the_last_push_is_complete() {
-    use tempest::standalone::{self, RunOptions, RuntimeHandle, ServeOptions, WorkerOptions};
+    use tempest::standalone::{self, WorkerOptions};
     let gateway = Gateway::start();
     let url = format!("http://{}", gateway.addr);
     // The worker's config also names the topology's scrape port: a worker
@@ -436,31 +436,13 @@ fn workers_push_their_metrics_to_a_push_gateway_and_the_last_push_is_complete() 
         ],
     };
     let (source, mock) = generated(2000);
-    let handle = RuntimeHandle::new();
-    let h = handle.clone();
-    let topo_metrics = config("topo");
-    let top = std::thread::spawn(move || {
-        standalone::run(
-            builder("push", source)
-                .pipeline(Pipeline::new().task(pass("a")))
-                .metrics(topo_metrics)
-                .build()
-                .unwrap(),
-            RunOptions {
-                handle: Some(h),
-                local_workers: false,
-                serve: Some(ServeOptions::loopback()),
-                ..RunOptions::default()
-            },
-        )
-        .unwrap()
-    });
-    let addr = loop {
-        if let Some(a) = handle.listening() {
-            break a;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let (top, addr) = common::serve_on_loopback(
+        builder("push", source)
+            .pipeline(Pipeline::new().task(pass("a")))
+            .metrics(config("topo"))
+            .build()
+            .unwrap(),
+    );
     let worker_metrics = config("worker-1");
     let worker = std::thread::spawn(move || {
         let t = builder("push", generated(0).0)

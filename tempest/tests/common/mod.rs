@@ -194,3 +194,41 @@ impl SlowAndFast {
         );
     }
 }
+
+/// Runs `topology` as a topology process (no local workers) on a thread,
+/// serving on loopback; returns the run and the address workers connect
+/// to, once it listens.
+pub fn serve_on_loopback(
+    topology: tempest::Topology,
+) -> (
+    std::thread::JoinHandle<tempest::standalone::RunReport>,
+    std::net::SocketAddr,
+) {
+    use tempest::standalone::{self, RunOptions, RuntimeHandle, ServeOptions};
+    let handle = RuntimeHandle::new();
+    let h = handle.clone();
+    let top = std::thread::spawn(move || {
+        standalone::run(
+            topology,
+            RunOptions {
+                handle: Some(h),
+                local_workers: false,
+                serve: Some(ServeOptions::loopback()),
+                ..RunOptions::default()
+            },
+        )
+        .unwrap()
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let addr = loop {
+        if let Some(a) = handle.listening() {
+            break a;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the topology never listened"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    (top, addr)
+}
