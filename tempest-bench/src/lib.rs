@@ -167,7 +167,7 @@ pub struct BenchSource {
 }
 
 /// The [`BenchSource`]'s configuration.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BenchSourceConfig {
     /// Messages to generate.

@@ -219,14 +219,16 @@ where
     }
 }
 
+/// The settings file, read leniently: its problems are reported with the
+/// rest when the topology is built, all at once.
 fn config_file(explicit: Option<&Path>) -> Result<Option<ConfigFile>, Error> {
     match explicit {
-        Some(path) => ConfigFile::load(path).map(Some),
+        Some(path) => ConfigFile::load_lenient(path).map(Some),
         None => {
             let default = Path::new("Topology.toml");
             if default.is_file() {
                 log::info!("Reading settings from ./Topology.toml.");
-                ConfigFile::load(default).map(Some)
+                ConfigFile::load_lenient(default).map(Some)
             } else {
                 Ok(None)
             }
