@@ -754,4 +754,123 @@ mod tests {
         assert_eq!(t.workers, vec![1]);
         assert_eq!(t.source_name, "MockSource");
     }
+
+    fn file(text: &str) -> ConfigFile {
+        ConfigFile::parse_lenient(std::path::Path::new("Topology.toml"), text.to_string()).unwrap()
+    }
+
+    fn problems(err: &Error) -> Vec<String> {
+        match err {
+            Error::Config { file, problems } => problems.iter().map(|p| p.at(file)).collect(),
+            other => panic!("not a config error: {other}"),
+        }
+    }
+
+    /// Issue 10: a setting from the file was reported by the file's check
+    /// and again by the builder's, in another format.
+    #[test]
+    fn file_problems_are_reported_once_each_with_their_lines() {
+        let err = TopologyBuilder::new("x")
+            .source_config::<MockSource>(MockConfig::default())
+            .pipeline(Pipeline::new().task(T))
+            .config_file(file(
+                "max_pending = 0\nmax_pendng = 1\n\n[[task]]\nname = \"t\"\nworkers = 0\npoll_count = 0\n\n[[task]]\nname = \"nope\"\nworkers = 2\n",
+            ))
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            problems(&err),
+            [
+                "Topology.toml:1: max_pending: must be at least 1",
+                "Topology.toml:2: max_pendng: unknown key; did you mean max_pending?",
+                "Topology.toml:6: task.workers: must be at least 1 (task \"t\")",
+                "Topology.toml:7: task.poll_count: must be at least 1 (task \"t\")",
+                "Topology.toml:10: task.name: \"nope\" is not a task of this topology; its tasks are: t",
+            ],
+            "{err}"
+        );
+        assert!(err.is_usage());
+        // With problems of the builder's own, the file's are listed in the
+        // same format.
+        let err = TopologyBuilder::new(" ")
+            .source_config::<MockSource>(MockConfig::default())
+            .pipeline(Pipeline::new().task(T))
+            .config_file(file("max_pending = 0\n"))
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "topology \" \" is invalid:\n  - the name is empty\n  - Topology.toml:1: max_pending: must be at least 1"
+        );
+    }
+
+    /// Issue 10: `[source.config]` replaced the compiled configuration.
+    #[test]
+    fn source_config_merges_over_the_compiled_config() {
+        let compiled = MockConfig {
+            batch_size: 7,
+            ..MockConfig::generator(10, 8)
+        };
+        let t = TopologyBuilder::new("x")
+            .source_config::<MockSource>(compiled)
+            .pipeline(Pipeline::new().task(T))
+            .config_file(file("[source.config]\ncount = 5\nack_interval_ms = 3\n"))
+            .build()
+            .unwrap();
+        let source = (t.source)(None).unwrap();
+        let settings = source.settings();
+        assert_eq!(settings.poll_count, 7, "the compiled batch_size stays");
+        assert_eq!(settings.ack_interval, Duration::from_millis(3));
+    }
+
+    #[test]
+    fn source_config_problems_are_reported_with_the_files_others() {
+        let err = TopologyBuilder::new("x")
+            .source_config::<MockSource>(MockConfig::default())
+            .pipeline(Pipeline::new().task(T))
+            .config_file(file(
+                "prot = 1\n\n[source.config]\ncont = 5\nbatch_size = \"big\"\n",
+            ))
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            problems(&err),
+            [
+                "Topology.toml:1: prot: unknown key; did you mean port?",
+                "Topology.toml:4: source.config.cont: unknown key; did you mean count?",
+                "Topology.toml:5: source.config.batch_size: invalid type: string \"big\", expected a whole number, 0 or more",
+            ]
+        );
+        let err = TopologyBuilder::new("x")
+            .source(MockSource::from_config(MockConfig::default()).unwrap())
+            .pipeline(Pipeline::new().task(T))
+            .config_file(file("name = \"x\"\n[source.config]\ncount = 5\n"))
+            .build()
+            .unwrap_err();
+        let got = problems(&err);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(
+            got[0].starts_with("Topology.toml:2: source.config: cannot apply: this package builds its source in code"),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn failure_policies_deserialize_from_their_three_forms() {
+        let p = |s: &str| toml::from_str::<std::collections::BTreeMap<String, FailurePolicy>>(s);
+        assert_eq!(p("p = \"none\"").unwrap()["p"], FailurePolicy::None);
+        assert_eq!(
+            p("p = \"best_effort\"").unwrap()["p"],
+            FailurePolicy::BestEffort
+        );
+        assert_eq!(
+            p("p = { retry = 4 }").unwrap()["p"],
+            FailurePolicy::Retry(4)
+        );
+        let e = p("p = \"retry\"").unwrap_err().to_string();
+        assert!(e.contains("write failure_policy = { retry = 3 }"), "{e}");
+        assert!(p("p = { retry = 4294967296 }").is_err());
+        assert!(p("p = {}").is_err());
+    }
 }
