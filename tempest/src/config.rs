@@ -14,7 +14,7 @@
 //! ```text
 //! 3 problems in Topology.toml:
 //!   Topology.toml:2: max_pendng: unknown key; did you mean max_pending?
-//!   Topology.toml:3: failure_policy: "retry" needs a count: write failure_policy = { retry = 3 }; the other policies are "none" and "best_effort"
+//!   Topology.toml:3: failure_policy: "retry" needs a count, as a table: write failure_policy = { retry = 3 }; the other policies are "none" and "best_effort"
 //!   Topology.toml:7: source.config.cont: unknown key; did you mean count?
 //! ```
 //!
@@ -401,23 +401,20 @@ impl ConfigFile {
                         vec![Seg::key("metric"), Seg::key("target"), Seg::Index(n - 1)],
                         "metric.target".to_string(),
                     ),
-                    None => {
-                        let first = p.split(' ').next().unwrap_or_default();
-                        (
-                            vec![Seg::key("metric"), Seg::key(first)],
-                            format!("metric.{first}"),
-                        )
-                    }
+                    None => (vec![Seg::key("metric")], "metric".to_string()),
                 };
-                let message = match p.split_once(' ') {
+                // "flush_interval must be .." names a key of [metric].
+                let (path, key, message) = match p.split_once(' ') {
                     Some((first, rest)) if target.is_none() => {
-                        if key.ends_with(first) {
-                            rest.to_string()
+                        let mut at = path.clone();
+                        at.push(Seg::key(first));
+                        if nodes.iter().any(|n| n.path == at) {
+                            (at, format!("{key}.{first}"), rest.to_string())
                         } else {
-                            p.clone()
+                            (path, key, p.clone())
                         }
                     }
-                    _ => p.clone(),
+                    _ => (path, key, p.clone()),
                 };
                 problems.push(ConfigProblem::new(
                     line_of(&path).or(metric_line),
@@ -1198,7 +1195,7 @@ a = 1
     #[test]
     fn failure_policy_errors_show_the_right_form() {
         for (text, want) in [
-            ("failure_policy = \"retry\"", "\"retry\" is not a policy: a retry count is a table, write failure_policy = { retry = 3 }; the other policies are \"none\" and \"best_effort\""),
+            ("failure_policy = \"retry\"", "\"retry\" needs a count, as a table: write failure_policy = { retry = 3 }; the other policies are \"none\" and \"best_effort\""),
             ("failure_policy = \"retry(5)\"", "write failure_policy = { retry = 5 }"),
             ("failure_policy = { retry = \"3\" }", "the retry count is a number, not a string: write failure_policy = { retry = 3 }"),
             ("failure_policy = { retries = 3 }", "unknown key \"retries\" in the policy; write failure_policy = { retry = 3 } (retry up to 3 times), \"none\" or \"best_effort\""),

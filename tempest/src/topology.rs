@@ -63,7 +63,7 @@ impl<'de> Visitor<'de> for PolicyVisitor {
             _ if plain.starts_with("retry") => {
                 let count = plain["retry".len()..].parse::<u32>().unwrap_or(3);
                 Err(E::custom(format!(
-                    "\"{s}\" is not a policy: a retry count is a table, write failure_policy = {{ retry = {count} }}; the other policies are \"none\" and \"best_effort\""
+                    "\"{s}\" needs a count, as a table: write failure_policy = {{ retry = {count} }}; the other policies are \"none\" and \"best_effort\""
                 )))
             }
             _ if plain == "none" || plain == "besteffort" => Err(E::custom(format!(
