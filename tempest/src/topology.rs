@@ -805,6 +805,20 @@ mod tests {
         );
     }
 
+    /// A flag after the file (`--workers t=3` over `workers = 2`) wins;
+    /// it was reported as "set twice".
+    #[test]
+    fn a_flag_overrides_the_files_workers() {
+        let t = TopologyBuilder::new("x")
+            .source_config::<MockSource>(MockConfig::default())
+            .pipeline(Pipeline::new().task(T))
+            .config_file(file("[[task]]\nname = \"t\"\nworkers = 2\n"))
+            .workers("t", 3)
+            .build()
+            .unwrap();
+        assert_eq!(t.workers, vec![3]);
+    }
+
     /// Issue 10: `[source.config]` replaced the compiled configuration.
     #[test]
     fn source_config_merges_over_the_compiled_config() {
