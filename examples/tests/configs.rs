@@ -1,16 +1,24 @@
 //! Every Topology.toml shipped in the repository, and every TOML example in
 //! the book, parses, passes the checks against the word-count package, and
-//! its [source.config] is a valid mock source configuration.
+//! its [source.config] is a valid mock source configuration. Every shipped
+//! source configuration survives the merge of `[source.config]` over it,
+//! and a package binary reports a bad file's problems all at once.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::fmt::Debug;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::Arc;
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use tempest::config::ConfigFile;
 use tempest_examples::wordcount::{self, Totals};
-use tempest_source::Source;
-use tempest_source_mock::MockSource;
-use tempest_source_redis::{RedisListSource, RedisStreamSource};
+use tempest_source::{AckPolicy, Source};
+use tempest_source_mock::{MockConfig, MockSource};
+use tempest_source_redis::{
+    PendingAction, RedisListConfig, RedisListSource, RedisStreamConfig, RedisStreamSource,
+};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -127,4 +135,121 @@ fn the_examples_file_configures_the_word_count_package() {
     let words = t.dag().index_of("words").unwrap() as usize;
     assert_eq!(t.workers()[words], 2);
     assert_eq!(t.name(), "wordcount");
+}
+
+/// `config`, through the runtime's merge with an empty `[source.config]`:
+/// written as a TOML table and read back.
+fn round_trip<C: Serialize + DeserializeOwned + Debug + PartialEq + Clone>(config: C) {
+    let file = ConfigFile::parse(Path::new("Topology.toml"), "[source.config]\n".into()).unwrap();
+    let back = file
+        .source_config_over(config.clone())
+        .unwrap_or_else(|e| panic!("{config:?}: {e}"));
+    assert_eq!(back, config);
+}
+
+#[test]
+fn every_shipped_source_config_round_trips_through_the_merge() {
+    round_trip(MockConfig::default());
+    round_trip(MockConfig {
+        payloads: vec!["a".into(), "b c".into()],
+        redeliver_after_ms: Some(5),
+        max_deliveries: Some(2),
+        open: true,
+        ack_policy: AckPolicy::Individual,
+        ..MockConfig::generator(10, 8)
+    });
+    round_trip(MockConfig {
+        ack_policy: AckPolicy::None,
+        ..MockConfig::default()
+    });
+    let stream = RedisStreamConfig::new("redis://127.0.0.1:6379", "jobs", "workers");
+    round_trip(stream.clone());
+    for action in [
+        PendingAction::Claim,
+        PendingAction::Ack,
+        PendingAction::Delete,
+    ] {
+        round_trip(
+            stream
+                .clone()
+                .consumer("c1")
+                .dead_letter("jobs:dlq")
+                .on_pending(action)
+                .ack_policy(AckPolicy::Individual),
+        );
+    }
+    let list = RedisListConfig::new("redis://127.0.0.1:6379", "jobs");
+    round_trip(list.clone());
+    round_trip(list.consumer("c1").dead_letter("jobs:dlq"));
+}
+
+/// Issue 10: the compiled `uri` and `key` vanished when the file set only
+/// `count`.
+#[test]
+fn source_config_keeps_the_compiled_keys_it_does_not_set() {
+    let file = ConfigFile::parse(
+        Path::new("Topology.toml"),
+        "[source.config]\ncount = 5\nack_policy = { batch = 10 }\n".into(),
+    )
+    .unwrap();
+    let compiled = RedisStreamConfig::new("redis://db:6379", "jobs", "workers").consumer("c1");
+    let merged = file.source_config_over(compiled.clone()).unwrap();
+    assert_eq!(
+        merged,
+        compiled.count(5usize).ack_policy(AckPolicy::Batch(10))
+    );
+}
+
+/// Issue 10: a package binary given a Topology.toml with two unknown keys
+/// and a bad value reported only the first, and some problems twice.
+#[test]
+fn a_package_reports_every_problem_of_its_file_once_with_its_line() {
+    let dir = std::env::temp_dir().join(format!("tempest-configs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("Topology.toml");
+    std::fs::write(
+        &path,
+        r#"name = "wordcount"
+max_pendng = 100
+failure_policy = "retry"
+max_pending = 0
+
+[source.config]
+cont = 10
+
+[[task]]
+name = "words"
+workrs = 2
+"#,
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_wordcount"))
+        .current_dir(&dir)
+        .arg("--config")
+        .arg(&path)
+        .arg("standalone")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let file = path.display().to_string();
+    for (line, key, what) in [
+        (2, "max_pendng", "unknown key; did you mean max_pending?"),
+        (3, "failure_policy", "write failure_policy = { retry = 3 }"),
+        (4, "max_pending", "must be at least 1"),
+        (7, "source.config.cont", "unknown key; did you mean count?"),
+        (11, "task.workrs", "unknown key; did you mean workers?"),
+    ] {
+        let at = format!("{file}:{line}: {key}: ");
+        let hits: Vec<&str> = stderr.lines().filter(|l| l.contains(&at)).collect();
+        assert_eq!(hits.len(), 1, "{at} once in:\n{stderr}");
+        assert!(hits[0].contains(what), "{at}{what} in:\n{stderr}");
+    }
+    assert!(
+        stderr.starts_with(&format!("error: 5 problems in {file}:\n")),
+        "{stderr}"
+    );
+    // Every problem once: no other line names the file or repeats one.
+    assert_eq!(stderr.matches(&file).count(), 6, "{stderr}");
 }

@@ -170,7 +170,7 @@ pub struct BenchSource {
 }
 
 /// The [`BenchSource`]'s configuration.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BenchSourceConfig {
     /// Messages to generate.
@@ -864,6 +864,34 @@ pub fn run_spread(p: &SpreadParams) -> Result<SpreadMeasured, tempest::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `[source.config]` merges over the compiled config, so it must write
+    /// itself as TOML and read back the same.
+    #[test]
+    fn the_source_config_round_trips_through_the_merge() {
+        let file = tempest::config::ConfigFile::parse(
+            std::path::Path::new("Topology.toml"),
+            "[source.config]\nmessages = 5\n".into(),
+        )
+        .unwrap();
+        for rate in [None, Some(1_000.5)] {
+            let compiled = BenchSourceConfig {
+                messages: 10,
+                payload: 100,
+                copy: true,
+                rate,
+                track: false,
+                warmup_s: 0.5,
+                report: true,
+            };
+            let merged = file.source_config_over(compiled.clone()).unwrap();
+            let want = BenchSourceConfig {
+                messages: 5,
+                ..compiled
+            };
+            assert_eq!(format!("{merged:?}"), format!("{want:?}"));
+        }
+    }
 
     #[test]
     fn every_shape_acks_everything() {

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tempest_source::metrics::names;
 use tempest_source::{
     now_millis, AckPolicy, FailedMsg, Metrics, MsgId, Source, SourceContext, SourceError,
@@ -37,7 +37,7 @@ use tempest_source::{
 };
 
 /// The mock source's configuration (`[source.config]`).
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MockConfig {
     /// How many messages to generate after the primed ones.

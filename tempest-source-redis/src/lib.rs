@@ -49,11 +49,11 @@ pub mod test_server;
 pub use list::{RedisListConfig, RedisListSource};
 pub use stream::{PendingAction, RedisStreamSource};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tempest_source::{AckPolicy, SourceError};
 
 /// The Redis Streams source's configuration (`[source.config]`).
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RedisStreamConfig {
     /// The server, e.g. `redis://127.0.0.1:6379`.

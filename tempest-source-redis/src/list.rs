@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use redis::{Connection, Value};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tempest_source::metrics::names;
 use tempest_source::{
     now_millis, AckPolicy, Metrics, MsgId, Source, SourceContext, SourceError, SourceMsg,
@@ -16,7 +16,7 @@ use crate::default_consumer;
 use crate::reply::{self, invoke};
 
 /// The list source's configuration (`[source.config]`).
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RedisListConfig {
     /// The server, e.g. `redis://127.0.0.1:6379`.

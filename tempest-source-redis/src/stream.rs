@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use redis::streams::StreamInfoGroupsReply;
 use redis::{Commands as _, Connection, Value};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tempest_source::metrics::names;
 use tempest_source::{
     now_millis, FailedMsg, Metrics, MsgId, Source, SourceContext, SourceError, SourceMsg,
@@ -17,7 +17,7 @@ use crate::reply::{self, Entry};
 use crate::{default_consumer, RedisStreamConfig};
 
 /// What to do with entries idle longer than `claim_min_idle_ms`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PendingAction {
     /// Claim them and run them again (dead-lettering those delivered more

@@ -3,8 +3,9 @@
 //! # How this crate is laid out
 //!
 //! - [`Source`]: the trait a source implements. It is built from a typed
-//!   [`Source::Config`] (deserialized from `[source.config]` in
-//!   `Topology.toml`, unknown keys rejected), polled in batches on a thread of
+//!   [`Source::Config`] (`Serialize` and `Deserialize`: the runtime merges
+//!   `[source.config]` of `Topology.toml` over the configuration compiled
+//!   into the package, unknown keys rejected), polled in batches on a thread of
 //!   its own (so `poll` may block), and told which messages to ack.
 //! - [`SourceMsg`] and [`MsgId`]: one message as the source hands it to the
 //!   runtime. Payloads are [`bytes::Bytes`], so copies are reference counts.
@@ -16,15 +17,17 @@
 //!   source at setup, including a handle to record its own metrics, so a
 //!   source crate never depends on the runtime.
 //!
-//! The crate depends on `serde`, `thiserror` and `bytes` only.
+//! The crate depends on `serde` (a config derives `Serialize` and
+//! `Deserialize`), `thiserror`, `bytes` and `hdrhistogram` (behind
+//! [`metrics::Histogram`]) only.
 //!
 //! # A minimal source
 //!
 //! ```
-//! use serde::Deserialize;
+//! use serde::{Deserialize, Serialize};
 //! use tempest_source::{MsgId, Source, SourceError, SourceMsg};
 //!
-//! #[derive(Debug, Deserialize)]
+//! #[derive(Debug, Serialize, Deserialize)]
 //! #[serde(deny_unknown_fields)]
 //! struct CounterConfig {
 //!     limit: u64,
@@ -390,9 +393,15 @@ impl SourceContext {
 /// runtime tells the source of messages it gave up on through
 /// [`fail`](Source::fail).
 pub trait Source: Send + 'static {
-    /// The source's typed configuration, deserialized from `[source.config]`.
-    /// Use `#[serde(deny_unknown_fields)]` so a misspelt key is an error.
-    type Config: DeserializeOwned + Send + 'static;
+    /// The source's typed configuration. A package compiles one in
+    /// (`TopologyBuilder::source_config::<S>(config)`); the runtime
+    /// serializes it to a TOML table, merges `[source.config]` of
+    /// `Topology.toml` over it (keys the file sets win) and deserializes the
+    /// result, so it needs both `Serialize` and `Deserialize`, and the two
+    /// must round-trip (derive both; `Option` fields that are `None` are
+    /// left out). Use `#[serde(deny_unknown_fields)]` so a misspelt key is
+    /// an error.
+    type Config: Serialize + DeserializeOwned + Send + 'static;
 
     /// A short name for logs and metrics, e.g. `"redis-stream"`.
     fn name(&self) -> &str;

@@ -2,6 +2,7 @@
 
 use tempest_source::SourceError;
 
+use crate::config::ConfigProblem;
 use crate::pipeline::PipelineErrors;
 
 /// Everything that can go wrong in the runtime.
@@ -19,14 +20,14 @@ pub enum Error {
         /// Every problem found.
         problems: Vec<String>,
     },
-    /// A configuration file is invalid; names the file and, where it can,
-    /// the line and the key.
-    #[error("{}: {message}", file.display())]
+    /// A configuration file is invalid; lists every problem, each with the
+    /// file and, where it can, the line and the key.
+    #[error("{}", config_problems(file, problems))]
     Config {
         /// The file.
         file: std::path::PathBuf,
-        /// What is wrong, with lines and keys.
-        message: String,
+        /// Every problem found, in the order of the file's lines.
+        problems: Vec<ConfigProblem>,
     },
     /// The source failed in a way the runtime cannot recover from.
     #[error("source \"{name}\" failed: {source}")]
@@ -52,6 +53,15 @@ pub enum Error {
 }
 
 impl Error {
+    /// A configuration error with one problem that belongs to no line (the
+    /// file cannot be read, say).
+    pub fn config(file: impl Into<std::path::PathBuf>, message: impl Into<String>) -> Self {
+        Error::Config {
+            file: file.into(),
+            problems: vec![ConfigProblem::new(None, None, message)],
+        }
+    }
+
     /// Whether the error is the user's to fix (configuration, pipeline):
     /// binaries exit with code 2 for these, 1 for the rest.
     pub fn is_usage(&self) -> bool {
@@ -70,4 +80,19 @@ impl Error {
 
 fn list(problems: &[String]) -> String {
     problems.iter().map(|p| format!("\n  - {p}")).collect()
+}
+
+/// One problem: `Topology.toml:4: max_pendng: unknown key; ...`; several:
+/// a count, then one problem a line.
+fn config_problems(file: &std::path::Path, problems: &[ConfigProblem]) -> String {
+    match problems {
+        [one] => one.at(file),
+        _ => {
+            let lines: String = problems
+                .iter()
+                .map(|p| format!("\n  {}", p.at(file)))
+                .collect();
+            format!("{} problems in {}:{lines}", problems.len(), file.display())
+        }
+    }
 }

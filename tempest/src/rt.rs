@@ -225,12 +225,7 @@ where
     match execute(builder, cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e}");
-            let mut source = std::error::Error::source(&e);
-            while let Some(cause) = source {
-                eprintln!("  caused by: {cause}");
-                source = cause.source();
-            }
+            eprintln!("{}", report(&e));
             if e.is_usage() {
                 ExitCode::from(2)
             } else {
@@ -240,14 +235,31 @@ where
     }
 }
 
+/// `error: ..` and each cause the message does not already include, so
+/// nothing is printed twice.
+fn report(e: &Error) -> String {
+    let mut out = format!("error: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !out.contains(&cause_text) {
+            out.push_str(&format!("\n  caused by: {cause_text}"));
+        }
+        source = cause.source();
+    }
+    out
+}
+
+/// The settings file, read leniently: its problems are reported with the
+/// rest when the topology is built, all at once.
 fn config_file(explicit: Option<&Path>) -> Result<Option<ConfigFile>, Error> {
     match explicit {
-        Some(path) => ConfigFile::load(path).map(Some),
+        Some(path) => ConfigFile::load_lenient(path).map(Some),
         None => {
             let default = Path::new("Topology.toml");
             if default.is_file() {
                 log::info!("Reading settings from ./Topology.toml.");
-                ConfigFile::load(default).map(Some)
+                ConfigFile::load_lenient(default).map(Some)
             } else {
                 Ok(None)
             }
@@ -541,6 +553,27 @@ fn install_signal_handlers(handle: &RuntimeHandle) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 10: a source's configuration error was printed twice, in the
+    /// message and again as its cause.
+    #[test]
+    fn errors_print_each_cause_once() {
+        let e = Error::Source {
+            name: "mock".into(),
+            source: tempest_source::SourceError::config("batch_size must be at least 1"),
+        };
+        let text = report(&e);
+        assert_eq!(
+            text.matches("batch_size must be at least 1").count(),
+            1,
+            "{text}"
+        );
+        let e = Error::Io {
+            what: "binding".into(),
+            source: std::io::Error::other("address in use"),
+        };
+        assert_eq!(report(&e), "error: binding: address in use");
+    }
 
     #[test]
     fn workers_parse_as_task_equals_count() {

@@ -6,18 +6,20 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
 use tempest_source::{
     FailedMsg, MsgId, Source, SourceContext, SourceError, SourceMsg, SourceSettings,
 };
 
-use crate::config::ConfigFile;
+use crate::config::{in_file_order, ConfigFile, ConfigProblem};
 use crate::error::Error;
 use crate::pipeline::{Dag, Pipeline};
 
 /// What happens to a message when a task fails it or it times out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+///
+/// In `Topology.toml`: `failure_policy = "none"`, `"best_effort"` or
+/// `{ retry = 3 }`; anything else is an error that shows these forms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FailurePolicy {
     /// Give up on the message without acking it: the source redelivers it
     /// (its own visibility timeout or pending list).
@@ -28,6 +30,119 @@ pub enum FailurePolicy {
     /// Run the whole message again from the root, up to this many times,
     /// after a backoff that doubles each time; then give up as with `None`.
     Retry(u32),
+}
+
+/// The forms `failure_policy` takes, for error messages.
+const POLICY_FORMS: &str =
+    "write failure_policy = { retry = 3 } (retry up to 3 times), \"none\" or \"best_effort\"";
+
+impl<'de> Deserialize<'de> for FailurePolicy {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(PolicyVisitor)
+    }
+}
+
+struct PolicyVisitor;
+
+impl<'de> Visitor<'de> for PolicyVisitor {
+    type Value = FailurePolicy;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"none\", \"best_effort\" or { retry = N }")
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<FailurePolicy, E> {
+        let plain: String = s
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .map(|c| c.to_ascii_lowercase())
+            .collect();
+        match s {
+            "none" => Ok(FailurePolicy::None),
+            "best_effort" => Ok(FailurePolicy::BestEffort),
+            _ if plain.starts_with("retry") => {
+                let count = plain["retry".len()..].parse::<u32>().unwrap_or(3);
+                Err(E::custom(format!(
+                    "\"{s}\" needs a count, as a table: write failure_policy = {{ retry = {count} }}; the other policies are \"none\" and \"best_effort\""
+                )))
+            }
+            _ if plain == "none" || plain == "besteffort" => Err(E::custom(format!(
+                "unknown policy \"{s}\"; did you mean \"{}\"?",
+                if plain == "none" {
+                    "none"
+                } else {
+                    "best_effort"
+                }
+            ))),
+            _ => Err(E::custom(format!("unknown policy \"{s}\"; {POLICY_FORMS}"))),
+        }
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<FailurePolicy, A::Error> {
+        let mut retries = None;
+        while let Some(key) = map.next_key::<String>()? {
+            if key != "retry" {
+                return Err(de::Error::custom(format!(
+                    "unknown key \"{key}\" in the policy; {POLICY_FORMS}"
+                )));
+            }
+            if retries.is_some() {
+                return Err(de::Error::custom("retry is given twice"));
+            }
+            retries = Some(map.next_value::<RetryCount>()?.0);
+        }
+        retries.map(FailurePolicy::Retry).ok_or_else(|| {
+            de::Error::custom(format!("an empty table is not a policy; {POLICY_FORMS}"))
+        })
+    }
+}
+
+/// The `N` of `{ retry = N }`.
+struct RetryCount(u32);
+
+impl<'de> Deserialize<'de> for RetryCount {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Count;
+        impl Visitor<'_> for Count {
+            type Value = RetryCount;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a retry count")
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<RetryCount, E> {
+                u32::try_from(n).map(RetryCount).map_err(|_| {
+                    E::custom(format!(
+                        "the retry count {n} is too large (at most {})",
+                        u32::MAX
+                    ))
+                })
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<RetryCount, E> {
+                match u64::try_from(n) {
+                    Ok(n) => self.visit_u64(n),
+                    Err(_) => Err(E::custom(format!(
+                        "the retry count {n} is negative; write failure_policy = {{ retry = 3 }}, or \"none\" for no retries"
+                    ))),
+                }
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<RetryCount, E> {
+                let count = s.trim().parse::<u32>().unwrap_or(3);
+                Err(E::custom(format!(
+                    "the retry count is a number, not a string: write failure_policy = {{ retry = {count} }}"
+                )))
+            }
+            fn visit_f64<E: de::Error>(self, n: f64) -> Result<RetryCount, E> {
+                Err(E::custom(format!(
+                    "the retry count {n} is not a whole number: write failure_policy = {{ retry = 3 }}"
+                )))
+            }
+            fn visit_bool<E: de::Error>(self, b: bool) -> Result<RetryCount, E> {
+                Err(E::custom(format!(
+                    "the retry count {b} is not a number: write failure_policy = {{ retry = 3 }}"
+                )))
+            }
+        }
+        deserializer.deserialize_any(Count)
+    }
 }
 
 /// The settings that govern delivery and shutdown.
@@ -135,11 +250,22 @@ impl<S: Source> DynSource for S {
 type SourceFactory =
     Box<dyn FnOnce(Option<&ConfigFile>) -> Result<Box<dyn DynSource>, Error> + Send>;
 
+/// Resolves a source's configuration against the `Topology.toml` applied
+/// (when the topology is built) and returns its factory, or every problem
+/// of `[source.config]`.
+type SourceResolver =
+    Box<dyn FnOnce(Option<&ConfigFile>) -> Result<SourceFactory, Vec<ConfigProblem>> + Send>;
+
+enum SourceMaker {
+    /// A ready instance: `[source.config]` cannot apply.
+    Fixed(SourceFactory),
+    /// Built from a typed config that `[source.config]` merges over.
+    Configured(SourceResolver),
+}
+
 struct SourceSpec {
     name: String,
-    /// Built from a typed config that `[source.config]` may replace.
-    configurable: bool,
-    make: SourceFactory,
+    make: SourceMaker,
 }
 
 /// Builds a [`Topology`].
@@ -210,16 +336,20 @@ impl TopologyBuilder {
         let name = source.name().to_string();
         self.source = Some(SourceSpec {
             name,
-            configurable: false,
-            make: Box::new(move |_| Ok(Box::new(source) as Box<dyn DynSource>)),
+            make: SourceMaker::Fixed(Box::new(
+                move |_| Ok(Box::new(source) as Box<dyn DynSource>),
+            )),
         });
         self
     }
 
     /// The source, built from its typed configuration when the topology
-    /// starts: `config`, or `[source.config]` of `Topology.toml` in its
-    /// place when the file has one. A bad configuration is an error then,
-    /// naming the file, line and key, never a panic.
+    /// starts: `config`, with `[source.config]` of `Topology.toml` merged
+    /// over it when the file has one (keys the file sets win, the others
+    /// keep their compiled values; tables merge key by key, arrays and
+    /// plain values replace). [`build`](Self::build) checks the result and
+    /// reports every problem with the file's others, each naming the file,
+    /// line and key, never a panic.
     pub fn source_config<S: Source>(mut self, config: S::Config) -> Self {
         let name = std::any::type_name::<S>()
             .rsplit("::")
@@ -229,19 +359,20 @@ impl TopologyBuilder {
         let source_name = name.clone();
         self.source = Some(SourceSpec {
             name,
-            configurable: true,
-            make: Box::new(move |file| {
+            make: SourceMaker::Configured(Box::new(move |file| {
                 let config = match file {
-                    Some(f) => f.source_config::<S::Config>()?.unwrap_or(config),
+                    Some(f) => f.merged_source_config(config)?,
                     None => config,
                 };
-                S::from_config(config)
-                    .map(|s| Box::new(s) as Box<dyn DynSource>)
-                    .map_err(|e| Error::Source {
-                        name: source_name,
-                        source: e,
-                    })
-            }),
+                Ok(Box::new(move |_: Option<&ConfigFile>| {
+                    S::from_config(config)
+                        .map(|s| Box::new(s) as Box<dyn DynSource>)
+                        .map_err(|e| Error::Source {
+                            name: source_name,
+                            source: e,
+                        })
+                }) as SourceFactory)
+            })),
         });
         self
     }
@@ -323,7 +454,8 @@ impl TopologyBuilder {
     }
 
     /// Applies a `Topology.toml`: its settings replace the builder's, its
-    /// `[source.config]` the source's compiled configuration. Flags and
+    /// `[source.config]` merges over the source's compiled configuration.
+    /// Its problems are reported by [`build`](Self::build). Flags and
     /// environment variables go on top (see [`rt`](crate::rt)).
     pub fn config_file(mut self, file: ConfigFile) -> Self {
         let c = &file.config;
@@ -402,16 +534,27 @@ impl TopologyBuilder {
     }
 
     /// Checks everything and returns the topology, or every problem found.
+    ///
+    /// Problems of the `Topology.toml` applied (its own, its checks against
+    /// the pipeline, its `[source.config]` against the source's typed
+    /// configuration) are listed once each, with the file and line; a
+    /// setting from the file is not reported again as the builder's.
     pub fn build(self) -> Result<Topology, Error> {
         let dag = self.pipeline.build()?;
         let mut problems = Vec::new();
+        let mut file_problems = Vec::new();
+        let file = self.file.as_ref();
+        // Whether the file's own checks report this setting already.
+        let task_in_file = |task: &str, value: &dyn Fn(&crate::config::TaskSection) -> bool| {
+            file.and_then(|f| f.task(task)).is_some_and(value)
+        };
         if self.name.trim().is_empty() {
             problems.push("the name is empty".to_string());
         }
         if self.source.is_none() {
             problems.push("no source: call .source(..) or .source_config::<S>(..)".to_string());
         }
-        if self.options.max_pending == 0 {
+        if self.options.max_pending == 0 && file.is_none_or(|f| f.config.max_pending != Some(0)) {
             problems.push("max_pending must be at least 1".to_string());
         }
         if self.options.task_batch == 0 {
@@ -421,24 +564,23 @@ impl TopologyBuilder {
             problems.push("msg_timeout must be more than 0".to_string());
         }
         // Metrics settings from the file are checked with the file, below.
-        if self.file.as_ref().is_none_or(|f| f.config.metric.is_none()) {
+        if file.is_none_or(|f| f.config.metric.is_none()) {
             for p in self.options.metrics.problems() {
                 problems.push(format!("metrics: {p}"));
             }
         }
-        if let Some(file) = &self.file {
-            if let Err(Error::Config { message, .. }) = file.check(&dag) {
-                problems.push(format!("{}: {message}", file.path.display()));
-            }
-            if file.has_source_config() && self.source.as_ref().is_some_and(|s| !s.configurable) {
-                problems.push(format!(
-                    "{}: [source.config] cannot apply: this package builds its source in code (TopologyBuilder::source); build it with source_config::<S>(..) to make it configurable",
-                    file.path.display()
-                ));
-            }
+        if let Some(file) = file {
+            file_problems.extend(file.problems_with(&dag));
         }
         let mut batches = vec![self.options.task_batch; dag.len()];
         for (task, max) in &self.batches {
+            if task_in_file(task, &|t| t.poll_count == Some(*max)) {
+                // From the file: checked with it.
+                if let Some(i) = dag.index_of(task).filter(|_| *max > 0) {
+                    batches[i as usize] = *max;
+                }
+                continue;
+            }
             match dag.index_of(task) {
                 None => problems.push(format!(
                     "batch set for unknown task \"{task}\"; the tasks are: {}",
@@ -453,6 +595,12 @@ impl TopologyBuilder {
         let mut workers = vec![1; dag.len()];
         let mut seen = HashMap::new();
         for (task, count) in &self.workers {
+            if task_in_file(task, &|t| t.workers == Some(*count)) {
+                if let Some(i) = dag.index_of(task).filter(|_| *count > 0) {
+                    workers[i as usize] = *count;
+                }
+                continue;
+            }
             match dag.index_of(task) {
                 None => problems.push(format!(
                     "workers set for unknown task \"{task}\"; the tasks are: {}",
@@ -469,21 +617,55 @@ impl TopologyBuilder {
                 }
             }
         }
-        match (problems.is_empty(), self.source) {
-            (true, Some(source)) => Ok(Topology {
+        let source = match self.source {
+            None => None,
+            Some(SourceSpec {
+                name,
+                make: SourceMaker::Fixed(make),
+            }) => {
+                if let Some(f) = file.filter(|f| f.has_source_config()) {
+                    file_problems.push(f.source_problem(
+                        "cannot apply: this package builds its source in code (TopologyBuilder::source); build it with source_config::<S>(..) to make it configurable".to_string(),
+                    ));
+                }
+                Some((name, make))
+            }
+            Some(SourceSpec {
+                name,
+                make: SourceMaker::Configured(resolve),
+            }) => match resolve(file) {
+                Ok(make) => Some((name, make)),
+                Err(p) => {
+                    file_problems.extend(p);
+                    None
+                }
+            },
+        };
+        match (problems.is_empty(), file_problems.is_empty(), source, file) {
+            (true, true, Some((source_name, source)), _) => Ok(Topology {
                 name: self.name,
-                source_name: source.name,
-                source: source.make,
+                source_name,
+                source,
                 dag: Arc::new(dag),
                 options: self.options,
                 workers,
                 batches,
                 file: self.file,
             }),
-            _ => Err(Error::Topology {
-                topology: self.name,
-                problems,
-            }),
+            (true, false, _, Some(file)) => Err(file.error(file_problems)),
+            (_, _, _, file) => {
+                if let Some(file) = file {
+                    problems.extend(
+                        in_file_order(file_problems)
+                            .iter()
+                            .map(|p| p.at(&file.path)),
+                    );
+                }
+                Err(Error::Topology {
+                    topology: self.name,
+                    problems,
+                })
+            }
         }
     }
 }
@@ -592,5 +774,138 @@ mod tests {
             .unwrap();
         assert_eq!(t.workers, vec![1]);
         assert_eq!(t.source_name, "MockSource");
+    }
+
+    fn file(text: &str) -> ConfigFile {
+        ConfigFile::parse_lenient(std::path::Path::new("Topology.toml"), text.to_string()).unwrap()
+    }
+
+    fn problems(err: &Error) -> Vec<String> {
+        match err {
+            Error::Config { file, problems } => problems.iter().map(|p| p.at(file)).collect(),
+            other => panic!("not a config error: {other}"),
+        }
+    }
+
+    /// Issue 10: a setting from the file was reported by the file's check
+    /// and again by the builder's, in another format.
+    #[test]
+    fn file_problems_are_reported_once_each_with_their_lines() {
+        let err = TopologyBuilder::new("x")
+            .source_config::<MockSource>(MockConfig::default())
+            .pipeline(Pipeline::new().task(T))
+            .config_file(file(
+                "max_pending = 0\nmax_pendng = 1\n\n[[task]]\nname = \"t\"\nworkers = 0\npoll_count = 0\n\n[[task]]\nname = \"nope\"\nworkers = 2\n",
+            ))
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            problems(&err),
+            [
+                "Topology.toml:1: max_pending: must be at least 1",
+                "Topology.toml:2: max_pendng: unknown key; did you mean max_pending?",
+                "Topology.toml:6: task.workers: must be at least 1 (task \"t\")",
+                "Topology.toml:7: task.poll_count: must be at least 1 (task \"t\")",
+                "Topology.toml:10: task.name: \"nope\" is not a task of this topology; its tasks are: t",
+            ],
+            "{err}"
+        );
+        assert!(err.is_usage());
+        // With problems of the builder's own, the file's are listed in the
+        // same format.
+        let err = TopologyBuilder::new(" ")
+            .source_config::<MockSource>(MockConfig::default())
+            .pipeline(Pipeline::new().task(T))
+            .config_file(file("max_pending = 0\n"))
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "topology \" \" is invalid:\n  - the name is empty\n  - Topology.toml:1: max_pending: must be at least 1"
+        );
+    }
+
+    /// A flag after the file (`--workers t=3` over `workers = 2`) wins;
+    /// it was reported as "set twice".
+    #[test]
+    fn a_flag_overrides_the_files_workers() {
+        let t = TopologyBuilder::new("x")
+            .source_config::<MockSource>(MockConfig::default())
+            .pipeline(Pipeline::new().task(T))
+            .config_file(file("[[task]]\nname = \"t\"\nworkers = 2\n"))
+            .workers("t", 3)
+            .build()
+            .unwrap();
+        assert_eq!(t.workers, vec![3]);
+    }
+
+    /// Issue 10: `[source.config]` replaced the compiled configuration.
+    #[test]
+    fn source_config_merges_over_the_compiled_config() {
+        let compiled = MockConfig {
+            batch_size: 7,
+            ..MockConfig::generator(10, 8)
+        };
+        let t = TopologyBuilder::new("x")
+            .source_config::<MockSource>(compiled)
+            .pipeline(Pipeline::new().task(T))
+            .config_file(file("[source.config]\ncount = 5\nack_interval_ms = 3\n"))
+            .build()
+            .unwrap();
+        let source = (t.source)(None).unwrap();
+        let settings = source.settings();
+        assert_eq!(settings.poll_count, 7, "the compiled batch_size stays");
+        assert_eq!(settings.ack_interval, Duration::from_millis(3));
+    }
+
+    #[test]
+    fn source_config_problems_are_reported_with_the_files_others() {
+        let err = TopologyBuilder::new("x")
+            .source_config::<MockSource>(MockConfig::default())
+            .pipeline(Pipeline::new().task(T))
+            .config_file(file(
+                "prot = 1\n\n[source.config]\ncont = 5\nbatch_size = \"big\"\n",
+            ))
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            problems(&err),
+            [
+                "Topology.toml:1: prot: unknown key; did you mean port?",
+                "Topology.toml:4: source.config.cont: unknown key; did you mean count?",
+                "Topology.toml:5: source.config.batch_size: invalid type: string \"big\", expected a whole number, 0 or more",
+            ]
+        );
+        let err = TopologyBuilder::new("x")
+            .source(MockSource::from_config(MockConfig::default()).unwrap())
+            .pipeline(Pipeline::new().task(T))
+            .config_file(file("name = \"x\"\n[source.config]\ncount = 5\n"))
+            .build()
+            .unwrap_err();
+        let got = problems(&err);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(
+            got[0].starts_with("Topology.toml:2: source.config: cannot apply: this package builds its source in code"),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn failure_policies_deserialize_from_their_three_forms() {
+        let p = |s: &str| toml::from_str::<std::collections::BTreeMap<String, FailurePolicy>>(s);
+        assert_eq!(p("p = \"none\"").unwrap()["p"], FailurePolicy::None);
+        assert_eq!(
+            p("p = \"best_effort\"").unwrap()["p"],
+            FailurePolicy::BestEffort
+        );
+        assert_eq!(
+            p("p = { retry = 4 }").unwrap()["p"],
+            FailurePolicy::Retry(4)
+        );
+        let e = p("p = \"retry\"").unwrap_err().to_string();
+        assert!(e.contains("write failure_policy = { retry = 3 }"), "{e}");
+        assert!(p("p = { retry = 4294967296 }").is_err());
+        assert!(p("p = {}").is_err());
     }
 }
