@@ -346,7 +346,18 @@ fn distributed(messages: u64, rate: Option<f64>, warmup_s: f64) -> anyhow::Resul
     for task in ["a", "b", "c"] {
         workers.push(
             Command::new(&exe)
-                .args(["pkg", "--config", &cfg, "task", task, "--topology", &addr])
+                // Task workers outlive the topology (and reconnect) unless
+                // told to stop with it: without this the run never ends.
+                .args([
+                    "pkg",
+                    "--config",
+                    &cfg,
+                    "task",
+                    task,
+                    "--topology",
+                    &addr,
+                    "--exit-with-topology",
+                ])
                 .env("RUST_LOG", "warn")
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
@@ -765,9 +776,9 @@ fn all(smoke: bool, rounds: usize) -> anyhow::Result<String> {
     for r in &spread_rows {
         writeln!(
             md,
-            "| {} | {} | {:.0} | {} | {:.0}% | {} | {} |",
+            "| {} | {:.2} s | {:.0} | {} | {:.0}% | {} | {} |",
             r.workers,
-            format!("{:.2} s", r.wall_s),
+            r.wall_s,
             r.rate,
             r.speedup
                 .map(|x| format!("{x:.2}×"))
