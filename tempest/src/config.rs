@@ -388,7 +388,7 @@ impl ConfigFile {
             ));
         }
         if c.max_handshakes == Some(0) {
-            problems.push("max_handshakes must be at least 1".to_string());
+            problems.push(top("max_handshakes", "must be at least 1".to_string()));
         }
         if c.heartbeat == Some(0) {
             problems.push(top("heartbeat", "must be at least 1 ms".to_string()));
@@ -1166,7 +1166,7 @@ a = 1
         let want = [
             "Topology.toml:2: max_pendng: unknown key; did you mean max_pending?",
             "Topology.toml:3: port: invalid type: string \"high\", expected a whole number from 0 to 65535",
-            "Topology.toml:4: frobnicate: unknown key; the keys are: name, host, port, graceful_shutdown, failure_policy, msg_timeout, max_pending, secret, max_frame, heartbeat, handshake_timeout, retry_backoff, max_retry_backoff, source, task, metric",
+            "Topology.toml:4: frobnicate: unknown key; the keys are: name, host, port, graceful_shutdown, source_connect_timeout, failure_policy, msg_timeout, max_pending, secret, max_frame, heartbeat, handshake_timeout, max_handshakes, retry_backoff, max_retry_backoff, source, task, metric",
             "Topology.toml:5: failure_policy: unknown policy \"sometimes\"; write failure_policy = { retry = 3 } (retry up to 3 times), \"none\" or \"best_effort\"",
             "Topology.toml:8: source.confg: unknown key; did you mean config?",
             "Topology.toml:12: task.workrs: unknown key; did you mean workers?",
