@@ -1,7 +1,22 @@
 //! The Redis Streams consumer-group source.
+//!
+//! What the source keeps besides the connection:
+//!
+//! - **In flight:** the ids it delivered and the runtime has neither acked
+//!   nor failed (at most the runtime's `max_pending`, plus reclaimed entries
+//!   waiting for a poll). Every monitor tick resets their idle time with
+//!   `XCLAIM … 0 <ids> JUSTID` (which does not raise their delivery count),
+//!   so no consumer, this one included, reclaims an entry that is still
+//!   being processed.
+//! - **Its name:** a lease `<key>:lease:<group>:<consumer>` (`SET NX PX`,
+//!   renewed every monitor tick by a script that renews it only while it is
+//!   still this process's), so two live processes never share a consumer.
+//! - **A cursor over its own pending entries:** after (re)connecting it
+//!   walks its own pending-entries list once, past the last id listed each
+//!   time, then reads new entries (`>`).
 
-use std::collections::VecDeque;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use redis::streams::StreamInfoGroupsReply;
@@ -9,8 +24,8 @@ use redis::{Commands as _, Connection, Value};
 use serde::Deserialize;
 use tempest_source::metrics::names;
 use tempest_source::{
-    now_millis, FailedMsg, Metrics, MsgId, Source, SourceContext, SourceError, SourceMsg,
-    SourceSettings,
+    now_millis, AckPolicy, FailedMsg, Metrics, MsgId, Source, SourceContext, SourceError,
+    SourceMsg, SourceSettings,
 };
 
 use crate::reply::{self, Entry};
@@ -40,17 +55,74 @@ redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 return 1
 ";
 
+/// Renews the lease `KEYS[1]` for `ARGV[2]` ms if it still holds this
+/// process's token `ARGV[1]`, or takes it again if it expired and nobody
+/// took it meanwhile. 1: the name is ours; 0: another process holds it.
+const RENEW_LEASE: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+elseif not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// Gives up the consumer name `ARGV[2]` of group `ARGV[1]` on stream
+/// `KEYS[1]` if its lease `KEYS[2]` holds token `ARGV[3]`: removes the
+/// consumer from the group only if it has no pending entries (`XGROUP
+/// DELCONSUMER` would discard them), then deletes the lease. 1: removed;
+/// 0: kept for its pending entries; -1: the lease was not ours.
+const RELEASE_NAME: &str = r"
+if redis.call('GET', KEYS[2]) ~= ARGV[3] then return -1 end
+local removed = 0
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
+  redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+  removed = 1
+end
+redis.call('DEL', KEYS[2])
+return removed
+";
+
+/// Ids per `XCLAIM … JUSTID` when refreshing the entries in flight.
+const REFRESH_CHUNK: usize = 1000;
+
+/// The most numbered names (`<name>-2` …) tried for a free consumer name.
+const MAX_NAME_SUFFIX: u32 = 1000;
+
+/// Where a walk over a pending-entries list starts.
+const PEL_START: &str = "-";
+
 /// A Redis Streams consumer group as a Tempest source. See the
 /// [crate docs](crate).
 pub struct RedisStreamSource {
     config: RedisStreamConfig,
+    /// The name asked for: `consumer` from the config, else the default.
+    base: String,
+    /// The name held now: `base`, or `base-N` when another live process
+    /// holds `base`.
     consumer: String,
+    /// This process's lease token, unique per source instance.
+    token: String,
+    /// Whether this source holds the lease on `consumer`.
+    lease_held: bool,
     conn: Option<Connection>,
-    /// After (re)connecting, first re-read this consumer's own pending
-    /// entries (id `0`), then new ones (`>`).
-    own_pending: bool,
+    /// While walking this consumer's own pending entries after
+    /// (re)connecting: where the next `XPENDING` starts (`-`, then
+    /// `(<last id listed>`). `None` once the walk is over: read `>`.
+    own_cursor: Option<String>,
+    /// Ids delivered and neither acked nor failed yet.
+    inflight: HashSet<Bytes>,
+    /// Whether to track `inflight` (not with `ack_policy = "none"`: nothing
+    /// is ever acked).
+    track: bool,
     reclaimed: VecDeque<SourceMsg>,
-    script: redis::Script,
+    next_reclaim: Instant,
+    dead_letter_script: redis::Script,
+    renew_script: redis::Script,
+    release_script: redis::Script,
     metrics: Option<Metrics>,
     counts: Counts,
 }
@@ -60,6 +132,7 @@ struct Counts {
     read: u64,
     acked: u64,
     reclaimed: u64,
+    redelivered: u64,
     dead_lettered: u64,
     lost: u64,
 }
@@ -71,14 +144,53 @@ impl std::fmt::Debug for RedisStreamSource {
             .field("group", &self.config.group)
             .field("consumer", &self.consumer)
             .field("connected", &self.conn.is_some())
+            .field("inflight", &self.inflight.len())
             .finish_non_exhaustive()
     }
 }
 
+/// A lease token no other source instance has: host, process, time and a
+/// per-process counter.
+fn lease_token() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{}:{}:{nanos}:{}",
+        tempest_source::metrics::host_name(),
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Whether `name` is `base` or a numbered `base-N`: the names processes
+/// asking for `base` take.
+fn is_numbered(base: &str, name: &str) -> bool {
+    name == base
+        || name
+            .strip_prefix(base)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 impl RedisStreamSource {
-    /// This consumer's name in the group.
+    /// This consumer's name in the group: the configured (or default) name,
+    /// or `<name>-N` when another live process holds that name.
     pub fn consumer(&self) -> &str {
         &self.consumer
+    }
+
+    /// The key of the lease on consumer name `name`.
+    pub fn lease_key(&self, name: &str) -> String {
+        format!("{}:lease:{}:{name}", self.config.key, self.config.group)
+    }
+
+    /// How many delivered entries are neither acked nor failed yet.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.len()
     }
 
     fn conn(&mut self) -> Result<&mut Connection, SourceError> {
@@ -87,18 +199,36 @@ impl RedisStreamSource {
             .ok_or_else(|| reply::not_connected("redis stream source"))
     }
 
+    /// Drops the connection after a connection error, so the runtime
+    /// reconnects.
+    fn redis_error(&mut self, what: &str, e: redis::RedisError) -> SourceError {
+        if reply::is_connection_error(&e) {
+            self.conn = None;
+        }
+        reply::source_error(self.what(what), e)
+    }
+
     /// Runs `cmd`; a connection error drops the connection so the runtime
     /// reconnects.
     fn query(&mut self, what: &str, cmd: &redis::Cmd) -> Result<Value, SourceError> {
         let result = cmd.query::<Value>(self.conn()?);
-        result.map_err(|e| {
-            if reply::is_connection_error(&e) {
-                self.conn = None;
-            }
-            reply::source_error(format!("{what} ({})", self.config.uri), e)
-        })
+        result.map_err(|e| self.redis_error(what, e))
     }
 
+    /// Runs a pipeline in one round trip.
+    fn query_pipe(&mut self, what: &str, pipe: &redis::Pipeline) -> Result<Vec<Value>, SourceError> {
+        let result = pipe.query::<Vec<Value>>(self.conn()?);
+        result.map_err(|e| self.redis_error(what, e))
+    }
+
+    /// `what`, naming the stream and the server, for an error.
+    fn what(&self, what: &str) -> String {
+        format!("{what} (stream {} at {})", self.config.key, self.config.uri)
+    }
+
+    /// Hands `e` to the runtime (in `out`) as delivered `delivered` times,
+    /// tracking it as in flight; an entry whose data was trimmed away is
+    /// lost, one without the payload field dead-lettered.
     fn push_msg(
         &mut self,
         e: &Entry,
@@ -106,21 +236,27 @@ impl RedisStreamSource {
         out: &mut Vec<SourceMsg>,
     ) -> Result<(), SourceError> {
         if e.fields.is_none() {
-            self.lost(&e.id)?;
+            self.lost(&[e.id.as_str()])?;
             return Ok(());
         }
         match e.field(&self.config.field) {
-            Some(payload) => out.push(SourceMsg {
-                id: MsgId::Bytes(Bytes::copy_from_slice(e.id.as_bytes())),
-                payload: Bytes::copy_from_slice(payload),
-                timestamp: e
-                    .id
-                    .split('-')
-                    .next()
-                    .and_then(|ms| ms.parse().ok())
-                    .unwrap_or_else(now_millis),
-                delivered,
-            }),
+            Some(payload) => {
+                let id = Bytes::copy_from_slice(e.id.as_bytes());
+                if self.track {
+                    self.inflight.insert(id.clone());
+                }
+                out.push(SourceMsg {
+                    id: MsgId::Bytes(id),
+                    payload: Bytes::copy_from_slice(payload),
+                    timestamp: e
+                        .id
+                        .split('-')
+                        .next()
+                        .and_then(|ms| ms.parse().ok())
+                        .unwrap_or_else(now_millis),
+                    delivered,
+                });
+            }
             None => {
                 let reason = format!("the entry has no field \"{}\"", self.config.field);
                 self.dead_letter(&e.id, delivered, &reason, b"")?;
@@ -129,19 +265,22 @@ impl RedisStreamSource {
         Ok(())
     }
 
-    /// An entry whose data was trimmed away: counted, logged, acked.
-    fn lost(&mut self, id: &str) -> Result<(), SourceError> {
-        self.counts.lost += 1;
-        log::error!(
-            "Entry {id} of stream {} was trimmed before it was processed; it is lost.",
-            self.config.key
-        );
-        let cmd = redis::cmd("XACK")
-            .arg(&self.config.key)
-            .arg(&self.config.group)
-            .arg(id)
-            .clone();
-        self.query("acking a trimmed entry", &cmd).map(drop)
+    /// Entries whose data was trimmed away before they were processed:
+    /// counted, logged, acked (one round trip).
+    fn lost(&mut self, ids: &[&str]) -> Result<(), SourceError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.counts.lost += ids.len() as u64;
+        for id in ids {
+            log::error!(
+                "Entry {id} of stream {} was trimmed before it was processed; it is lost.",
+                self.config.key
+            );
+        }
+        let mut cmd = redis::cmd("XACK");
+        cmd.arg(&self.config.key).arg(&self.config.group).arg(ids);
+        self.query("acking trimmed entries", &cmd).map(drop)
     }
 
     fn dead_letter(
@@ -152,14 +291,15 @@ impl RedisStreamSource {
         payload: &[u8],
     ) -> Result<(), SourceError> {
         let dead = self.config.dead_letter_key();
-        let mut inv = self.script.key(&self.config.key);
+        let mut inv = self.dead_letter_script.key(&self.config.key);
         inv.key(&dead)
             .arg(&self.config.group)
             .arg(id)
             .arg(deliveries)
             .arg(reason)
             .arg(payload);
-        match reply::invoke::<i64>(&mut self.conn, "dead-lettering an entry", inv)? {
+        let what = self.what("dead-lettering an entry");
+        match reply::invoke::<i64>(&mut self.conn, &what, inv)? {
             1 => {
                 self.counts.dead_lettered += 1;
                 log::warn!(
@@ -172,34 +312,296 @@ impl RedisStreamSource {
         }
     }
 
-    /// Delivery counts of this consumer's pending entries between `first`
-    /// and `last`.
-    fn delivery_counts(
-        &mut self,
-        first: &str,
-        last: &str,
-        n: usize,
-    ) -> Result<Vec<(String, u32)>, SourceError> {
-        let cmd = redis::cmd("XPENDING")
-            .arg(&self.config.key)
-            .arg(&self.config.group)
-            .arg(first)
-            .arg(last)
-            .arg(n)
-            .arg(&self.consumer)
-            .clone();
-        let v = self.query("reading pending entries", &cmd)?;
-        Ok(reply::items(&v)
+    /// Delivery counts of the pending entries `ids`, one `XPENDING` each,
+    /// in one round trip.
+    fn delivery_counts(&mut self, ids: &[&str]) -> Result<HashMap<String, u32>, SourceError> {
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("XPENDING")
+                .arg(&self.config.key)
+                .arg(&self.config.group)
+                .arg(*id)
+                .arg(*id)
+                .arg(1);
+        }
+        let replies = self.query_pipe("reading delivery counts", &pipe)?;
+        Ok(replies
             .iter()
-            .filter_map(|p| {
-                let p = reply::items(p);
-                Some((reply::text(p.first()?)?, reply::int(p.get(3)?)? as u32))
-            })
+            .filter_map(|r| reply::items(r).first().and_then(reply::pending_entry))
             .collect())
     }
 
+    /// Takes the lease on a consumer name: `base` if no live process holds
+    /// it, else the first free `base-N`. Keeps the name it holds when its
+    /// lease is still (or again) its own.
+    fn acquire_name(&mut self) -> Result<(), SourceError> {
+        if self.lease_held {
+            if self.renew_lease()? {
+                return Ok(());
+            }
+            log::warn!(
+                "Another process took the consumer name {} of group {} on stream {} while this one could not renew its lease; this one takes a new name, and entries it had in flight may run twice.",
+                self.consumer,
+                self.config.group,
+                self.config.key
+            );
+            self.lease_held = false;
+        }
+        for n in 1..=MAX_NAME_SUFFIX {
+            let name = if n == 1 {
+                self.base.clone()
+            } else {
+                format!("{}-{n}", self.base)
+            };
+            if self.try_lease(&name)? {
+                if n > 1 {
+                    log::warn!(
+                        "The consumer name {} of group {} on stream {} is held by another live process; this one is consumer {name}.",
+                        self.base,
+                        self.config.group,
+                        self.config.key
+                    );
+                }
+                self.consumer = name;
+                self.lease_held = true;
+                return Ok(());
+            }
+        }
+        Err(SourceError::failed(format!(
+            "no free consumer name in group {} on stream {} at {}: {} and {}-2 to {}-{MAX_NAME_SUFFIX} are all held by live processes (leases {})",
+            self.config.group,
+            self.config.key,
+            self.config.uri,
+            self.base,
+            self.base,
+            self.base,
+            self.lease_key("<name>")
+        )))
+    }
+
+    /// `SET <lease> <token> NX PX <ttl>`: whether the name `name` is now
+    /// this process's.
+    fn try_lease(&mut self, name: &str) -> Result<bool, SourceError> {
+        let cmd = redis::cmd("SET")
+            .arg(self.lease_key(name))
+            .arg(&self.token)
+            .arg("NX")
+            .arg("PX")
+            .arg(self.config.lease_ttl_ms)
+            .clone();
+        let v = self.query("taking the lease on a consumer name", &cmd)?;
+        Ok(!matches!(v, Value::Nil))
+    }
+
+    /// Renews the lease on this consumer's name; `false` if another process
+    /// holds it now.
+    fn renew_lease(&mut self) -> Result<bool, SourceError> {
+        let what = self.what("renewing the lease on the consumer name");
+        let mut inv = self.renew_script.key(self.lease_key(&self.consumer));
+        inv.arg(&self.token).arg(self.config.lease_ttl_ms);
+        Ok(reply::invoke::<i64>(&mut self.conn, &what, inv)? == 1)
+    }
+
+    /// Gives up the name `name` (see [`RELEASE_NAME`]): 1 removed from the
+    /// group, 0 kept for its pending entries, -1 the lease was not ours.
+    fn release_name(&mut self, name: &str) -> Result<i64, SourceError> {
+        let what = self.what("giving up a consumer name");
+        let mut inv = self.release_script.key(&self.config.key);
+        inv.key(self.lease_key(name))
+            .arg(&self.config.group)
+            .arg(name)
+            .arg(&self.token);
+        reply::invoke::<i64>(&mut self.conn, &what, inv)
+    }
+
+    /// Resets the idle time of every entry in flight here (`XCLAIM … 0
+    /// <ids> JUSTID`, which does not raise the delivery count), in chunks,
+    /// in one round trip.
+    fn refresh_inflight(&mut self) -> Result<(), SourceError> {
+        if self.inflight.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        let mut ids = self.inflight.iter();
+        loop {
+            let chunk: Vec<&[u8]> = ids.by_ref().take(REFRESH_CHUNK).map(|b| b.as_ref()).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            pipe.cmd("XCLAIM")
+                .arg(&self.config.key)
+                .arg(&self.config.group)
+                .arg(&self.consumer)
+                .arg(0)
+                .arg(chunk)
+                .arg("JUSTID")
+                .ignore();
+        }
+        self.query_pipe("resetting the idle time of entries in flight", &pipe)
+            .map(drop)
+    }
+
+    /// Lists up to `n` pending entries of consumer `owner` after `cursor`,
+    /// claims those not in flight here for this consumer (`XCLAIM`, which
+    /// raises each delivery count by one: this is their redelivery) and
+    /// hands them out with their real delivery count, dead-lettering those
+    /// delivered more than `max_deliveries` times. Returns where the next
+    /// walk starts, `None` when `owner` has no more pending entries.
+    fn take_pending(
+        &mut self,
+        owner: &str,
+        cursor: &str,
+        n: usize,
+        out: &mut Vec<SourceMsg>,
+    ) -> Result<Option<String>, SourceError> {
+        let cmd = redis::cmd("XPENDING")
+            .arg(&self.config.key)
+            .arg(&self.config.group)
+            .arg(cursor)
+            .arg("+")
+            .arg(n.max(1))
+            .arg(owner)
+            .clone();
+        let v = self.query("listing pending entries", &cmd)?;
+        let listed: Vec<(String, u32)> = reply::items(&v)
+            .iter()
+            .filter_map(reply::pending_entry)
+            .collect();
+        let Some((last, _)) = listed.last() else {
+            return Ok(None);
+        };
+        let next = format!("({last}");
+        let wanted: Vec<(String, u32)> = listed
+            .into_iter()
+            .filter(|(id, _)| !self.inflight.contains(id.as_bytes()))
+            .collect();
+        if wanted.is_empty() {
+            return Ok(Some(next));
+        }
+        let mut claim = redis::cmd("XCLAIM");
+        claim
+            .arg(&self.config.key)
+            .arg(&self.config.group)
+            .arg(&self.consumer)
+            .arg(0);
+        for (id, _) in &wanted {
+            claim.arg(id);
+        }
+        let v = self.query("claiming pending entries", &claim)?;
+        let mut entries: HashMap<String, Entry> = reply::entries(&v)
+            .into_iter()
+            .map(|e| (e.id.clone(), e))
+            .collect();
+        let mut missing = Vec::new();
+        for (id, count) in &wanted {
+            let Some(e) = entries.remove(id) else {
+                missing.push(id.as_str());
+                continue;
+            };
+            let delivered = count.saturating_add(1);
+            if delivered > self.config.max_deliveries {
+                let payload = e.field(&self.config.field).unwrap_or_default().to_vec();
+                let reason = format!(
+                    "delivered {delivered} times, more than max_deliveries = {}",
+                    self.config.max_deliveries
+                );
+                self.dead_letter(&e.id, delivered, &reason, &payload)?;
+            } else {
+                self.counts.redelivered += 1;
+                self.push_msg(&e, delivered, out)?;
+            }
+        }
+        if !missing.is_empty() {
+            // Not claimed: trimmed away (the claim dropped them from the
+            // pending list), or meanwhile claimed by another consumer.
+            let still = self.delivery_counts(&missing)?;
+            let trimmed: Vec<&str> = missing
+                .into_iter()
+                .filter(|id| !still.contains_key(*id))
+                .collect();
+            self.counts.lost += trimmed.len() as u64;
+            for id in &trimmed {
+                log::error!(
+                    "Pending entry {id} of stream {} was trimmed before it was processed; it is lost.",
+                    self.config.key
+                );
+            }
+        }
+        Ok(Some(next))
+    }
+
+    /// Takes over the pending entries of consumers of this name family
+    /// (`base`, `base-N`) that hold no lease: their process is gone, so they
+    /// run again now rather than after `claim_min_idle_ms`. The dead name's
+    /// lease is taken first, so one live process takes them, and only
+    /// while nobody holds the name; a name left without pending entries is
+    /// removed from the group.
+    fn adopt_dead_names(&mut self) -> Result<(), SourceError> {
+        let cmd = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&self.config.key)
+            .arg(&self.config.group)
+            .clone();
+        let v = self.query("listing the group's consumers", &cmd)?;
+        let dead: Vec<(String, i64)> = reply::items(&v)
+            .iter()
+            .filter_map(|c| {
+                let name = reply::text(reply::field(c, "name")?)?;
+                let pending = reply::int(reply::field(c, "pending")?)?;
+                Some((name, pending))
+            })
+            .filter(|(name, pending)| {
+                *pending > 0 && *name != self.consumer && is_numbered(&self.base, name)
+            })
+            .collect();
+        let limit = self.config.count.saturating_mul(10);
+        let mut taken = 0;
+        for (name, pending) in dead {
+            if taken >= limit {
+                break;
+            }
+            if !self.try_lease(&name)? {
+                continue;
+            }
+            log::info!(
+                "Consumer {name} of group {} on stream {} holds no lease, so its process is gone; consumer {} takes over its {pending} pending entries now.",
+                self.config.group,
+                self.config.key,
+                self.consumer
+            );
+            let mut out = Vec::new();
+            let mut cursor = Some(PEL_START.to_string());
+            let mut result = Ok(());
+            while let Some(at) = cursor.take() {
+                if taken >= limit {
+                    break;
+                }
+                match self.take_pending(&name, &at, self.config.count, &mut out) {
+                    Ok(next) => cursor = next,
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+                taken += out.len();
+                self.reclaimed.extend(out.drain(..));
+            }
+            result?;
+            if self.release_name(&name)? == 1 {
+                log::info!(
+                    "Removed consumer {name}, now without pending entries, from group {} on stream {}.",
+                    self.config.group,
+                    self.config.key
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Reclaims entries idle longer than `claim_min_idle_ms` (from any
-    /// consumer, this one included) per `on_pending`.
+    /// consumer; never those in flight here, whose idle time
+    /// [`refresh_inflight`](Self::refresh_inflight) keeps fresh) per
+    /// `on_pending`.
     fn reclaim(&mut self) -> Result<(), SourceError> {
         let mut cursor = "0-0".to_string();
         let limit = self.config.count * 10;
@@ -222,13 +624,21 @@ impl RedisStreamSource {
                 .unwrap_or_else(|| "0-0".into());
             let claimed = parts.get(1).map(reply::entries).unwrap_or_default();
             for id in parts.get(2).map(reply::items).unwrap_or(&[]) {
-                if let Some(id) = reply::text(id) {
-                    self.counts.lost += 1;
-                    log::error!(
-                        "Pending entry {id} of stream {} was trimmed before it was processed; it is lost.",
+                let Some(id) = reply::text(id) else { continue };
+                if self.inflight.contains(id.as_bytes()) {
+                    // Trimmed while it is being processed here: it is not
+                    // lost, and its ack will find nothing to do.
+                    log::debug!(
+                        "Entry {id} of stream {} was trimmed while in flight.",
                         self.config.key
                     );
+                    continue;
                 }
+                self.counts.lost += 1;
+                log::error!(
+                    "Pending entry {id} of stream {} was trimmed before it was processed; it is lost.",
+                    self.config.key
+                );
             }
             seen += claimed.len();
             if !claimed.is_empty() {
@@ -242,6 +652,15 @@ impl RedisStreamSource {
     }
 
     fn handle_claimed(&mut self, claimed: Vec<Entry>) -> Result<(), SourceError> {
+        // An entry still in flight here (its refresh came too late) is not
+        // handed out a second time.
+        let claimed: Vec<Entry> = claimed
+            .into_iter()
+            .filter(|e| !self.inflight.contains(e.id.as_bytes()))
+            .collect();
+        if claimed.is_empty() {
+            return Ok(());
+        }
         let ids: Vec<&str> = claimed.iter().map(|e| e.id.as_str()).collect();
         match self.config.on_pending {
             PendingAction::Ack | PendingAction::Delete => {
@@ -262,15 +681,11 @@ impl RedisStreamSource {
                 Ok(())
             }
             PendingAction::Claim => {
-                let (first, last) = (ids[0].to_string(), ids[ids.len() - 1].to_string());
-                let counts = self.delivery_counts(&first, &last, claimed.len() * 2)?;
+                let counts = self.delivery_counts(&ids)?;
                 let mut out = Vec::new();
                 for e in &claimed {
-                    let delivered = counts
-                        .iter()
-                        .find(|(id, _)| *id == e.id)
-                        .map(|(_, n)| *n)
-                        .unwrap_or(2);
+                    // XAUTOCLAIM raised the count; it is at least 2.
+                    let delivered = counts.get(&e.id).copied().unwrap_or(2);
                     if delivered > self.config.max_deliveries {
                         let payload = e.field(&self.config.field).unwrap_or_default().to_vec();
                         let reason = format!(
@@ -288,6 +703,46 @@ impl RedisStreamSource {
             }
         }
     }
+
+    /// Walks this consumer's own pending entries, past the last id listed
+    /// each time, until one batch is handed out or the walk is over.
+    fn read_own_pending(&mut self, room: usize, out: &mut Vec<SourceMsg>) -> Result<(), SourceError> {
+        while let Some(cursor) = self.own_cursor.take() {
+            let before = out.len();
+            let me = self.consumer.clone();
+            match self.take_pending(&me, &cursor, room.min(self.config.count), out) {
+                Ok(next) => self.own_cursor = next,
+                Err(e) => {
+                    self.own_cursor = Some(cursor);
+                    return Err(e);
+                }
+            }
+            if self.own_cursor.is_none() {
+                log::info!(
+                    "Consumer {} re-read its pending entries of stream {}; reading new entries now.",
+                    self.consumer,
+                    self.config.key
+                );
+            }
+            if out.len() > before {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// How often idle entries are reclaimed: half of `claim_min_idle_ms`,
+    /// from 100 ms to 10 s.
+    fn reclaim_interval(&self) -> Duration {
+        Duration::from_millis((self.config.claim_min_idle_ms / 2).clamp(100, 10_000))
+    }
+
+    fn untrack(&mut self, id: &MsgId) {
+        match id {
+            MsgId::Bytes(b) => self.inflight.remove(b.as_ref()),
+            MsgId::Int(n) => self.inflight.remove(n.to_string().as_bytes()),
+        };
+    }
 }
 
 impl Source for RedisStreamSource {
@@ -299,16 +754,24 @@ impl Source for RedisStreamSource {
 
     fn from_config(config: RedisStreamConfig) -> Result<Self, SourceError> {
         config.validate()?;
-        let consumer = config.consumer.clone().unwrap_or_else(default_consumer);
+        let base = config.consumer.clone().unwrap_or_else(default_consumer);
         Ok(RedisStreamSource {
-            config,
-            consumer,
+            consumer: base.clone(),
+            base,
+            token: lease_token(),
+            lease_held: false,
             conn: None,
-            own_pending: true,
+            own_cursor: Some(PEL_START.to_string()),
+            inflight: HashSet::new(),
+            track: config.ack_policy != AckPolicy::None,
             reclaimed: VecDeque::new(),
-            script: redis::Script::new(DEAD_LETTER),
+            next_reclaim: Instant::now(),
+            dead_letter_script: redis::Script::new(DEAD_LETTER),
+            renew_script: redis::Script::new(RENEW_LEASE),
+            release_script: redis::Script::new(RELEASE_NAME),
             metrics: None,
             counts: Counts::default(),
+            config,
         })
     }
 
@@ -320,7 +783,7 @@ impl Source for RedisStreamSource {
             max_backoff: Duration::from_millis(c.max_backoff_ms.max(c.poll_interval_ms)),
             ack_policy: c.ack_policy,
             ack_interval: Duration::from_millis(c.ack_interval_ms.max(1)),
-            monitor_interval: Duration::from_millis((c.claim_min_idle_ms / 2).clamp(100, 10_000)),
+            monitor_interval: Duration::from_millis(c.monitor_interval_ms),
             // A stream id names exactly one entry.
             unique_ids: true,
         }
@@ -351,13 +814,28 @@ impl Source for RedisStreamSource {
             Err(e) => {
                 self.conn = None;
                 return Err(reply::source_error(
-                    format!("creating the consumer group ({})", self.config.uri),
+                    format!(
+                        "creating the consumer group {} on stream {} ({})",
+                        self.config.group, self.config.key, self.config.uri
+                    ),
                     e,
                 ));
             }
         }
-        self.own_pending = true;
+        self.acquire_name()?;
+        log::info!(
+            "Reading stream {} as consumer {} of group {}.",
+            self.config.key,
+            self.consumer,
+            self.config.group
+        );
+        // Entries still in flight from before a reconnect: keep them (and
+        // move them to this name, should it have changed).
+        self.refresh_inflight()?;
+        self.own_cursor = Some(PEL_START.to_string());
+        self.adopt_dead_names()?;
         self.reclaim()?;
+        self.next_reclaim = Instant::now() + self.reclaim_interval();
         Ok(())
     }
 
@@ -373,8 +851,13 @@ impl Source for RedisStreamSource {
             };
             out.push(m);
         }
+        if self.own_cursor.is_some() && out.len() - start < max {
+            let room = max - (out.len() - start);
+            self.read_own_pending(room, out)?;
+        }
         let room = max - (out.len() - start);
-        if room == 0 {
+        if room == 0 || self.own_cursor.is_some() {
+            self.counts.read += (out.len() - start) as u64;
             return Ok(());
         }
         let mut cmd = redis::cmd("XREADGROUP");
@@ -383,12 +866,10 @@ impl Source for RedisStreamSource {
             .arg(&self.consumer)
             .arg("COUNT")
             .arg(room.min(self.config.count));
-        if !self.own_pending && out.len() == start {
+        if out.len() == start {
             cmd.arg("BLOCK").arg(self.config.block_ms);
         }
-        cmd.arg("STREAMS")
-            .arg(&self.config.key)
-            .arg(if self.own_pending { "0" } else { ">" });
+        cmd.arg("STREAMS").arg(&self.config.key).arg(">");
         let v = match self.query("reading the stream", &cmd) {
             Ok(v) => v,
             Err(e) => {
@@ -405,13 +886,8 @@ impl Source for RedisStreamSource {
                 return Err(e);
             }
         };
-        let entries = reply::read_group(&v);
-        if self.own_pending && entries.is_empty() {
-            self.own_pending = false;
-        }
-        let delivered = if self.own_pending { 2 } else { 1 };
-        for e in &entries {
-            self.push_msg(e, delivered, out)?;
+        for e in &reply::read_group(&v) {
+            self.push_msg(e, 1, out)?;
         }
         self.counts.read += (out.len() - start) as u64;
         Ok(())
@@ -428,6 +904,9 @@ impl Source for RedisStreamSource {
         let mut cmd = redis::cmd("XACK");
         cmd.arg(&self.config.key).arg(&self.config.group);
         for id in ids {
+            // No longer in flight, acked or not: should this XACK fail, the
+            // entry ages and is reclaimed after claim_min_idle_ms.
+            self.untrack(id);
             match id {
                 MsgId::Bytes(b) => cmd.arg(b.as_ref()),
                 MsgId::Int(n) => cmd.arg(n.to_string()),
@@ -439,16 +918,66 @@ impl Source for RedisStreamSource {
     }
 
     fn fail(&mut self, msgs: &[FailedMsg]) -> Result<(), SourceError> {
-        // They stay pending: reclaimed after claim_min_idle_ms, dead-lettered
-        // after max_deliveries.
+        // They stay pending and age: reclaimed after claim_min_idle_ms,
+        // dead-lettered after max_deliveries.
+        for m in msgs {
+            self.untrack(&m.id);
+        }
         log::debug!("{} entr(y/ies) left pending for redelivery.", msgs.len());
         Ok(())
     }
 
     fn monitor(&mut self) -> Result<(), SourceError> {
-        if self.conn.is_some() {
+        if self.conn.is_none() {
+            return Ok(());
+        }
+        // First keep what is in flight here from being reclaimed, then the
+        // name; only then reclaim what is idle.
+        self.refresh_inflight()?;
+        if !self.renew_lease()? {
+            let old = self.consumer.clone();
+            self.acquire_name()?;
+            log::warn!(
+                "Consumer {old} of group {} on stream {} lost its name to another process; it continues as {}.",
+                self.config.group,
+                self.config.key,
+                self.consumer
+            );
+            self.refresh_inflight()?;
+            self.own_cursor = Some(PEL_START.to_string());
+        }
+        self.adopt_dead_names()?;
+        let now = Instant::now();
+        if now >= self.next_reclaim {
+            self.next_reclaim = now + self.reclaim_interval();
             self.reclaim()?;
         }
+        Ok(())
+    }
+
+    fn shutdown(&mut self) -> Result<(), SourceError> {
+        if self.conn.is_none() || !self.lease_held {
+            return Ok(());
+        }
+        let name = self.consumer.clone();
+        match self.release_name(&name)? {
+            1 => log::info!(
+                "Consumer {name} left group {} on stream {} with nothing pending.",
+                self.config.group,
+                self.config.key
+            ),
+            0 => log::info!(
+                "Consumer {name} of group {} on stream {} keeps its pending entries for the next process to take its name.",
+                self.config.group,
+                self.config.key
+            ),
+            _ => log::warn!(
+                "Consumer {name} of group {} on stream {} was held by another process at shutdown; it was left alone.",
+                self.config.group,
+                self.config.key
+            ),
+        }
+        self.lease_held = false;
         Ok(())
     }
 
@@ -458,6 +987,7 @@ impl Source for RedisStreamSource {
             m.incr("tempest.redis.read", c.read);
             m.incr("tempest.redis.acked", c.acked);
             m.incr("tempest.redis.reclaimed", c.reclaimed);
+            m.incr("tempest.redis.redelivered", c.redelivered);
             m.incr(names::SOURCE_DEAD_LETTERED, c.dead_lettered);
             m.incr(names::SOURCE_LOST, c.lost);
             if let Some(conn) = self.conn.as_mut() {
