@@ -262,7 +262,9 @@ fn consumers(conn: &mut redis::Connection, key: &str, group: &str) -> Vec<(Strin
                     {
                         name = Some(String::from_utf8_lossy(v).into_owned());
                     }
-                    (redis::Value::BulkString(k), Some(redis::Value::Int(n))) if k == b"pending" => {
+                    (redis::Value::BulkString(k), Some(redis::Value::Int(n)))
+                        if k == b"pending" =>
+                    {
                         pending = *n;
                     }
                     _ => {}
@@ -354,7 +356,9 @@ fn restart_after_kill_9_duplicates_at_most_the_entries_pending_at_the_crash() {
     let (total, distinct) = duplicates(&handled(&log));
     assert_eq!(distinct, n, "every entry was handled");
     let dups = (total - distinct) as i64;
-    eprintln!("{pending_at_crash} entries pending at the crash, {dups} duplicate(s) after the restart");
+    eprintln!(
+        "{pending_at_crash} entries pending at the crash, {dups} duplicate(s) after the restart"
+    );
     assert!(
         dups <= pending_at_crash,
         "{dups} duplicates, more than the {pending_at_crash} entries pending at the crash"
@@ -390,9 +394,11 @@ fn two_processes_of_one_package_are_two_consumers_and_a_restart_adopts_its_pendi
 
     let mut a = start_idlog(&cfg, &log, 1);
     wait_for(&mut a, "connected");
-    await_condition(Duration::from_secs(30), "the first has entries in flight", || {
-        pending_of(&mut conn, &key, "twins") > 0
-    });
+    await_condition(
+        Duration::from_secs(30),
+        "the first has entries in flight",
+        || pending_of(&mut conn, &key, "twins") > 0,
+    );
     let first = consumers(&mut conn, &key, "twins");
     assert_eq!(first.len(), 1, "{first:?}");
     let a_name = first[0].0.clone();
@@ -439,9 +445,7 @@ fn two_processes_of_one_package_are_two_consumers_and_a_restart_adopts_its_pendi
         },
     );
     let picked_up = killed_at.elapsed();
-    eprintln!(
-        "{a_pending} entries pending at the kill were picked up {picked_up:?} after it"
-    );
+    eprintln!("{a_pending} entries pending at the kill were picked up {picked_up:?} after it");
     await_condition(Duration::from_secs(40), "everything is acked", || {
         pending_of(&mut conn, &key, "twins") == 0 && lag_of(&mut conn, &key, "twins") == 0
     });

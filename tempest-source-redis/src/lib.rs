@@ -426,7 +426,11 @@ mod tests {
             text.contains("uri \"rediss://h:6380\"") && text.contains("TLS"),
             "{text}"
         );
-        for ok in ["redis://h", "redis+unix:///tmp/r.sock", "unix:///tmp/r.sock"] {
+        for ok in [
+            "redis://h",
+            "redis+unix:///tmp/r.sock",
+            "unix:///tmp/r.sock",
+        ] {
             RedisStreamConfig::new(ok, "k", "g").validate().unwrap();
         }
     }
@@ -452,8 +456,15 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle:?} in {text}");
         }
-        let text = ok.monitor_interval_ms(5u64).validate().unwrap_err().to_string();
-        assert!(text.contains("monitor_interval_ms = 5 must be at least 10"), "{text}");
+        let text = ok
+            .monitor_interval_ms(5u64)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("monitor_interval_ms = 5 must be at least 10"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -447,6 +447,8 @@ mod tests {
             text.contains("uri \"rediss://h:6380\"") && text.contains("TLS"),
             "{text}"
         );
-        RedisListConfig::new("redis://h", "jobs").validate().unwrap();
+        RedisListConfig::new("redis://h", "jobs")
+            .validate()
+            .unwrap();
     }
 }

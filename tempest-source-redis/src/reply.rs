@@ -185,7 +185,12 @@ mod tests {
 
     #[test]
     fn fields_of_resp2_arrays_and_resp3_maps() {
-        let resp2 = Value::Array(vec![bulk("name"), bulk("c1"), bulk("pending"), Value::Int(3)]);
+        let resp2 = Value::Array(vec![
+            bulk("name"),
+            bulk("c1"),
+            bulk("pending"),
+            Value::Int(3),
+        ]);
         assert_eq!(field(&resp2, "pending"), Some(&Value::Int(3)));
         assert_eq!(field(&resp2, "name").and_then(text).as_deref(), Some("c1"));
         assert_eq!(field(&resp2, "idle"), None);

@@ -216,7 +216,11 @@ impl RedisStreamSource {
     }
 
     /// Runs a pipeline in one round trip.
-    fn query_pipe(&mut self, what: &str, pipe: &redis::Pipeline) -> Result<Vec<Value>, SourceError> {
+    fn query_pipe(
+        &mut self,
+        what: &str,
+        pipe: &redis::Pipeline,
+    ) -> Result<Vec<Value>, SourceError> {
         let result = pipe.query::<Vec<Value>>(self.conn()?);
         result.map_err(|e| self.redis_error(what, e))
     }
@@ -340,7 +344,7 @@ impl RedisStreamSource {
                 return Ok(());
             }
             log::warn!(
-                "Another process took the consumer name {} of group {} on stream {} while this one could not renew its lease; this one takes a new name, and entries it had in flight may run twice.",
+                "Another process took the consumer name {} of group {} on stream {} after this one failed to renew its lease in time; this one takes a new name, and entries it had in flight may run twice.",
                 self.consumer,
                 self.config.group,
                 self.config.key
@@ -424,7 +428,11 @@ impl RedisStreamSource {
         let mut pipe = redis::pipe();
         let mut ids = self.inflight.iter();
         loop {
-            let chunk: Vec<&[u8]> = ids.by_ref().take(REFRESH_CHUNK).map(|b| b.as_ref()).collect();
+            let chunk: Vec<&[u8]> = ids
+                .by_ref()
+                .take(REFRESH_CHUNK)
+                .map(|b| b.as_ref())
+                .collect();
             if chunk.is_empty() {
                 break;
             }
@@ -706,7 +714,11 @@ impl RedisStreamSource {
 
     /// Walks this consumer's own pending entries, past the last id listed
     /// each time, until one batch is handed out or the walk is over.
-    fn read_own_pending(&mut self, room: usize, out: &mut Vec<SourceMsg>) -> Result<(), SourceError> {
+    fn read_own_pending(
+        &mut self,
+        room: usize,
+        out: &mut Vec<SourceMsg>,
+    ) -> Result<(), SourceError> {
         while let Some(cursor) = self.own_cursor.take() {
             let before = out.len();
             let me = self.consumer.clone();
@@ -934,15 +946,11 @@ impl Source for RedisStreamSource {
         // First keep what is in flight here from being reclaimed, then the
         // name; only then reclaim what is idle.
         self.refresh_inflight()?;
-        if !self.renew_lease()? {
-            let old = self.consumer.clone();
-            self.acquire_name()?;
-            log::warn!(
-                "Consumer {old} of group {} on stream {} lost its name to another process; it continues as {}.",
-                self.config.group,
-                self.config.key,
-                self.consumer
-            );
+        // Renews the lease; should another process hold the name now, takes
+        // a new one (and warns).
+        let old = self.consumer.clone();
+        self.acquire_name()?;
+        if self.consumer != old {
             self.refresh_inflight()?;
             self.own_cursor = Some(PEL_START.to_string());
         }

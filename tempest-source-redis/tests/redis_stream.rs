@@ -251,7 +251,11 @@ fn fast(server: &Server, key: &str, consumer: &str) -> RedisStreamConfig {
 }
 
 /// Every entry of the group's pending list: (id, consumer, delivery count).
-fn pending_entries(conn: &mut redis::Connection, key: &str, group: &str) -> Vec<(String, String, i64)> {
+fn pending_entries(
+    conn: &mut redis::Connection,
+    key: &str,
+    group: &str,
+) -> Vec<(String, String, i64)> {
     let v: Vec<(String, String, i64, i64)> = redis::cmd("XPENDING")
         .arg(key)
         .arg(group)
@@ -263,16 +267,20 @@ fn pending_entries(conn: &mut redis::Connection, key: &str, group: &str) -> Vec<
     v.into_iter().map(|(id, c, _, n)| (id, c, n)).collect()
 }
 
-/// Polls until a poll comes back empty (at most `polls` polls).
+/// Polls until two polls in a row come back empty (at most `polls`
+/// non-empty polls).
 fn drain(source: &mut RedisStreamSource, max: usize, polls: usize) -> Vec<SourceMsg> {
     let mut all = Vec::new();
-    for _ in 0..polls {
+    let (mut full, mut empty) = (0, 0);
+    while full < polls && empty < 2 {
         let mut batch = Vec::new();
         source.poll(max, &mut batch).unwrap();
         if batch.is_empty() {
-            break;
+            empty += 1;
+        } else {
+            (full, empty) = (full + 1, 0);
+            all.extend(batch);
         }
-        all.extend(batch);
     }
     all
 }
@@ -296,7 +304,11 @@ fn a_restart_re_reads_each_pending_entry_once_raising_its_count_by_one() {
     drop(first);
     let lease = format!("{key}:lease:g:walker");
     await_condition(Duration::from_secs(5), "the dead lease expired", || {
-        redis::cmd("EXISTS").arg(&lease).query::<i64>(&mut conn).unwrap() == 0
+        redis::cmd("EXISTS")
+            .arg(&lease)
+            .query::<i64>(&mut conn)
+            .unwrap()
+            == 0
     });
 
     let mut second = RedisStreamSource::from_config(fast(&server, &key, "walker")).unwrap();
@@ -435,7 +447,10 @@ fn entries_trimmed_while_in_flight_are_not_counted_lost() {
     source.batch_ack(&ids).unwrap();
     source.flush_metrics();
     let lost = ctx.metrics.snapshot().counter(names::SOURCE_LOST, &[]);
-    assert_eq!(lost, 1, "only the entry pending at the vanished consumer is lost");
+    assert_eq!(
+        lost, 1,
+        "only the entry pending at the vanished consumer is lost"
+    );
 }
 
 /// "Consumer identity": two live sources asking for one name got it both.
@@ -506,14 +521,22 @@ fn a_dead_names_entries_are_adopted_once_its_lease_expires() {
     assert_eq!(heir.consumer(), "adopt-2", "the dead lease is still there");
     let started = Instant::now();
     let mut got = Vec::new();
-    await_condition(Duration::from_secs(5), "the dead name's entries come back", || {
-        heir.monitor().unwrap();
-        let mut batch = Vec::new();
-        heir.poll(100, &mut batch).unwrap();
-        got.extend(batch);
-        got.len() >= 50
-    });
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    await_condition(
+        Duration::from_secs(5),
+        "the dead name's entries come back",
+        || {
+            heir.monitor().unwrap();
+            let mut batch = Vec::new();
+            heir.poll(100, &mut batch).unwrap();
+            got.extend(batch);
+            got.len() >= 50
+        },
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     assert!(got.iter().all(|m| m.delivered == 2));
     let ids: HashSet<&MsgId> = got.iter().map(|m| &m.id).collect();
     assert_eq!((got.len(), ids.len()), (50, 50));
@@ -526,5 +549,8 @@ fn a_dead_names_entries_are_adopted_once_its_lease_expires() {
             .query::<redis::Value>(&mut conn)
             .unwrap()
     );
-    assert!(!text.contains("\"adopt\""), "the emptied dead name left the group: {text}");
+    assert!(
+        !text.contains("\"adopt\""),
+        "the emptied dead name left the group: {text}"
+    );
 }
