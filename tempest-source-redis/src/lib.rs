@@ -4,16 +4,37 @@
 //! on the runtime.
 //!
 //! - [`RedisStreamSource`]: a Redis Streams consumer group. Reads with
-//!   `XREADGROUP … BLOCK`, acks with one `XACK` per batch, re-reads its own
-//!   pending entries after a restart, reclaims entries idle too long from
-//!   dead consumers with `XAUTOCLAIM`, and dead-letters entries delivered
-//!   more than `max_deliveries` times to `<key>:dead`, atomically.
+//!   `XREADGROUP … BLOCK`, acks with one `XACK` per batch, dead-letters
+//!   entries delivered more than `max_deliveries` times to `<key>:dead`,
+//!   atomically. Its guarantees:
+//!   - **After a crash** the restarted process walks its own pending entries
+//!     once (a cursor past the last id listed), then reads new ones: an
+//!     entry runs at most once more than it had when the process died, so
+//!     the duplicates of a crash are at most the entries pending at the
+//!     crash (`XPENDING` right after it), and a redelivery raises an entry's
+//!     delivery count by exactly one (the count reported is the real one,
+//!     read with `XPENDING`).
+//!   - **In flight is never reclaimed:** every monitor tick
+//!     (`monitor_interval_ms`) resets the idle time of the entries it holds
+//!     in flight (`XCLAIM … JUSTID`, which leaves their delivery count
+//!     alone), so `XAUTOCLAIM` (after `claim_min_idle_ms`, which must be at
+//!     least 3 × (`monitor_interval_ms` + `block_ms`)) takes only entries of
+//!     dead consumers and entries the runtime gave up on.
+//!   - **One name, one process:** the consumer name is leased in Redis
+//!     (`<key>:lease:<group>:<consumer>`, `lease_ttl_ms`, renewed every
+//!     monitor tick). A second live process asking for a held name takes
+//!     `<name>-2`, `<name>-3`, …; once a dead process's lease expires, a live
+//!     process of the same name family takes over its pending entries (or a
+//!     restarted one its name), seconds after the crash. A consumer leaves
+//!     the group only without pending entries (clean shutdown).
 //! - [`RedisListSource`]: the reliable-queue pattern on a list: `BLMOVE`
 //!   to a per-consumer processing list, ack by `LREM`, redelivery of what
 //!   was left in the processing list at start, the same dead-letter rule.
 //!
 //! Both reconnect with backoff when the server goes away (they report the
 //! error as retryable and `healthy()` turns false until they are back).
+//! `rediss://` (TLS) addresses are refused by `validate()`: the `redis`
+//! crate is built without a TLS backend.
 //!
 //! ```
 //! use tempest_source_redis::RedisStreamConfig;
@@ -25,6 +46,12 @@
 //! "#).unwrap();
 //! config.validate().unwrap();
 //! assert_eq!(config.count, 1000);
+//! assert_eq!(config.monitor_interval_ms, 1000);
+//!
+//! let tls = RedisStreamConfig { uri: "rediss://cache:6380".into(), ..config.clone() };
+//! assert!(tls.validate().unwrap_err().to_string().contains("rediss://cache:6380"));
+//! let eager = config.claim_min_idle_ms(1000u64);
+//! assert!(eager.validate().unwrap_err().to_string().contains("claim_min_idle_ms = 1000"));
 //! ```
 
 /// Chainable setters for config fields: `config.count(10).block_ms(5)`.

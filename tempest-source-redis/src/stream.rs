@@ -86,6 +86,30 @@ redis.call('DEL', KEYS[2])
 return removed
 ";
 
+/// Claims for `ARGV[3]` those of the entries `ARGV[4..]` of group `ARGV[1]`
+/// on stream `KEYS[1]` that consumer `ARGV[2]` still holds (so an entry
+/// another consumer took meanwhile stays with it), raising each delivery
+/// count by one. Returns `{entries, {id, delivery count, …}}`; an id counted
+/// but not among the entries was trimmed away (the claim dropped it).
+const CLAIM_FROM: &str = r"
+local claim, counts = {}, {}
+for i = 4, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if #p == 1 then
+    claim[#claim + 1] = ARGV[i]
+    counts[#counts + 1] = ARGV[i]
+    counts[#counts + 1] = p[1][4] + 1
+  end
+end
+local entries = {}
+for first = 1, #claim, 500 do
+  local got = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0,
+    unpack(claim, first, math.min(first + 499, #claim)))
+  for _, e in ipairs(got) do entries[#entries + 1] = e end
+end
+return {entries, counts}
+";
+
 /// Ids per `XCLAIM … JUSTID` when refreshing the entries in flight.
 const REFRESH_CHUNK: usize = 1000;
 
@@ -121,6 +145,7 @@ pub struct RedisStreamSource {
     reclaimed: VecDeque<SourceMsg>,
     next_reclaim: Instant,
     dead_letter_script: redis::Script,
+    claim_script: redis::Script,
     renew_script: redis::Script,
     release_script: redis::Script,
     metrics: Option<Metrics>,
@@ -450,10 +475,11 @@ impl RedisStreamSource {
     }
 
     /// Lists up to `n` pending entries of consumer `owner` after `cursor`,
-    /// claims those not in flight here for this consumer (`XCLAIM`, which
-    /// raises each delivery count by one: this is their redelivery) and
-    /// hands them out with their real delivery count, dead-lettering those
-    /// delivered more than `max_deliveries` times. Returns where the next
+    /// claims those not in flight here and still `owner`'s for this consumer
+    /// ([`CLAIM_FROM`]: `XCLAIM`, which raises each delivery count by one:
+    /// this is their redelivery) and hands them out with their real
+    /// delivery count, dead-lettering those delivered more than
+    /// `max_deliveries` times. Returns where the next
     /// walk starts, `None` when `owner` has no more pending entries.
     fn take_pending(
         &mut self,
@@ -471,42 +497,63 @@ impl RedisStreamSource {
             .arg(owner)
             .clone();
         let v = self.query("listing pending entries", &cmd)?;
-        let listed: Vec<(String, u32)> = reply::items(&v)
+        // The delivery counts listed here may be stale by the claim: the
+        // claim reads them again, atomically with it.
+        let listed: Vec<String> = reply::items(&v)
             .iter()
-            .filter_map(reply::pending_entry)
+            .filter_map(|p| reply::pending_entry(p).map(|(id, _)| id))
             .collect();
-        let Some((last, _)) = listed.last() else {
+        let Some(last) = listed.last() else {
             return Ok(None);
         };
         let next = format!("({last}");
-        let wanted: Vec<(String, u32)> = listed
+        let wanted: Vec<String> = listed
             .into_iter()
-            .filter(|(id, _)| !self.inflight.contains(id.as_bytes()))
+            .filter(|id| !self.inflight.contains(id.as_bytes()))
             .collect();
         if wanted.is_empty() {
             return Ok(Some(next));
         }
-        let mut claim = redis::cmd("XCLAIM");
-        claim
-            .arg(&self.config.key)
-            .arg(&self.config.group)
-            .arg(&self.consumer)
-            .arg(0);
-        for (id, _) in &wanted {
-            claim.arg(id);
+        let what = self.what("claiming pending entries");
+        let mut inv = self.claim_script.key(&self.config.key);
+        inv.arg(&self.config.group).arg(owner).arg(&self.consumer);
+        for id in &wanted {
+            inv.arg(id);
         }
-        let v = self.query("claiming pending entries", &claim)?;
-        let mut entries: HashMap<String, Entry> = reply::entries(&v)
+        let v = reply::invoke::<Value>(&mut self.conn, &what, inv)?;
+        let parts = reply::items(&v);
+        let mut entries: HashMap<String, Entry> = parts
+            .first()
+            .map(reply::entries)
+            .unwrap_or_default()
             .into_iter()
             .map(|e| (e.id.clone(), e))
             .collect();
-        let mut missing = Vec::new();
-        for (id, count) in &wanted {
-            let Some(e) = entries.remove(id) else {
-                missing.push(id.as_str());
+        let counts: HashMap<String, u32> = parts
+            .get(1)
+            .map(reply::items)
+            .unwrap_or(&[])
+            .chunks(2)
+            .filter_map(|p| {
+                let id = reply::text(p.first()?)?;
+                let n = u32::try_from(reply::int(p.get(1)?)?).ok()?;
+                Some((id, n))
+            })
+            .collect();
+        for id in &wanted {
+            // Not counted: no longer `owner`'s (acked, or taken by another
+            // consumer meanwhile); nothing to do.
+            let Some(&delivered) = counts.get(id) else {
                 continue;
             };
-            let delivered = count.saturating_add(1);
+            let Some(e) = entries.remove(id) else {
+                self.counts.lost += 1;
+                log::error!(
+                    "Pending entry {id} of stream {} was trimmed before it was processed; it is lost.",
+                    self.config.key
+                );
+                continue;
+            };
             if delivered > self.config.max_deliveries {
                 let payload = e.field(&self.config.field).unwrap_or_default().to_vec();
                 let reason = format!(
@@ -517,22 +564,6 @@ impl RedisStreamSource {
             } else {
                 self.counts.redelivered += 1;
                 self.push_msg(&e, delivered, out)?;
-            }
-        }
-        if !missing.is_empty() {
-            // Not claimed: trimmed away (the claim dropped them from the
-            // pending list), or meanwhile claimed by another consumer.
-            let still = self.delivery_counts(&missing)?;
-            let trimmed: Vec<&str> = missing
-                .into_iter()
-                .filter(|id| !still.contains_key(*id))
-                .collect();
-            self.counts.lost += trimmed.len() as u64;
-            for id in &trimmed {
-                log::error!(
-                    "Pending entry {id} of stream {} was trimmed before it was processed; it is lost.",
-                    self.config.key
-                );
             }
         }
         Ok(Some(next))
@@ -779,6 +810,7 @@ impl Source for RedisStreamSource {
             reclaimed: VecDeque::new(),
             next_reclaim: Instant::now(),
             dead_letter_script: redis::Script::new(DEAD_LETTER),
+            claim_script: redis::Script::new(CLAIM_FROM),
             renew_script: redis::Script::new(RENEW_LEASE),
             release_script: redis::Script::new(RELEASE_NAME),
             metrics: None,
