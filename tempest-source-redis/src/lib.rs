@@ -68,6 +68,7 @@ macro_rules! setters {
 }
 pub(crate) use setters;
 
+mod inflight;
 mod list;
 mod reply;
 mod stream;

@@ -15,7 +15,8 @@
 //!   walks its own pending-entries list once, past the last id listed each
 //!   time, then reads new entries (`>`).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
+use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -28,6 +29,7 @@ use tempest_source::{
     SourceMsg, SourceSettings,
 };
 
+use crate::inflight::InFlight;
 use crate::reply::{self, Entry};
 use crate::{default_consumer, RedisStreamConfig};
 
@@ -138,7 +140,7 @@ pub struct RedisStreamSource {
     /// `(<last id listed>`). `None` once the walk is over: read `>`.
     own_cursor: Option<String>,
     /// Ids delivered and neither acked nor failed yet.
-    inflight: HashSet<Bytes>,
+    inflight: InFlight,
     /// Whether to track `inflight` (not with `ack_policy = "none"`: nothing
     /// is ever acked).
     track: bool,
@@ -270,12 +272,15 @@ impl RedisStreamSource {
         }
         match e.field(&self.config.field) {
             Some(payload) => {
-                let id = Bytes::copy_from_slice(e.id.as_bytes());
-                if self.track {
-                    self.inflight.insert(id.clone());
+                if self.track && !self.inflight.insert(e.id.as_bytes()) {
+                    log::warn!(
+                        "Entry id {} of stream {} is not a stream id; it is not kept fresh while in flight.",
+                        e.id,
+                        self.config.key
+                    );
                 }
                 out.push(SourceMsg {
-                    id: MsgId::Bytes(id),
+                    id: MsgId::Bytes(Bytes::copy_from_slice(e.id.as_bytes())),
                     payload: Bytes::copy_from_slice(payload),
                     timestamp: e
                         .id
@@ -451,24 +456,30 @@ impl RedisStreamSource {
             return Ok(());
         }
         let mut pipe = redis::pipe();
-        let mut ids = self.inflight.iter();
-        loop {
-            let chunk: Vec<&[u8]> = ids
-                .by_ref()
-                .take(REFRESH_CHUNK)
-                .map(|b| b.as_ref())
-                .collect();
-            if chunk.is_empty() {
-                break;
+        let mut in_chunk = 0;
+        for id in self.inflight.iter() {
+            if in_chunk == 0 {
+                pipe.cmd("XCLAIM")
+                    .arg(&self.config.key)
+                    .arg(&self.config.group)
+                    .arg(&self.consumer)
+                    .arg(0);
             }
-            pipe.cmd("XCLAIM")
-                .arg(&self.config.key)
-                .arg(&self.config.group)
-                .arg(&self.consumer)
-                .arg(0)
-                .arg(chunk)
-                .arg("JUSTID")
-                .ignore();
+            // An id is at most 41 bytes: formatted on the stack.
+            let mut buf = [0u8; 48];
+            let mut rest = &mut buf[..];
+            if write!(rest, "{id}").is_ok() {
+                let len = 48 - rest.len();
+                pipe.arg(&buf[..len]);
+            }
+            in_chunk += 1;
+            if in_chunk == REFRESH_CHUNK {
+                pipe.arg("JUSTID").ignore();
+                in_chunk = 0;
+            }
+        }
+        if in_chunk > 0 {
+            pipe.arg("JUSTID").ignore();
         }
         self.query_pipe("resetting the idle time of entries in flight", &pipe)
             .map(drop)
@@ -782,9 +793,10 @@ impl RedisStreamSource {
 
     fn untrack(&mut self, id: &MsgId) {
         match id {
-            MsgId::Bytes(b) => self.inflight.remove(b.as_ref()),
-            MsgId::Int(n) => self.inflight.remove(n.to_string().as_bytes()),
-        };
+            MsgId::Bytes(b) => self.inflight.remove(b),
+            // Stream ids are never numbers: nothing was tracked.
+            MsgId::Int(_) => {}
+        }
     }
 }
 
@@ -805,7 +817,7 @@ impl Source for RedisStreamSource {
             lease_held: false,
             conn: None,
             own_cursor: Some(PEL_START.to_string()),
-            inflight: HashSet::new(),
+            inflight: InFlight::default(),
             track: config.ack_policy != AckPolicy::None,
             reclaimed: VecDeque::new(),
             next_reclaim: Instant::now(),
