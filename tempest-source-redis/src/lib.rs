@@ -69,6 +69,7 @@ macro_rules! setters {
 pub(crate) use setters;
 
 mod inflight;
+mod lease;
 mod list;
 mod reply;
 mod stream;

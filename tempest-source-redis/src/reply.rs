@@ -135,6 +135,22 @@ pub(crate) fn not_connected(what: &str) -> SourceError {
     )
 }
 
+/// Runs `cmd` on `conn`; a connection error drops the connection so the
+/// runtime reconnects.
+pub(crate) fn query(
+    conn: &mut Option<redis::Connection>,
+    what: &str,
+    cmd: &redis::Cmd,
+) -> Result<Value, SourceError> {
+    let c = conn.as_mut().ok_or_else(|| not_connected(what))?;
+    cmd.query::<Value>(c).map_err(|e| {
+        if is_connection_error(&e) {
+            *conn = None;
+        }
+        source_error(what.to_string(), e)
+    })
+}
+
 /// Runs a script on `conn`; a connection error drops the connection so the
 /// runtime reconnects.
 pub(crate) fn invoke<T: redis::FromRedisValue>(

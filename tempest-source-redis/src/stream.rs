@@ -30,6 +30,7 @@ use tempest_source::{
 };
 
 use crate::inflight::InFlight;
+use crate::lease::{Lease, Released};
 use crate::reply::{self, Entry};
 use crate::{default_consumer, RedisStreamConfig};
 
@@ -55,37 +56,6 @@ if #pending == 0 then return 0 end
 redis.call('XADD', KEYS[2], '*', 'id', ARGV[2], 'deliveries', ARGV[3], 'reason', ARGV[4], 'payload', ARGV[5])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 return 1
-";
-
-/// Renews the lease `KEYS[1]` for `ARGV[2]` ms if it still holds this
-/// process's token `ARGV[1]`, or takes it again if it expired and nobody
-/// took it meanwhile. 1: the name is ours; 0: another process holds it.
-const RENEW_LEASE: &str = r"
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-elseif not holder then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-";
-
-/// Gives up the consumer name `ARGV[2]` of group `ARGV[1]` on stream
-/// `KEYS[1]` if its lease `KEYS[2]` holds token `ARGV[3]`: removes the
-/// consumer from the group only if it has no pending entries (`XGROUP
-/// DELCONSUMER` would discard them), then deletes the lease. 1: removed;
-/// 0: kept for its pending entries; -1: the lease was not ours.
-const RELEASE_NAME: &str = r"
-if redis.call('GET', KEYS[2]) ~= ARGV[3] then return -1 end
-local removed = 0
-if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
-  redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
-  removed = 1
-end
-redis.call('DEL', KEYS[2])
-return removed
 ";
 
 /// Claims for `ARGV[3]` those of the entries `ARGV[4..]` of group `ARGV[1]`
@@ -115,9 +85,6 @@ return {entries, counts}
 /// Ids per `XCLAIM … JUSTID` when refreshing the entries in flight.
 const REFRESH_CHUNK: usize = 1000;
 
-/// The most numbered names (`<name>-2` …) tried for a free consumer name.
-const MAX_NAME_SUFFIX: u32 = 1000;
-
 /// Where a walk over a pending-entries list starts.
 const PEL_START: &str = "-";
 
@@ -125,15 +92,8 @@ const PEL_START: &str = "-";
 /// [crate docs](crate).
 pub struct RedisStreamSource {
     config: RedisStreamConfig,
-    /// The name asked for: `consumer` from the config, else the default.
-    base: String,
-    /// The name held now: `base`, or `base-N` when another live process
-    /// holds `base`.
-    consumer: String,
-    /// This process's lease token, unique per source instance.
-    token: String,
-    /// Whether this source holds the lease on `consumer`.
-    lease_held: bool,
+    /// The consumer name and this process's lease on it.
+    lease: Lease,
     conn: Option<Connection>,
     /// While walking this consumer's own pending entries after
     /// (re)connecting: where the next `XPENDING` starts (`-`, then
@@ -148,8 +108,6 @@ pub struct RedisStreamSource {
     next_reclaim: Instant,
     dead_letter_script: redis::Script,
     claim_script: redis::Script,
-    renew_script: redis::Script,
-    release_script: redis::Script,
     metrics: Option<Metrics>,
     counts: Counts,
 }
@@ -169,50 +127,24 @@ impl std::fmt::Debug for RedisStreamSource {
         f.debug_struct("RedisStreamSource")
             .field("key", &self.config.key)
             .field("group", &self.config.group)
-            .field("consumer", &self.consumer)
+            .field("consumer", &self.lease.name())
             .field("connected", &self.conn.is_some())
             .field("inflight", &self.inflight.len())
             .finish_non_exhaustive()
     }
 }
 
-/// A lease token no other source instance has: host, process, time and a
-/// per-process counter.
-fn lease_token() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!(
-        "{}:{}:{nanos}:{}",
-        tempest_source::metrics::host_name(),
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// Whether `name` is `base` or a numbered `base-N`: the names processes
-/// asking for `base` take.
-fn is_numbered(base: &str, name: &str) -> bool {
-    name == base
-        || name
-            .strip_prefix(base)
-            .and_then(|rest| rest.strip_prefix('-'))
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-}
-
 impl RedisStreamSource {
     /// This consumer's name in the group: the configured (or default) name,
     /// or `<name>-N` when another live process holds that name.
     pub fn consumer(&self) -> &str {
-        &self.consumer
+        self.lease.name()
     }
 
-    /// The key of the lease on consumer name `name`.
+    /// The key of the lease on consumer name `name`:
+    /// `<key>:lease:<group>:<name>`.
     pub fn lease_key(&self, name: &str) -> String {
-        format!("{}:lease:{}:{name}", self.config.key, self.config.group)
+        self.lease.key(name)
     }
 
     /// How many delivered entries are neither acked nor failed yet.
@@ -365,89 +297,6 @@ impl RedisStreamSource {
             .collect())
     }
 
-    /// Takes the lease on a consumer name: `base` if no live process holds
-    /// it, else the first free `base-N`. Keeps the name it holds when its
-    /// lease is still (or again) its own.
-    fn acquire_name(&mut self) -> Result<(), SourceError> {
-        if self.lease_held {
-            if self.renew_lease()? {
-                return Ok(());
-            }
-            log::warn!(
-                "Another process took the consumer name {} of group {} on stream {} after this one failed to renew its lease in time; this one takes a new name, and entries it had in flight may run twice.",
-                self.consumer,
-                self.config.group,
-                self.config.key
-            );
-            self.lease_held = false;
-        }
-        for n in 1..=MAX_NAME_SUFFIX {
-            let name = if n == 1 {
-                self.base.clone()
-            } else {
-                format!("{}-{n}", self.base)
-            };
-            if self.try_lease(&name)? {
-                if n > 1 {
-                    log::warn!(
-                        "The consumer name {} of group {} on stream {} is held by another live process; this one is consumer {name}.",
-                        self.base,
-                        self.config.group,
-                        self.config.key
-                    );
-                }
-                self.consumer = name;
-                self.lease_held = true;
-                return Ok(());
-            }
-        }
-        Err(SourceError::failed(format!(
-            "no free consumer name in group {} on stream {} at {}: {} and {}-2 to {}-{MAX_NAME_SUFFIX} are all held by live processes (leases {})",
-            self.config.group,
-            self.config.key,
-            self.config.uri,
-            self.base,
-            self.base,
-            self.base,
-            self.lease_key("<name>")
-        )))
-    }
-
-    /// `SET <lease> <token> NX PX <ttl>`: whether the name `name` is now
-    /// this process's.
-    fn try_lease(&mut self, name: &str) -> Result<bool, SourceError> {
-        let cmd = redis::cmd("SET")
-            .arg(self.lease_key(name))
-            .arg(&self.token)
-            .arg("NX")
-            .arg("PX")
-            .arg(self.config.lease_ttl_ms)
-            .clone();
-        let v = self.query("taking the lease on a consumer name", &cmd)?;
-        Ok(!matches!(v, Value::Nil))
-    }
-
-    /// Renews the lease on this consumer's name; `false` if another process
-    /// holds it now.
-    fn renew_lease(&mut self) -> Result<bool, SourceError> {
-        let what = self.what("renewing the lease on the consumer name");
-        let mut inv = self.renew_script.key(self.lease_key(&self.consumer));
-        inv.arg(&self.token).arg(self.config.lease_ttl_ms);
-        Ok(reply::invoke::<i64>(&mut self.conn, &what, inv)? == 1)
-    }
-
-    /// Gives up the name `name` (see [`RELEASE_NAME`]): 1 removed from the
-    /// group, 0 kept for its pending entries, -1 the lease was not ours.
-    fn release_name(&mut self, name: &str) -> Result<i64, SourceError> {
-        let what = self.what("giving up a consumer name");
-        let mut inv = self.release_script.key(&self.config.key);
-        inv.key(self.lease_key(name))
-            .arg(&self.config.group)
-            .arg(name)
-            .arg(&self.token);
-        reply::invoke::<i64>(&mut self.conn, &what, inv)
-    }
-
     /// Resets the idle time of every entry in flight here (`XCLAIM … 0
     /// <ids> JUSTID`, which does not raise the delivery count), in chunks,
     /// in one round trip.
@@ -462,7 +311,7 @@ impl RedisStreamSource {
                 pipe.cmd("XCLAIM")
                     .arg(&self.config.key)
                     .arg(&self.config.group)
-                    .arg(&self.consumer)
+                    .arg(self.lease.name())
                     .arg(0);
             }
             // An id is at most 41 bytes: formatted on the stack.
@@ -527,7 +376,9 @@ impl RedisStreamSource {
         }
         let what = self.what("claiming pending entries");
         let mut inv = self.claim_script.key(&self.config.key);
-        inv.arg(&self.config.group).arg(owner).arg(&self.consumer);
+        inv.arg(&self.config.group)
+            .arg(owner)
+            .arg(self.lease.name());
         for id in &wanted {
             inv.arg(id);
         }
@@ -601,7 +452,7 @@ impl RedisStreamSource {
                 Some((name, pending))
             })
             .filter(|(name, pending)| {
-                *pending > 0 && *name != self.consumer && is_numbered(&self.base, name)
+                *pending > 0 && name != self.lease.name() && self.lease.is_family(name)
             })
             .collect();
         let limit = self.config.count.saturating_mul(10);
@@ -610,14 +461,14 @@ impl RedisStreamSource {
             if taken >= limit {
                 break;
             }
-            if !self.try_lease(&name)? {
+            if !self.lease.try_take(&mut self.conn, &name)? {
                 continue;
             }
             log::info!(
                 "Consumer {name} of group {} on stream {} holds no lease, so its process is gone; consumer {} takes over its {pending} pending entries now.",
                 self.config.group,
                 self.config.key,
-                self.consumer
+                self.lease.name()
             );
             let mut out = Vec::new();
             let mut cursor = Some(PEL_START.to_string());
@@ -637,7 +488,7 @@ impl RedisStreamSource {
                 self.reclaimed.extend(out.drain(..));
             }
             result?;
-            if self.release_name(&name)? == 1 {
+            if self.lease.release(&mut self.conn, &name)? == Released::Removed {
                 log::info!(
                     "Removed consumer {name}, now without pending entries, from group {} on stream {}.",
                     self.config.group,
@@ -660,7 +511,7 @@ impl RedisStreamSource {
             let cmd = redis::cmd("XAUTOCLAIM")
                 .arg(&self.config.key)
                 .arg(&self.config.group)
-                .arg(&self.consumer)
+                .arg(self.lease.name())
                 .arg(self.config.claim_min_idle_ms)
                 .arg(&cursor)
                 .arg("COUNT")
@@ -763,7 +614,7 @@ impl RedisStreamSource {
     ) -> Result<(), SourceError> {
         while let Some(cursor) = self.own_cursor.take() {
             let before = out.len();
-            let me = self.consumer.clone();
+            let me = self.lease.name().to_string();
             match self.take_pending(&me, &cursor, room.min(self.config.count), out) {
                 Ok(next) => self.own_cursor = next,
                 Err(e) => {
@@ -774,7 +625,7 @@ impl RedisStreamSource {
             if self.own_cursor.is_none() {
                 log::info!(
                     "Consumer {} re-read its pending entries of stream {}; reading new entries now.",
-                    self.consumer,
+                    self.lease.name(),
                     self.config.key
                 );
             }
@@ -811,10 +662,13 @@ impl Source for RedisStreamSource {
         config.validate()?;
         let base = config.consumer.clone().unwrap_or_else(default_consumer);
         Ok(RedisStreamSource {
-            consumer: base.clone(),
-            base,
-            token: lease_token(),
-            lease_held: false,
+            lease: Lease::new(
+                &config.key,
+                &config.group,
+                base,
+                config.lease_ttl_ms,
+                &config.uri,
+            ),
             conn: None,
             own_cursor: Some(PEL_START.to_string()),
             inflight: InFlight::default(),
@@ -823,8 +677,6 @@ impl Source for RedisStreamSource {
             next_reclaim: Instant::now(),
             dead_letter_script: redis::Script::new(DEAD_LETTER),
             claim_script: redis::Script::new(CLAIM_FROM),
-            renew_script: redis::Script::new(RENEW_LEASE),
-            release_script: redis::Script::new(RELEASE_NAME),
             metrics: None,
             counts: Counts::default(),
             config,
@@ -878,11 +730,11 @@ impl Source for RedisStreamSource {
                 ));
             }
         }
-        self.acquire_name()?;
+        self.lease.acquire(&mut self.conn)?;
         log::info!(
             "Reading stream {} as consumer {} of group {}.",
             self.config.key,
-            self.consumer,
+            self.lease.name(),
             self.config.group
         );
         // Entries still in flight from before a reconnect: keep them (and
@@ -919,7 +771,7 @@ impl Source for RedisStreamSource {
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(&self.config.group)
-            .arg(&self.consumer)
+            .arg(self.lease.name())
             .arg("COUNT")
             .arg(room.min(self.config.count));
         if out.len() == start {
@@ -992,9 +844,9 @@ impl Source for RedisStreamSource {
         self.refresh_inflight()?;
         // Renews the lease; should another process hold the name now, takes
         // a new one (and warns).
-        let old = self.consumer.clone();
-        self.acquire_name()?;
-        if self.consumer != old {
+        let old = self.lease.name().to_string();
+        self.lease.acquire(&mut self.conn)?;
+        if self.lease.name() != old {
             self.refresh_inflight()?;
             self.own_cursor = Some(PEL_START.to_string());
         }
@@ -1008,28 +860,27 @@ impl Source for RedisStreamSource {
     }
 
     fn shutdown(&mut self) -> Result<(), SourceError> {
-        if self.conn.is_none() || !self.lease_held {
+        if self.conn.is_none() || !self.lease.held() {
             return Ok(());
         }
-        let name = self.consumer.clone();
-        match self.release_name(&name)? {
-            1 => log::info!(
+        let name = self.lease.name().to_string();
+        match self.lease.release(&mut self.conn, &name)? {
+            Released::Removed => log::info!(
                 "Consumer {name} left group {} on stream {} with nothing pending.",
                 self.config.group,
                 self.config.key
             ),
-            0 => log::info!(
+            Released::Kept => log::info!(
                 "Consumer {name} of group {} on stream {} keeps its pending entries for the next process to take its name.",
                 self.config.group,
                 self.config.key
             ),
-            _ => log::warn!(
+            Released::NotOurs => log::warn!(
                 "Consumer {name} of group {} on stream {} was held by another process at shutdown; it was left alone.",
                 self.config.group,
                 self.config.key
             ),
         }
-        self.lease_held = false;
         Ok(())
     }
 
