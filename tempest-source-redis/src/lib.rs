@@ -31,6 +31,11 @@
 //!   to a per-consumer processing list, ack by `LREM`, redelivery of what
 //!   was left in the processing list at start, the same dead-letter rule.
 //!
+//! Inside: `stream` is the stream source, `lease` its consumer-name lease,
+//! `inflight` the ids it holds in flight; `list` is the list source;
+//! `reply` reads Redis replies without panicking; [`test_server`] starts a
+//! redis-server for tests.
+//!
 //! Both reconnect with backoff when the server goes away (they report the
 //! error as retryable and `healthy()` turns false until they are back).
 //! `rediss://` (TLS) addresses are refused by `validate()`: the `redis`

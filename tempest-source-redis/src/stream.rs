@@ -8,9 +8,10 @@
 //!   `XCLAIM … 0 <ids> JUSTID` (which does not raise their delivery count),
 //!   so no consumer, this one included, reclaims an entry that is still
 //!   being processed.
-//! - **Its name:** a lease `<key>:lease:<group>:<consumer>` (`SET NX PX`,
-//!   renewed every monitor tick by a script that renews it only while it is
-//!   still this process's), so two live processes never share a consumer.
+//! - **Its name:** a lease `<key>:lease:<group>:<consumer>` (see
+//!   `lease.rs`), renewed every monitor tick, so two live processes never
+//!   share a consumer; the pending entries of a dead name of the same
+//!   family are taken over once its lease has expired.
 //! - **A cursor over its own pending entries:** after (re)connecting it
 //!   walks its own pending-entries list once, past the last id listed each
 //!   time, then reads new entries (`>`).
