@@ -1,5 +1,7 @@
 //! The Redis stream example as real processes: a topology killed with
-//! `kill -9` mid-stream and restarted loses no entry.
+//! `kill -9` mid-stream and restarted loses no entry, runs again at most
+//! the entries pending at the crash, and two processes of one package on
+//! one host are two consumers.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
