@@ -146,18 +146,44 @@ fn kill_9_of_the_topology_and_a_restart_lose_no_entry() {
 
 const IDLOG: &str = env!("CARGO_BIN_EXE_stream_idlog");
 
+/// A child process killed (and reaped) when dropped, so a failing test
+/// leaves no topology running.
+struct Proc(Child);
+
+impl std::ops::Deref for Proc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A `stream_idlog` process logging handled entries to `log`.
-fn start_idlog(cfg: &std::path::Path, log: &std::path::Path, delay_ms: u64) -> Child {
-    Command::new(IDLOG)
-        .current_dir(std::env::temp_dir())
-        .args(["--config", cfg.to_str().unwrap(), "standalone"])
-        .env("RUST_LOG", "info")
-        .env("TEMPEST_ID_LOG", log)
-        .env("TEMPEST_TASK_DELAY_MS", delay_ms.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+fn start_idlog(cfg: &std::path::Path, log: &std::path::Path, delay_ms: u64) -> Proc {
+    Proc(
+        Command::new(IDLOG)
+            .current_dir(std::env::temp_dir())
+            .args(["--config", cfg.to_str().unwrap(), "standalone"])
+            .env("RUST_LOG", "info")
+            .env("TEMPEST_ID_LOG", log)
+            .env("TEMPEST_TASK_DELAY_MS", delay_ms.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// Appends `n` entries `payload = e<i>` to `key`.
