@@ -4,16 +4,42 @@
 //! on the runtime.
 //!
 //! - [`RedisStreamSource`]: a Redis Streams consumer group. Reads with
-//!   `XREADGROUP … BLOCK`, acks with one `XACK` per batch, re-reads its own
-//!   pending entries after a restart, reclaims entries idle too long from
-//!   dead consumers with `XAUTOCLAIM`, and dead-letters entries delivered
-//!   more than `max_deliveries` times to `<key>:dead`, atomically.
+//!   `XREADGROUP … BLOCK`, acks with one `XACK` per batch, dead-letters
+//!   entries delivered more than `max_deliveries` times to `<key>:dead`,
+//!   atomically. Its guarantees:
+//!   - **After a crash** the restarted process walks its own pending entries
+//!     once (a cursor past the last id listed), then reads new ones: an
+//!     entry runs at most once more than it had when the process died, so
+//!     the duplicates of a crash are at most the entries pending at the
+//!     crash (`XPENDING` right after it), and a redelivery raises an entry's
+//!     delivery count by exactly one (the count reported is the real one,
+//!     read with `XPENDING`).
+//!   - **In flight is never reclaimed:** every monitor tick
+//!     (`monitor_interval_ms`) resets the idle time of the entries it holds
+//!     in flight (`XCLAIM … JUSTID`, which leaves their delivery count
+//!     alone), so `XAUTOCLAIM` (after `claim_min_idle_ms`, which must be at
+//!     least 3 × (`monitor_interval_ms` + `block_ms`)) takes only entries of
+//!     dead consumers and entries the runtime gave up on.
+//!   - **One name, one process:** the consumer name is leased in Redis
+//!     (`<key>:lease:<group>:<consumer>`, `lease_ttl_ms`, renewed every
+//!     monitor tick). A second live process asking for a held name takes
+//!     `<name>-2`, `<name>-3`, …; once a dead process's lease expires, a live
+//!     process of the same name family takes over its pending entries (or a
+//!     restarted one its name), seconds after the crash. A consumer leaves
+//!     the group only without pending entries (clean shutdown).
 //! - [`RedisListSource`]: the reliable-queue pattern on a list: `BLMOVE`
 //!   to a per-consumer processing list, ack by `LREM`, redelivery of what
 //!   was left in the processing list at start, the same dead-letter rule.
 //!
+//! Inside: `stream` is the stream source, `lease` its consumer-name lease,
+//! `inflight` the ids it holds in flight; `list` is the list source;
+//! `reply` reads Redis replies without panicking; [`test_server`] starts a
+//! redis-server for tests.
+//!
 //! Both reconnect with backoff when the server goes away (they report the
 //! error as retryable and `healthy()` turns false until they are back).
+//! `rediss://` (TLS) addresses are refused by `validate()`: the `redis`
+//! crate is built without a TLS backend.
 //!
 //! ```
 //! use tempest_source_redis::RedisStreamConfig;
@@ -25,6 +51,12 @@
 //! "#).unwrap();
 //! config.validate().unwrap();
 //! assert_eq!(config.count, 1000);
+//! assert_eq!(config.monitor_interval_ms, 1000);
+//!
+//! let tls = RedisStreamConfig { uri: "rediss://cache:6380".into(), ..config.clone() };
+//! assert!(tls.validate().unwrap_err().to_string().contains("rediss://cache:6380"));
+//! let eager = config.claim_min_idle_ms(1000u64);
+//! assert!(eager.validate().unwrap_err().to_string().contains("claim_min_idle_ms = 1000"));
 //! ```
 
 /// Chainable setters for config fields: `config.count(10).block_ms(5)`.
@@ -41,6 +73,8 @@ macro_rules! setters {
 }
 pub(crate) use setters;
 
+mod inflight;
+mod lease;
 mod list;
 mod reply;
 mod stream;
@@ -62,7 +96,11 @@ pub struct RedisStreamConfig {
     pub key: String,
     /// The consumer group.
     pub group: String,
-    /// This consumer's name; by default stable per host and process.
+    /// This consumer's name in the group; by default host and program name.
+    /// The source takes a lease on the name in Redis; when a live process
+    /// already holds it (two processes of one package on one host, or one
+    /// configured name used twice), it takes the first free name of
+    /// `<name>-2`, `<name>-3`, … instead and logs a warning.
     #[serde(default)]
     pub consumer: Option<String>,
     /// Entries per `XREADGROUP`.
@@ -81,9 +119,21 @@ pub struct RedisStreamConfig {
     #[serde(default = "default_ack_interval_ms")]
     pub ack_interval_ms: u64,
     /// Reclaim entries idle longer than this from dead consumers, in
-    /// milliseconds.
+    /// milliseconds. Must be at least 3 × (`monitor_interval_ms` +
+    /// `block_ms`), so the entries a live consumer holds in flight (whose
+    /// idle time it resets every monitor tick) are never reclaimed.
     #[serde(default = "default_claim_min_idle_ms")]
     pub claim_min_idle_ms: u64,
+    /// How often the source resets the idle time of the entries it holds
+    /// in flight and renews its lease on its consumer name, in milliseconds.
+    #[serde(default = "default_monitor_interval_ms")]
+    pub monitor_interval_ms: u64,
+    /// How long the lease on the consumer name lasts without renewal, in
+    /// milliseconds: after a crash, a restarted process takes the name (and
+    /// re-reads its pending entries) this long after the crash at the
+    /// latest. Must be at least 3 × (`monitor_interval_ms` + `block_ms`).
+    #[serde(default = "default_lease_ttl_ms")]
+    pub lease_ttl_ms: u64,
     /// Dead-letter an entry delivered more than this many times.
     #[serde(default = "default_max_deliveries")]
     pub max_deliveries: u32,
@@ -129,6 +179,12 @@ fn default_ack_interval_ms() -> u64 {
 fn default_claim_min_idle_ms() -> u64 {
     60_000
 }
+fn default_monitor_interval_ms() -> u64 {
+    1_000
+}
+fn default_lease_ttl_ms() -> u64 {
+    5_000
+}
 fn default_max_deliveries() -> u32 {
     5
 }
@@ -153,6 +209,8 @@ impl RedisStreamConfig {
             ack_policy: default_ack_policy(),
             ack_interval_ms: default_ack_interval_ms(),
             claim_min_idle_ms: default_claim_min_idle_ms(),
+            monitor_interval_ms: default_monitor_interval_ms(),
+            lease_ttl_ms: default_lease_ttl_ms(),
             max_deliveries: default_max_deliveries(),
             dead_letter_key: None,
             poll_interval_ms: default_poll_interval_ms(),
@@ -187,6 +245,10 @@ impl RedisStreamConfig {
         ack_interval_ms: u64,
         /// Sets `claim_min_idle_ms`.
         claim_min_idle_ms: u64,
+        /// Sets `monitor_interval_ms`.
+        monitor_interval_ms: u64,
+        /// Sets `lease_ttl_ms`.
+        lease_ttl_ms: u64,
         /// Sets `max_deliveries`.
         max_deliveries: u32,
         /// Sets `poll_interval_ms`.
@@ -209,16 +271,7 @@ impl RedisStreamConfig {
     /// Checks every field and reports every problem at once.
     pub fn validate(&self) -> Result<(), SourceError> {
         let mut problems = Vec::new();
-        if !(self.uri.starts_with("redis://")
-            || self.uri.starts_with("rediss://")
-            || self.uri.starts_with("redis+unix://")
-            || self.uri.starts_with("unix://"))
-        {
-            problems.push(format!(
-                "uri \"{}\" must start with redis://, rediss://, redis+unix:// or unix://",
-                self.uri
-            ));
-        }
+        check_uri(&self.uri, &mut problems);
         for (name, value) in [("key", &self.key), ("group", &self.group)] {
             if value.is_empty() {
                 problems.push(format!("{name} must not be empty"));
@@ -248,6 +301,26 @@ impl RedisStreamConfig {
         if self.dead_letter_key() == self.key {
             problems.push("dead_letter_key must differ from key".to_string());
         }
+        if self.monitor_interval_ms < MIN_MONITOR_INTERVAL_MS {
+            problems.push(format!(
+                "monitor_interval_ms = {} must be at least {MIN_MONITOR_INTERVAL_MS}",
+                self.monitor_interval_ms
+            ));
+        }
+        let gap = self.refresh_gap_ms();
+        for (name, value) in [
+            ("claim_min_idle_ms", self.claim_min_idle_ms),
+            ("lease_ttl_ms", self.lease_ttl_ms),
+        ] {
+            if value < REFRESH_MARGIN.saturating_mul(gap) {
+                problems.push(format!(
+                    "{name} = {value} must be at least {REFRESH_MARGIN} × (monitor_interval_ms + block_ms) = {REFRESH_MARGIN} × ({} + {}) = {}, or a live consumer's in-flight entries or name could be taken from it",
+                    self.monitor_interval_ms,
+                    self.block_ms,
+                    REFRESH_MARGIN.saturating_mul(gap)
+                ));
+            }
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -259,8 +332,46 @@ impl RedisStreamConfig {
     }
 }
 
-/// The default consumer name: stable for this host and program, so a
-/// restarted topology first re-reads its own pending entries.
+/// How many times the longest gap between two monitor ticks
+/// (`monitor_interval_ms + block_ms`) `claim_min_idle_ms` and `lease_ttl_ms`
+/// must be at least.
+pub const REFRESH_MARGIN: u64 = 3;
+
+/// The shortest `monitor_interval_ms`: the runtime runs the monitor hook at
+/// most every 10 ms.
+pub const MIN_MONITOR_INTERVAL_MS: u64 = 10;
+
+impl RedisStreamConfig {
+    /// The longest time between two monitor ticks, in milliseconds: the
+    /// monitor interval plus one blocking read that may delay it.
+    pub fn refresh_gap_ms(&self) -> u64 {
+        self.monitor_interval_ms.saturating_add(self.block_ms)
+    }
+}
+
+/// Checks a server address: a scheme this build can connect with. TLS
+/// (`rediss://`) is refused here rather than failing at run time: the
+/// `redis` crate is built without a TLS backend.
+pub(crate) fn check_uri(uri: &str, problems: &mut Vec<String>) {
+    if uri.starts_with("rediss://") {
+        problems.push(format!(
+            "uri \"{uri}\" asks for TLS (rediss://), which this build of tempest-source-redis does not support: use redis://, or reach the server through a TLS tunnel"
+        ));
+    } else if !(uri.starts_with("redis://")
+        || uri.starts_with("redis+unix://")
+        || uri.starts_with("unix://"))
+    {
+        problems.push(format!(
+            "uri \"{uri}\" must start with redis://, redis+unix:// or unix://"
+        ));
+    }
+}
+
+/// The default consumer name: host and program name, so a restarted
+/// topology takes the name again (once the dead process's lease has
+/// expired) and re-reads its own pending entries. A second live process of
+/// the same program on the same host takes `<name>-2` (see
+/// [`RedisStreamConfig::consumer`]).
 pub fn default_consumer() -> String {
     let host = tempest_source::metrics::host_name();
     let program = std::env::current_exe()
@@ -311,6 +422,7 @@ mod tests {
         assert_eq!(c.group_start_id, "$");
         assert_eq!(c.ack_policy, AckPolicy::Batch(1000));
         assert_eq!(c.dead_letter_key(), "k:dead");
+        assert_eq!((c.monitor_interval_ms, c.lease_ttl_ms), (1_000, 5_000));
         c.validate().unwrap();
     }
 
@@ -338,6 +450,55 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle:?} in {text}");
         }
+    }
+
+    #[test]
+    fn tls_urls_are_refused_at_validation_naming_key_and_value() {
+        let c = RedisStreamConfig::new("rediss://h:6380", "k", "g");
+        let text = c.validate().unwrap_err().to_string();
+        assert!(
+            text.contains("uri \"rediss://h:6380\"") && text.contains("TLS"),
+            "{text}"
+        );
+        for ok in [
+            "redis://h",
+            "redis+unix:///tmp/r.sock",
+            "unix:///tmp/r.sock",
+        ] {
+            RedisStreamConfig::new(ok, "k", "g").validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn claim_min_idle_and_lease_ttl_must_outlast_three_monitor_gaps() {
+        let ok = RedisStreamConfig::new("redis://h", "k", "g")
+            .monitor_interval_ms(100u64)
+            .block_ms(100u64)
+            .claim_min_idle_ms(600u64)
+            .lease_ttl_ms(600u64);
+        ok.validate().unwrap();
+        let text = ok
+            .clone()
+            .claim_min_idle_ms(599u64)
+            .lease_ttl_ms(500u64)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "claim_min_idle_ms = 599 must be at least 3 × (monitor_interval_ms + block_ms) = 3 × (100 + 100) = 600",
+            "lease_ttl_ms = 500 must be at least 3",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in {text}");
+        }
+        let text = ok
+            .monitor_interval_ms(5u64)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("monitor_interval_ms = 5 must be at least 10"),
+            "{text}"
+        );
     }
 
     #[test]

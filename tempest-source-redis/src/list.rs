@@ -133,16 +133,7 @@ impl RedisListConfig {
 
     fn validate(&self) -> Result<(), SourceError> {
         let mut problems = Vec::new();
-        if !(self.uri.starts_with("redis://")
-            || self.uri.starts_with("rediss://")
-            || self.uri.starts_with("unix://")
-            || self.uri.starts_with("redis+unix://"))
-        {
-            problems.push(format!(
-                "uri \"{}\" must start with redis://, rediss:// or unix://",
-                self.uri
-            ));
-        }
+        crate::check_uri(&self.uri, &mut problems);
         if self.key.is_empty() {
             problems.push("key must not be empty".to_string());
         }
@@ -439,5 +430,25 @@ impl Source for RedisListSource {
                 Err(e) => log::debug!("LLEN {} for the lag gauge failed: {e}.", self.config.key),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_urls_are_refused_at_validation_naming_key_and_value() {
+        let text = RedisListConfig::new("rediss://h:6380", "jobs")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("uri \"rediss://h:6380\"") && text.contains("TLS"),
+            "{text}"
+        );
+        RedisListConfig::new("redis://h", "jobs")
+            .validate()
+            .unwrap();
     }
 }

@@ -135,6 +135,22 @@ pub(crate) fn not_connected(what: &str) -> SourceError {
     )
 }
 
+/// Runs `cmd` on `conn`; a connection error drops the connection so the
+/// runtime reconnects.
+pub(crate) fn query(
+    conn: &mut Option<redis::Connection>,
+    what: &str,
+    cmd: &redis::Cmd,
+) -> Result<Value, SourceError> {
+    let c = conn.as_mut().ok_or_else(|| not_connected(what))?;
+    cmd.query::<Value>(c).map_err(|e| {
+        if is_connection_error(&e) {
+            *conn = None;
+        }
+        source_error(what.to_string(), e)
+    })
+}
+
 /// Runs a script on `conn`; a connection error drops the connection so the
 /// runtime reconnects.
 pub(crate) fn invoke<T: redis::FromRedisValue>(
@@ -149,4 +165,63 @@ pub(crate) fn invoke<T: redis::FromRedisValue>(
         }
         source_error(what.to_string(), e)
     })
+}
+
+/// The field `name` of a map-like reply: a RESP3 map, or a RESP2 array of
+/// alternating names and values (as `XINFO` sends).
+pub(crate) fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
+    match v {
+        Value::Map(kv) => kv
+            .iter()
+            .find(|(k, _)| bytes(k) == Some(name.as_bytes()))
+            .map(|(_, v)| v),
+        other => items(other)
+            .chunks(2)
+            .find(|p| p.first().and_then(bytes) == Some(name.as_bytes()))
+            .and_then(|p| p.get(1)),
+    }
+}
+
+/// One line of an extended `XPENDING` reply: `[id, consumer, idle, count]`
+/// as (id, delivery count).
+pub(crate) fn pending_entry(v: &Value) -> Option<(String, u32)> {
+    let p = items(v);
+    let id = text(p.first()?)?;
+    let count = u32::try_from(int(p.get(3)?)?).ok()?;
+    Some((id, count))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn fields_of_resp2_arrays_and_resp3_maps() {
+        let resp2 = Value::Array(vec![
+            bulk("name"),
+            bulk("c1"),
+            bulk("pending"),
+            Value::Int(3),
+        ]);
+        assert_eq!(field(&resp2, "pending"), Some(&Value::Int(3)));
+        assert_eq!(field(&resp2, "name").and_then(text).as_deref(), Some("c1"));
+        assert_eq!(field(&resp2, "idle"), None);
+        let resp3 = Value::Map(vec![(bulk("pending"), Value::Int(4))]);
+        assert_eq!(field(&resp3, "pending"), Some(&Value::Int(4)));
+        assert_eq!(field(&Value::Nil, "pending"), None);
+    }
+
+    #[test]
+    fn pending_entries_tolerate_odd_replies() {
+        let ok = Value::Array(vec![bulk("1-0"), bulk("c"), Value::Int(10), Value::Int(2)]);
+        assert_eq!(pending_entry(&ok), Some(("1-0".to_string(), 2)));
+        let short = Value::Array(vec![bulk("1-0"), bulk("c")]);
+        assert_eq!(pending_entry(&short), None);
+        let negative = Value::Array(vec![bulk("1-0"), bulk("c"), Value::Int(1), Value::Int(-1)]);
+        assert_eq!(pending_entry(&negative), None);
+    }
 }
