@@ -236,6 +236,13 @@ impl Tracker {
                 .is_some_and(|r| r.gen == ticket.gen && r.phase == Phase::Running)
     }
 
+    /// The ids of the source messages in the table.
+    pub fn live_ids(&self) -> impl Iterator<Item = &MsgId> + '_ {
+        self.records
+            .iter()
+            .filter_map(|r| r.msg.as_ref().map(|m| &m.id))
+    }
+
     /// The id of the source message `ticket` belongs to, if the ticket is
     /// live.
     pub fn id_of(&self, ticket: Ticket) -> Option<&MsgId> {

@@ -5,9 +5,10 @@
 //! standalone mode bounded in-memory channels ([`InProc`]), in distributed
 //! mode a TCP session. The loop itself knows neither.
 //!
-//! A batch is a [`SharedBatch`]: the loop claims its messages in short
-//! runs, and whatever it has not claimed can be taken back while it is
-//! busy (another worker of the task is idle), without running twice.
+//! A batch is a [`SharedBatch`]: the loop claims its messages in runs of
+//! about [`CLAIM_SPAN`] of work, and whatever it has not claimed can be
+//! taken back while it is busy (another worker of the task is idle),
+//! without running twice.
 
 use std::any::Any;
 use std::collections::VecDeque;
@@ -37,11 +38,12 @@ pub(crate) trait Transport {
 /// whoever may take back what the worker has not claimed yet: the pipeline
 /// (in process) or the worker process's I/O thread (for a remote worker).
 ///
-/// The worker claims messages in short runs, starting with one and
-/// doubling while a run takes under [`CLAIM_SPAN`]; a claimed message is
-/// the worker's, an unclaimed one can be taken back at any time. The lock
-/// decides which, so a message never runs twice without a fault, and it is
-/// taken once per run, not per message.
+/// The worker claims the first message alone, then runs sized to take
+/// about [`CLAIM_SPAN`] at the pace seen so far (so a fast task claims the
+/// whole rest of its batch at once, taking the buffer without moving a
+/// message); a claimed message is the worker's, an unclaimed one can be
+/// taken back at any time. The lock decides which, so a message never runs
+/// twice without a fault, and it is taken once per run, not per message.
 #[derive(Debug, Default)]
 pub(crate) struct SharedBatch(Mutex<VecDeque<TaskMsg>>);
 
@@ -55,11 +57,15 @@ impl SharedBatch {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Moves up to `n` messages from the front to `into`.
-    fn claim(&self, n: usize, into: &mut Vec<TaskMsg>) {
+    /// Claims up to `n` messages from the front into `into` (empty): the
+    /// whole rest by swapping buffers, without moving a message.
+    fn claim(&self, n: usize, into: &mut VecDeque<TaskMsg>) {
         let mut q = self.lock();
-        let n = n.min(q.len());
-        into.extend(q.drain(..n));
+        if n >= q.len() {
+            std::mem::swap(&mut *q, into);
+        } else {
+            into.extend(q.drain(..n));
+        }
     }
 
     /// Takes every message not claimed yet.
@@ -85,13 +91,13 @@ impl SharedBatch {
     }
 }
 
-/// A run of claimed messages is sized to take about this long, so that a
-/// message the worker has claimed but not started waits at most about
-/// this long behind a slow one.
-pub(crate) const CLAIM_SPAN: Duration = Duration::from_micros(200);
+/// A run of claimed messages is sized to take about this long at the pace
+/// seen so far, so that a message the worker has claimed but not started
+/// waits about this long at most, unless a slow message turns up.
+pub(crate) const CLAIM_SPAN: Duration = Duration::from_millis(1);
 
 /// The most messages one run claims.
-const MAX_CLAIM: usize = 1024;
+const MAX_CLAIM: usize = 1 << 20;
 
 /// Per-batch counters of one worker, flushed into its metrics handle.
 #[derive(Default)]
@@ -147,7 +153,7 @@ pub(crate) fn run_task_loop(
     let mut batch_us = ctx.metrics.histogram(names::TASK_BATCH_US);
     let mut batch_size = ctx.metrics.histogram(names::TASK_BATCH_SIZE);
     let mut last_flush = Instant::now();
-    let mut run: Vec<TaskMsg> = Vec::new();
+    let mut run: VecDeque<TaskMsg> = VecDeque::new();
     while let Some(shared) = transport.next_batch() {
         let started = Instant::now();
         let mut clock = PartialClock::new(started);
@@ -155,8 +161,8 @@ pub(crate) fn run_task_loop(
         let mut outputs: Vec<Msg> = Vec::new();
         let mut claim = 1usize;
         let mut handled = 0usize;
+        let mut spent_vec = Vec::new();
         loop {
-            run.clear();
             shared.claim(claim, &mut run);
             if run.is_empty() {
                 break;
@@ -212,7 +218,12 @@ pub(crate) fn run_task_loop(
                 items.push((m.ticket, verdict));
             }
             handled += run_len;
-            claim = next_claim(claim, run_len, run_started.elapsed());
+            claim = next_claim(run_len, run_started.elapsed());
+            if run.capacity() > 16 {
+                // The batch's own buffer (claimed whole): it goes back to
+                // the pipeline for reuse.
+                spent_vec = Vec::from(std::mem::take(&mut run));
+            }
         }
         counts.batches += 1;
         counts.msgs_in += handled as u64;
@@ -222,8 +233,11 @@ pub(crate) fn run_task_loop(
         counts.handle_nanos += spent.as_nanos() as u64;
         batch_us.record_duration(spent);
         // The last handle goes first, so the pipeline's end can reuse the
-        // batch's vector.
-        let spent_vec = SharedBatch::into_spent(shared);
+        // batch's vector if the worker did not take it.
+        let left = SharedBatch::into_spent(shared);
+        if spent_vec.capacity() == 0 {
+            spent_vec = left;
+        }
         transport.send_results(Results {
             worker,
             items,
@@ -252,14 +266,14 @@ pub(crate) fn run_task_loop(
     }
 }
 
-/// The size of the next run: double while a run stays under
-/// [`CLAIM_SPAN`], else what fits in it at the pace just seen.
-fn next_claim(claim: usize, ran: usize, took: Duration) -> usize {
+/// The size of the next run: what fits in [`CLAIM_SPAN`] at the pace just
+/// seen.
+fn next_claim(ran: usize, took: Duration) -> usize {
     let per_msg = took.as_nanos() as u64 / ran.max(1) as u64;
     let fits = (CLAIM_SPAN.as_nanos() as u64)
         .checked_div(per_msg)
-        .unwrap_or(MAX_CLAIM as u64) as usize;
-    (claim * 2).min(fits).clamp(1, MAX_CLAIM)
+        .unwrap_or(MAX_CLAIM as u64);
+    fits.clamp(1, MAX_CLAIM as u64) as usize
 }
 
 /// A batch that takes longer than this sends its results so far early.

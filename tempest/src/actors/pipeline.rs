@@ -134,6 +134,12 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 const GIVE_BACK_AFTER: Duration = Duration::from_millis(20);
 /// How often that is checked.
 const GIVE_BACK_CHECK_EVERY: Duration = Duration::from_millis(5);
+/// The index of ids in flight (sources with unique ids) is dropped after
+/// this long without a redelivery, and rebuilt at the next one.
+const DEDUP_INDEX_IDLE: Duration = Duration::from_secs(60);
+/// A queue worth at least this much work at the task's pace is shared
+/// among idle workers; a smaller one goes to one worker whole.
+const SHARE_ABOVE: Duration = Duration::from_millis(1);
 
 /// Failures of one task since the last summary.
 #[derive(Debug, Default)]
@@ -207,6 +213,11 @@ struct Worker {
     /// Whether it was asked to give back its unstarted messages since it
     /// last had nothing in hand.
     asked_back: bool,
+    /// In process: its unclaimed messages when last looked at, and since
+    /// when that count has not changed.
+    progress: Option<(usize, Instant)>,
+    /// Task messages answered in its current batch so far.
+    batch_items: u64,
 }
 
 impl Worker {
@@ -263,6 +274,9 @@ pub(crate) struct PipelineActor {
     tracker: Tracker,
     task_names: Vec<String>,
     ready: Vec<VecDeque<TaskMsg>>,
+    /// Per task: nanoseconds per task message, from its workers' finished
+    /// batches (`None` until one finishes).
+    pace: Vec<Option<u64>>,
     waiting: Vec<VecDeque<(WorkerId, usize)>>,
     workers: Vec<Worker>,
     source: Recipient<Settle>,
@@ -271,9 +285,14 @@ pub(crate) struct PipelineActor {
     pending: Settle,
     stats: Stats,
     reports: Option<HashMap<MsgId, Vec<MsgReport>>>,
-    /// For a source whose ids name one entry: the ids in flight, each with
-    /// the further deliveries that arrived while it was.
+    /// Whether the source declares that an id names one entry.
+    unique_ids: bool,
+    /// For such a source, while it redelivers: the ids in flight, each with
+    /// the further deliveries that arrived while it was in flight.
     inflight_ids: Option<FxHashMap<MsgId, u32>>,
+    /// The last redelivery seen; the index goes after `DEDUP_INDEX_IDLE`
+    /// without one.
+    last_redelivery: Instant,
     ops: Reports,
     until: Option<StopCondition>,
     drains: Vec<oneshot::Sender<()>>,
@@ -328,6 +347,7 @@ impl PipelineActor {
                     }
                 })
                 .collect(),
+            pace: vec![None; n],
             waiting: (0..n).map(|_| VecDeque::new()).collect(),
             workers: Vec::new(),
             source: setup.source,
@@ -336,7 +356,9 @@ impl PipelineActor {
             pending: Settle::default(),
             stats: Stats::default(),
             reports: setup.record_outcomes.then(HashMap::new),
-            inflight_ids: setup.unique_ids.then(FxHashMap::default),
+            unique_ids: setup.unique_ids,
+            inflight_ids: None,
+            last_redelivery: Instant::now(),
             ops: Reports::new(n, Instant::now()),
             until: setup.until,
             drains: Vec::new(),
@@ -373,6 +395,8 @@ impl PipelineActor {
             shared: VecDeque::new(),
             busy_since: None,
             asked_back: false,
+            progress: None,
+            batch_items: 0,
         });
         (self.workers.len() - 1) as WorkerId
     }
@@ -491,6 +515,13 @@ impl PipelineActor {
         }
         if now >= self.ops.next_check {
             self.ops.next_check = now + REPORT_CHECK_EVERY;
+            // Dropped only when no duplicate waits to be settled by it.
+            if self.inflight_ids.as_ref().is_some_and(|ids| {
+                now.saturating_duration_since(self.last_redelivery) >= DEDUP_INDEX_IDLE
+                    && ids.values().all(|&extra| extra == 0)
+            }) {
+                self.inflight_ids = None;
+            }
             self.report_failures(now, false);
             self.report_idle_tasks(now);
             if now >= self.ops.next_progress {
@@ -514,26 +545,39 @@ impl PipelineActor {
             }
             let mut taken: Vec<TaskMsg> = Vec::new();
             for (id, w) in self.workers.iter_mut().enumerate() {
-                let stuck = w.task as usize == t
-                    && w.in_hand > 0
-                    && !w.asked_back
+                if w.task as usize != t || w.in_hand == 0 || w.sink.is_none() {
+                    continue;
+                }
+                if w.held.is_none() {
+                    // In process: stuck means no claim for a while, so a
+                    // worker moving through its batch keeps it.
+                    let unclaimed: usize = w.shared.iter().map(|b| b.unclaimed()).sum();
+                    match w.progress {
+                        Some((seen, since)) if seen == unclaimed => {
+                            if unclaimed > 0
+                                && now.saturating_duration_since(since) >= GIVE_BACK_AFTER
+                            {
+                                for batch in &w.shared {
+                                    taken.extend(batch.take_rest());
+                                }
+                                w.progress = None;
+                            }
+                        }
+                        _ => w.progress = Some((unclaimed, now)),
+                    }
+                    continue;
+                }
+                let stuck = !w.asked_back
                     && w.busy_since.is_some_and(|since| {
                         now.saturating_duration_since(since) >= GIVE_BACK_AFTER
                     });
-                let Some(sink) = w.sink.as_mut().filter(|_| stuck) else {
-                    continue;
-                };
-                w.asked_back = true;
-                if w.held.is_some() {
+                if let (true, Some(sink)) = (stuck, w.sink.as_mut()) {
+                    w.asked_back = true;
                     log::debug!(
                         "Worker {id} of task {} is busy while another is idle; asking it to give back what it has not started.",
                         self.task_names[t]
                     );
                     sink.give_back();
-                } else {
-                    for batch in &w.shared {
-                        taken.extend(batch.take_rest());
-                    }
                 }
             }
             if !taken.is_empty() {
@@ -861,29 +905,42 @@ impl PipelineActor {
     /// Hands ready messages of task `t` to its waiting workers.
     fn pump(&mut self, t: usize) {
         while !self.ready[t].is_empty() {
-            // Idle workers first: a worker busy with a batch (perhaps stuck
-            // on a slow message) gets more only while no worker of the task
-            // is idle (an idle one whose fetch is still on its way gets
-            // them when it arrives).
+            // Idle workers first.
             let idle = self.waiting[t]
                 .iter()
                 .position(|&(w, _)| self.workers[w as usize].in_hand == 0);
-            let idle_workers = self
-                .workers
-                .iter()
-                .filter(|w| w.task as usize == t && w.is_idle())
-                .count();
+            // Where the queue is worth more than `SHARE_ABOVE` of work (or
+            // the task's pace is not known yet), a busy worker (perhaps
+            // stuck on a slow message) gets more only while no worker of
+            // the task is idle (an idle one whose fetch is on its way gets
+            // them when it arrives), and a worker takes no more than its
+            // share of the queue while others are idle, so a burst spreads.
+            // A fast task's batches take under that: they go whole.
+            let (first_max, queued) = (
+                self.waiting[t].front().map_or(0, |&(_, m)| m),
+                self.ready[t].len(),
+            );
+            let worth_sharing = self.pace[t].is_none_or(|ns| {
+                ns.saturating_mul(queued.min(first_max) as u64) >= SHARE_ABOVE.as_nanos() as u64
+            });
+            let idle_workers = if worth_sharing {
+                self.workers
+                    .iter()
+                    .filter(|w| w.task as usize == t && w.is_idle())
+                    .count()
+            } else {
+                0
+            };
             if idle.is_none() && idle_workers > 0 {
                 break;
             }
             let Some((worker, max)) = self.waiting[t].remove(idle.unwrap_or(0)) else {
                 break;
             };
-            // While other workers of the task are idle, a worker takes no
-            // more than its share of the queue, so a burst spreads.
-            let idle_peers = idle_workers - usize::from(self.workers[worker as usize].is_idle());
+            let idle_peers =
+                idle_workers.saturating_sub(usize::from(self.workers[worker as usize].is_idle()));
             let max = if idle_peers > 0 {
-                max.min(self.ready[t].len().div_ceil(idle_peers + 1))
+                max.min(queued.div_ceil(idle_peers + 1))
             } else {
                 max
             };
@@ -1036,6 +1093,16 @@ impl Handler<SourceBatch> for PipelineActor {
         self.pending.batches_taken += 1;
         self.stats.read += batch.0.len() as u64;
         for msg in batch.0 {
+            if msg.delivered > 1 && self.unique_ids {
+                // A redelivery may be of an id in flight: from the first one
+                // on (until they stop for a while) the ids in flight are
+                // indexed, so first deliveries cost nothing.
+                self.last_redelivery = now;
+                if self.inflight_ids.is_none() {
+                    self.inflight_ids =
+                        Some(self.tracker.live_ids().map(|id| (id.clone(), 0)).collect());
+                }
+            }
             if let Some(ids) = &mut self.inflight_ids {
                 match ids.entry(msg.id.clone()) {
                     Entry::Occupied(mut e) => {
@@ -1101,6 +1168,7 @@ impl Handler<Results> for PipelineActor {
             return;
         }
         w.handled += results.items.len() as u64;
+        w.batch_items += results.items.len() as u64;
         if results.complete {
             w.in_hand = w.in_hand.saturating_sub(1);
             if let Some(done) = w.shared.pop_front() {
@@ -1109,6 +1177,14 @@ impl Handler<Results> for PipelineActor {
                     results.spent = spent;
                 }
             }
+            if let Some(since) = w.busy_since {
+                // The task's pace, from the batches its workers finish.
+                let n = std::mem::take(&mut w.batch_items).max(1);
+                let per_msg = now.saturating_duration_since(since).as_nanos() as u64 / n;
+                let est = &mut self.pace[w.task as usize];
+                *est = Some(est.map_or(per_msg, |e| (e * 7 + per_msg) / 8));
+            }
+            w.progress = None;
             if w.in_hand == 0 {
                 w.busy_since = None;
                 w.asked_back = false;
