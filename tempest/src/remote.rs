@@ -633,6 +633,7 @@ mod tests {
             spent: Vec::new(),
             complete: true,
             returned: Vec::new(),
+            busy_ns: 0,
         };
         let frames = split_results(r, 600);
         assert_eq!(frames.len(), 2);
@@ -654,6 +655,7 @@ mod tests {
             spent: Vec::new(),
             complete: true,
             returned: Vec::new(),
+            busy_ns: 0,
         };
         let frames = split_results(r, 1024);
         assert_eq!(frames.len(), 1);

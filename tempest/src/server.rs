@@ -443,6 +443,7 @@ impl StreamHandler<Result<Frame, WireError>> for Session {
                     spent: Vec::new(),
                     complete,
                     returned: Vec::new(),
+                    busy_ns: 0,
                 });
             }
             Ok(Frame::Returned(msgs)) => {
@@ -456,6 +457,7 @@ impl StreamHandler<Result<Frame, WireError>> for Session {
                     spent: Vec::new(),
                     complete: false,
                     returned: msgs,
+                    busy_ns: 0,
                 });
             }
             Ok(Frame::Heartbeat) => {}

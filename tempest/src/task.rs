@@ -49,6 +49,7 @@ impl Output {
     }
 
     /// Appends the outputs to `out`.
+    #[inline]
     pub(crate) fn drain_into(self, out: &mut Vec<Msg>) {
         match self {
             Output::None => {}

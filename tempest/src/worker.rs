@@ -38,10 +38,9 @@ pub(crate) trait Transport {
 /// whoever may take back what the worker has not claimed yet: the pipeline
 /// (in process) or the worker process's I/O thread (for a remote worker).
 ///
-/// The worker claims the first message alone, then runs sized to take
-/// about [`CLAIM_SPAN`] at the pace seen so far (so a fast task claims the
-/// whole rest of its batch at once, taking the buffer without moving a
-/// message); a claimed message is the worker's, an unclaimed one can be
+/// The worker claims runs sized to take about [`CLAIM_SPAN`] at the pace
+/// seen so far (its first run is one message), so a fast task claims its
+/// whole batch at once, taking the buffer without moving a message; a claimed message is the worker's, an unclaimed one can be
 /// taken back at any time. The lock decides which, so a message never runs
 /// twice without a fault, and it is taken once per run, not per message.
 #[derive(Debug, Default)]
@@ -58,11 +57,13 @@ impl SharedBatch {
     }
 
     /// Claims up to `n` messages from the front into `into` (empty): the
-    /// whole rest by swapping buffers, without moving a message.
-    fn claim(&self, n: usize, into: &mut VecDeque<TaskMsg>) {
+    /// whole rest by taking the buffer, without moving a message (the queue
+    /// was made from a `Vec`, so it converts back for free unless a claim
+    /// already took messages from its front).
+    fn claim(&self, n: usize, into: &mut Vec<TaskMsg>) {
         let mut q = self.lock();
         if n >= q.len() {
-            std::mem::swap(&mut *q, into);
+            *into = Vec::from(std::mem::take(&mut *q));
         } else {
             into.extend(q.drain(..n));
         }
@@ -153,13 +154,16 @@ pub(crate) fn run_task_loop(
     let mut batch_us = ctx.metrics.histogram(names::TASK_BATCH_US);
     let mut batch_size = ctx.metrics.histogram(names::TASK_BATCH_SIZE);
     let mut last_flush = Instant::now();
-    let mut run: VecDeque<TaskMsg> = VecDeque::new();
+    let mut run: Vec<TaskMsg> = Vec::new();
+    // Nanoseconds per message, averaged over the runs so far (`None`
+    // before the first), so one slow message does not shrink every claim.
+    let mut pace: Option<u64> = None;
     while let Some(shared) = transport.next_batch() {
         let started = Instant::now();
         let mut clock = PartialClock::new(started);
         let mut items = Vec::new();
         let mut outputs: Vec<Msg> = Vec::new();
-        let mut claim = 1usize;
+        let mut claim = pace.map_or(1, claim_for);
         let mut handled = 0usize;
         let mut spent_vec = Vec::new();
         loop {
@@ -184,6 +188,7 @@ pub(crate) fn run_task_loop(
                         spent: Vec::new(),
                         complete: false,
                         returned: Vec::new(),
+                        busy_ns: 0,
                     });
                     clock.sent();
                 }
@@ -218,11 +223,14 @@ pub(crate) fn run_task_loop(
                 items.push((m.ticket, verdict));
             }
             handled += run_len;
-            claim = next_claim(run_len, run_started.elapsed());
+            let per_msg = run_started.elapsed().as_nanos() as u64 / run_len as u64;
+            let p = pace.map_or(per_msg, |p| (p * 3 + per_msg) / 4);
+            pace = Some(p);
+            claim = claim_for(p);
             if run.capacity() > 16 {
                 // The batch's own buffer (claimed whole): it goes back to
                 // the pipeline for reuse.
-                spent_vec = Vec::from(std::mem::take(&mut run));
+                spent_vec = std::mem::take(&mut run);
             }
         }
         counts.batches += 1;
@@ -245,6 +253,7 @@ pub(crate) fn run_task_loop(
             spent: spent_vec,
             complete: true,
             returned: Vec::new(),
+            busy_ns: spent.as_nanos() as u64,
         });
         if last_flush.elapsed().as_millis() >= 200 {
             task.flush_metrics();
@@ -266,12 +275,11 @@ pub(crate) fn run_task_loop(
     }
 }
 
-/// The size of the next run: what fits in [`CLAIM_SPAN`] at the pace just
-/// seen.
-fn next_claim(ran: usize, took: Duration) -> usize {
-    let per_msg = took.as_nanos() as u64 / ran.max(1) as u64;
+/// The size of a run: what fits in [`CLAIM_SPAN`] at `pace` nanoseconds a
+/// message.
+fn claim_for(pace: u64) -> usize {
     let fits = (CLAIM_SPAN.as_nanos() as u64)
-        .checked_div(per_msg)
+        .checked_div(pace)
         .unwrap_or(MAX_CLAIM as u64);
     fits.clamp(1, MAX_CLAIM as u64) as usize
 }

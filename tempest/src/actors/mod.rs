@@ -104,6 +104,9 @@ pub(crate) struct Results {
     /// Messages a remote worker gave back without starting them (asked to
     /// through [`DeliverySink::give_back`]); they end no batch.
     pub returned: Vec<TaskMsg>,
+    /// With a batch's last results from an in-process worker: the time it
+    /// spent handling the batch (0: not measured).
+    pub busy_ns: u64,
 }
 
 /// Where the pipeline delivers a worker's batches.

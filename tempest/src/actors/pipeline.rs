@@ -1177,10 +1177,16 @@ impl Handler<Results> for PipelineActor {
                     results.spent = spent;
                 }
             }
-            if let Some(since) = w.busy_since {
-                // The task's pace, from the batches its workers finish.
-                let n = std::mem::take(&mut w.batch_items).max(1);
-                let per_msg = now.saturating_duration_since(since).as_nanos() as u64 / n;
+            // The task's pace, from the batches its workers finish: the
+            // time the worker measured, else the time since it started.
+            let n = std::mem::take(&mut w.batch_items).max(1);
+            let took = match (results.busy_ns, w.busy_since) {
+                (0, Some(since)) => Some(now.saturating_duration_since(since).as_nanos() as u64),
+                (0, None) => None,
+                (ns, _) => Some(ns),
+            };
+            if let Some(took) = took {
+                let per_msg = took / n;
                 let est = &mut self.pace[w.task as usize];
                 *est = Some(est.map_or(per_msg, |e| (e * 7 + per_msg) / 8));
             }
