@@ -211,18 +211,7 @@ fn handled(log: &std::path::Path) -> Vec<String> {
 
 /// How many entries of the group `group` are pending.
 fn pending_of(conn: &mut redis::Connection, key: &str, group: &str) -> i64 {
-    let v: redis::Value = redis::cmd("XPENDING")
-        .arg(key)
-        .arg(group)
-        .query(conn)
-        .unwrap();
-    match v {
-        redis::Value::Array(v) => match v.first() {
-            Some(redis::Value::Int(n)) => *n,
-            _ => 0,
-        },
-        _ => 0,
-    }
+    tempest_source_redis::test_server::pending_count(conn, key, group).unwrap()
 }
 
 /// The group's lag (entries not yet delivered to it); -1 if unknown.
@@ -323,6 +312,41 @@ fn terminate(child: &mut Child) {
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
 
+/// A stream loaded with `n` entries under a unique key, and a fresh
+/// directory with a `Topology.toml` (from `config(url, key)`) and the path
+/// of the handled-id log.
+struct IdLogRun {
+    server: TestServer,
+    key: String,
+    conn: redis::Connection,
+    dir: std::path::PathBuf,
+    cfg: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+impl IdLogRun {
+    fn new(name: &str, n: usize, config: impl Fn(&str, &str) -> String) -> IdLogRun {
+        let server = TestServer::shared().unwrap();
+        let key = unique_key(&format!("stream-{name}"));
+        let mut conn = server.connection().unwrap();
+        load(&mut conn, &key, n);
+        let dir = std::env::temp_dir().join(format!("tempest-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = dir.join("Topology.toml");
+        let log = dir.join("handled.log");
+        let _ = std::fs::remove_file(&log);
+        std::fs::write(&cfg, config(&server.url, &key)).unwrap();
+        IdLogRun {
+            server,
+            key,
+            conn,
+            dir,
+            cfg,
+            log,
+        }
+    }
+}
+
 /// Total lines, and how many distinct entries they name.
 fn duplicates(lines: &[String]) -> (usize, usize) {
     let distinct: std::collections::HashSet<&String> = lines.iter().collect();
@@ -334,25 +358,19 @@ fn duplicates(lines: &[String]) -> (usize, usize) {
 /// flight again and again (one entry ran 597 times).
 #[test]
 fn restart_after_kill_9_duplicates_at_most_the_entries_pending_at_the_crash() {
-    let server = TestServer::shared().unwrap();
-    let key = unique_key("stream-duplicate-storm");
-    let mut conn = server.connection().unwrap();
     let n = 100_000;
-    load(&mut conn, &key, n);
-
-    let dir = std::env::temp_dir().join(format!("tempest-storm-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("Topology.toml");
-    let log = dir.join("handled.log");
-    let _ = std::fs::remove_file(&log);
-    std::fs::write(
-        &cfg,
+    let IdLogRun {
+        server: _server,
+        key,
+        mut conn,
+        dir,
+        cfg,
+        log,
+    } = IdLogRun::new("storm", n, |url, key| {
         format!(
-            "[source.config]\nuri = \"{}\"\nkey = \"{key}\"\ngroup = \"storm\"\nconsumer = \"storm-1\"\ngroup_start_id = \"0\"\nmonitor_interval_ms = 100\nlease_ttl_ms = 1000\n",
-            server.url
-        ),
-    )
-    .unwrap();
+            "[source.config]\nuri = \"{url}\"\nkey = \"{key}\"\ngroup = \"storm\"\nconsumer = \"storm-1\"\ngroup_start_id = \"0\"\nmonitor_interval_ms = 100\nlease_ttl_ms = 1000\n"
+        )
+    });
 
     let mut first = start_idlog(&cfg, &log, 0);
     wait_for(&mut first, "connected");
@@ -399,26 +417,20 @@ fn restart_after_kill_9_duplicates_at_most_the_entries_pending_at_the_crash() {
 /// (each re-read the other's in-flight entries).
 #[test]
 fn two_processes_of_one_package_are_two_consumers_and_a_restart_adopts_its_pending_entries() {
-    let server = TestServer::shared().unwrap();
-    let key = unique_key("stream-two-processes");
-    let mut conn = server.connection().unwrap();
     let n = 4000;
-    load(&mut conn, &key, n);
-
-    let dir = std::env::temp_dir().join(format!("tempest-twins-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("Topology.toml");
-    let log = dir.join("handled.log");
-    let _ = std::fs::remove_file(&log);
     // No consumer name: both take the default one (host and program name).
-    std::fs::write(
-        &cfg,
+    let IdLogRun {
+        server: _server,
+        key,
+        mut conn,
+        dir,
+        cfg,
+        log,
+    } = IdLogRun::new("twins", n, |url, key| {
         format!(
-            "max_pending = 200\n\n[source.config]\nuri = \"{}\"\nkey = \"{key}\"\ngroup = \"twins\"\ngroup_start_id = \"0\"\ncount = 100\n",
-            server.url
-        ),
-    )
-    .unwrap();
+            "max_pending = 200\n\n[source.config]\nuri = \"{url}\"\nkey = \"{key}\"\ngroup = \"twins\"\ngroup_start_id = \"0\"\ncount = 100\n"
+        )
+    });
 
     let mut a = start_idlog(&cfg, &log, 1);
     wait_for(&mut a, "connected");

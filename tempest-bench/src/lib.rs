@@ -200,6 +200,19 @@ impl BenchSource {
     }
 }
 
+/// The benchmark sources' settings: polls of `poll_count`, 1 ms waits,
+/// acks in batches of 1,024 or every millisecond.
+fn bench_settings(poll_count: usize) -> SourceSettings {
+    SourceSettings {
+        poll_count,
+        poll_interval: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(1),
+        ack_policy: AckPolicy::Batch(1024),
+        ack_interval: Duration::from_millis(1),
+        ..SourceSettings::default()
+    }
+}
+
 impl Source for BenchSource {
     type Config = BenchSourceConfig;
 
@@ -235,14 +248,7 @@ impl Source for BenchSource {
     }
 
     fn settings(&self) -> SourceSettings {
-        SourceSettings {
-            poll_count: 1024,
-            poll_interval: Duration::from_millis(1),
-            max_backoff: Duration::from_millis(1),
-            ack_policy: AckPolicy::Batch(1024),
-            ack_interval: Duration::from_millis(1),
-            ..SourceSettings::default()
-        }
+        bench_settings(1024)
     }
 
     fn poll(&mut self, max: usize, out: &mut Vec<SourceMsg>) -> Result<(), SourceError> {
@@ -757,14 +763,7 @@ impl Source for BurstSource {
     }
 
     fn settings(&self) -> SourceSettings {
-        SourceSettings {
-            poll_count: usize::try_from(self.total).unwrap_or(usize::MAX).max(1),
-            poll_interval: Duration::from_millis(1),
-            max_backoff: Duration::from_millis(1),
-            ack_policy: AckPolicy::Batch(1024),
-            ack_interval: Duration::from_millis(1),
-            ..SourceSettings::default()
-        }
+        bench_settings(usize::try_from(self.total).unwrap_or(usize::MAX).max(1))
     }
 
     fn poll(&mut self, max: usize, out: &mut Vec<SourceMsg>) -> Result<(), SourceError> {

@@ -232,6 +232,27 @@ impl RedisStreamSource {
         Ok(())
     }
 
+    /// Delivers a pending entry again, or dead-letters it once it has been
+    /// delivered more than `max_deliveries` times; true if delivered.
+    fn redeliver(
+        &mut self,
+        e: &Entry,
+        delivered: u32,
+        out: &mut Vec<SourceMsg>,
+    ) -> Result<bool, SourceError> {
+        if delivered > self.config.max_deliveries {
+            let payload = e.field(&self.config.field).unwrap_or_default().to_vec();
+            let reason = format!(
+                "delivered {delivered} times, more than max_deliveries = {}",
+                self.config.max_deliveries
+            );
+            self.dead_letter(&e.id, delivered, &reason, &payload)?;
+            return Ok(false);
+        }
+        self.push_msg(e, delivered, out)?;
+        Ok(true)
+    }
+
     /// Entries whose data was trimmed away before they were processed:
     /// counted, logged, acked (one round trip).
     fn lost(&mut self, ids: &[&str]) -> Result<(), SourceError> {
@@ -417,16 +438,8 @@ impl RedisStreamSource {
                 );
                 continue;
             };
-            if delivered > self.config.max_deliveries {
-                let payload = e.field(&self.config.field).unwrap_or_default().to_vec();
-                let reason = format!(
-                    "delivered {delivered} times, more than max_deliveries = {}",
-                    self.config.max_deliveries
-                );
-                self.dead_letter(&e.id, delivered, &reason, &payload)?;
-            } else {
+            if self.redeliver(&e, delivered, out)? {
                 self.counts.redelivered += 1;
-                self.push_msg(&e, delivered, out)?;
             }
         }
         Ok(Some(next))
@@ -588,16 +601,7 @@ impl RedisStreamSource {
                 for e in &claimed {
                     // XAUTOCLAIM raised the count; it is at least 2.
                     let delivered = counts.get(&e.id).copied().unwrap_or(2);
-                    if delivered > self.config.max_deliveries {
-                        let payload = e.field(&self.config.field).unwrap_or_default().to_vec();
-                        let reason = format!(
-                            "delivered {delivered} times, more than max_deliveries = {}",
-                            self.config.max_deliveries
-                        );
-                        self.dead_letter(&e.id, delivered, &reason, &payload)?;
-                    } else {
-                        self.push_msg(e, delivered, &mut out)?;
-                    }
+                    self.redeliver(e, delivered, &mut out)?;
                 }
                 self.counts.reclaimed += out.len() as u64;
                 self.reclaimed.extend(out);

@@ -143,6 +143,23 @@ impl Drop for TestServer {
     }
 }
 
+/// How many entries of consumer group `group` on stream `key` are pending
+/// (`XPENDING` summary; 0 for an unknown reply shape).
+pub fn pending_count(
+    conn: &mut redis::Connection,
+    key: &str,
+    group: &str,
+) -> redis::RedisResult<i64> {
+    let v: redis::Value = redis::cmd("XPENDING").arg(key).arg(group).query(conn)?;
+    Ok(match v {
+        redis::Value::Array(items) => match items.first() {
+            Some(redis::Value::Int(n)) => *n,
+            _ => 0,
+        },
+        _ => 0,
+    })
+}
+
 /// A key no other test (or earlier run) uses.
 pub fn unique_key(name: &str) -> String {
     let nanos = std::time::SystemTime::now()

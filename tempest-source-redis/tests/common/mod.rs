@@ -45,18 +45,7 @@ pub fn xadd(conn: &mut redis::Connection, key: &str, prefix: &str, n: usize) {
 
 /// How many entries of the group are pending.
 pub fn pending(conn: &mut redis::Connection, key: &str, group: &str) -> i64 {
-    let v: redis::Value = redis::cmd("XPENDING")
-        .arg(key)
-        .arg(group)
-        .query(conn)
-        .unwrap();
-    match v {
-        redis::Value::Array(items) => match items.first() {
-            Some(redis::Value::Int(n)) => *n,
-            _ => 0,
-        },
-        _ => 0,
-    }
+    tempest_source_redis::test_server::pending_count(conn, key, group).unwrap()
 }
 
 pub fn xlen(conn: &mut redis::Connection, key: &str) -> i64 {
