@@ -426,6 +426,9 @@ impl Io {
                     queued + in_task,
                     self.options.graceful_shutdown
                 );
+                // What the task thread has not claimed goes back, so the
+                // topology hands it to another worker instead of failing it.
+                let _ = give_back(&handed, &mut framed).await;
                 let _ = SinkExt::<Frame>::close(&mut framed).await;
                 return End::Drained;
             }
@@ -461,17 +464,10 @@ impl Io {
                         }
                         Some(Ok(Frame::Heartbeat)) => {}
                         Some(Ok(Frame::GiveBack)) => {
-                            // One frame per batch: each came in one frame.
-                            for batch in &handed {
-                                let rest = batch.take_rest();
-                                if rest.is_empty() {
-                                    continue;
-                                }
-                                if let Err(e) = framed.send(Frame::Returned(rest)).await {
-                                    return End::Lost(e.to_string());
-                                }
-                                last_sent = Instant::now();
+                            if let Err(e) = give_back(&handed, &mut framed).await {
+                                return End::Lost(e.to_string());
                             }
+                            last_sent = Instant::now();
                         }
                         Some(Ok(Frame::Error { code: ErrorCode::ShuttingDown, .. })) => return End::TopologyStopped,
                         Some(Ok(Frame::Error { code, message })) => return End::Lost(format!("{code:?}: {message}")),
@@ -523,6 +519,22 @@ impl Io {
             }
         }
     }
+}
+
+/// Sends back what the task thread has not claimed of each batch it was
+/// handed: one `Returned` frame per batch (each came in one frame, so each
+/// fits one).
+async fn give_back(
+    handed: &std::collections::VecDeque<Arc<SharedBatch>>,
+    framed: &mut Framed<TcpStream, WireCodec>,
+) -> Result<(), WireError> {
+    for batch in handed {
+        let rest = batch.take_rest();
+        if !rest.is_empty() {
+            framed.send(Frame::Returned(rest)).await?;
+        }
+    }
+    Ok(())
 }
 
 async fn recv(framed: &mut Framed<TcpStream, WireCodec>, wait: Duration) -> Result<Frame, Refused> {

@@ -202,3 +202,180 @@ fn a_busy_remote_worker_gives_back_what_it_has_not_started() {
     w.join().unwrap().unwrap();
     run.check(&report.stats);
 }
+
+/// Worker options for the give-back edge cases: one connection, quick
+/// reconnects, a short drain, exit with the topology.
+fn quick_worker(addr: std::net::SocketAddr) -> WorkerOptions {
+    WorkerOptions {
+        graceful_shutdown: Duration::from_millis(100),
+        ..worker_options(addr, None)
+    }
+}
+
+/// Regression (review of issue 10): tickets name a (message, task) pair, so
+/// the siblings of a fan-out share one. A give-back marked every held copy
+/// with a returned ticket as no longer held, the one still running
+/// included; when the worker was then lost, that message was neither
+/// retried nor failed, and hung until its timeout.
+#[test]
+fn a_worker_lost_after_a_give_back_still_hands_over_what_it_was_running() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let make = |source: MockSource| {
+        let c = Arc::clone(&calls);
+        TopologyBuilder::new("lost-after-give-back")
+            .source(source)
+            .failure_policy(FailurePolicy::Retry(3))
+            .retry_backoff(Duration::from_millis(5), Duration::from_millis(50))
+            // Longer than the run may last: only losing the worker can
+            // bring the message back.
+            .msg_timeout(Duration::from_secs(600))
+            .pipeline(
+                Pipeline::new()
+                    .task(FnTask::new("split", |m| {
+                        Ok(Output::Many(vec![m.clone(), m.clone(), m]))
+                    }))
+                    .task(FnTask::new("count", move |_m| {
+                        if c.fetch_add(1, Ordering::SeqCst) == 0 {
+                            std::thread::sleep(Duration::from_secs(4));
+                        }
+                        Ok(Output::None)
+                    }))
+                    .edge("split", "count"),
+            )
+    };
+    let (source, _mock) = common::primed(&["x"]);
+    let (top, addr) = common::serve_on_loopback(make(source).build().unwrap());
+    let spawn = |task: &'static str, handle: Option<RuntimeHandle>| {
+        let (t, o) = (make(generated(0).0).build().unwrap(), quick_worker(addr));
+        std::thread::spawn(move || standalone::run_worker(&t, task, o, handle))
+    };
+    let _split = spawn("split", None);
+    let first = RuntimeHandle::new();
+    let _w1 = spawn("count", Some(first.clone()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while calls.load(Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < deadline, "count never ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // A second worker joins: the first gives back the two siblings it has
+    // not started, then leaves (its drain runs out) while still running one.
+    let _w2 = spawn("count", None);
+    while calls.load(Ordering::SeqCst) < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing was given back"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    first.shutdown();
+    let report = top.join().unwrap();
+    assert!(report.stats.returned >= 2, "{:?}", report.stats);
+    assert_eq!(
+        report.stop,
+        StopReason::SourceExhausted,
+        "{:?}",
+        report.stats
+    );
+    assert_eq!(report.stats.acked, 1, "{:?}", report.stats);
+    assert!(report.stats.retried >= 1, "{:?}", report.stats);
+}
+
+/// Regression (review of issue 10): a remote worker was asked to give back
+/// only once while it stayed busy, so a batch it was handed later waited
+/// behind its stuck message and timed out.
+#[test]
+fn a_stuck_remote_worker_is_asked_again_for_batches_it_got_later() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let make = |source: MockSource| {
+        let c = Arc::clone(&calls);
+        TopologyBuilder::new("ask-again")
+            .source(source)
+            .failure_policy(FailurePolicy::None)
+            .msg_timeout(Duration::from_secs(2))
+            .pipeline(
+                Pipeline::new()
+                    .task(FnTask::new("gen", |m| {
+                        std::thread::sleep(Duration::from_millis(20));
+                        Ok(Output::One(m))
+                    }))
+                    .task(FnTask::new("count", move |_m| {
+                        let first = c.fetch_add(1, Ordering::SeqCst) == 0;
+                        std::thread::sleep(Duration::from_millis(if first { 6000 } else { 25 }));
+                        Ok(Output::None)
+                    }))
+                    .edge("gen", "count"),
+            )
+    };
+    let (source, _mock) = generated(60);
+    let (top, addr) = common::serve_on_loopback(make(source).build().unwrap());
+    for task in ["count", "count", "gen"] {
+        let (t, o) = (make(generated(0).0).build().unwrap(), quick_worker(addr));
+        std::thread::spawn(move || standalone::run_worker(&t, task, o, None));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let report = top.join().unwrap();
+    assert_eq!(
+        report.stats.acked + report.stats.timed_out,
+        60,
+        "{:?}",
+        report.stats
+    );
+    assert_eq!(
+        report.stats.timed_out, 1,
+        "only the stuck message itself times out: {:?}",
+        report.stats
+    );
+}
+
+/// Regression (review of issue 10): a remote worker whose drain ran out
+/// disconnected holding messages it had never started, and they failed as
+/// `WorkerLost`; it now gives them back first.
+#[test]
+fn a_worker_whose_drain_runs_out_gives_back_what_it_never_started() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let make = |source: MockSource| {
+        let c = Arc::clone(&calls);
+        TopologyBuilder::new("drain-gives-back")
+            .source(source)
+            .failure_policy(FailurePolicy::None)
+            .pipeline(Pipeline::new().task(FnTask::new("t", move |m| {
+                if c.fetch_add(1, Ordering::SeqCst) == 0 {
+                    std::thread::sleep(Duration::from_secs(3));
+                }
+                Ok(Output::One(m))
+            })))
+    };
+    let (source, _mock) = generated(20);
+    let (top, addr) = common::serve_on_loopback(make(source).build().unwrap());
+    let spawn = |handle: Option<RuntimeHandle>| {
+        let (t, o) = (make(generated(0).0).build().unwrap(), quick_worker(addr));
+        std::thread::spawn(move || standalone::run_worker(&t, "t", o, handle))
+    };
+    let first = RuntimeHandle::new();
+    let w1 = spawn(Some(first.clone()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while calls.load(Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < deadline, "t never ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Stuck on its first message with the rest of its batch unstarted, the
+    // worker is told to stop; its 100 ms drain runs out and it leaves. Only
+    // then does another worker join.
+    first.shutdown();
+    w1.join().unwrap().unwrap();
+    let _w2 = spawn(None);
+    let report = top.join().unwrap();
+    assert!(report.stats.returned > 0, "{:?}", report.stats);
+    assert_eq!(
+        (report.stats.failed, report.stats.acked),
+        (1, 19),
+        "only the message in the stuck call is lost: {:?}",
+        report.stats
+    );
+}

@@ -104,3 +104,48 @@ fn nothing_that_can_finish_means_no_waiting_on_shutdown() {
         .iter()
         .all(|u| u.tasks == vec![("a".to_string(), vec![])]));
 }
+
+/// Regression (review of issue 10): a worker thread left behind at shutdown
+/// went on claiming the messages queued for it, though they were left
+/// unacked for the source to redeliver, so they would have run twice.
+#[test]
+fn a_worker_left_behind_does_not_run_what_was_left_unacked() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let (source, _mock) = common::generated(50);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let stuck_done = Arc::new(AtomicBool::new(false));
+    let (c, done) = (Arc::clone(&calls), Arc::clone(&stuck_done));
+    let report = TestRun::new(
+        common::builder("left-behind", source)
+            .graceful_shutdown(Duration::from_millis(100))
+            .pipeline(Pipeline::new().task(FnTask::new("slow", move |_m| {
+                if c.fetch_add(1, Ordering::SeqCst) == 0 {
+                    std::thread::sleep(Duration::from_millis(1500));
+                    done.store(true, Ordering::SeqCst);
+                }
+                Ok(Output::None)
+            }))),
+    )
+    .deadline(Duration::from_millis(300))
+    .run()
+    .unwrap();
+    assert!(
+        !report.unfinished().is_empty(),
+        "messages were left unacked"
+    );
+    let at_return = calls.load(Ordering::SeqCst);
+    // Once the stuck call returns, the thread left behind must find nothing
+    // more to run.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !stuck_done.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "the stuck call never returned");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        at_return,
+        "a message left unacked ran after the run ended"
+    );
+}

@@ -996,6 +996,8 @@ impl PipelineActor {
                         w.busy_since = Some(Instant::now());
                     }
                     w.in_hand += 1;
+                    // A batch delivered after a give-back may be stuck too.
+                    w.asked_back = false;
                     if let Some(shared) = shared {
                         w.shared.push_back(shared);
                     }
@@ -1024,12 +1026,19 @@ impl PipelineActor {
         };
         let t = w.task as usize;
         if let Some(held) = &mut w.held {
-            let back: std::collections::HashSet<Ticket> =
-                returned.iter().map(|m| m.ticket).collect();
-            for (batch, _) in held.iter_mut() {
-                for m in batch.iter_mut().filter(|m| back.contains(&m.ticket)) {
-                    // Never live: losing the worker now skips it.
-                    m.ticket.task = TaskIdx::MAX;
+            // Tickets name (message, task), not one task message: siblings
+            // of a fan-out share one. Mark one held copy per returned
+            // message, from the back (returned ones are unclaimed tails).
+            let mut back: HashMap<Ticket, usize> = HashMap::new();
+            for m in returned.iter() {
+                *back.entry(m.ticket).or_default() += 1;
+            }
+            for (batch, answered) in held.iter_mut().rev() {
+                for m in batch.iter_mut().skip(*answered).rev() {
+                    if let Some(n) = back.get_mut(&m.ticket).filter(|n| **n > 0) {
+                        *n -= 1;
+                        m.ticket.task = TaskIdx::MAX;
+                    }
                 }
             }
         }
@@ -1321,6 +1330,11 @@ impl Handler<Finish> for PipelineActor {
         // The counters as they stand, workers included, before they close.
         let stats = self.current_stats();
         for w in &mut self.workers {
+            // What an in-process worker has not claimed is left unacked: it
+            // must not run after the run ends (it will be redelivered).
+            for b in &w.shared {
+                drop(b.take_rest());
+            }
             if let Some(sink) = &mut w.sink {
                 sink.close();
             }

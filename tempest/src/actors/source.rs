@@ -300,8 +300,9 @@ impl SourceActor {
                 if self.acks.len() >= self.ack_threshold {
                     full.push(std::mem::take(&mut self.acks));
                 }
-                for batch in full {
-                    self.batch_ack(batch);
+                let n = full.len();
+                for (i, batch) in full.into_iter().enumerate() {
+                    self.batch_ack(batch, i + 1 == n);
                 }
             }
         }
@@ -310,20 +311,23 @@ impl SourceActor {
     fn flush_acks(&mut self) {
         if !self.acks.is_empty() {
             let ids = std::mem::take(&mut self.acks);
-            self.batch_ack(ids);
+            self.batch_ack(ids, true);
         }
     }
 
     /// Sends one ack batch; its credit returns unless a retryable failure
-    /// puts the ids back for the next flush.
-    fn batch_ack(&mut self, ids: Vec<MsgId>) {
+    /// puts the ids back for the next flush. The credit of duplicate
+    /// deliveries (`ack_extra`) returns once no id waits to be sent: only
+    /// with the `last` of the batches taken out at once, and only when
+    /// nothing is left over.
+    fn batch_ack(&mut self, ids: Vec<MsgId>, last: bool) {
         self.metrics.incr(names::SOURCE_ACK_CALLS, 1);
         let result = self.source.batch_ack(&ids);
         let retry = matches!(&result, Err(e) if e.is_retryable())
             && self.acks.len() < self.settings.poll_count * 64;
         if !retry {
             self.credit += ids.len();
-            if self.acks.is_empty() {
+            if last && self.acks.is_empty() {
                 self.credit += std::mem::take(&mut self.ack_extra);
             }
         }

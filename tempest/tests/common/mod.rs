@@ -196,8 +196,8 @@ impl SlowAndFast {
 }
 
 /// Runs `topology` as a topology process (no local workers) on a thread,
-/// serving on loopback; returns the run and the address workers connect
-/// to, once it listens.
+/// serving on loopback, for at most a minute; returns the run and the
+/// address workers connect to, once it listens.
 pub fn serve_on_loopback(
     topology: tempest::Topology,
 ) -> (
@@ -214,6 +214,8 @@ pub fn serve_on_loopback(
                 handle: Some(h),
                 local_workers: false,
                 serve: Some(ServeOptions::loopback()),
+                // A safety net: a test that hangs fails instead.
+                deadline: Some(Duration::from_secs(60)),
                 ..RunOptions::default()
             },
         )
