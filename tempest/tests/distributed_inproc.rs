@@ -379,3 +379,92 @@ fn a_worker_whose_drain_runs_out_gives_back_what_it_never_started() {
         report.stats
     );
 }
+
+/// A peer's `Returned` frame is checked against what the worker holds:
+/// a message it never held, or one returned twice, is ignored, so a buggy
+/// or hostile worker cannot make a message run twice.
+#[test]
+fn returned_messages_the_worker_did_not_hold_are_ignored() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tempest::wire::{self, Frame};
+
+    fn send(s: &mut std::net::TcpStream, f: &Frame) {
+        s.write_all(&f.to_wire()).unwrap();
+    }
+    fn recv(s: &mut std::net::TcpStream) -> Frame {
+        loop {
+            let mut len = [0u8; 4];
+            s.read_exact(&mut len).unwrap();
+            let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+            s.read_exact(&mut body).unwrap();
+            match Frame::decode_body(body.into()).unwrap() {
+                Frame::Heartbeat => continue,
+                f => return f,
+            }
+        }
+    }
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let make = |source: MockSource| {
+        let c = Arc::clone(&calls);
+        TopologyBuilder::new("forged-returns")
+            .source(source)
+            .pipeline(Pipeline::new().task(FnTask::new("t", move |m| {
+                c.fetch_add(1, Ordering::SeqCst);
+                Ok(Output::One(m))
+            })))
+    };
+    let (source, _mock) = generated(10);
+    let (top, addr) = common::serve_on_loopback(make(source).build().unwrap());
+
+    // A raw client: handshake, one fetch, then a forged give-back.
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    send(
+        &mut s,
+        &Frame::Hello {
+            version: wire::VERSION,
+            task: "t".into(),
+        },
+    );
+    let Frame::Challenge { nonce } = recv(&mut s) else {
+        panic!("no challenge")
+    };
+    send(
+        &mut s,
+        &Frame::Auth {
+            mac: wire::sign(b"", &nonce, "t"),
+        },
+    );
+    assert!(matches!(recv(&mut s), Frame::Welcome { .. }));
+    send(&mut s, &Frame::Fetch { max: 10 });
+    let Frame::Batch(batch) = recv(&mut s) else {
+        panic!("no batch")
+    };
+    assert_eq!(batch.len(), 10);
+    // The first message twice, and one with a ticket it never held.
+    let mut forged = vec![batch[0].clone(), batch[0].clone()];
+    let mut stranger = batch[1].clone();
+    stranger.ticket.slot += 1000;
+    forged.push(stranger);
+    send(&mut s, &Frame::Returned(forged));
+    send(&mut s, &Frame::Goodbye);
+    drop(s);
+
+    // A real worker does the rest.
+    let (t, o) = (
+        make(generated(0).0).build().unwrap(),
+        worker_options(addr, None),
+    );
+    let _w = std::thread::spawn(move || standalone::run_worker(&t, "t", o, None));
+    let report = top.join().unwrap();
+    assert_eq!(report.stats.acked, 10, "{:?}", report.stats);
+    assert_eq!(report.stats.returned, 1, "{:?}", report.stats);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        10,
+        "each message ran once: {:?}",
+        report.stats
+    );
+}

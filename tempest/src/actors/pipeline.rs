@@ -1025,26 +1025,41 @@ impl PipelineActor {
             return;
         };
         let t = w.task as usize;
-        if let Some(held) = &mut w.held {
-            // Tickets name (message, task), not one task message: siblings
-            // of a fan-out share one. Mark one held copy per returned
-            // message, from the back (returned ones are unclaimed tails).
-            let mut back: HashMap<Ticket, usize> = HashMap::new();
-            for m in returned.iter() {
-                *back.entry(m.ticket).or_default() += 1;
-            }
-            for (batch, answered) in held.iter_mut().rev() {
-                for m in batch.iter_mut().skip(*answered).rev() {
-                    if let Some(n) = back.get_mut(&m.ticket).filter(|n| **n > 0) {
-                        *n -= 1;
-                        m.ticket.task = TaskIdx::MAX;
-                    }
+        let Some(held) = &mut w.held else {
+            return;
+        };
+        // Tickets name (message, task), not one task message: siblings of a
+        // fan-out share one. Take one held copy per returned message, from
+        // the back (what a worker returns is the unclaimed tail of what it
+        // holds). Only what the worker really held goes back to the queue,
+        // as the pipeline's own copy: a peer cannot inject or duplicate.
+        let mut back: HashMap<Ticket, usize> = HashMap::new();
+        for m in returned.drain(..) {
+            *back.entry(m.ticket).or_default() += 1;
+        }
+        let mut taken = Vec::new();
+        for (batch, answered) in held.iter_mut().rev() {
+            for m in batch.iter_mut().skip(*answered).rev() {
+                if let Some(n) = back.get_mut(&m.ticket).filter(|n| **n > 0) {
+                    *n -= 1;
+                    taken.push(m.clone());
+                    // Never live: losing the worker now skips it.
+                    m.ticket.task = TaskIdx::MAX;
                 }
             }
         }
-        self.stats.returned += returned.len() as u64;
-        for m in returned.drain(..).rev() {
-            if self.tracker.is_live(m.ticket) && m.ticket.task as usize == t {
+        let unknown: usize = back.values().sum();
+        if unknown > 0 {
+            log::warn!(
+                "Worker {worker} of task {} returned {unknown} message(s) it did not hold; ignored.",
+                self.task_names[t]
+            );
+        }
+        self.stats.returned += taken.len() as u64;
+        // `taken` runs from the back: pushing each to the front restores
+        // the order.
+        for m in taken {
+            if self.tracker.is_live(m.ticket) {
                 self.ready[t].push_front(m);
             }
         }
