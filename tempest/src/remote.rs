@@ -514,6 +514,14 @@ impl Io {
                     log::info!("Worker {} of task {} is finishing what it holds, then disconnecting.", self.worker, self.task);
                     draining = true;
                     drain_until = Instant::now() + self.options.graceful_shutdown;
+                    // Withdraw the fetches still outstanding, so the topology
+                    // sends nothing more to a worker that is leaving.
+                    if fetches > 0 {
+                        if let Err(e) = framed.send(Frame::Fetch { max: 0 }).await {
+                            return End::Lost(e.to_string());
+                        }
+                        fetches = 0;
+                    }
                 }
                 _ = tokio::time::sleep_until(drain_until.into()), if draining => {}
             }

@@ -154,7 +154,8 @@ pub enum Frame {
         /// The frame limit from now on, both ways.
         max_frame: u32,
     },
-    /// Worker → topology: send up to `max` task messages.
+    /// Worker → topology: send up to `max` task messages; `max == 0`
+    /// withdraws the worker's outstanding fetches (it is draining).
     Fetch {
         /// The most messages wanted.
         max: u32,

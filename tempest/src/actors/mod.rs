@@ -66,7 +66,8 @@ impl Settle {
     }
 }
 
-/// A worker asks for up to `max` task messages.
+/// A worker asks for up to `max` task messages; `max == 0` withdraws its
+/// outstanding fetches (it is draining).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub(crate) struct Fetch {

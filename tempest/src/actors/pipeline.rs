@@ -1167,7 +1167,13 @@ impl Handler<Fetch> for PipelineActor {
             return;
         };
         let t = w.task as usize;
-        self.waiting[t].push_back((fetch.worker, fetch.max.max(1)));
+        if fetch.max == 0 {
+            // The worker is leaving: its outstanding fetches are withdrawn,
+            // so nothing more is sent to it.
+            self.waiting[t].retain(|&(id, _)| id != fetch.worker);
+            return;
+        }
+        self.waiting[t].push_back((fetch.worker, fetch.max));
         self.pump(t);
     }
 }
