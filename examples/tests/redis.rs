@@ -313,8 +313,9 @@ fn terminate(child: &mut Child) {
 }
 
 /// A stream loaded with `n` entries under a unique key, and a fresh
-/// directory with a `Topology.toml` (from `config(url, key)`) and the path
-/// of the handled-id log.
+/// directory with a `Topology.toml` and the path of the handled-id log. The
+/// file reads the stream from the start in consumer group `name`, with
+/// `top` and `source` added to the file and to `[source.config]`.
 struct IdLogRun {
     server: TestServer,
     key: String,
@@ -325,7 +326,7 @@ struct IdLogRun {
 }
 
 impl IdLogRun {
-    fn new(name: &str, n: usize, config: impl Fn(&str, &str) -> String) -> IdLogRun {
+    fn new(name: &str, n: usize, top: &str, source: &str) -> IdLogRun {
         let server = TestServer::shared().unwrap();
         let key = unique_key(&format!("stream-{name}"));
         let mut conn = server.connection().unwrap();
@@ -335,7 +336,14 @@ impl IdLogRun {
         let cfg = dir.join("Topology.toml");
         let log = dir.join("handled.log");
         let _ = std::fs::remove_file(&log);
-        std::fs::write(&cfg, config(&server.url, &key)).unwrap();
+        let url = &server.url;
+        std::fs::write(
+            &cfg,
+            format!(
+                "{top}\n[source.config]\nuri = \"{url}\"\nkey = \"{key}\"\ngroup = \"{name}\"\ngroup_start_id = \"0\"\n{source}"
+            ),
+        )
+        .unwrap();
         IdLogRun {
             server,
             key,
@@ -366,11 +374,12 @@ fn restart_after_kill_9_duplicates_at_most_the_entries_pending_at_the_crash() {
         dir,
         cfg,
         log,
-    } = IdLogRun::new("storm", n, |url, key| {
-        format!(
-            "[source.config]\nuri = \"{url}\"\nkey = \"{key}\"\ngroup = \"storm\"\nconsumer = \"storm-1\"\ngroup_start_id = \"0\"\nmonitor_interval_ms = 100\nlease_ttl_ms = 1000\n"
-        )
-    });
+    } = IdLogRun::new(
+        "storm",
+        n,
+        "",
+        "consumer = \"storm-1\"\nmonitor_interval_ms = 100\nlease_ttl_ms = 1000\n",
+    );
 
     let mut first = start_idlog(&cfg, &log, 0);
     wait_for(&mut first, "connected");
@@ -426,11 +435,7 @@ fn two_processes_of_one_package_are_two_consumers_and_a_restart_adopts_its_pendi
         dir,
         cfg,
         log,
-    } = IdLogRun::new("twins", n, |url, key| {
-        format!(
-            "max_pending = 200\n\n[source.config]\nuri = \"{url}\"\nkey = \"{key}\"\ngroup = \"twins\"\ngroup_start_id = \"0\"\ncount = 100\n"
-        )
-    });
+    } = IdLogRun::new("twins", n, "max_pending = 200\n", "count = 100\n");
 
     let mut a = start_idlog(&cfg, &log, 1);
     wait_for(&mut a, "connected");

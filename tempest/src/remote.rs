@@ -33,7 +33,9 @@ use crate::error::Error;
 use crate::pipeline::Dag;
 use crate::task::TaskContext;
 use crate::wire::{self, ErrorCode, Frame, WireCodec, WireError};
-use crate::worker::{run_task_loop, SharedBatch, Transport, PREFETCH};
+use crate::worker::{
+    join_within, run_task_loop, SharedBatch, Transport, PREFETCH, THREAD_STOP_WAIT,
+};
 
 /// How a worker process connects and works.
 #[derive(Clone, Debug)]
@@ -210,24 +212,18 @@ pub(crate) fn run(
                 first_error.get_or_insert(Error::Runtime("a worker I/O thread panicked".into()));
             }
         }
-        task_threads.push((w, task_thread));
+        task_threads.push((task_thread, w));
     }
     // With its connection gone a task thread stops after its current call;
     // one stuck in a call is left behind, or the process could not exit.
-    let give_up = Instant::now() + Duration::from_secs(1);
-    for (w, task_thread) in task_threads {
-        while !task_thread.is_finished() && Instant::now() < give_up {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if !task_thread.is_finished() {
-            log::warn!(
-                "Worker {w} of task {task} is still in a task call; its thread is left behind and the process exits without it."
-            );
-            continue;
-        }
-        if task_thread.join().is_err() {
-            first_error.get_or_insert(Error::Runtime("a worker task thread panicked".into()));
-        }
+    let (stuck, panicked) = join_within(task_threads, THREAD_STOP_WAIT);
+    for (_, w) in stuck {
+        log::warn!(
+            "Worker {w} of task {task} is still in a task call; its thread is left behind and the process exits without it."
+        );
+    }
+    if panicked > 0 {
+        first_error.get_or_insert(Error::Runtime("a worker task thread panicked".into()));
     }
     match first_error {
         Some(e) => Err(e),
@@ -420,7 +416,7 @@ impl Io {
         loop {
             if draining && (queued > 0 || in_task > 0) && Instant::now() >= drain_until {
                 log::warn!(
-                    "Worker {} of task {} still holds {} unfinished batch(es) after the graceful shutdown ({:?}); it leaves them to the topology's failure policy and disconnects.",
+                    "Worker {} of task {} still holds {} unfinished batch(es) after the graceful shutdown ({:?}); it gives back what it has not started, leaves the message in its task call to the topology's failure policy, and disconnects.",
                     self.worker,
                     self.task,
                     queued + in_task,

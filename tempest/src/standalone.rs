@@ -31,7 +31,7 @@ use crate::inflight::{InflightEntry, Tracker, TrackerConfig};
 use crate::pipeline::TaskIdx;
 use crate::task::TaskContext;
 use crate::topology::Topology;
-use crate::worker::{run_task_loop, InProc, InProcSink, PREFETCH};
+use crate::worker::{join_within, run_task_loop, InProc, InProcSink, PREFETCH, THREAD_STOP_WAIT};
 
 /// A handle onto a running topology (or worker process), usable from any
 /// thread but the runtime's own: shut it down, look at its counters and
@@ -185,19 +185,6 @@ fn sweep_interval(topology: &Topology) -> Duration {
     (finest / 10).clamp(Duration::from_millis(1), Duration::from_millis(20))
 }
 
-/// How long task threads may take to stop once the run has ended; a thread
-/// still in a task call after that is left behind (see [`run`]).
-const THREAD_STOP_WAIT: Duration = Duration::from_secs(1);
-
-/// Tells the run that a task thread has ended, however it ends.
-struct ThreadDone(std::sync::mpsc::Sender<usize>, usize);
-
-impl Drop for ThreadDone {
-    fn drop(&mut self) {
-        let _ = self.0.send(self.1);
-    }
-}
-
 /// Runs `topology` in this process until its source is exhausted, the
 /// options say stop, or it is shut down; returns what it did.
 ///
@@ -244,7 +231,6 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
     )?;
     let metrics_every = topts.metrics.interval();
     let started = Instant::now();
-    let (thread_done, threads_done) = std::sync::mpsc::channel();
     let system = actix_rt::System::new();
     let outcome = system.block_on(async {
         // The pipeline's mailbox, made here so every part can hold its
@@ -292,7 +278,7 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
             unique_ids,
         });
 
-        let mut threads: Vec<(JoinHandle<()>, WorkerId, String)> = Vec::new();
+        let mut threads: Vec<(JoinHandle<()>, (WorkerId, String))> = Vec::new();
         let mut spawn_error: Option<Error> = None;
         let local_workers = if options.local_workers {
             workers.clone()
@@ -318,14 +304,11 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
                     rx,
                     outstanding: 0,
                 };
-                let done = ThreadDone(thread_done.clone(), threads.len());
                 match std::thread::Builder::new()
                     .name(format!("tempest-{task_name}-{w}"))
-                    .spawn(move || {
-                        let _done = done;
-                        run_task_loop(task, ctx, id, &mut transport)
-                    }) {
-                    Ok(h) => threads.push((h, id, task_name)),
+                    .spawn(move || run_task_loop(task, ctx, id, &mut transport))
+                {
+                    Ok(h) => threads.push((h, (id, task_name))),
                     Err(e) => {
                         spawn_error = Some(Error::Io {
                             what: format!("starting a worker thread for task {task_name}"),
@@ -444,24 +427,11 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
     }
     // The threads stop once their queues are gone; one still in a task
     // call is left behind, or the run would last as long as the call.
-    let give_up = Instant::now() + THREAD_STOP_WAIT;
-    let mut running: Vec<Option<(JoinHandle<()>, WorkerId, String)>> =
-        threads.into_iter().map(Some).collect();
-    drop(thread_done);
-    while running.iter().any(Option::is_some) {
-        let wait = give_up.saturating_duration_since(Instant::now());
-        match threads_done.recv_timeout(wait) {
-            Ok(i) => {
-                if let Some((t, _, _)) = running.get_mut(i).and_then(Option::take) {
-                    if t.join().is_err() {
-                        log::error!("A task worker thread panicked outside a task call.");
-                    }
-                }
-            }
-            Err(_) => break,
-        }
+    let (stuck, panicked) = join_within(threads, THREAD_STOP_WAIT);
+    if panicked > 0 {
+        log::error!("{panicked} task worker thread(s) panicked outside a task call.");
     }
-    for (t, worker, task) in running.into_iter().flatten() {
+    for (t, (worker, task)) in stuck {
         log::warn!(
             "Worker {worker} of task {task} is still in a task call after the shutdown; its thread ({}) is left behind and the run ends without it.",
             t.thread().name().unwrap_or("unnamed")

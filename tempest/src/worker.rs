@@ -40,9 +40,10 @@ pub(crate) trait Transport {
 ///
 /// The worker claims runs sized to take about [`CLAIM_SPAN`] at the pace
 /// seen so far (its first run is one message), so a fast task claims its
-/// whole batch at once, taking the buffer without moving a message; a claimed message is the worker's, an unclaimed one can be
-/// taken back at any time. The lock decides which, so a message never runs
-/// twice without a fault, and it is taken once per run, not per message.
+/// whole batch at once, taking the buffer without moving a message. A
+/// claimed message is the worker's; an unclaimed one can be taken back at
+/// any time. The lock decides which, so a message never runs twice without
+/// a fault, and it is taken once per run, not per message.
 #[derive(Debug, Default)]
 pub(crate) struct SharedBatch(Mutex<VecDeque<TaskMsg>>);
 
@@ -282,6 +283,32 @@ fn claim_for(pace: u64) -> usize {
         .checked_div(pace)
         .unwrap_or(MAX_CLAIM as u64);
     fits.clamp(1, MAX_CLAIM as u64) as usize
+}
+
+/// How long task threads may take to stop once their transport has closed;
+/// a thread still in a task call after that is left behind (see
+/// [`join_within`]).
+pub(crate) const THREAD_STOP_WAIT: Duration = Duration::from_secs(1);
+
+/// Joins the task threads that end within `wait`, and returns those that
+/// do not (each still in a task call: they are left behind, so that a
+/// stuck call cannot hold the process) and how many panicked outside a
+/// task call.
+pub(crate) fn join_within<T>(
+    threads: Vec<(std::thread::JoinHandle<()>, T)>,
+    wait: Duration,
+) -> (Vec<(std::thread::JoinHandle<()>, T)>, usize) {
+    let give_up = Instant::now() + wait;
+    while threads.iter().any(|(t, _)| !t.is_finished()) && Instant::now() < give_up {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (done, stuck): (Vec<_>, Vec<_>) = threads.into_iter().partition(|(t, _)| t.is_finished());
+    let panicked = done
+        .into_iter()
+        .map(|(t, _)| t.join())
+        .filter(Result::is_err)
+        .count();
+    (stuck, panicked)
 }
 
 /// A batch that takes longer than this sends its results so far early.

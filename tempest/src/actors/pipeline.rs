@@ -169,7 +169,8 @@ struct Reports {
     next_check: Instant,
     next_progress: Instant,
     progress_at: (Instant, u64),
-    last_progress: Option<Stats>,
+    /// Read, acked and failed at the last progress line.
+    last_progress: Option<(u64, u64, u64)>,
 }
 
 impl Reports {
@@ -587,9 +588,7 @@ impl PipelineActor {
                     self.task_names[t]
                 );
                 self.stats.returned += taken.len() as u64;
-                for m in taken.into_iter().rev() {
-                    self.ready[t].push_front(m);
-                }
+                self.requeue(t, taken);
                 self.pump(t);
             }
         }
@@ -654,14 +653,13 @@ impl PipelineActor {
         let workers = self.workers_per_task();
         for (t, &count) in workers.iter().enumerate() {
             let waiting = self.ready[t].len();
-            if waiting == 0 || count > 0 {
+            if count > 0 {
+                self.worker_is_back(t);
+                continue;
+            }
+            if waiting == 0 {
                 self.ops.no_worker_since[t] = None;
-                if self.ops.no_worker_warned[t].take().is_some() && count > 0 {
-                    log::info!(
-                        "Task {} has a worker again; its waiting messages are moving.",
-                        self.task_names[t]
-                    );
-                }
+                self.ops.no_worker_warned[t] = None;
                 continue;
             }
             let since = *self.ops.no_worker_since[t].get_or_insert(now);
@@ -681,13 +679,24 @@ impl PipelineActor {
         }
     }
 
+    /// Task `t` has a worker: ends its no-worker warnings, saying so if
+    /// one was logged.
+    fn worker_is_back(&mut self, t: usize) {
+        self.ops.no_worker_since[t] = None;
+        if self.ops.no_worker_warned[t].take().is_some() {
+            log::info!(
+                "Task {} has a worker again; its waiting messages are moving.",
+                self.task_names[t]
+            );
+        }
+    }
+
     /// Logs a progress line at INFO when anything moved since the last.
     fn report_progress(&mut self, now: Instant) {
         let s = &self.stats;
         let inflight = self.tracker.len();
-        let moved = self.ops.last_progress.as_ref().is_none_or(|last| {
-            last.read != s.read || last.acked != s.acked || last.failed != s.failed
-        });
+        let now_counts = (s.read, s.acked, s.failed);
+        let moved = self.ops.last_progress != Some(now_counts);
         if !moved && inflight == 0 {
             return;
         }
@@ -703,7 +712,7 @@ impl PipelineActor {
             now.saturating_duration_since(then).as_secs_f64()
         );
         self.ops.progress_at = (now, s.acked);
-        self.ops.last_progress = Some(s.clone());
+        self.ops.last_progress = Some(now_counts);
     }
 
     fn settle(&mut self, now: Instant) {
@@ -1056,13 +1065,9 @@ impl PipelineActor {
             );
         }
         self.stats.returned += taken.len() as u64;
-        // `taken` runs from the back: pushing each to the front restores
-        // the order.
-        for m in taken {
-            if self.tracker.is_live(m.ticket) {
-                self.ready[t].push_front(m);
-            }
-        }
+        // `taken` runs from the back; `pump` skips any no longer live.
+        taken.reverse();
+        self.requeue(t, taken);
     }
 
     fn requeue(&mut self, t: usize, mut batch: Vec<TaskMsg>) {
@@ -1419,14 +1424,7 @@ impl Handler<RegisterWorker> for PipelineActor {
 
     fn handle(&mut self, msg: RegisterWorker, _ctx: &mut Context<Self>) -> Self::Result {
         let id = self.add_worker(msg.task, msg.sink, true);
-        let t = msg.task as usize;
-        self.ops.no_worker_since[t] = None;
-        if self.ops.no_worker_warned[t].take().is_some() {
-            log::info!(
-                "Task {} has a worker again; its waiting messages are moving.",
-                self.task_names[t]
-            );
-        }
+        self.worker_is_back(msg.task as usize);
         log::info!(
             "Worker {id} joined task {} ({} worker(s) now).",
             self.task_names[msg.task as usize],
