@@ -129,13 +129,7 @@ fn kill_9_of_the_topology_and_a_restart_lose_no_entry() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let pid = second.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    assert_eq!(second.wait().unwrap().code(), Some(0));
+    terminate(&mut second);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
