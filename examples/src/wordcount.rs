@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
-use tempest::{Msg, Output, Pipeline, Task, TaskError, TaskResult, TopologyBuilder};
+use tempest::{Msg, MsgCtx, Output, Pipeline, Task, TaskError, TaskResult, TopologyBuilder};
 use tempest_source_mock::{MockConfig, MockSource};
 
 /// The sentences the mock source cycles through.
@@ -63,7 +63,7 @@ impl Task for Parse {
     fn name(&self) -> &str {
         "parse"
     }
-    fn handle(&mut self, msg: Msg) -> TaskResult {
+    fn handle(&mut self, msg: Msg, _: &MsgCtx) -> TaskResult {
         std::str::from_utf8(&msg)?;
         Ok(Output::One(msg))
     }
@@ -80,7 +80,7 @@ impl Task for Words {
     fn name(&self) -> &str {
         "words"
     }
-    fn handle(&mut self, msg: Msg) -> TaskResult {
+    fn handle(&mut self, msg: Msg, _: &MsgCtx) -> TaskResult {
         let mut n = 0u64;
         for word in msg.split(|b| *b == b' ').filter(|w| !w.is_empty()) {
             n += 1;
@@ -114,7 +114,7 @@ impl Task for Chars {
     fn name(&self) -> &str {
         "chars"
     }
-    fn handle(&mut self, msg: Msg) -> TaskResult {
+    fn handle(&mut self, msg: Msg, _: &MsgCtx) -> TaskResult {
         let n = msg.iter().filter(|b| b.is_ascii_alphabetic()).count() as u64;
         Ok(Output::One(encode(b'c', n)))
     }
@@ -133,7 +133,7 @@ impl Task for Report {
     fn name(&self) -> &str {
         "report"
     }
-    fn handle(&mut self, msg: Msg) -> TaskResult {
+    fn handle(&mut self, msg: Msg, _: &MsgCtx) -> TaskResult {
         let (kind, n) = decode(&msg).ok_or_else(|| TaskError::msg("report: malformed count"))?;
         match kind {
             b'w' => self.words += n,
@@ -226,7 +226,9 @@ mod tests {
             totals: Arc::clone(&totals),
             counts: HashMap::new(),
         };
-        let out = w.handle(Msg::from_static(b"a b  a")).unwrap();
+        let out = w
+            .handle(Msg::from_static(b"a b  a"), &MsgCtx::new(1))
+            .unwrap();
         assert_eq!(out, Output::One(encode(b'w', 3)));
         w.shutdown();
         assert_eq!(totals.top_words(1), vec![("a".to_string(), 2)]);

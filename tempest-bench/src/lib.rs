@@ -30,7 +30,7 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tempest::standalone::{self, RunOptions, RuntimeHandle};
-use tempest::{FailurePolicy, Msg, Output, Pipeline, Task, TaskResult, TopologyBuilder};
+use tempest::{FailurePolicy, Msg, MsgCtx, Output, Pipeline, Task, TaskResult, TopologyBuilder};
 use tempest_source::{AckPolicy, MsgId, Source, SourceError, SourceMsg, SourceSettings};
 
 /// The shape of a benchmark topology.
@@ -275,6 +275,8 @@ impl Source for BenchSource {
                 payload,
                 timestamp: 0,
                 delivered: 1,
+                key: None,
+                headers: Default::default(),
             });
         }
         Ok(())
@@ -407,7 +409,7 @@ impl Task for Pass {
     fn name(&self) -> &str {
         &self.name
     }
-    fn handle(&mut self, msg: Msg) -> TaskResult {
+    fn handle(&mut self, msg: Msg, _: &MsgCtx) -> TaskResult {
         Ok(if self.emits {
             Output::One(msg)
         } else {
@@ -655,7 +657,7 @@ impl Task for Hold {
     fn name(&self) -> &str {
         "hold"
     }
-    fn handle(&mut self, msg: Msg) -> TaskResult {
+    fn handle(&mut self, msg: Msg, _: &MsgCtx) -> TaskResult {
         let (lock, cvar) = &*self.0;
         let mut open = lock.lock().unwrap_or_else(PoisonError::into_inner);
         while !*open {
@@ -679,7 +681,7 @@ impl Task for Sleep {
     fn name(&self) -> &str {
         SPREAD_TASK
     }
-    fn handle(&mut self, _msg: Msg) -> TaskResult {
+    fn handle(&mut self, _msg: Msg, _: &MsgCtx) -> TaskResult {
         std::thread::sleep(self.sleep);
         Ok(Output::None)
     }
@@ -781,6 +783,8 @@ impl Source for BurstSource {
                 payload: self.payload.clone(),
                 timestamp: 0,
                 delivered: 1,
+                key: None,
+                headers: Default::default(),
             });
             self.next += 1;
         }

@@ -260,6 +260,8 @@ impl State {
             payload: self.payload(id),
             timestamp,
             delivered: self.delivered[i],
+            key: None,
+            headers: Default::default(),
         });
     }
 

@@ -272,6 +272,8 @@ impl RedisListSource {
                 payload,
                 timestamp: now,
                 delivered,
+                key: None,
+                headers: Default::default(),
             });
         }
         Ok(())

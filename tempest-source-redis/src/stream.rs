@@ -222,6 +222,8 @@ impl RedisStreamSource {
                         .and_then(|ms| ms.parse().ok())
                         .unwrap_or_else(now_millis),
                     delivered,
+                    key: None,
+                    headers: Default::default(),
                 });
             }
             None => {

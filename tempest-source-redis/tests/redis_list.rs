@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use common::{unique_key, Server};
 use tempest::testing::TestRun;
-use tempest::{FailurePolicy, Msg, Output, Pipeline, Task, TaskError, TaskResult, TopologyBuilder};
+use tempest::{
+    FailurePolicy, Msg, MsgCtx, Output, Pipeline, Task, TaskError, TaskResult, TopologyBuilder,
+};
 use tempest_source::Source;
 use tempest_source_redis::{RedisListConfig, RedisListSource};
 
@@ -24,7 +26,7 @@ impl Task for Work {
     fn name(&self) -> &str {
         "work"
     }
-    fn handle(&mut self, msg: Msg) -> TaskResult {
+    fn handle(&mut self, msg: Msg, _: &MsgCtx) -> TaskResult {
         let text = String::from_utf8_lossy(&msg).into_owned();
         self.seen.lock().unwrap().push(text.clone());
         if Some(text.as_str()) == self.poison {
@@ -201,7 +203,7 @@ impl Task for Slow {
     fn name(&self) -> &str {
         "slow"
     }
-    fn handle(&mut self, _msg: Msg) -> TaskResult {
+    fn handle(&mut self, _msg: Msg, _: &MsgCtx) -> TaskResult {
         std::thread::sleep(Duration::from_micros(200));
         Ok(Output::None)
     }

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use common::{pending, unique_key, xadd, xlen, Server};
 use tempest::testing::TestRun;
-use tempest::{FailurePolicy, Msg, Output, Pipeline, Task, TaskError, TaskResult, TopologyBuilder};
+use tempest::{
+    FailurePolicy, Msg, MsgCtx, Output, Pipeline, Task, TaskError, TaskResult, TopologyBuilder,
+};
 use tempest_source::Source;
 use tempest_source_redis::{RedisStreamConfig, RedisStreamSource};
 
@@ -27,7 +29,7 @@ impl Task for Record {
     fn name(&self) -> &str {
         "record"
     }
-    fn handle(&mut self, msg: Msg) -> TaskResult {
+    fn handle(&mut self, msg: Msg, _: &MsgCtx) -> TaskResult {
         let text = String::from_utf8_lossy(&msg).into_owned();
         if self.poison.as_deref() == Some(text.as_str()) {
             return Err(TaskError::msg("poison"));
@@ -215,7 +217,7 @@ impl<F: Fn(Msg) -> TaskResult + Clone + Send + 'static> Task for FnTask<F> {
     fn name(&self) -> &str {
         "work"
     }
-    fn handle(&mut self, msg: Msg) -> TaskResult {
+    fn handle(&mut self, msg: Msg, _: &MsgCtx) -> TaskResult {
         (self.0)(msg)
     }
 }

@@ -77,8 +77,10 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+pub mod headers;
 pub mod metrics;
 
+pub use headers::{HeaderError, Headers};
 pub use metrics::Metrics;
 
 /// The identity of a source message, as the source needs it to ack.
@@ -167,6 +169,13 @@ pub struct SourceMsg {
     /// How many times the source has delivered this message, this delivery
     /// included (1 on first delivery).
     pub delivered: u32,
+    /// The message's key, if the source has one (a Kafka key, a field of a
+    /// Redis entry). Every task message derived from this one inherits it
+    /// unless a task sets another.
+    pub key: Option<Bytes>,
+    /// Headers the source attaches (a broker's message headers), inherited
+    /// like the key.
+    pub headers: Headers,
 }
 
 impl SourceMsg {
@@ -177,7 +186,25 @@ impl SourceMsg {
             payload: payload.into(),
             timestamp: now_millis(),
             delivered: 1,
+            key: None,
+            headers: Headers::new(),
         }
+    }
+
+    /// The message with this key.
+    pub fn with_key(mut self, key: impl Into<Bytes>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// The message with header `name` set to `value`.
+    pub fn with_header(
+        mut self,
+        name: impl Into<String>,
+        value: impl Into<Bytes>,
+    ) -> Result<Self, HeaderError> {
+        self.headers.insert(name, value)?;
+        Ok(self)
     }
 }
 

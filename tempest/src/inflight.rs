@@ -20,33 +20,14 @@ use std::collections::BinaryHeap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tempest_source::{FailReason, MsgId, SourceMsg};
 
-use crate::pipeline::{Dag, TaskIdx};
-use crate::task::Msg;
+use crate::msg::{Emitted, MsgCtx, TaskIdx, TaskMsg, Ticket, NO_TASK};
+use crate::pipeline::Dag;
 use crate::topology::FailurePolicy;
 
 const NIL: u32 = u32::MAX;
-
-/// Names one task message: its record, the attempt it belongs to, its task.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Ticket {
-    /// The record's slot.
-    pub slot: u32,
-    /// The record's generation when the message was dispatched.
-    pub gen: u32,
-    /// The task the message is for.
-    pub task: TaskIdx,
-}
-
-/// One message for one task.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TaskMsg {
-    /// Which source message and attempt it belongs to.
-    pub ticket: Ticket,
-    /// The message.
-    pub payload: Msg,
-}
 
 /// Where the table sends task messages that are ready to run.
 pub(crate) trait Dispatch {
@@ -151,7 +132,9 @@ pub(crate) struct Tracker {
     epoch: Instant,
     records: Vec<Record>,
     states: Vec<TaskState>,
-    held: Vec<Vec<Msg>>,
+    /// Per record and fan-in task: the outputs its parents emitted so
+    /// far, each with the parent.
+    held: Vec<Vec<(TaskIdx, Emitted)>>,
     free: Vec<u32>,
     head: u32,
     tail: u32,
@@ -319,11 +302,22 @@ impl Tracker {
         r.tasks_left = n as u16;
         r.deadline = deadline;
         let gen = r.gen;
-        // Only a retry needs the payload again; otherwise the root takes it.
-        let payload = match (&mut r.msg, self.config.policy) {
-            (Some(m), FailurePolicy::Retry(_)) => m.payload.clone(),
-            (Some(m), _) => std::mem::take(&mut m.payload),
-            (None, _) => Msg::new(),
+        let deadline = self
+            .config
+            .msg_timeout
+            .map(|_| self.epoch + Duration::from_nanos(deadline));
+        let (payload, ctx) = match r.msg.as_mut() {
+            Some(m) => {
+                let ctx = MsgCtx::of_source(m, r.attempt, deadline);
+                // Only a retry needs the payload again; otherwise the root
+                // takes it.
+                let payload = match self.config.policy {
+                    FailurePolicy::Retry(_) => m.payload.clone(),
+                    _ => std::mem::take(&mut m.payload),
+                };
+                (payload, ctx)
+            }
+            None => (Bytes::new(), MsgCtx::new(0)),
         };
         if self.config.msg_timeout.is_some() {
             self.link_tail(slot);
@@ -337,8 +331,31 @@ impl Tracker {
                     task: root,
                 },
                 payload,
+                ctx,
             },
         );
+    }
+
+    /// The context of a message `parent` emitted for the attempt in `slot`
+    /// (`NO_TASK`: a join of several parents).
+    fn ctx_from(&self, slot: u32, parent: TaskIdx, out: &Emitted) -> MsgCtx {
+        let r = &self.records[slot as usize];
+        let (id, delivered, timestamp) = match &r.msg {
+            Some(m) => (m.id.clone(), m.delivered, m.timestamp),
+            None => (MsgId::Int(0), 0, 0),
+        };
+        MsgCtx {
+            id,
+            attempt: r.attempt,
+            delivered,
+            timestamp,
+            parent,
+            parent_name: (parent != NO_TASK).then(|| self.dag.static_name(parent)),
+            key: out.key.clone(),
+            headers: out.headers.clone(),
+            deadline: (r.deadline != u64::MAX)
+                .then(|| self.epoch + Duration::from_nanos(r.deadline)),
+        }
     }
 
     /// A task handled a message and emitted `outputs`. Returns false for a
@@ -346,7 +363,7 @@ impl Tracker {
     pub fn on_done(
         &mut self,
         ticket: Ticket,
-        outputs: &[Msg],
+        outputs: &[Emitted],
         now: Instant,
         d: &mut impl Dispatch,
         fin: &mut Vec<Finished>,
@@ -365,15 +382,18 @@ impl Tracker {
         let dag = Arc::clone(&self.dag);
         for &c in dag.children(task) {
             match dag.fanin_slot(c) {
-                Some(f) => self.held[slot as usize * fc + f as usize].extend_from_slice(outputs),
+                Some(f) => self.held[slot as usize * fc + f as usize]
+                    .extend(outputs.iter().map(|o| (task, o.clone()))),
                 None => {
                     self.states[base + c as usize].outstanding += outputs.len() as u32;
                     for o in outputs {
+                        let ctx = self.ctx_from(slot, task, o);
                         d.dispatch(
                             c,
                             TaskMsg {
                                 ticket: Ticket { slot, gen, task: c },
-                                payload: o.clone(),
+                                payload: o.payload.clone(),
+                                ctx,
                             },
                         );
                     }
@@ -437,19 +457,26 @@ impl Tracker {
                     continue;
                 }
                 if let Some(f) = dag.fanin_slot(c) {
-                    let held = &mut self.held[slot as usize * fc + f as usize];
-                    st.outstanding += held.len() as u32;
-                    for payload in held.drain(..) {
+                    let at = slot as usize * fc + f as usize;
+                    let held = std::mem::take(&mut self.held[at]);
+                    self.states[base + c as usize].outstanding += held.len() as u32;
+                    for (parent, out) in &held {
+                        let ctx = self.ctx_from(slot, *parent, out);
                         d.dispatch(
                             c,
                             TaskMsg {
                                 ticket: Ticket { slot, gen, task: c },
-                                payload,
+                                payload: out.payload.clone(),
+                                ctx,
                             },
                         );
                     }
+                    // Keep the buffer for the slot's next message.
+                    let mut held = held;
+                    held.clear();
+                    self.held[at] = held;
                 }
-                if st.outstanding == 0 {
+                if self.states[base + c as usize].outstanding == 0 {
                     stack.push(c);
                 }
             }
@@ -626,7 +653,7 @@ impl Tracker {
 mod tests {
     use super::*;
     use crate::pipeline::Pipeline;
-    use crate::task::{Output, Task, TaskResult};
+    use crate::task::{Msg, Output, Task, TaskResult};
     use proptest::prelude::*;
 
     #[derive(Clone)]
@@ -635,7 +662,7 @@ mod tests {
         fn name(&self) -> &str {
             &self.0
         }
-        fn handle(&mut self, msg: Msg) -> TaskResult {
+        fn handle(&mut self, msg: Msg, _: &MsgCtx) -> TaskResult {
             Ok(Output::One(msg))
         }
     }
@@ -694,7 +721,7 @@ mod tests {
         }
         fn done(&mut self, task: TaskIdx, outputs: usize) -> bool {
             let m = self.take(task);
-            let outs = vec![m.payload.clone(); outputs];
+            let outs = vec![Emitted::plain(m.payload.clone()); outputs];
             self.t
                 .on_done(m.ticket, &outs, self.now, &mut self.queue, &mut self.fin)
         }
@@ -897,12 +924,19 @@ mod tests {
     fn record_size_stays_small() {
         // The per-message cost beyond the payload: the record plus one task
         // state per task (and a buffer per fan-in task).
+        // The source message's key and headers take 40 bytes of it.
         assert!(
-            std::mem::size_of::<Record>() <= 160,
+            std::mem::size_of::<Record>() <= 200,
             "{}",
             std::mem::size_of::<Record>()
         );
         assert_eq!(std::mem::size_of::<TaskState>(), 8);
+        // A task message moves through queues and channels by value.
+        assert!(
+            std::mem::size_of::<TaskMsg>() <= 176,
+            "{}",
+            std::mem::size_of::<TaskMsg>()
+        );
     }
 
     /// A random DAG over `n` tasks rooted at 0: forward edges only (so no
@@ -984,7 +1018,7 @@ mod tests {
                 runs[id][t] += 1;
                 emitted[id][t] += outs;
                 let before = h.fin.len();
-                let outputs = vec![m.payload.clone(); outs];
+                let outputs = vec![Emitted::plain(m.payload.clone()); outs];
                 prop_assert!(h.t.on_done(m.ticket, &outputs, h.now, &mut h.queue, &mut h.fin));
                 if h.fin.len() > before {
                     prop_assert_eq!(h.fin.len(), before + 1);

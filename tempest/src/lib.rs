@@ -36,6 +36,7 @@ pub mod config;
 mod error;
 mod inflight;
 pub mod metrics;
+mod msg;
 pub mod pipeline;
 mod remote;
 pub mod rt;
@@ -48,11 +49,13 @@ pub mod wire;
 mod worker;
 
 pub use actors::pipeline::{MsgReport, Stats, Unfinished, WorkerStats};
-pub use actors::{StopReason, Verdict};
+pub use actors::StopReason;
 pub use error::Error;
-pub use inflight::{InflightEntry, Outcome, TaskMsg, Ticket, TrackerConfig};
+pub use inflight::{InflightEntry, Outcome, TrackerConfig};
+pub use msg::Verdict;
+pub use msg::{Emitted, MsgCtx, TaskIdx, TaskMsg, Ticket};
 pub use pipeline::{Dag, Pipeline, PipelineError, PipelineErrors};
-pub use task::{Msg, Output, Task, TaskContext, TaskError, TaskResult};
+pub use task::{Msg, Out, Output, Task, TaskContext, TaskError, TaskResult};
 pub use topology::{FailurePolicy, Topology, TopologyBuilder, TopologyOptions};
 
 pub use tempest_source as source;

@@ -4,17 +4,16 @@
 //! every problem at once, or returns the compiled [`Dag`] in which tasks and
 //! edges are small integers, so routing never touches a string.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use crate::task::Task;
 
 /// Makes a fresh instance of a task for each of its workers.
 pub(crate) type TaskFactory = Arc<dyn Fn() -> Box<dyn Task> + Send + Sync>;
 
-/// The index of a task in its [`Dag`].
-pub type TaskIdx = u16;
+pub use crate::msg::TaskIdx;
 
 /// The most tasks a pipeline may have.
 pub const MAX_TASKS: usize = u16::MAX as usize - 1;
@@ -22,13 +21,13 @@ pub const MAX_TASKS: usize = u16::MAX as usize - 1;
 /// A pipeline under construction: tasks, edges, and optionally the root.
 ///
 /// ```
-/// use tempest::{Msg, Output, Pipeline, Task, TaskResult};
+/// use tempest::{Msg, MsgCtx, Output, Pipeline, Task, TaskResult};
 ///
 /// #[derive(Clone)]
 /// struct Pass(&'static str);
 /// impl Task for Pass {
 ///     fn name(&self) -> &str { self.0 }
-///     fn handle(&mut self, msg: Msg) -> TaskResult { Ok(Output::One(msg)) }
+///     fn handle(&mut self, msg: Msg, _: &MsgCtx) -> TaskResult { Ok(Output::One(msg)) }
 /// }
 ///
 /// let dag = Pipeline::new()
@@ -252,6 +251,24 @@ impl Pipeline {
     }
 }
 
+/// `name`, stored once per process: task names are few and fixed, and a
+/// `&'static str` lets a message's context name its parent without a
+/// lifetime (async tasks hold the context across awaits) or a reference
+/// count shared between threads.
+fn intern(name: &str) -> &'static str {
+    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let mut names = NAMES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some(&known) = names.get(name) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
+    names.insert(leaked);
+    leaked
+}
+
 /// Every elementary cycle found by a depth-first search, each once, as the
 /// path of task indices starting from its smallest index.
 fn find_cycles(children: &[Vec<TaskIdx>]) -> Vec<Vec<TaskIdx>> {
@@ -434,6 +451,9 @@ impl std::error::Error for PipelineErrors {}
 #[derive(Clone)]
 pub struct Dag {
     names: Vec<String>,
+    /// The same names, interned, so a message's context can name its
+    /// parent without a lifetime or an allocation.
+    static_names: Vec<&'static str>,
     root: TaskIdx,
     children: Vec<Vec<TaskIdx>>,
     parents: Vec<Vec<TaskIdx>>,
@@ -472,6 +492,7 @@ impl Dag {
             })
             .collect();
         Dag {
+            static_names: names.iter().map(|n| intern(n)).collect(),
             names,
             root,
             children,
@@ -510,6 +531,19 @@ impl Dag {
     /// The name of task `t`.
     pub fn name(&self, t: TaskIdx) -> &str {
         &self.names[t as usize]
+    }
+
+    /// Fills in the parent names of messages decoded from the wire (which
+    /// carries their indices).
+    pub(crate) fn name_parents(&self, msgs: &mut [crate::msg::TaskMsg]) {
+        for m in msgs {
+            m.ctx.parent_name = self.static_names.get(m.ctx.parent as usize).copied();
+        }
+    }
+
+    /// The name of task `t`, interned for the life of the process.
+    pub(crate) fn static_name(&self, t: TaskIdx) -> &'static str {
+        self.static_names.get(t as usize).copied().unwrap_or("")
     }
 
     /// The index of the task named `name`.

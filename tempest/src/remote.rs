@@ -27,8 +27,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio_util::codec::Framed;
 
-use crate::actors::{Results, Verdict, WorkerId};
 use crate::error::Error;
+use crate::msg::{Emitted, Results, Verdict, WorkerId};
 
 use crate::pipeline::Dag;
 use crate::task::TaskContext;
@@ -173,6 +173,7 @@ pub(crate) fn run(
                 source: e,
             })?;
         let io = Io {
+            dag: Arc::clone(&dag),
             options: options.clone(),
             task: task.to_string(),
             batch_tx,
@@ -232,6 +233,7 @@ pub(crate) fn run(
 }
 
 struct Io {
+    dag: Arc<Dag>,
     options: WorkerOptions,
     task: String,
     batch_tx: mpsc::Sender<(u64, Arc<SharedBatch>)>,
@@ -449,7 +451,8 @@ impl Io {
                 frame = framed.next() => {
                     last_heard = Instant::now();
                     match frame {
-                        Some(Ok(Frame::Batch(batch))) => {
+                        Some(Ok(Frame::Batch(mut batch))) => {
+                            self.dag.name_parents(&mut batch);
                             fetches = fetches.saturating_sub(1);
                             queued += 1;
                             let shared = SharedBatch::new(batch);
@@ -582,7 +585,7 @@ fn split_results(results: Results, max_frame: usize) -> Vec<Frame> {
     for (ticket, verdict) in results.items {
         let (verdict, outs) = match verdict {
             Verdict::Done(k) => {
-                let outs: Vec<bytes::Bytes> = all_outputs.by_ref().take(k as usize).collect();
+                let outs: Vec<Emitted> = all_outputs.by_ref().take(k as usize).collect();
                 (Verdict::Done(k), outs)
             }
             other => (other, Vec::new()),
@@ -591,9 +594,9 @@ fn split_results(results: Results, max_frame: usize) -> Vec<Frame> {
             15 + match &verdict {
                 Verdict::Error(m) | Verdict::Panicked(m) => 2 + m.len(),
                 _ => 0,
-            } + outs.iter().map(|o| 4 + o.len()).sum::<usize>();
+            } + outs.iter().map(wire::output_len).sum::<usize>();
         let (verdict, outs, own) = if FRAME + own > max_frame {
-            let bytes: usize = outs.iter().map(|o| o.len()).sum();
+            let bytes: usize = outs.iter().map(wire::output_len).sum();
             let message =
                 format!("the outputs ({bytes} bytes) exceed the frame limit of {max_frame} bytes");
             let own = 17 + message.len();
@@ -624,7 +627,7 @@ fn split_results(results: Results, max_frame: usize) -> Vec<Frame> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inflight::Ticket;
+    use crate::msg::Ticket;
     use bytes::Bytes;
 
     fn t(slot: u32) -> Ticket {
@@ -645,7 +648,7 @@ mod tests {
                 (t(1), Verdict::Done(1)),
                 (t(2), Verdict::Filtered),
             ],
-            outputs: vec![big.clone(), big.clone()],
+            outputs: vec![Emitted::plain(big.clone()), Emitted::plain(big.clone())],
             spent: Vec::new(),
             complete: true,
             returned: Vec::new(),
@@ -667,7 +670,7 @@ mod tests {
         let r = Results {
             worker: 0,
             items: vec![(t(0), Verdict::Done(1)), (t(1), Verdict::Done(0))],
-            outputs: vec![Bytes::from(vec![0u8; 5000])],
+            outputs: vec![Emitted::plain(Bytes::from(vec![0u8; 5000]))],
             spent: Vec::new(),
             complete: true,
             returned: Vec::new(),

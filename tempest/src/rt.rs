@@ -2,12 +2,12 @@
 //! package's command line and runs the topology in the mode it names.
 //!
 //! ```no_run
-//! # use tempest::{Msg, Output, Pipeline, Task, TaskResult, TopologyBuilder};
+//! # use tempest::{Msg, MsgCtx, Output, Pipeline, Task, TaskResult, TopologyBuilder};
 //! # use tempest_source_mock::{MockConfig, MockSource};
 //! # #[derive(Clone)] struct Echo;
 //! # impl Task for Echo {
 //! #     fn name(&self) -> &str { "echo" }
-//! #     fn handle(&mut self, msg: Msg) -> TaskResult { Ok(Output::One(msg)) }
+//! #     fn handle(&mut self, msg: Msg, _: &MsgCtx) -> TaskResult { Ok(Output::One(msg)) }
 //! # }
 //! fn main() -> std::process::ExitCode {
 //!     tempest::rt::run(

@@ -31,7 +31,7 @@ use tokio_util::codec::{Framed, FramedRead};
 use crate::actors::pipeline::{PipelineActor, RegisterWorker, WorkerLost};
 use crate::actors::{DeliverySink, Fetch, Results, Undelivered, WorkerId};
 use crate::error::Error;
-use crate::inflight::TaskMsg;
+use crate::msg::TaskMsg;
 use crate::pipeline::{Dag, TaskIdx};
 use crate::wire::{self, ErrorCode, Frame, WireCodec, WireError};
 use crate::worker::SharedBatch;
@@ -319,6 +319,7 @@ async fn accept(
         pipeline,
         writer,
         heartbeat: options.heartbeat,
+        dag: Arc::clone(&dag),
         last_heard: Instant::now(),
         last_sent: Instant::now(),
         closing: false,
@@ -347,6 +348,7 @@ fn frame_name(frame: &Frame) -> &'static str {
 struct Session {
     worker: WorkerId,
     task: TaskIdx,
+    dag: Arc<Dag>,
     peer: SocketAddr,
     pipeline: Addr<PipelineActor>,
     writer: FramedWrite<Frame, OwnedWriteHalf, WireCodec>,
@@ -446,10 +448,11 @@ impl StreamHandler<Result<Frame, WireError>> for Session {
                     busy_ns: 0,
                 });
             }
-            Ok(Frame::Returned(msgs)) => {
+            Ok(Frame::Returned(mut msgs)) => {
                 if msgs.iter().any(|m| m.ticket.task != self.task) {
                     return self.protocol_error(ctx, "returned messages of another task".into());
                 }
+                self.dag.name_parents(&mut msgs);
                 self.pipeline.do_send(Results {
                     worker: self.worker,
                     items: Vec::new(),

@@ -3,7 +3,9 @@
 use std::fmt;
 
 use bytes::Bytes;
-use tempest_source::Metrics;
+use tempest_source::{HeaderError, Headers, Metrics};
+
+use crate::msg::{Emitted, MsgCtx};
 
 /// A message as a task receives and emits it.
 pub type Msg = Bytes;
@@ -13,7 +15,8 @@ pub type Msg = Bytes;
 pub type TaskResult = Result<Output, TaskError>;
 
 /// The outputs of one [`Task::handle`] call. Every output goes to every
-/// child of the task.
+/// child of the task, with the key and headers of the message it came from
+/// unless it is an [`Out`] that sets its own.
 ///
 /// `Output::None` and `Output::One` do not allocate.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -26,6 +29,8 @@ pub enum Output {
     One(Msg),
     /// Any number of outputs.
     Many(Vec<Msg>),
+    /// Outputs that set their own key or headers.
+    Outs(Vec<Out>),
 }
 
 impl Output {
@@ -40,6 +45,7 @@ impl Output {
             Output::None => 0,
             Output::One(_) => 1,
             Output::Many(v) => v.len(),
+            Output::Outs(v) => v.len(),
         }
     }
 
@@ -48,14 +54,159 @@ impl Output {
         self.len() == 0
     }
 
-    /// Appends the outputs to `out`.
+    /// Appends the outputs to `out`, each with its key and headers: its
+    /// own, else those of the input (`ctx`). On an error (a header that
+    /// cannot be added) `out` is left as it was.
     #[inline]
-    pub(crate) fn drain_into(self, out: &mut Vec<Msg>) {
+    pub(crate) fn drain_into(self, ctx: &MsgCtx, out: &mut Vec<Emitted>) -> Result<(), TaskError> {
+        let inherit = |payload| Emitted {
+            payload,
+            key: ctx.key.clone(),
+            headers: ctx.headers.clone(),
+        };
         match self {
             Output::None => {}
-            Output::One(m) => out.push(m),
-            Output::Many(v) => out.extend(v),
+            Output::One(m) => out.push(inherit(m)),
+            Output::Many(v) => out.extend(v.into_iter().map(inherit)),
+            Output::Outs(v) => {
+                let before = out.len();
+                out.reserve(v.len());
+                for o in v {
+                    match o.resolve(ctx) {
+                        Ok(e) => out.push(e),
+                        Err(e) => {
+                            out.truncate(before);
+                            return Err(e.into());
+                        }
+                    }
+                }
+            }
         }
+        Ok(())
+    }
+}
+
+/// One output that sets its own key or headers; the rest it inherits from
+/// the message it came from.
+///
+/// ```
+/// use tempest::{MsgCtx, Out, Output};
+///
+/// # fn main() -> Result<(), tempest::source::HeaderError> {
+/// let word = Out::new("alice").key("alice").header("lang", "en")?;
+/// let output: Output = vec![word, Out::new("-").no_key()].into();
+/// assert_eq!(output.len(), 2);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Out {
+    payload: Msg,
+    key: KeyChange,
+    headers: HeaderChange,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum KeyChange {
+    Inherit,
+    Set(Bytes),
+    Clear,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum HeaderChange {
+    Inherit,
+    /// Set these over the inherited headers.
+    Add(Headers),
+    /// Replace the inherited headers with these.
+    Replace(Headers),
+}
+
+impl Out {
+    /// An output with this payload, inheriting key and headers.
+    pub fn new(payload: impl Into<Msg>) -> Self {
+        Out {
+            payload: payload.into(),
+            key: KeyChange::Inherit,
+            headers: HeaderChange::Inherit,
+        }
+    }
+
+    /// The output with this key.
+    pub fn key(mut self, key: impl Into<Bytes>) -> Self {
+        self.key = KeyChange::Set(key.into());
+        self
+    }
+
+    /// The output without a key.
+    pub fn no_key(mut self) -> Self {
+        self.key = KeyChange::Clear;
+        self
+    }
+
+    /// The output with header `name` set to `value`, over the headers it
+    /// inherits.
+    pub fn header(
+        mut self,
+        name: impl Into<String>,
+        value: impl Into<Bytes>,
+    ) -> Result<Self, HeaderError> {
+        match &mut self.headers {
+            HeaderChange::Add(h) | HeaderChange::Replace(h) => h.insert(name, value)?,
+            HeaderChange::Inherit => {
+                let mut h = Headers::new();
+                h.insert(name, value)?;
+                self.headers = HeaderChange::Add(h);
+            }
+        }
+        Ok(self)
+    }
+
+    /// The output with exactly these headers (none inherited).
+    pub fn headers(mut self, headers: Headers) -> Self {
+        self.headers = HeaderChange::Replace(headers);
+        self
+    }
+
+    fn resolve(self, ctx: &MsgCtx) -> Result<Emitted, HeaderError> {
+        let key = match self.key {
+            KeyChange::Inherit => ctx.key.clone(),
+            KeyChange::Set(k) => Some(k),
+            KeyChange::Clear => None,
+        };
+        let headers = match self.headers {
+            HeaderChange::Inherit => ctx.headers.clone(),
+            HeaderChange::Replace(h) => h,
+            HeaderChange::Add(extra) => {
+                let mut h = ctx.headers.clone();
+                for (name, value) in extra.iter() {
+                    h.insert(name, value.clone())?;
+                }
+                h
+            }
+        };
+        Ok(Emitted {
+            payload: self.payload,
+            key,
+            headers,
+        })
+    }
+}
+
+impl<T: Into<Msg>> From<T> for Out {
+    fn from(payload: T) -> Self {
+        Out::new(payload)
+    }
+}
+
+impl From<Out> for Output {
+    fn from(o: Out) -> Self {
+        Output::Outs(vec![o])
+    }
+}
+
+impl From<Vec<Out>> for Output {
+    fn from(v: Vec<Out>) -> Self {
+        Output::Outs(v)
     }
 }
 
@@ -161,12 +312,14 @@ pub trait Task: Send + 'static {
 
     /// Returns `false` to skip a message: it counts as handled with no
     /// output.
-    fn filter(&mut self, _msg: &Msg) -> bool {
+    fn filter(&mut self, _msg: &Msg, _ctx: &MsgCtx) -> bool {
         true
     }
 
-    /// Handles one message.
-    fn handle(&mut self, msg: Msg) -> TaskResult;
+    /// Handles one message. `ctx` says where it comes from (the source
+    /// message, attempt, parent task) and carries its key and headers,
+    /// which its outputs inherit.
+    fn handle(&mut self, msg: Msg, ctx: &MsgCtx) -> TaskResult;
 
     /// Called once per worker when it stops.
     fn shutdown(&mut self) {}
@@ -187,7 +340,7 @@ impl Task for PassOn {
     fn name(&self) -> &str {
         self.0
     }
-    fn handle(&mut self, msg: Msg) -> TaskResult {
+    fn handle(&mut self, msg: Msg, _: &MsgCtx) -> TaskResult {
         Ok(Output::One(msg))
     }
 }
@@ -202,10 +355,52 @@ mod tests {
         assert_eq!(Output::one("a").len(), 1);
         assert_eq!(Output::from(vec![Msg::new(), Msg::new()]).len(), 2);
         assert!(Output::from(None::<Msg>).is_empty());
+        let ctx = MsgCtx::new(7).with_key("k");
         let mut out = Vec::new();
-        Output::from(vec![Msg::from("x"), Msg::from("y")]).drain_into(&mut out);
-        Output::one("z").drain_into(&mut out);
-        assert_eq!(out, vec!["x", "y", "z"]);
+        Output::from(vec![Msg::from("x"), Msg::from("y")])
+            .drain_into(&ctx, &mut out)
+            .unwrap();
+        Output::one("z").drain_into(&ctx, &mut out).unwrap();
+        let payloads: Vec<&[u8]> = out.iter().map(|e| &e.payload[..]).collect();
+        assert_eq!(payloads, [&b"x"[..], b"y", b"z"]);
+        assert!(out.iter().all(|e| e.key.as_deref() == Some(&b"k"[..])));
+    }
+
+    #[test]
+    fn outs_inherit_what_they_do_not_set() {
+        let mut headers = Headers::new();
+        headers.insert("trace", "t1").unwrap();
+        let ctx = MsgCtx::new(1).with_key("in").with_headers(headers);
+        let mut out = Vec::new();
+        Output::from(vec![
+            Out::new("a"),
+            Out::new("b").key("word").header("lang", "en").unwrap(),
+            Out::new("c").no_key().headers(Headers::new()),
+        ])
+        .drain_into(&ctx, &mut out)
+        .unwrap();
+        assert_eq!(out[0].key.as_deref(), Some(&b"in"[..]));
+        assert_eq!(out[0].headers.get_str("trace"), Some("t1"));
+        assert_eq!(out[1].key.as_deref(), Some(&b"word"[..]));
+        assert_eq!(out[1].headers.get_str("trace"), Some("t1"));
+        assert_eq!(out[1].headers.get_str("lang"), Some("en"));
+        assert_eq!(out[2].key, None);
+        assert!(out[2].headers.is_empty());
+    }
+
+    #[test]
+    fn an_output_that_would_carry_too_many_headers_fails_its_message() {
+        let mut full = Headers::new();
+        for i in 0..tempest_source::headers::MAX_HEADERS {
+            full.insert(format!("h{i}"), "v").unwrap();
+        }
+        let ctx = MsgCtx::new(1).with_headers(full);
+        let mut out = vec![Emitted::plain(Msg::from("earlier"))];
+        let err = Output::from(vec![Out::new("a"), Out::new("b").header("x", "y").unwrap()])
+            .drain_into(&ctx, &mut out)
+            .unwrap_err();
+        assert!(err.message().contains("at most 32 headers"), "{err}");
+        assert_eq!(out.len(), 1, "a failed message emits nothing");
     }
 
     #[test]

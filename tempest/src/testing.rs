@@ -4,7 +4,7 @@
 //! ```
 //! use std::time::Duration;
 //! use tempest::testing::TestRun;
-//! use tempest::{Msg, Outcome, Output, Pipeline, Task, TaskResult, TopologyBuilder};
+//! use tempest::{Msg, MsgCtx, Outcome, Output, Pipeline, Task, TaskResult, TopologyBuilder};
 //! use tempest_source::Source;
 //! use tempest_source_mock::{MockConfig, MockSource};
 //!
@@ -12,7 +12,7 @@
 //! struct Echo;
 //! impl Task for Echo {
 //!     fn name(&self) -> &str { "echo" }
-//!     fn handle(&mut self, msg: Msg) -> TaskResult { Ok(Output::One(msg)) }
+//!     fn handle(&mut self, msg: Msg, _: &MsgCtx) -> TaskResult { Ok(Output::One(msg)) }
 //! }
 //!
 //! let source = MockSource::from_config(MockConfig::default()).unwrap();

@@ -272,14 +272,14 @@ struct SourceSpec {
 ///
 /// ```
 /// use std::time::Duration;
-/// use tempest::{FailurePolicy, Msg, Output, Pipeline, Task, TaskResult, TopologyBuilder};
+/// use tempest::{FailurePolicy, Msg, MsgCtx, Output, Pipeline, Task, TaskResult, TopologyBuilder};
 /// use tempest_source_mock::{MockConfig, MockSource};
 ///
 /// #[derive(Clone)]
 /// struct Upper;
 /// impl Task for Upper {
 ///     fn name(&self) -> &str { "upper" }
-///     fn handle(&mut self, msg: Msg) -> TaskResult {
+///     fn handle(&mut self, msg: Msg, _: &MsgCtx) -> TaskResult {
 ///         Ok(Output::one(msg.to_ascii_uppercase()))
 ///     }
 /// }

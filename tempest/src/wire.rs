@@ -24,10 +24,10 @@
 //!                                      ◄── Challenge {nonce}      (or Error, close)
 //!   Auth {HMAC-SHA256(secret, nonce ‖ task)} ──►
 //!                                      ◄── Welcome {worker, heartbeat_ms, max_frame}  (or Error, close)
-//!   Fetch {max} ──►                    ◄── Batch [(ticket, payload)…]  (when work is ready)
-//!   Results {complete, verdicts, outputs} ──►
+//!   Fetch {max} ──►                    ◄── Batch [(ticket, payload, context)…]  (when work is ready)
+//!   Results {complete, verdicts, outputs (payload, key, headers)} ──►
 //!                                      ◄── GiveBack    (a peer of the task is idle)
-//!   Returned [(ticket, payload)…] ──►  (per batch held: what the task thread has
+//!   Returned [(ticket, payload, context)…] ──►  (per batch held: what the task thread has
 //!                                       not claimed; the batch's Results still end it)
 //!   Heartbeat ◄──► Heartbeat           (each way, when idle)
 //!   Goodbye ──►                        (clean disconnect)
@@ -38,21 +38,32 @@
 //! batch runs long while another worker of its task is idle, the topology
 //! asks it to give back what it has not started: the worker answers with
 //! `Returned` frames naming exactly those messages, so nothing runs twice.
+//!
+//! # A task message's context
+//!
+//! Each task message carries its context: the source message's id (a kind
+//! byte, then a `u64` or bytes), attempt, delivery count and timestamp, the
+//! parent task's index (`u16::MAX` for the source or a join), the time left
+//! until its deadline in milliseconds (`u32::MAX`: none; relative, so the
+//! hosts' clocks need not agree), and its meta: a flags byte, the key if
+//! flagged, the headers if flagged. Each output carries its payload and
+//! meta the same way. Version 3 of the protocol added the context.
 
 use std::fmt;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use tempest_source::{Headers, MsgId};
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
-use crate::actors::Verdict;
-use crate::inflight::{TaskMsg, Ticket};
+use crate::msg::{Emitted, MsgCtx, TaskMsg, Ticket, Verdict};
 
 /// The first bytes of a worker's first frame.
 pub const MAGIC: [u8; 4] = *b"TMPS";
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// The frame limit until the handshake completes.
 pub const HANDSHAKE_MAX: usize = 1024;
 /// The default frame limit after the handshake.
@@ -169,7 +180,7 @@ pub enum Frame {
         /// One verdict per message, in the batch's order.
         items: Vec<(Ticket, Verdict)>,
         /// The outputs of `Done` verdicts, in order.
-        outputs: Vec<Bytes>,
+        outputs: Vec<Emitted>,
     },
     /// Topology → worker: give back the messages you hold and have not
     /// started (another worker of the task is idle).
@@ -292,23 +303,178 @@ fn put_ticket(dst: &mut BytesMut, t: &Ticket) {
     dst.put_u16(t.task);
 }
 
-fn put_msgs(dst: &mut BytesMut, tag: u8, msgs: &[TaskMsg]) {
-    dst.reserve(5 + msgs.iter().map(|m| 14 + m.payload.len()).sum::<usize>());
-    dst.put_u8(tag);
-    dst.put_u32(msgs.len() as u32);
-    for m in msgs {
-        put_ticket(dst, &m.ticket);
-        put_bytes(dst, &m.payload);
+/// The fewest bytes a task message takes: ticket, payload length, an
+/// integer id, attempt, deliveries, timestamp, parent, deadline, meta flags.
+const MIN_TASK_MSG: usize = 10 + 4 + 9 + 4 + 4 + 8 + 2 + 4 + 1;
+/// The fewest bytes an output takes: payload length, meta flags.
+const MIN_OUTPUT: usize = 4 + 1;
+/// A deadline of "none" on the wire.
+const NO_DEADLINE: u32 = u32::MAX;
+
+const META_KEY: u8 = 1;
+const META_HEADERS: u8 = 2;
+
+/// Key and headers: a flags byte, then the key (bytes) if flagged, then
+/// the headers if flagged (a count byte; each a name of up to 255 bytes
+/// behind a `u8` length, a value behind a `u16` length).
+fn put_meta(dst: &mut BytesMut, key: Option<&Bytes>, headers: &Headers) {
+    let flags = if key.is_some() { META_KEY } else { 0 }
+        | if headers.is_empty() { 0 } else { META_HEADERS };
+    dst.put_u8(flags);
+    if let Some(k) = key {
+        put_bytes(dst, k);
+    }
+    if !headers.is_empty() {
+        // `Headers` keeps these within the limits the lengths can carry.
+        dst.put_u8(headers.len() as u8);
+        for (name, value) in headers.iter() {
+            dst.put_u8(name.len() as u8);
+            dst.put_slice(name.as_bytes());
+            dst.put_u16(value.len() as u16);
+            dst.put_slice(value);
+        }
     }
 }
 
+fn get_meta(buf: &mut Bytes) -> Result<(Option<Bytes>, Headers), DecodeError> {
+    let flags = get_u8(buf, "meta flags")?;
+    if flags & !(META_KEY | META_HEADERS) != 0 {
+        return err(format!("meta flags {flags:#x}"));
+    }
+    let key = if flags & META_KEY != 0 {
+        Some(get_bytes(buf, "key")?)
+    } else {
+        None
+    };
+    let mut headers = Headers::new();
+    if flags & META_HEADERS != 0 {
+        let n = get_u8(buf, "header count")?;
+        for _ in 0..n {
+            let len = get_u8(buf, "header name")? as usize;
+            need(buf, len, "header name")?;
+            let name = String::from_utf8(buf.split_to(len).to_vec())
+                .or_else(|_| err("a header name is not UTF-8"))?;
+            let len = get_u16(buf, "header value")? as usize;
+            need(buf, len, "header value")?;
+            let value = buf.split_to(len);
+            headers
+                .insert(name, value)
+                .or_else(|e| err(format!("header: {e}")))?;
+        }
+    }
+    Ok((key, headers))
+}
+
+fn put_id(dst: &mut BytesMut, id: &MsgId) {
+    match id {
+        MsgId::Int(n) => {
+            dst.put_u8(0);
+            dst.put_u64(*n);
+        }
+        MsgId::Bytes(b) => {
+            dst.put_u8(1);
+            put_bytes(dst, b);
+        }
+    }
+}
+
+fn get_id(buf: &mut Bytes) -> Result<MsgId, DecodeError> {
+    match get_u8(buf, "id kind")? {
+        0 => {
+            need(buf, 8, "id")?;
+            Ok(MsgId::Int(buf.get_u64()))
+        }
+        1 => Ok(MsgId::Bytes(get_bytes(buf, "id")?)),
+        k => err(format!("id kind {k}")),
+    }
+}
+
+fn meta_len(key: Option<&Bytes>, headers: &Headers) -> usize {
+    1 + key.map_or(0, |k| 4 + k.len())
+        + if headers.is_empty() {
+            0
+        } else {
+            1 + headers
+                .iter()
+                .map(|(n, v)| 1 + n.len() + 2 + v.len())
+                .sum::<usize>()
+        }
+}
+
+/// The bytes a task message takes in a `Batch` or `Returned` frame.
+pub(crate) fn task_msg_len(m: &TaskMsg) -> usize {
+    let id = match &m.ctx.id {
+        MsgId::Int(_) => 0,
+        MsgId::Bytes(b) => b.len().saturating_sub(4),
+    };
+    MIN_TASK_MSG - 1 + id + m.payload.len() + meta_len(m.ctx.key.as_ref(), &m.ctx.headers)
+}
+
+/// The bytes an output takes in a `Results` frame.
+pub(crate) fn output_len(o: &Emitted) -> usize {
+    4 + o.payload.len() + meta_len(o.key.as_ref(), &o.headers)
+}
+
+fn put_msgs(dst: &mut BytesMut, tag: u8, msgs: &[TaskMsg]) {
+    dst.reserve(5 + msgs.iter().map(task_msg_len).sum::<usize>());
+    dst.put_u8(tag);
+    dst.put_u32(msgs.len() as u32);
+    let now = Instant::now();
+    for m in msgs {
+        put_ticket(dst, &m.ticket);
+        put_bytes(dst, &m.payload);
+        let c = &m.ctx;
+        put_id(dst, &c.id);
+        dst.put_u32(c.attempt);
+        dst.put_u32(c.delivered);
+        dst.put_u64(c.timestamp);
+        dst.put_u16(c.parent);
+        // The deadline travels as the time left, so the two hosts' clocks
+        // need not agree.
+        let left = c.deadline.map_or(NO_DEADLINE, |d| {
+            d.saturating_duration_since(now)
+                .as_millis()
+                .min(u128::from(NO_DEADLINE - 1)) as u32
+        });
+        dst.put_u32(left);
+        put_meta(dst, c.key.as_ref(), &c.headers);
+    }
+}
+
+/// Decodes task messages. Their contexts name their parent by index only:
+/// the receiver fills in the names from its own pipeline
+/// ([`Dag::name_parents`](crate::Dag)).
 fn get_msgs(buf: &mut Bytes, what: &str) -> Result<Vec<TaskMsg>, DecodeError> {
-    let n = get_count(buf, 14, what)?;
+    let n = get_count(buf, MIN_TASK_MSG, what)?;
     let mut msgs = Vec::with_capacity(n);
+    let now = Instant::now();
     for _ in 0..n {
         let ticket = get_ticket(buf)?;
         let payload = get_bytes(buf, "payload")?;
-        msgs.push(TaskMsg { ticket, payload });
+        let id = get_id(buf)?;
+        need(buf, 4 + 4 + 8 + 2 + 4, "context")?;
+        let attempt = buf.get_u32();
+        let delivered = buf.get_u32();
+        let timestamp = buf.get_u64();
+        let parent = buf.get_u16();
+        let left = buf.get_u32();
+        let (key, headers) = get_meta(buf)?;
+        msgs.push(TaskMsg {
+            ticket,
+            payload,
+            ctx: MsgCtx {
+                id,
+                attempt,
+                delivered,
+                timestamp,
+                parent,
+                parent_name: None,
+                key,
+                headers,
+                deadline: (left != NO_DEADLINE)
+                    .then(|| now + Duration::from_millis(u64::from(left))),
+            },
+        });
     }
     Ok(msgs)
 }
@@ -353,9 +519,7 @@ impl Frame {
                 items,
                 outputs,
             } => {
-                dst.reserve(
-                    10 + items.len() * 16 + outputs.iter().map(|o| 4 + o.len()).sum::<usize>(),
-                );
+                dst.reserve(10 + items.len() * 16 + outputs.iter().map(output_len).sum::<usize>());
                 dst.put_u8(RESULTS);
                 dst.put_u8(u8::from(*complete));
                 dst.put_u32(items.len() as u32);
@@ -379,7 +543,8 @@ impl Frame {
                 }
                 dst.put_u32(outputs.len() as u32);
                 for o in outputs {
-                    put_bytes(dst, o);
+                    put_bytes(dst, &o.payload);
+                    put_meta(dst, o.key.as_ref(), &o.headers);
                 }
             }
             Frame::Heartbeat => dst.put_u8(HEARTBEAT),
@@ -452,10 +617,16 @@ impl Frame {
                     };
                     items.push((ticket, verdict));
                 }
-                let n = get_count(buf, 4, "outputs")?;
+                let n = get_count(buf, MIN_OUTPUT, "outputs")?;
                 let mut outputs = Vec::with_capacity(n);
                 for _ in 0..n {
-                    outputs.push(get_bytes(buf, "output")?);
+                    let payload = get_bytes(buf, "output")?;
+                    let (key, headers) = get_meta(buf)?;
+                    outputs.push(Emitted {
+                        payload,
+                        key,
+                        headers,
+                    });
                 }
                 Frame::Results {
                     complete,
@@ -611,6 +782,23 @@ mod tests {
         out
     }
 
+    fn rich_ctx() -> MsgCtx {
+        let mut headers = Headers::new();
+        headers.insert("trace", "abc").unwrap();
+        headers.insert("tenant", vec![0u8, 255]).unwrap();
+        MsgCtx {
+            id: MsgId::Bytes(Bytes::from_static(b"1700000000000-3")),
+            attempt: 2,
+            delivered: 3,
+            timestamp: 1_700_000_000_000,
+            parent: 1,
+            parent_name: None,
+            key: Some(Bytes::from_static(b"alice")),
+            headers,
+            deadline: None,
+        }
+    }
+
     fn sample_frames() -> Vec<Frame> {
         let t = Ticket {
             slot: 7,
@@ -634,10 +822,12 @@ mod tests {
                 TaskMsg {
                     ticket: t,
                     payload: Bytes::from_static(b"hello"),
+                    ctx: rich_ctx(),
                 },
                 TaskMsg {
                     ticket: t,
                     payload: Bytes::new(),
+                    ctx: MsgCtx::new(7),
                 },
             ]),
             Frame::Results {
@@ -648,12 +838,20 @@ mod tests {
                     (t, Verdict::Error("bad".into())),
                     (t, Verdict::Panicked("boom".into())),
                 ],
-                outputs: vec![Bytes::from_static(b"a"), Bytes::from_static(b"bc")],
+                outputs: vec![
+                    Emitted::plain(Bytes::from_static(b"a")),
+                    Emitted {
+                        payload: Bytes::from_static(b"bc"),
+                        key: Some(Bytes::from_static(b"k")),
+                        headers: rich_ctx().headers,
+                    },
+                ],
             },
             Frame::GiveBack,
             Frame::Returned(vec![TaskMsg {
                 ticket: t,
                 payload: Bytes::from_static(b"unstarted"),
+                ctx: rich_ctx(),
             }]),
             Frame::Heartbeat,
             Frame::Goodbye,
@@ -705,6 +903,32 @@ mod tests {
     }
 
     #[test]
+    fn a_deadline_travels_as_the_time_left() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let frame = Frame::Batch(vec![TaskMsg {
+            ticket: Ticket {
+                slot: 1,
+                gen: 1,
+                task: 1,
+            },
+            payload: Bytes::from_static(b"x"),
+            ctx: MsgCtx::new(1).with_deadline(deadline),
+        }]);
+        let wire = frame.to_wire();
+        let Frame::Batch(msgs) = Frame::decode_body(wire.slice(4..)).unwrap() else {
+            panic!("not a batch");
+        };
+        let got = msgs[0].ctx.deadline().expect("a deadline");
+        let off = if got > deadline {
+            got - deadline
+        } else {
+            deadline - got
+        };
+        assert!(off < Duration::from_secs(5), "deadline off by {off:?}");
+        assert_eq!(task_msg_len(&msgs[0]) + 5, wire.len() - 4);
+    }
+
+    #[test]
     fn oversized_lengths_are_refused_before_buffering() {
         let mut codec = WireCodec::handshake();
         let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 1, 2][..]);
@@ -720,6 +944,7 @@ mod tests {
                         task: 0,
                     },
                     payload: Bytes::from(vec![0; 2000]),
+                    ctx: MsgCtx::new(0),
                 }]),
                 &mut big,
             )
@@ -760,6 +985,45 @@ mod tests {
         let bytes = proptest::collection::vec(any::<u8>(), 0..64).prop_map(Bytes::from);
         let ticket = (any::<u32>(), any::<u32>(), any::<u16>())
             .prop_map(|(slot, gen, task)| Ticket { slot, gen, task });
+        let meta = (
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..8)),
+            proptest::collection::vec(
+                ("[a-z]{1,8}", proptest::collection::vec(any::<u8>(), 0..8)),
+                0..3,
+            ),
+        )
+            .prop_map(|(key, hs)| {
+                let mut headers = Headers::new();
+                for (n, v) in hs {
+                    headers.insert(n, v).unwrap();
+                }
+                (key.map(Bytes::from), headers)
+            });
+        let id = prop_oneof![
+            any::<u64>().prop_map(MsgId::Int),
+            proptest::collection::vec(any::<u8>(), 0..12).prop_map(|b| MsgId::Bytes(b.into())),
+        ];
+        let ctx = (
+            id,
+            any::<u32>(),
+            any::<u32>(),
+            any::<u64>(),
+            any::<u16>(),
+            meta.clone(),
+        )
+            .prop_map(
+                |(id, attempt, delivered, timestamp, parent, (key, headers))| MsgCtx {
+                    id,
+                    attempt,
+                    delivered,
+                    timestamp,
+                    parent,
+                    parent_name: None,
+                    key,
+                    headers,
+                    deadline: None,
+                },
+            );
         let verdict = prop_oneof![
             any::<u32>().prop_map(Verdict::Done),
             Just(Verdict::Filtered),
@@ -771,17 +1035,27 @@ mod tests {
                 .prop_map(|(version, task)| Frame::Hello { version, task }),
             any::<[u8; 32]>().prop_map(|nonce| Frame::Challenge { nonce }),
             any::<u32>().prop_map(|max| Frame::Fetch { max }),
-            proptest::collection::vec((ticket.clone(), bytes.clone()), 0..8).prop_map(|v| {
-                Frame::Batch(
-                    v.into_iter()
-                        .map(|(ticket, payload)| TaskMsg { ticket, payload })
-                        .collect(),
-                )
-            }),
-            proptest::collection::vec((ticket.clone(), bytes.clone()), 0..8).prop_map(|v| {
+            proptest::collection::vec((ticket.clone(), bytes.clone(), ctx.clone()), 0..8).prop_map(
+                |v| {
+                    Frame::Batch(
+                        v.into_iter()
+                            .map(|(ticket, payload, ctx)| TaskMsg {
+                                ticket,
+                                payload,
+                                ctx,
+                            })
+                            .collect(),
+                    )
+                }
+            ),
+            proptest::collection::vec((ticket.clone(), bytes.clone(), ctx), 0..8).prop_map(|v| {
                 Frame::Returned(
                     v.into_iter()
-                        .map(|(ticket, payload)| TaskMsg { ticket, payload })
+                        .map(|(ticket, payload, ctx)| TaskMsg {
+                            ticket,
+                            payload,
+                            ctx,
+                        })
                         .collect(),
                 )
             }),
@@ -789,12 +1063,19 @@ mod tests {
             (
                 any::<bool>(),
                 proptest::collection::vec((ticket, verdict), 0..8),
-                proptest::collection::vec(bytes, 0..8)
+                proptest::collection::vec((bytes, meta), 0..8)
             )
                 .prop_map(|(complete, items, outputs)| Frame::Results {
                     complete,
                     items,
-                    outputs
+                    outputs: outputs
+                        .into_iter()
+                        .map(|(payload, (key, headers))| Emitted {
+                            payload,
+                            key,
+                            headers,
+                        })
+                        .collect(),
                 }),
             Just(Frame::Heartbeat),
         ]

@@ -21,10 +21,10 @@ use actix::Addr;
 use tempest_source::Metrics;
 
 use crate::actors::pipeline::PipelineActor;
-use crate::actors::{DeliverySink, Fetch, Results, Undelivered, Verdict, WorkerId};
-use crate::inflight::TaskMsg;
+use crate::actors::{DeliverySink, Fetch, Undelivered};
 use crate::metrics::names;
-use crate::task::{Msg, Task, TaskContext};
+use crate::msg::{Emitted, Results, TaskMsg, Verdict, WorkerId};
+use crate::task::{Task, TaskContext};
 
 /// Moves batches between the task loop and the pipeline.
 pub(crate) trait Transport {
@@ -163,7 +163,7 @@ pub(crate) fn run_task_loop(
         let started = Instant::now();
         let mut clock = PartialClock::new(started);
         let mut items = Vec::new();
-        let mut outputs: Vec<Msg> = Vec::new();
+        let mut outputs: Vec<Emitted> = Vec::new();
         let mut claim = pace.map_or(1, claim_for);
         let mut handled = 0usize;
         let mut spent_vec = Vec::new();
@@ -193,10 +193,15 @@ pub(crate) fn run_task_loop(
                     });
                     clock.sent();
                 }
+                let TaskMsg {
+                    ticket,
+                    payload,
+                    ctx,
+                } = m;
                 let before = outputs.len();
                 let verdict = match catch_unwind(AssertUnwindSafe(|| {
-                    if task.filter(&m.payload) {
-                        Some(task.handle(m.payload))
+                    if task.filter(&payload, &ctx) {
+                        Some(task.handle(payload, &ctx))
                     } else {
                         None
                     }
@@ -205,10 +210,13 @@ pub(crate) fn run_task_loop(
                         counts.filtered += 1;
                         Verdict::Filtered
                     }
-                    Ok(Some(Ok(out))) => {
-                        out.drain_into(&mut outputs);
-                        Verdict::Done((outputs.len() - before) as u32)
-                    }
+                    Ok(Some(Ok(out))) => match out.drain_into(&ctx, &mut outputs) {
+                        Ok(()) => Verdict::Done((outputs.len() - before) as u32),
+                        Err(e) => {
+                            counts.errors += 1;
+                            Verdict::Error(e.message().to_string())
+                        }
+                    },
                     Ok(Some(Err(e))) => {
                         counts.errors += 1;
                         log::debug!("Task {name} failed a message: {e}.");
@@ -221,7 +229,7 @@ pub(crate) fn run_task_loop(
                         Verdict::Panicked(message)
                     }
                 };
-                items.push((m.ticket, verdict));
+                items.push((ticket, verdict));
             }
             handled += run_len;
             let per_msg = run_started.elapsed().as_nanos() as u64 / run_len as u64;

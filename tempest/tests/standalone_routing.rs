@@ -10,7 +10,7 @@ use bytes::Bytes;
 use common::{builder, generated, pass, primed, FnTask, Log};
 use tempest::metrics::names;
 use tempest::testing::TestRun;
-use tempest::{Msg, Outcome, Output, Pipeline, StopReason, Task, TaskResult};
+use tempest::{Msg, MsgCtx, Outcome, Output, Pipeline, StopReason, Task, TaskResult};
 use tempest_source::Source;
 
 #[test]
@@ -206,10 +206,10 @@ impl Task for EvenOnly {
     fn name(&self) -> &str {
         "even-only"
     }
-    fn filter(&mut self, msg: &Msg) -> bool {
+    fn filter(&mut self, msg: &Msg, _: &MsgCtx) -> bool {
         msg.last().is_some_and(|b| (b - b'0').is_multiple_of(2))
     }
-    fn handle(&mut self, msg: Msg) -> TaskResult {
+    fn handle(&mut self, msg: Msg, _: &MsgCtx) -> TaskResult {
         Ok(Output::One(msg))
     }
 }

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use tempest::{Msg, Output, Pipeline, Task, TaskError, TaskResult, TopologyBuilder};
+use tempest::{Msg, MsgCtx, Output, Pipeline, Task, TaskError, TaskResult, TopologyBuilder};
 use tempest_source_redis::{RedisStreamConfig, RedisStreamSource};
 
 #[global_allocator]
@@ -38,7 +38,7 @@ impl Task for LogIds {
         "log"
     }
 
-    fn handle(&mut self, msg: Msg) -> TaskResult {
+    fn handle(&mut self, msg: Msg, _: &MsgCtx) -> TaskResult {
         if !self.delay.is_zero() {
             std::thread::sleep(self.delay);
         }

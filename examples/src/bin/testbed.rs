@@ -16,7 +16,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use tempest::{Msg, Output, Pipeline, Task, TaskResult, TopologyBuilder};
+use tempest::{Msg, MsgCtx, Output, Pipeline, Task, TaskResult, TopologyBuilder};
 use tempest_source::{FailedMsg, MsgId, Source, SourceError, SourceMsg, SourceSettings};
 use tempest_source_mock::{MockConfig, MockHandle, MockSource};
 
@@ -79,7 +79,7 @@ impl Task for Pass {
     fn name(&self) -> &str {
         self.0
     }
-    fn handle(&mut self, msg: Msg) -> TaskResult {
+    fn handle(&mut self, msg: Msg, _: &MsgCtx) -> TaskResult {
         Ok(Output::One(msg))
     }
 }
@@ -96,7 +96,7 @@ impl Task for Slow {
     fn name(&self) -> &str {
         "b"
     }
-    fn handle(&mut self, msg: Msg) -> TaskResult {
+    fn handle(&mut self, msg: Msg, _: &MsgCtx) -> TaskResult {
         if !self.per_msg.is_zero() {
             std::thread::sleep(self.per_msg);
         }

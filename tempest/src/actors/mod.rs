@@ -21,12 +21,9 @@ use std::sync::Arc;
 use actix::Message;
 use tempest_source::{FailedMsg, MsgId, SourceMsg};
 
-use crate::inflight::{TaskMsg, Ticket};
-use crate::task::Msg;
+use crate::msg::TaskMsg;
+pub(crate) use crate::msg::{Results, Verdict, WorkerId};
 use crate::worker::SharedBatch;
-
-/// A worker's index in its pipeline actor.
-pub type WorkerId = u32;
 
 /// A batch of freshly polled source messages.
 #[derive(Debug, Message)]
@@ -73,41 +70,6 @@ impl Settle {
 pub(crate) struct Fetch {
     pub worker: WorkerId,
     pub max: usize,
-}
-
-/// What a task did with one message.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    /// Handled, with this many outputs (taken in order from the batch's
-    /// `outputs`).
-    Done(u32),
-    /// `filter` returned false.
-    Filtered,
-    /// `handle` returned an error.
-    Error(String),
-    /// `filter` or `handle` panicked.
-    Panicked(String),
-}
-
-/// A worker's results for one batch, in the order of the batch.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub(crate) struct Results {
-    pub worker: WorkerId,
-    pub items: Vec<(Ticket, Verdict)>,
-    pub outputs: Vec<Msg>,
-    /// The batch's emptied vector, returned for reuse.
-    pub spent: Vec<TaskMsg>,
-    /// Whether these are the batch's last results. A worker whose batch
-    /// takes long sends what it has early, so fast messages are not held
-    /// back by slow ones.
-    pub complete: bool,
-    /// Messages a remote worker gave back without starting them (asked to
-    /// through [`DeliverySink::give_back`]); they end no batch.
-    pub returned: Vec<TaskMsg>,
-    /// With a batch's last results from an in-process worker: the time it
-    /// spent handling the batch (0: not measured).
-    pub busy_ns: u64,
 }
 
 /// Where the pipeline delivers a worker's batches.

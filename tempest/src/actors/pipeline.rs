@@ -21,10 +21,10 @@ use super::{
     DeliverySink, Fetch, Results, Settle, SourceBatch, Stop, StopReason, Undelivered, Verdict,
     WorkerId,
 };
-use crate::inflight::{Dispatch, Finished, InflightEntry, Outcome, TaskMsg, Ticket, Tracker};
+use crate::inflight::{Dispatch, Finished, InflightEntry, Outcome, Tracker};
 use crate::metrics::names;
+use crate::msg::{Emitted, TaskMsg, Ticket};
 use crate::pipeline::TaskIdx;
-use crate::task::Msg;
 use crate::worker::SharedBatch;
 
 /// Counters of one topology run, as the pipeline sees them.
@@ -114,9 +114,6 @@ pub struct MsgReport {
 
 /// A condition on the counters that ends a run (checked after every batch).
 pub type StopCondition = Box<dyn FnMut(&Stats) -> bool + Send>;
-
-/// Bytes a message adds to a batch frame beside its payload.
-const BATCH_ENTRY_BYTES: usize = 14;
 
 /// How often the failure, no-worker and progress checks run.
 const REPORT_CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -968,7 +965,7 @@ impl PipelineActor {
                     continue;
                 }
                 if let Some(budget) = budget {
-                    let size = BATCH_ENTRY_BYTES + m.payload.len();
+                    let size = crate::wire::task_msg_len(&m);
                     if size > budget {
                         let reason = FailReason::TaskError {
                             task: self.task_names[t].clone(),
@@ -1252,7 +1249,7 @@ impl Handler<Results> for PipelineActor {
                 continue;
             }
             let task_name = || self.task_names[task as usize].clone();
-            let outcome: Result<&[Msg], FailReason> = match verdict {
+            let outcome: Result<&[Emitted], FailReason> = match verdict {
                 Verdict::Done(k) => {
                     let end = offset.saturating_add(k as usize);
                     match results.outputs.get(offset..end) {

@@ -6,7 +6,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tempest::{Msg, Task, TaskResult, TopologyBuilder};
+use tempest::{Msg, MsgCtx, Task, TaskResult, TopologyBuilder};
 use tempest_source::Source;
 use tempest_source_mock::{MockConfig, MockHandle, MockSource};
 
@@ -32,7 +32,7 @@ impl Task for FnTask {
     fn name(&self) -> &str {
         &self.name
     }
-    fn handle(&mut self, msg: Msg) -> TaskResult {
+    fn handle(&mut self, msg: Msg, _: &MsgCtx) -> TaskResult {
         (self.f)(msg)
     }
 }

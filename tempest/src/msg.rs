@@ -1,0 +1,260 @@
+//! The messages the runtime's layers exchange: task messages with their
+//! context, tickets, verdicts and results.
+//!
+//! This module is the bottom of the runtime: it imports no other module of
+//! the crate, so the in-flight table, the actors, the worker loop and the
+//! wire protocol can all depend on it without depending on each other.
+
+use std::fmt;
+use std::time::Instant;
+
+use actix::Message;
+use bytes::Bytes;
+use tempest_source::{Headers, MsgId, SourceMsg};
+
+/// A worker's index in its pipeline actor.
+pub type WorkerId = u32;
+
+/// The index of a task in its pipeline's [`Dag`](crate::Dag).
+pub type TaskIdx = u16;
+
+/// The [`TaskIdx`] that stands for "no task": the parent of a message that
+/// came from the source, or of a join of several parents.
+pub(crate) const NO_TASK: TaskIdx = TaskIdx::MAX;
+
+/// Names one task message: its record, the attempt it belongs to, its task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ticket {
+    /// The record's slot.
+    pub slot: u32,
+    /// The record's generation when the message was dispatched.
+    pub gen: u32,
+    /// The task the message is for.
+    pub task: TaskIdx,
+}
+
+/// One message for one task.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskMsg {
+    /// Which source message and attempt it belongs to.
+    pub ticket: Ticket,
+    /// The message.
+    pub payload: Bytes,
+    /// Where it comes from, its key and headers.
+    pub ctx: MsgCtx,
+}
+
+/// What a task can know about the message it handles, besides the payload:
+/// which source message it derives from, the attempt, the task that emitted
+/// it, its key and headers, and its deadline.
+///
+/// Reading any of it never allocates. A task's outputs inherit the key and
+/// headers of the message it handled unless it sets others (see
+/// [`Out`](crate::Out)).
+///
+/// Build one with [`MsgCtx::new`] to call a task's `handle` in a unit test.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MsgCtx {
+    pub(crate) id: MsgId,
+    pub(crate) attempt: u32,
+    pub(crate) delivered: u32,
+    pub(crate) timestamp: u64,
+    pub(crate) parent: TaskIdx,
+    pub(crate) parent_name: Option<&'static str>,
+    pub(crate) key: Option<Bytes>,
+    pub(crate) headers: Headers,
+    pub(crate) deadline: Option<Instant>,
+}
+
+impl MsgCtx {
+    /// The context of a first attempt of source message `id`, delivered
+    /// once, stamped now, straight from the source, without key, headers or
+    /// deadline: for calling a task directly in a unit test.
+    pub fn new(id: impl Into<MsgId>) -> Self {
+        MsgCtx {
+            id: id.into(),
+            attempt: 1,
+            delivered: 1,
+            timestamp: tempest_source::now_millis(),
+            parent: NO_TASK,
+            parent_name: None,
+            key: None,
+            headers: Headers::new(),
+            deadline: None,
+        }
+    }
+
+    /// The context of the root task's message for `msg`'s attempt.
+    pub(crate) fn of_source(msg: &SourceMsg, attempt: u32, deadline: Option<Instant>) -> Self {
+        MsgCtx {
+            id: msg.id.clone(),
+            attempt,
+            delivered: msg.delivered,
+            timestamp: msg.timestamp,
+            parent: NO_TASK,
+            parent_name: None,
+            key: msg.key.clone(),
+            headers: msg.headers.clone(),
+            deadline,
+        }
+    }
+
+    /// The id of the source message this message derives from.
+    pub fn id(&self) -> &MsgId {
+        &self.id
+    }
+
+    /// The attempt at the source message, from 1; a retry after a failure
+    /// or a timeout is the next attempt.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// How many times the source has delivered the source message (1 on
+    /// first delivery; more after a restart or a redelivery).
+    pub fn delivered(&self) -> u32 {
+        self.delivered
+    }
+
+    /// When the source message entered the source system, in milliseconds
+    /// since the Unix epoch.
+    pub fn timestamp(&self) -> u64 {
+        self.timestamp
+    }
+
+    /// The task that emitted this message; `None` for the root task's
+    /// message (it comes from the source) and for a join (its parts name
+    /// their parents).
+    pub fn parent(&self) -> Option<&'static str> {
+        self.parent_name
+    }
+
+    /// The message's key, if it has one.
+    pub fn key(&self) -> Option<&Bytes> {
+        self.key.as_ref()
+    }
+
+    /// The key as text, if it has one and it is UTF-8.
+    pub fn key_str(&self) -> Option<&str> {
+        self.key
+            .as_deref()
+            .and_then(|k| std::str::from_utf8(k).ok())
+    }
+
+    /// The message's headers.
+    pub fn headers(&self) -> &Headers {
+        &self.headers
+    }
+
+    /// The value of header `name`.
+    pub fn header(&self, name: &str) -> Option<&Bytes> {
+        self.headers.get(name)
+    }
+
+    /// When the attempt times out (`msg_timeout` after it started), if the
+    /// topology has a timeout. Work for the message after this is wasted:
+    /// the message is retried or given up on.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// The context with this attempt.
+    pub fn with_attempt(mut self, attempt: u32) -> Self {
+        self.attempt = attempt;
+        self
+    }
+
+    /// The context with this key.
+    pub fn with_key(mut self, key: impl Into<Bytes>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// The context with these headers.
+    pub fn with_headers(mut self, headers: Headers) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// The context with this deadline.
+    pub fn with_deadline(mut self, deadline: Instant) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+}
+
+impl fmt::Debug for MsgCtx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("MsgCtx");
+        d.field("id", &self.id)
+            .field("attempt", &self.attempt)
+            .field("delivered", &self.delivered)
+            .field("timestamp", &self.timestamp)
+            .field("parent", &self.parent_name.unwrap_or("(source)"));
+        if let Some(k) = &self.key {
+            d.field("key", &String::from_utf8_lossy(k));
+        }
+        if !self.headers.is_empty() {
+            d.field("headers", &self.headers);
+        }
+        d.finish()
+    }
+}
+
+/// One output of a task as it leaves the worker: the payload with the key
+/// and headers it carries on (its own, or those of the input it came from).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Emitted {
+    /// The payload.
+    pub payload: Bytes,
+    /// Its key.
+    pub key: Option<Bytes>,
+    /// Its headers.
+    pub headers: Headers,
+}
+
+impl Emitted {
+    /// An output with neither key nor headers.
+    pub fn plain(payload: Bytes) -> Self {
+        Emitted {
+            payload,
+            key: None,
+            headers: Headers::new(),
+        }
+    }
+}
+
+/// What a task did with one message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Handled, with this many outputs (taken in order from the batch's
+    /// `outputs`).
+    Done(u32),
+    /// `filter` returned false.
+    Filtered,
+    /// `handle` returned an error.
+    Error(String),
+    /// `filter` or `handle` panicked.
+    Panicked(String),
+}
+
+/// A worker's results for one batch, in the order of the batch.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct Results {
+    pub worker: WorkerId,
+    pub items: Vec<(Ticket, Verdict)>,
+    pub outputs: Vec<Emitted>,
+    /// The batch's emptied vector, returned for reuse.
+    pub spent: Vec<TaskMsg>,
+    /// Whether these are the batch's last results. A worker whose batch
+    /// takes long sends what it has early, so fast messages are not held
+    /// back by slow ones.
+    pub complete: bool,
+    /// Messages a remote worker gave back without starting them; they end
+    /// no batch.
+    pub returned: Vec<TaskMsg>,
+    /// With a batch's last results from an in-process worker: the time it
+    /// spent handling the batch (0: not measured).
+    pub busy_ns: u64,
+}
