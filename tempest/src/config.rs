@@ -55,7 +55,6 @@
 //! until it deserializes. Each error's span is located in the parsed
 //! document ([`toml_edit`]) to name its key and line.
 
-use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -66,7 +65,7 @@ use toml_edit::{ImDocument, Item, TableLike, Value};
 
 use crate::error::Error;
 use crate::pipeline::Dag;
-use crate::topology::FailurePolicy;
+use crate::policy::FailurePolicy;
 
 /// `Topology.toml` as written.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -138,61 +137,7 @@ pub struct TaskSection {
     pub exit_with_topology: Option<bool>,
 }
 
-/// One problem in a configuration file: its line (and column, for a syntax
-/// error) where known, the key's dotted path where known, and what is
-/// wrong.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigProblem {
-    /// The line, from 1.
-    pub line: Option<usize>,
-    /// The column, from 1 (syntax errors only).
-    pub column: Option<usize>,
-    /// The key's dotted path, as `source.config.count`.
-    pub key: Option<String>,
-    /// What is wrong.
-    pub message: String,
-}
-
-impl ConfigProblem {
-    /// A problem at `line` with `key`.
-    pub fn new(line: Option<usize>, key: Option<String>, message: impl Into<String>) -> Self {
-        ConfigProblem {
-            line,
-            column: None,
-            key,
-            message: message.into(),
-        }
-    }
-
-    /// The problem as one line: `Topology.toml:4: max_pendng: unknown key`.
-    pub fn at(&self, file: &Path) -> String {
-        let mut s = file.display().to_string();
-        if let Some(line) = self.line {
-            s.push_str(&format!(":{line}"));
-            if let Some(column) = self.column {
-                s.push_str(&format!(":{column}"));
-            }
-        }
-        s.push_str(": ");
-        if let Some(key) = &self.key {
-            s.push_str(key);
-            s.push_str(": ");
-        }
-        s.push_str(&self.message);
-        s
-    }
-}
-
-impl fmt::Display for ConfigProblem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (self.line, &self.key) {
-            (Some(line), Some(key)) => write!(f, "line {line}: {key}: {}", self.message),
-            (Some(line), None) => write!(f, "line {line}: {}", self.message),
-            (None, Some(key)) => write!(f, "{key}: {}", self.message),
-            (None, None) => f.write_str(&self.message),
-        }
-    }
-}
+pub use crate::error::ConfigProblem;
 
 /// Sorts problems by line (those without one last) and drops repeats.
 pub(crate) fn in_file_order(mut problems: Vec<ConfigProblem>) -> Vec<ConfigProblem> {
@@ -381,10 +326,10 @@ impl ConfigFile {
         if c.max_pending == Some(0) {
             problems.push(top("max_pending", "must be at least 1".to_string()));
         }
-        if c.max_frame.is_some_and(|m| m < crate::wire::HANDSHAKE_MAX) {
+        if c.max_frame.is_some_and(|m| m < crate::msg::MIN_FRAME_LIMIT) {
             problems.push(top(
                 "max_frame",
-                format!("must be at least {} bytes", crate::wire::HANDSHAKE_MAX),
+                format!("must be at least {} bytes", crate::msg::MIN_FRAME_LIMIT),
             ));
         }
         if c.max_handshakes == Some(0) {

@@ -1,8 +1,10 @@
 //! The runtime's one error type.
 
+use std::fmt;
+use std::path::Path;
+
 use tempest_source::SourceError;
 
-use crate::config::ConfigProblem;
 use crate::pipeline::PipelineErrors;
 
 /// Everything that can go wrong in the runtime.
@@ -93,6 +95,62 @@ fn config_problems(file: &std::path::Path, problems: &[ConfigProblem]) -> String
                 .map(|p| format!("\n  {}", p.at(file)))
                 .collect();
             format!("{} problems in {}:{lines}", problems.len(), file.display())
+        }
+    }
+}
+
+/// One problem in a configuration file: its line (and column, for a syntax
+/// error) where known, the key's dotted path where known, and what is
+/// wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// The line, from 1.
+    pub line: Option<usize>,
+    /// The column, from 1 (syntax errors only).
+    pub column: Option<usize>,
+    /// The key's dotted path, as `source.config.count`.
+    pub key: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl ConfigProblem {
+    /// A problem at `line` with `key`.
+    pub fn new(line: Option<usize>, key: Option<String>, message: impl Into<String>) -> Self {
+        ConfigProblem {
+            line,
+            column: None,
+            key,
+            message: message.into(),
+        }
+    }
+
+    /// The problem as one line: `Topology.toml:4: max_pendng: unknown key`.
+    pub fn at(&self, file: &Path) -> String {
+        let mut s = file.display().to_string();
+        if let Some(line) = self.line {
+            s.push_str(&format!(":{line}"));
+            if let Some(column) = self.column {
+                s.push_str(&format!(":{column}"));
+            }
+        }
+        s.push_str(": ");
+        if let Some(key) = &self.key {
+            s.push_str(key);
+            s.push_str(": ");
+        }
+        s.push_str(&self.message);
+        s
+    }
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, &self.key) {
+            (Some(line), Some(key)) => write!(f, "line {line}: {key}: {}", self.message),
+            (Some(line), None) => write!(f, "line {line}: {}", self.message),
+            (None, Some(key)) => write!(f, "{key}: {}", self.message),
+            (None, None) => f.write_str(&self.message),
         }
     }
 }

@@ -25,7 +25,7 @@ use tempest_source::{FailReason, MsgId, SourceMsg};
 
 use crate::msg::{Emitted, MsgCtx, TaskIdx, TaskMsg, Ticket, NO_TASK};
 use crate::pipeline::Dag;
-use crate::topology::FailurePolicy;
+use crate::policy::FailurePolicy;
 
 const NIL: u32 = u32::MAX;
 

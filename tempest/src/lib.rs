@@ -38,6 +38,7 @@ mod inflight;
 pub mod metrics;
 mod msg;
 pub mod pipeline;
+mod policy;
 mod remote;
 pub mod rt;
 mod server;

@@ -12,6 +12,10 @@ use actix::Message;
 use bytes::Bytes;
 use tempest_source::{Headers, MsgId, SourceMsg};
 
+/// The smallest frame limit (`max_frame`) a topology may set: the frames
+/// of the handshake must fit.
+pub(crate) const MIN_FRAME_LIMIT: usize = 1024;
+
 /// A worker's index in its pipeline actor.
 pub type WorkerId = u32;
 

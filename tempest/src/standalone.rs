@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::mpsc::sync_channel;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -25,13 +25,16 @@ use crate::actors::pipeline::{
 pub use crate::actors::pipeline::{StopCondition, Unfinished};
 use crate::actors::source::SourceActor;
 use crate::actors::topology::TopologyActor;
-use crate::actors::{Stop, StopReason, WorkerId};
+use crate::actors::{DeliverySink, Fetch, Stop, StopReason, Undelivered, WorkerId};
 use crate::error::Error;
 use crate::inflight::{InflightEntry, Tracker, TrackerConfig};
+use crate::msg::{Results, TaskMsg};
 use crate::pipeline::TaskIdx;
 use crate::task::TaskContext;
 use crate::topology::Topology;
-use crate::worker::{join_within, run_task_loop, InProc, InProcSink, PREFETCH, THREAD_STOP_WAIT};
+use crate::worker::{
+    join_within, run_task_loop, SharedBatch, Transport, PREFETCH, THREAD_STOP_WAIT,
+};
 
 /// A handle onto a running topology (or worker process), usable from any
 /// thread but the runtime's own: shut it down, look at its counters and
@@ -505,4 +508,63 @@ pub fn run_worker(
         f.lock().unwrap_or_else(PoisonError::into_inner).flush();
     }
     result
+}
+
+/// The in-process transport: fetches go to the pipeline actor as actor
+/// messages, batches come back over a bounded channel.
+pub(crate) struct InProc {
+    pub worker: WorkerId,
+    pub max: usize,
+    pub pipeline: Addr<PipelineActor>,
+    pub rx: Receiver<Arc<SharedBatch>>,
+    pub outstanding: usize,
+}
+
+impl Transport for InProc {
+    fn next_batch(&mut self) -> Option<Arc<SharedBatch>> {
+        while self.outstanding < PREFETCH {
+            self.pipeline.do_send(Fetch {
+                worker: self.worker,
+                max: self.max,
+            });
+            self.outstanding += 1;
+        }
+        let batch = self.rx.recv().ok()?;
+        self.outstanding -= 1;
+        // Ask for the next batch before handling this one.
+        self.pipeline.do_send(Fetch {
+            worker: self.worker,
+            max: self.max,
+        });
+        self.outstanding += 1;
+        Some(batch)
+    }
+
+    fn send_results(&mut self, results: Results) {
+        self.pipeline.do_send(results);
+    }
+}
+
+/// The pipeline's end of an in-process worker.
+pub(crate) struct InProcSink(pub SyncSender<Arc<SharedBatch>>);
+
+impl DeliverySink for InProcSink {
+    fn deliver(&mut self, batch: Vec<TaskMsg>) -> Result<Option<Arc<SharedBatch>>, Undelivered> {
+        let shared = SharedBatch::new(batch);
+        match self.0.try_send(Arc::clone(&shared)) {
+            Ok(()) => Ok(Some(shared)),
+            Err(TrySendError::Full(b)) => Err(Undelivered::Busy(unshare(b, shared))),
+            Err(TrySendError::Disconnected(b)) => Err(Undelivered::Gone(unshare(b, shared))),
+        }
+    }
+
+    fn give_back(&mut self) {
+        // In process the pipeline takes back unclaimed messages itself.
+    }
+}
+
+/// The messages of a batch that was never handed over.
+fn unshare(sent: Arc<SharedBatch>, kept: Arc<SharedBatch>) -> Vec<TaskMsg> {
+    drop(kept);
+    sent.take_rest()
 }

@@ -65,7 +65,7 @@ pub const MAGIC: [u8; 4] = *b"TMPS";
 /// The protocol version this build speaks.
 pub const VERSION: u16 = 3;
 /// The frame limit until the handshake completes.
-pub const HANDSHAKE_MAX: usize = 1024;
+pub const HANDSHAKE_MAX: usize = crate::msg::MIN_FRAME_LIMIT;
 /// The default frame limit after the handshake.
 pub const DEFAULT_MAX_FRAME: usize = 8 * 1024 * 1024;
 /// Bytes in a challenge nonce and in a MAC.

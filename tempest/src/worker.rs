@@ -13,15 +13,11 @@
 use std::any::Any;
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use actix::Addr;
 use tempest_source::Metrics;
 
-use crate::actors::pipeline::PipelineActor;
-use crate::actors::{DeliverySink, Fetch, Undelivered};
 use crate::metrics::names;
 use crate::msg::{Emitted, Results, TaskMsg, Verdict, WorkerId};
 use crate::task::{Task, TaskContext};
@@ -368,62 +364,3 @@ impl PartialClock {
 /// How many fetch requests a worker keeps outstanding: one being handled
 /// while the next is filled.
 pub(crate) const PREFETCH: usize = 2;
-
-/// The in-process transport: fetches go to the pipeline actor as actor
-/// messages, batches come back over a bounded channel.
-pub(crate) struct InProc {
-    pub worker: WorkerId,
-    pub max: usize,
-    pub pipeline: Addr<PipelineActor>,
-    pub rx: Receiver<Arc<SharedBatch>>,
-    pub outstanding: usize,
-}
-
-impl Transport for InProc {
-    fn next_batch(&mut self) -> Option<Arc<SharedBatch>> {
-        while self.outstanding < PREFETCH {
-            self.pipeline.do_send(Fetch {
-                worker: self.worker,
-                max: self.max,
-            });
-            self.outstanding += 1;
-        }
-        let batch = self.rx.recv().ok()?;
-        self.outstanding -= 1;
-        // Ask for the next batch before handling this one.
-        self.pipeline.do_send(Fetch {
-            worker: self.worker,
-            max: self.max,
-        });
-        self.outstanding += 1;
-        Some(batch)
-    }
-
-    fn send_results(&mut self, results: Results) {
-        self.pipeline.do_send(results);
-    }
-}
-
-/// The pipeline's end of an in-process worker.
-pub(crate) struct InProcSink(pub SyncSender<Arc<SharedBatch>>);
-
-impl DeliverySink for InProcSink {
-    fn deliver(&mut self, batch: Vec<TaskMsg>) -> Result<Option<Arc<SharedBatch>>, Undelivered> {
-        let shared = SharedBatch::new(batch);
-        match self.0.try_send(Arc::clone(&shared)) {
-            Ok(()) => Ok(Some(shared)),
-            Err(TrySendError::Full(b)) => Err(Undelivered::Busy(unshare(b, shared))),
-            Err(TrySendError::Disconnected(b)) => Err(Undelivered::Gone(unshare(b, shared))),
-        }
-    }
-
-    fn give_back(&mut self) {
-        // In process the pipeline takes back unclaimed messages itself.
-    }
-}
-
-/// The messages of a batch that was never handed over.
-fn unshare(sent: Arc<SharedBatch>, kept: Arc<SharedBatch>) -> Vec<TaskMsg> {
-    drop(kept);
-    sent.take_rest()
-}
