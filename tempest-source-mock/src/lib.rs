@@ -32,7 +32,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tempest_source::metrics::names;
 use tempest_source::{
-    now_millis, AckPolicy, FailedMsg, Metrics, MsgId, Source, SourceContext, SourceError,
+    now_millis, AckPolicy, FailedMsg, Headers, Metrics, MsgId, Source, SourceContext, SourceError,
     SourceMsg, SourceSettings,
 };
 
@@ -157,6 +157,8 @@ struct State {
     /// Dead-lettered since the last metrics flush.
     dead_unreported: u64,
     failed: Vec<FailedMsg>,
+    /// The key and headers of primed messages that have them.
+    meta: HashMap<u64, (Option<Bytes>, Headers)>,
     ack_calls: u64,
     unknown_acks: u64,
     closed: bool,
@@ -191,6 +193,7 @@ impl State {
             max_held: 0,
             dead_unreported: 0,
             failed: Vec::new(),
+            meta: HashMap::new(),
             ack_calls: 0,
             unknown_acks: 0,
             closed: false,
@@ -255,13 +258,14 @@ impl State {
             self.visibility
                 .push_back((now + Duration::from_millis(after), id));
         }
+        let (key, headers) = self.meta.get(&id).cloned().unwrap_or_default();
         out.push(SourceMsg {
             id: MsgId::Int(id),
             payload: self.payload(id),
             timestamp,
             delivered: self.delivered[i],
-            key: None,
-            headers: Default::default(),
+            key,
+            headers,
         });
     }
 
@@ -445,6 +449,22 @@ impl MockHandle {
         let mut state = lock(&self.state);
         let id = state.new_id();
         state.primed.insert(id, payload.into());
+        state.ready.push_back(id);
+        MsgId::Int(id)
+    }
+
+    /// Primes one message with a key and headers (as a broker that has
+    /// them would deliver it); returns its id.
+    pub fn push_with(
+        &self,
+        payload: impl Into<Bytes>,
+        key: Option<Bytes>,
+        headers: Headers,
+    ) -> MsgId {
+        let mut state = lock(&self.state);
+        let id = state.new_id();
+        state.primed.insert(id, payload.into());
+        state.meta.insert(id, (key, headers));
         state.ready.push_back(id);
         MsgId::Int(id)
     }

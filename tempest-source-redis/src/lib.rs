@@ -151,6 +151,15 @@ pub struct RedisStreamConfig {
     /// entry without it is dead-lettered.
     #[serde(default = "default_field")]
     pub field: String,
+    /// The entry field whose value becomes the message's key (which every
+    /// task message derived from it inherits); none by default. An entry
+    /// without the field has no key.
+    #[serde(default)]
+    pub key_field: Option<String>,
+    /// Entry fields copied into the message's headers, under their own
+    /// names (at most 32); fields an entry lacks are skipped.
+    #[serde(default)]
+    pub header_fields: Vec<String>,
     /// What to do with entries idle longer than `claim_min_idle_ms`:
     /// `claim` them and run them again (default), `ack` them (drop), or
     /// `delete` them (ack and XDEL).
@@ -216,8 +225,16 @@ impl RedisStreamConfig {
             poll_interval_ms: default_poll_interval_ms(),
             max_backoff_ms: default_max_backoff_ms(),
             field: default_field(),
+            key_field: None,
+            header_fields: Vec::new(),
             on_pending: PendingAction::default(),
         }
+    }
+
+    /// Sets `key_field`.
+    pub fn key_field(mut self, field: impl Into<String>) -> Self {
+        self.key_field = Some(field.into());
+        self
     }
 
     /// Sets `consumer`.
@@ -297,6 +314,24 @@ impl RedisStreamConfig {
         }
         if self.field.is_empty() {
             problems.push("field must not be empty".to_string());
+        }
+        if self.key_field.as_deref() == Some("") {
+            problems.push("key_field must not be empty".to_string());
+        }
+        if self.header_fields.len() > tempest_source::headers::MAX_HEADERS {
+            problems.push(format!(
+                "header_fields names {} fields; a message carries at most {}",
+                self.header_fields.len(),
+                tempest_source::headers::MAX_HEADERS
+            ));
+        }
+        for f in &self.header_fields {
+            if f.is_empty() || f.len() > tempest_source::headers::MAX_HEADER_NAME {
+                problems.push(format!(
+                    "header_fields: {f:?} must be 1 to {} bytes long",
+                    tempest_source::headers::MAX_HEADER_NAME
+                ));
+            }
         }
         if self.dead_letter_key() == self.key {
             problems.push("dead_letter_key must differ from key".to_string());

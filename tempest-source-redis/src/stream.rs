@@ -26,7 +26,7 @@ use redis::{Commands as _, Connection, Value};
 use serde::{Deserialize, Serialize};
 use tempest_source::metrics::names;
 use tempest_source::{
-    now_millis, AckPolicy, FailedMsg, Metrics, MsgId, Source, SourceContext, SourceError,
+    now_millis, AckPolicy, FailedMsg, Headers, Metrics, MsgId, Source, SourceContext, SourceError,
     SourceMsg, SourceSettings,
 };
 
@@ -212,6 +212,26 @@ impl RedisStreamSource {
                         self.config.key
                     );
                 }
+                let key = self
+                    .config
+                    .key_field
+                    .as_deref()
+                    .and_then(|f| e.field(f))
+                    .map(Bytes::copy_from_slice);
+                let mut headers = Headers::new();
+                for name in &self.config.header_fields {
+                    if let Some(value) = e.field(name) {
+                        if let Err(err) =
+                            headers.insert(name.as_str(), Bytes::copy_from_slice(value))
+                        {
+                            log::warn!(
+                                "Entry {} of stream {}: {err}; header left out.",
+                                e.id,
+                                self.config.key
+                            );
+                        }
+                    }
+                }
                 out.push(SourceMsg {
                     id: MsgId::Bytes(Bytes::copy_from_slice(e.id.as_bytes())),
                     payload: Bytes::copy_from_slice(payload),
@@ -222,8 +242,8 @@ impl RedisStreamSource {
                         .and_then(|ms| ms.parse().ok())
                         .unwrap_or_else(now_millis),
                     delivered,
-                    key: None,
-                    headers: Default::default(),
+                    key,
+                    headers,
                 });
             }
             None => {

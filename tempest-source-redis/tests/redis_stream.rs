@@ -565,3 +565,84 @@ fn a_dead_names_entries_are_adopted_once_its_lease_expires() {
         "the emptied dead name left the group: {text}"
     );
 }
+
+/// Records each message's key and `tenant` header.
+#[derive(Clone, Default)]
+struct KeyLog(Arc<Mutex<Vec<(String, Option<String>, Option<String>)>>>);
+
+impl Task for KeyLog {
+    fn name(&self) -> &str {
+        "keys"
+    }
+    fn handle(&mut self, msg: Msg, ctx: &MsgCtx) -> TaskResult {
+        self.0.lock().unwrap().push((
+            String::from_utf8_lossy(&msg).into_owned(),
+            ctx.key_str().map(str::to_string),
+            ctx.headers().get_str("tenant").map(str::to_string),
+        ));
+        Ok(Output::None)
+    }
+}
+
+#[test]
+fn key_field_and_header_fields_set_each_messages_key_and_headers() {
+    let server = Server::shared();
+    let key = unique_key("keyed");
+    let mut conn = server.conn();
+    let _: String = redis::cmd("XADD")
+        .arg(&key)
+        .arg("*")
+        .arg("payload")
+        .arg("hello")
+        .arg("user")
+        .arg("alice")
+        .arg("tenant")
+        .arg("acme")
+        .query(&mut conn)
+        .unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg(&key)
+        .arg("*")
+        .arg("payload")
+        .arg("bare")
+        .query(&mut conn)
+        .unwrap();
+    let task = KeyLog::default();
+    let log = Arc::clone(&task.0);
+    let source = RedisStreamSource::from_config(RedisStreamConfig {
+        key_field: Some("user".into()),
+        header_fields: vec!["tenant".into()],
+        ..config(&server, &key)
+    })
+    .unwrap();
+    TestRun::new(
+        TopologyBuilder::new("redis-keyed")
+            .source(source)
+            .pipeline(Pipeline::new().task(task)),
+    )
+    .until(|s| s.acked >= 2)
+    .deadline(Duration::from_secs(30))
+    .run()
+    .unwrap();
+    let mut got = log.lock().unwrap().clone();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("bare".to_string(), None, None),
+            (
+                "hello".to_string(),
+                Some("alice".to_string()),
+                Some("acme".to_string())
+            ),
+        ]
+    );
+    assert!(
+        RedisStreamSource::from_config(RedisStreamConfig {
+            key_field: Some(String::new()),
+            ..config(&server, &key)
+        })
+        .is_err(),
+        "an empty key_field is refused"
+    );
+}
