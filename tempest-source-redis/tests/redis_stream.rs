@@ -566,9 +566,12 @@ fn a_dead_names_entries_are_adopted_once_its_lease_expires() {
     );
 }
 
+/// A payload with its key and `tenant` header.
+type Keyed = (String, Option<String>, Option<String>);
+
 /// Records each message's key and `tenant` header.
 #[derive(Clone, Default)]
-struct KeyLog(Arc<Mutex<Vec<(String, Option<String>, Option<String>)>>>);
+struct KeyLog(Arc<Mutex<Vec<Keyed>>>);
 
 impl Task for KeyLog {
     fn name(&self) -> &str {
