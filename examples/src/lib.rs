@@ -20,6 +20,8 @@ pub mod book {
     pub struct Quickstart;
     #[doc = include_str!("../../book/src/concepts.md")]
     pub struct Concepts;
+    #[doc = include_str!("../../book/src/tasks.md")]
+    pub struct Tasks;
     #[doc = include_str!("../../book/src/delivery.md")]
     pub struct Delivery;
     #[doc = include_str!("../../book/src/running.md")]
