@@ -6,6 +6,7 @@
 //!
 //! Run it with `cargo run --release -p tempest-examples --example quickstart`.
 
+pub mod profiles;
 pub mod wordcount;
 
 /// The book's chapters, compiled as doc tests so their Rust snippets stay
