@@ -303,9 +303,10 @@ fn put_ticket(dst: &mut BytesMut, t: &Ticket) {
     dst.put_u16(t.task);
 }
 
-/// The fewest bytes a task message takes: ticket, payload length, an
-/// integer id, attempt, deliveries, timestamp, parent, deadline, meta flags.
-const MIN_TASK_MSG: usize = 10 + 4 + 9 + 4 + 4 + 8 + 2 + 4 + 1;
+/// The fewest bytes a task message takes: ticket, payload length, an id
+/// (its kind and an empty byte string), attempt, deliveries, timestamp,
+/// parent, deadline, meta flags.
+const MIN_TASK_MSG: usize = 10 + 4 + 5 + 4 + 4 + 8 + 2 + 4 + 1;
 /// The fewest bytes an output takes: payload length, meta flags.
 const MIN_OUTPUT: usize = 4 + 1;
 /// A deadline of "none" on the wire.
@@ -403,9 +404,10 @@ fn meta_len(key: Option<&Bytes>, headers: &Headers) -> usize {
 
 /// The bytes a task message takes in a `Batch` or `Returned` frame.
 pub(crate) fn task_msg_len(m: &TaskMsg) -> usize {
+    // Beyond the shortest id: an integer's 8 bytes replace the length's 4.
     let id = match &m.ctx.id {
-        MsgId::Int(_) => 0,
-        MsgId::Bytes(b) => b.len().saturating_sub(4),
+        MsgId::Int(_) => 4,
+        MsgId::Bytes(b) => b.len(),
     };
     MIN_TASK_MSG - 1 + id + m.payload.len() + meta_len(m.ctx.key.as_ref(), &m.ctx.headers)
 }
@@ -926,6 +928,39 @@ mod tests {
         };
         assert!(off < Duration::from_secs(5), "deadline off by {off:?}");
         assert_eq!(task_msg_len(&msgs[0]) + 5, wire.len() - 4);
+    }
+
+    /// Regression: the smallest-message bound assumed an integer id, so a
+    /// batch of messages with short byte ids was refused as too many to
+    /// fit its frame.
+    #[test]
+    fn batches_of_short_byte_ids_decode_and_sizes_are_exact() {
+        let msgs: Vec<TaskMsg> = (0..100u8)
+            .map(|i| TaskMsg {
+                ticket: Ticket {
+                    slot: u32::from(i),
+                    gen: 0,
+                    task: 0,
+                },
+                payload: Bytes::new(),
+                ctx: MsgCtx::new(MsgId::Bytes(Bytes::new())),
+            })
+            .collect();
+        let frame = Frame::Batch(msgs);
+        let wire = frame.to_wire();
+        let Frame::Batch(back) = Frame::decode_body(wire.slice(4..)).unwrap() else {
+            panic!("not a batch");
+        };
+        assert_eq!(back.len(), 100);
+        let sized: usize = back.iter().map(task_msg_len).sum();
+        assert_eq!(sized + 5, wire.len() - 4);
+        let rich = TaskMsg {
+            ticket: back[0].ticket,
+            payload: Bytes::from_static(b"payload"),
+            ctx: rich_ctx(),
+        };
+        let one = Frame::Batch(vec![rich.clone()]).to_wire();
+        assert_eq!(task_msg_len(&rich) + 5, one.len() - 4);
     }
 
     #[test]
