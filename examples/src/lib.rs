@@ -31,6 +31,8 @@ pub mod book {
     pub struct Configuration;
     #[doc = include_str!("../../book/src/testing.md")]
     pub struct Testing;
+    #[doc = include_str!("../../book/src/joins.md")]
+    pub struct Joins;
     #[doc = include_str!("../../book/src/sources.md")]
     pub struct Sources;
     #[doc = include_str!("../../book/src/redis.md")]

@@ -21,8 +21,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tempest_source::{FailReason, MsgId, SourceMsg};
+use tempest_source::{FailReason, Headers, MsgId, SourceMsg};
 
+use crate::envelope;
 use crate::msg::{Emitted, MsgCtx, TaskIdx, TaskMsg, Ticket, NO_TASK};
 use crate::pipeline::Dag;
 use crate::policy::FailurePolicy;
@@ -358,6 +359,33 @@ impl Tracker {
         }
     }
 
+    /// The one message of join task `join` for the attempt in `slot`: an
+    /// envelope of every part its parents emitted (`held`, not empty),
+    /// grouped by parent in the DAG's parent order, each parent's in the
+    /// order they arrived. Its context has no parent; its key is the
+    /// parts' key if they all share one, its headers those every part
+    /// carries with the same value.
+    fn join_msg(&self, slot: u32, join: TaskIdx, held: &mut [(TaskIdx, Emitted)]) -> TaskMsg {
+        let parents = self.dag.parents(join);
+        let position = |p: TaskIdx| parents.iter().position(|&q| q == p).unwrap_or(0) as u16;
+        // Stable: each parent's parts keep their order.
+        held.sort_by_key(|(p, _)| position(*p));
+        let payload = envelope::encode(
+            held.iter()
+                .map(|(p, o)| (position(*p), &o.payload, o.key.as_ref(), &o.headers)),
+        );
+        let common = common_meta(held.iter().map(|(_, o)| o));
+        TaskMsg {
+            ticket: Ticket {
+                slot,
+                gen: self.records[slot as usize].gen,
+                task: join,
+            },
+            payload,
+            ctx: self.ctx_from(slot, NO_TASK, &common),
+        }
+    }
+
     /// A task handled a message and emitted `outputs`. Returns false for a
     /// stale ticket (ignored).
     pub fn on_done(
@@ -458,7 +486,20 @@ impl Tracker {
                 }
                 if let Some(f) = dag.fanin_slot(c) {
                     let at = slot as usize * fc + f as usize;
-                    let held = std::mem::take(&mut self.held[at]);
+                    let mut held = std::mem::take(&mut self.held[at]);
+                    if dag.is_join(c) {
+                        if !held.is_empty() {
+                            let msg = self.join_msg(slot, c, &mut held);
+                            self.states[base + c as usize].outstanding = 1;
+                            d.dispatch(c, msg);
+                        }
+                        held.clear();
+                        self.held[at] = held;
+                        if self.states[base + c as usize].outstanding == 0 {
+                            stack.push(c);
+                        }
+                        continue;
+                    }
                     self.states[base + c as usize].outstanding += held.len() as u32;
                     for (parent, out) in &held {
                         let ctx = self.ctx_from(slot, *parent, out);
@@ -472,7 +513,6 @@ impl Tracker {
                         );
                     }
                     // Keep the buffer for the slot's next message.
-                    let mut held = held;
                     held.clear();
                     self.held[at] = held;
                 }
@@ -649,6 +689,36 @@ impl Tracker {
     }
 }
 
+/// The key and headers several outputs have in common (with an empty
+/// payload): the key if every one carries the same, and the headers every
+/// one carries with the same value, in the order of the first.
+fn common_meta<'a>(mut outputs: impl Iterator<Item = &'a Emitted> + Clone) -> Emitted {
+    let Some(first) = outputs.next() else {
+        return Emitted::default();
+    };
+    let key = first
+        .key
+        .clone()
+        .filter(|k| outputs.clone().all(|o| o.key.as_ref() == Some(k)));
+    let headers = if outputs.clone().all(|o| o.headers == first.headers) {
+        first.headers.clone()
+    } else {
+        let mut h = Headers::new();
+        for (name, value) in first.headers.iter() {
+            if outputs.clone().all(|o| o.headers.get(name) == Some(value)) {
+                // The names and values came from valid headers.
+                let _ = h.insert(name, value.clone());
+            }
+        }
+        h
+    };
+    Emitted {
+        payload: Bytes::new(),
+        key,
+        headers,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -738,6 +808,139 @@ mod tests {
             self.now += by;
             self.t.sweep(self.now, &mut self.queue, &mut self.fin);
         }
+    }
+
+    #[derive(Clone)]
+    struct J;
+    impl crate::join::JoinTask for J {
+        fn name(&self) -> &str {
+            "join"
+        }
+        fn handle(&mut self, _: crate::join::Joined, _: &MsgCtx) -> TaskResult {
+            Ok(Output::None)
+        }
+    }
+
+    /// t0 -> t1, t2 -> join (index 3).
+    fn join_dag() -> Arc<Dag> {
+        let p = Pipeline::new()
+            .task(T("t0".into()))
+            .task(T("t1".into()))
+            .task(T("t2".into()))
+            .join(J)
+            .edge("t0", "t1")
+            .edge("t0", "t2")
+            .edge("t1", "join")
+            .edge("t2", "join");
+        Arc::new(p.build().unwrap())
+    }
+
+    fn out(payload: &'static str, key: Option<&'static str>, headers: &[(&str, &str)]) -> Emitted {
+        let mut h = Headers::new();
+        for (n, v) in headers {
+            h.insert(*n, Bytes::copy_from_slice(v.as_bytes())).unwrap();
+        }
+        Emitted {
+            payload: Bytes::from_static(payload.as_bytes()),
+            key: key.map(|k| Bytes::from_static(k.as_bytes())),
+            headers: h,
+        }
+    }
+
+    impl Harness {
+        fn done_with(&mut self, task: TaskIdx, outputs: &[Emitted]) -> bool {
+            let m = self.take(task);
+            self.t
+                .on_done(m.ticket, outputs, self.now, &mut self.queue, &mut self.fin)
+        }
+        /// The parts of the one join message queued, as (parent position, payload).
+        fn join_parts(&mut self) -> (MsgCtx, Vec<(u16, Bytes)>) {
+            assert_eq!(self.queue.iter().filter(|m| m.ticket.task == 3).count(), 1);
+            let m = self.queue.iter().find(|m| m.ticket.task == 3).unwrap();
+            let parts = envelope::decode(m.payload.clone())
+                .unwrap()
+                .into_iter()
+                .map(|p| (p.parent, p.payload))
+                .collect();
+            (m.ctx.clone(), parts)
+        }
+    }
+
+    #[test]
+    fn a_join_gets_one_message_with_every_part_grouped_by_parent() {
+        let mut h = Harness::new(join_dag(), FailurePolicy::None);
+        h.insert(1);
+        h.done(0, 1);
+        // t2 finishes first; the parts still come grouped in parent order.
+        h.done_with(
+            2,
+            &[
+                out("c", Some("k"), &[("a", "1"), ("b", "2")]),
+                out("d", Some("k"), &[("b", "2")]),
+            ],
+        );
+        assert!(!h.queue.iter().any(|m| m.ticket.task == 3));
+        h.done_with(1, &[out("a", Some("k"), &[("b", "2"), ("a", "0")])]);
+        let (ctx, parts) = h.join_parts();
+        assert_eq!(
+            parts,
+            [
+                (0, Bytes::from("a")),
+                (1, Bytes::from("c")),
+                (1, Bytes::from("d"))
+            ]
+        );
+        assert_eq!(ctx.parent(), None);
+        assert_eq!(ctx.parent, NO_TASK);
+        assert_eq!(ctx.key_str(), Some("k"), "the common key");
+        let headers: Vec<(&str, &Bytes)> = ctx.headers().iter().collect();
+        assert_eq!(headers, [("b", &Bytes::from("2"))], "the common headers");
+        assert!(h.fin.is_empty());
+        assert!(h.done(3, 0));
+        assert_eq!(h.fin.len(), 1);
+        assert_eq!(h.fin[0].outcome, Outcome::Acked);
+    }
+
+    #[test]
+    fn a_join_whose_parents_emitted_nothing_does_not_run() {
+        let mut h = Harness::new(join_dag(), FailurePolicy::None);
+        h.insert(1);
+        h.done(0, 1);
+        h.done(1, 0);
+        h.done(2, 0);
+        assert!(h.queue.is_empty(), "{:?}", h.queue);
+        assert_eq!(h.fin.len(), 1);
+        assert_eq!(h.fin[0].outcome, Outcome::Acked);
+
+        // Parts with different keys: the join's message has none.
+        h.insert(2);
+        h.done(0, 1);
+        h.done_with(1, &[out("a", Some("x"), &[])]);
+        h.done_with(2, &[out("b", None, &[])]);
+        let (ctx, parts) = h.join_parts();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(ctx.key(), None);
+        assert!(ctx.headers().is_empty());
+    }
+
+    #[test]
+    fn a_join_after_a_retry_sees_only_the_new_attempts_parts() {
+        let mut h = Harness::new(join_dag(), FailurePolicy::Retry(1));
+        h.insert(1);
+        h.done(0, 1);
+        h.done_with(2, &[out("old", None, &[])]);
+        h.error(1);
+        h.advance(Duration::from_millis(100));
+        assert_eq!(h.queue.len(), 1, "the retry's root message");
+        h.done(0, 1);
+        h.done_with(1, &[out("new1", None, &[])]);
+        h.done_with(2, &[out("new2", None, &[])]);
+        let (ctx, parts) = h.join_parts();
+        assert_eq!(ctx.attempt(), 2);
+        assert_eq!(parts, [(0, Bytes::from("new1")), (1, Bytes::from("new2"))]);
+        h.done(3, 0);
+        assert_eq!(h.fin.len(), 1);
+        assert_eq!(h.fin[0].attempts, 2);
     }
 
     #[test]

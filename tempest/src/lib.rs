@@ -9,6 +9,8 @@
 //! # How this crate is laid out
 //!
 //! - [`task`]: the [`Task`] trait, its [`Output`] and [`TaskError`].
+//! - [`join`]: the [`JoinTask`] trait, for a fan-in task that handles all
+//!   its parents emitted for a source message in one call ([`Joined`]).
 //! - [`pipeline`]: the [`Pipeline`] builder, its validation (every problem
 //!   at once) and its export as DOT or Mermaid; the compiled [`Dag`].
 //! - [`topology`]: [`TopologyBuilder`], [`TopologyOptions`],
@@ -27,14 +29,17 @@
 //!
 //! Every output of a task goes to every child of the task. A task with
 //! several parents runs once all its parent edges are complete for that
-//! source message, on the union of their outputs. A task that emits nothing
-//! completes the descendants that have no other live parent. When every
-//! task is complete the source message is acked.
+//! source message, on the union of their outputs, one message at a time;
+//! a [join](JoinTask) gets the whole union in one call. A task that emits
+//! nothing completes the descendants that have no other live parent. When
+//! every task is complete the source message is acked.
 
 mod actors;
 pub mod config;
+mod envelope;
 mod error;
 mod inflight;
+pub mod join;
 pub mod metrics;
 mod msg;
 pub mod pipeline;
@@ -53,6 +58,7 @@ pub use actors::pipeline::{MsgReport, Stats, Unfinished, WorkerStats};
 pub use actors::StopReason;
 pub use error::Error;
 pub use inflight::{InflightEntry, Outcome, TrackerConfig};
+pub use join::{JoinTask, Joined, Part};
 pub use msg::Verdict;
 pub use msg::{Emitted, MsgCtx, TaskIdx, TaskMsg, Ticket};
 pub use pipeline::{Dag, Pipeline, PipelineError, PipelineErrors};

@@ -8,10 +8,15 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
+use crate::join::{JoinAdapter, JoinTask};
 use crate::task::Task;
 
 /// Makes a fresh instance of a task for each of its workers.
 pub(crate) type TaskFactory = Arc<dyn Fn() -> Box<dyn Task> + Send + Sync>;
+
+/// Makes a fresh instance of a join task for each of its workers, given
+/// its parents' names in the compiled pipeline's parent order.
+type JoinFactory = Arc<dyn Fn(Arc<[&'static str]>) -> Box<dyn Task> + Send + Sync>;
 
 pub use crate::msg::TaskIdx;
 
@@ -46,6 +51,9 @@ pub struct Pipeline {
     tasks: Vec<(String, TaskFactory)>,
     edges: Vec<(String, String)>,
     root: Option<String>,
+    /// The join tasks (also in `tasks`, which fixes their index), whose
+    /// factories need their parents, known at build.
+    joins: Vec<(String, JoinFactory)>,
 }
 
 impl fmt::Debug for Pipeline {
@@ -57,6 +65,10 @@ impl fmt::Debug for Pipeline {
             )
             .field("edges", &self.edges)
             .field("root", &self.root)
+            .field(
+                "joins",
+                &self.joins.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -90,6 +102,71 @@ impl Pipeline {
             name.into(),
             Arc::new(move || Box::new(make()) as Box<dyn Task>),
         ));
+        self
+    }
+
+    /// Adds a join: a task with several parents that handles everything
+    /// they emitted for one source message in one call (see
+    /// [`JoinTask`]). Each worker of the task gets its own clone of `join`.
+    ///
+    /// ```
+    /// use tempest::{JoinTask, Joined, Msg, MsgCtx, Output, Pipeline, Task, TaskResult};
+    ///
+    /// #[derive(Clone)]
+    /// struct Pass(&'static str);
+    /// impl Task for Pass {
+    ///     fn name(&self) -> &str { self.0 }
+    ///     fn handle(&mut self, msg: Msg, _: &MsgCtx) -> TaskResult { Ok(Output::One(msg)) }
+    /// }
+    ///
+    /// #[derive(Clone)]
+    /// struct Count;
+    /// impl JoinTask for Count {
+    ///     fn name(&self) -> &str { "count" }
+    ///     fn handle(&mut self, joined: Joined, _: &MsgCtx) -> TaskResult {
+    ///         Ok(Output::one(joined.len().to_string()))
+    ///     }
+    /// }
+    ///
+    /// let dag = Pipeline::new()
+    ///     .task(Pass("split"))
+    ///     .task(Pass("left"))
+    ///     .task(Pass("right"))
+    ///     .join(Count)
+    ///     .edge("split", "left")
+    ///     .edge("split", "right")
+    ///     .edge("left", "count")
+    ///     .edge("right", "count")
+    ///     .build()
+    ///     .unwrap();
+    /// assert!(dag.is_join(dag.index_of("count").unwrap()));
+    /// ```
+    pub fn join<J: JoinTask + Clone>(self, join: J) -> Self {
+        let name = join.name().to_string();
+        let prototype = Mutex::new(join);
+        self.join_with(name, move || {
+            prototype
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+        })
+    }
+
+    /// Adds a join named `name` whose workers are made by `make`, for join
+    /// tasks that cannot be cloned.
+    pub fn join_with<J, F>(mut self, name: impl Into<String>, make: F) -> Self
+    where
+        J: JoinTask,
+        F: Fn() -> J + Send + Sync + 'static,
+    {
+        let name = name.into();
+        let make: JoinFactory =
+            Arc::new(move |parents| Box::new(JoinAdapter::new(make(), parents)) as Box<dyn Task>);
+        // Replaced at build by a factory that knows the parents.
+        let unbuilt = Arc::clone(&make);
+        self.tasks
+            .push((name.clone(), Arc::new(move || unbuilt(Arc::from([])))));
+        self.joins.push((name, make));
         self
     }
 
@@ -141,7 +218,7 @@ impl Pipeline {
             }
             v
         };
-        let factories: Vec<TaskFactory> = {
+        let mut factories: Vec<TaskFactory> = {
             let mut seen = vec![false; names.len()];
             let mut v = Vec::with_capacity(names.len());
             for (name, f) in &self.tasks {
@@ -182,6 +259,31 @@ impl Pipeline {
             }
             children[a as usize].push(b);
             parents[b as usize].push(a);
+        }
+
+        let mut joins = vec![false; n];
+        for (name, make) in &self.joins {
+            let Some(&i) = index.get(name.as_str()) else {
+                continue;
+            };
+            let i = i as usize;
+            if joins[i] {
+                // A duplicate name, reported above.
+                continue;
+            }
+            joins[i] = true;
+            if parents[i].len() < 2 {
+                errors.push(PipelineError::JoinNeedsParents {
+                    task: name.clone(),
+                    parents: parents[i].len(),
+                });
+            }
+            let parent_names: Arc<[&'static str]> = parents[i]
+                .iter()
+                .map(|&p| intern(&names[p as usize]))
+                .collect();
+            let make = Arc::clone(make);
+            factories[i] = Arc::new(move || make(Arc::clone(&parent_names)));
         }
 
         for cycle in find_cycles(&children) {
@@ -244,7 +346,7 @@ impl Pipeline {
 
         match root {
             Some(root) if errors.is_empty() => {
-                Ok(Dag::new(names, root, children, parents, factories))
+                Ok(Dag::new(names, root, children, parents, factories, joins))
             }
             _ => Err(PipelineErrors(errors)),
         }
@@ -359,6 +461,13 @@ pub enum PipelineError {
     RootHasParents(String),
     /// A task the root does not lead to.
     Unreachable(String),
+    /// A join task with fewer than two parents: there is nothing to join.
+    JoinNeedsParents {
+        /// The join task.
+        task: String,
+        /// How many parents it has.
+        parents: usize,
+    },
 }
 
 impl fmt::Display for PipelineError {
@@ -408,6 +517,11 @@ impl fmt::Display for PipelineError {
             PipelineError::Unreachable(name) => {
                 write!(f, "task \"{name}\" cannot be reached from the root")
             }
+            PipelineError::JoinNeedsParents { task, parents } => write!(
+                f,
+                "join task \"{task}\" has {parents} parent{}; a join needs at least two",
+                if *parents == 1 { "" } else { "s" }
+            ),
         }
     }
 }
@@ -461,6 +575,8 @@ pub struct Dag {
     fanin: Vec<Option<u16>>,
     fanin_count: usize,
     factories: Vec<TaskFactory>,
+    /// Whether each task is a join.
+    joins: Vec<bool>,
 }
 
 impl fmt::Debug for Dag {
@@ -480,6 +596,7 @@ impl Dag {
         children: Vec<Vec<TaskIdx>>,
         parents: Vec<Vec<TaskIdx>>,
         factories: Vec<TaskFactory>,
+        joins: Vec<bool>,
     ) -> Self {
         let mut fanin_count = 0;
         let fanin = parents
@@ -500,6 +617,7 @@ impl Dag {
             fanin,
             fanin_count,
             factories,
+            joins,
         }
     }
 
@@ -566,6 +684,12 @@ impl Dag {
 
     pub(crate) fn fanin_slot(&self, t: TaskIdx) -> Option<u16> {
         self.fanin[t as usize]
+    }
+
+    /// Whether task `t` is a join ([`Pipeline::join`]): it runs once per
+    /// source message with everything its parents emitted.
+    pub fn is_join(&self, t: TaskIdx) -> bool {
+        self.joins.get(t as usize).copied().unwrap_or(false)
     }
 
     pub(crate) fn fanin_count(&self) -> usize {
@@ -776,6 +900,63 @@ mod tests {
             "the pipeline is invalid ({} problems):",
             errs.len()
         )));
+    }
+
+    #[derive(Clone)]
+    struct J(&'static str);
+    impl JoinTask for J {
+        fn name(&self) -> &str {
+            self.0
+        }
+        fn handle(
+            &mut self,
+            _: crate::join::Joined,
+            _: &crate::msg::MsgCtx,
+        ) -> crate::task::TaskResult {
+            Ok(crate::task::Output::None)
+        }
+    }
+
+    #[test]
+    fn a_join_needs_two_parents() {
+        let errs = errors(pipe(&["a", "b"], &[("a", "b"), ("b", "j")]).join(J("j")));
+        assert_eq!(
+            errs,
+            vec![PipelineError::JoinNeedsParents {
+                task: "j".into(),
+                parents: 1
+            }]
+        );
+        assert_eq!(
+            errs[0].to_string(),
+            "join task \"j\" has 1 parent; a join needs at least two"
+        );
+        // As the root, with no parent, among other problems.
+        let errs = errors(
+            Pipeline::new()
+                .join(J("j"))
+                .task(T("a"))
+                .edge("j", "a")
+                .edge("a", "x"),
+        );
+        assert!(errs.contains(&PipelineError::JoinNeedsParents {
+            task: "j".into(),
+            parents: 0
+        }));
+        assert!(errs.len() > 1, "{errs:?}");
+
+        let dag = pipe(
+            &["a", "b", "c"],
+            &[("a", "b"), ("a", "c"), ("b", "j"), ("c", "j")],
+        )
+        .join(J("j"))
+        .build()
+        .unwrap();
+        let j = dag.index_of("j").unwrap();
+        assert!(dag.is_join(j));
+        assert!(!dag.is_join(0));
+        assert_eq!(dag.fanin_slot(j), Some(0));
+        assert_eq!(dag.make_task(j).name(), "j");
     }
 
     #[test]
