@@ -9,6 +9,8 @@
 //! # How this crate is laid out
 //!
 //! - [`task`]: the [`Task`] trait, its [`Output`] and [`TaskError`].
+//! - [`typed`]: [`TypedTask`], a task over Rust types, and its adapter.
+//! - [`codec`]: [`Codec`] (JSON, postcard, raw), the codec of each edge.
 //! - [`pipeline`]: the [`Pipeline`] builder, its validation (every problem
 //!   at once) and its export as DOT or Mermaid; the compiled [`Dag`].
 //! - [`topology`]: [`TopologyBuilder`], [`TopologyOptions`],
@@ -32,6 +34,7 @@
 //! task is complete the source message is acked.
 
 mod actors;
+pub mod codec;
 pub mod config;
 mod error;
 mod inflight;
@@ -46,11 +49,13 @@ pub mod standalone;
 pub mod task;
 pub mod testing;
 pub mod topology;
+pub mod typed;
 pub mod wire;
 mod worker;
 
 pub use actors::pipeline::{MsgReport, Stats, Unfinished, WorkerStats};
 pub use actors::StopReason;
+pub use codec::{Codec, CodecError};
 pub use error::Error;
 pub use inflight::{InflightEntry, Outcome, TrackerConfig};
 pub use msg::Verdict;
@@ -58,5 +63,6 @@ pub use msg::{Emitted, MsgCtx, TaskIdx, TaskMsg, Ticket};
 pub use pipeline::{Dag, Pipeline, PipelineError, PipelineErrors};
 pub use task::{Msg, Out, Output, Task, TaskContext, TaskError, TaskResult};
 pub use topology::{FailurePolicy, Topology, TopologyBuilder, TopologyOptions};
+pub use typed::{Typed, TypedOut, TypedResult, TypedTask};
 
 pub use tempest_source as source;
