@@ -295,6 +295,18 @@ mod tests {
     }
 
     #[test]
+    fn json_round_trips_floats_exactly() {
+        // Found by `any_value_round_trips`: without serde_json's
+        // `float_roundtrip` feature this comes back as ...3567593.
+        let x = 378752259.35675925_f64;
+        let bytes = Codec::Json.encode(&x).unwrap();
+        assert_eq!(
+            Codec::Json.decode::<f64>(&bytes).unwrap().to_bits(),
+            x.to_bits()
+        );
+    }
+
+    #[test]
     fn json_lets_a_consumer_read_a_subset() {
         #[derive(Deserialize)]
         struct JustTheWord {
@@ -375,6 +387,36 @@ mod tests {
             .parse::<Codec>()
             .unwrap_err()
             .contains("\"postcard\""));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_value_round_trips(
+            word in ".*",
+            count in proptest::prelude::any::<u64>(),
+            tags in proptest::collection::vec(".{0,8}", 0..4),
+            weight in proptest::option::of(-1e9f64..1e9),
+        ) {
+            let w = Word { word, count, tags, weight };
+            for codec in [Codec::Json, Codec::Postcard] {
+                let bytes = codec.encode(&w).unwrap();
+                proptest::prop_assert_eq!(&codec.decode::<Word>(&bytes).unwrap(), &w);
+            }
+        }
+
+        /// Payloads come from peers and sources: any bytes decode to a
+        /// value or an error, never a panic.
+        #[test]
+        fn any_bytes_decode_or_fail_cleanly(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            for codec in [Codec::Json, Codec::Postcard, Codec::Raw] {
+                if let Err(e) = codec.decode::<Word>(&bytes) {
+                    proptest::prop_assert!(!e.reason().is_empty());
+                }
+            }
+            let _ = preview(&bytes);
+        }
     }
 
     #[test]
