@@ -451,6 +451,37 @@ mod tests {
     }
 
     #[test]
+    fn an_output_that_does_not_encode_fails_its_message() {
+        // JSON maps need string keys.
+        type Pairs = std::collections::BTreeMap<(u8, u8), u8>;
+        struct Pairing;
+        impl TypedTask for Pairing {
+            type In = u8;
+            type Out = Pairs;
+            fn name(&self) -> &str {
+                "pairing"
+            }
+            fn handle(&mut self, n: u8, _: &MsgCtx) -> TypedResult<Pairs> {
+                Ok(Pairs::from([((n, n), n)]).into())
+            }
+        }
+        let mut a = TypedAdapter::new(Pairing);
+        let err = a
+            .handle(Bytes::from_static(b"3"), &MsgCtx::new(5))
+            .unwrap_err();
+        assert_eq!(
+            err.message(),
+            format!(
+                "task \"pairing\": message 5: cannot encode JSON: key must be a string (a {})",
+                std::any::type_name::<Pairs>()
+            )
+        );
+        a.codecs.output = Codec::Postcard;
+        let out = a.handle(Bytes::from_static(b"3"), &MsgCtx::new(5)).unwrap();
+        assert_eq!(out.len(), 1, "postcard encodes any key");
+    }
+
+    #[test]
     fn typed_outputs_convert() {
         // Where the output type is known (a `handle`'s return), `.into()`
         // picks the conversion; `Typed::<T>::from` says it here.
