@@ -33,6 +33,8 @@ pub mod book {
     pub struct Testing;
     #[doc = include_str!("../../book/src/joins.md")]
     pub struct Joins;
+    #[doc = include_str!("../../book/src/typed-tasks.md")]
+    pub struct TypedTasks;
     #[doc = include_str!("../../book/src/sources.md")]
     pub struct Sources;
     #[doc = include_str!("../../book/src/redis.md")]

@@ -11,6 +11,8 @@
 //! - [`task`]: the [`Task`] trait, its [`Output`] and [`TaskError`].
 //! - [`join`]: the [`JoinTask`] trait, for a fan-in task that handles all
 //!   its parents emitted for a source message in one call ([`Joined`]).
+//! - [`typed`]: [`TypedTask`], a task over Rust types, and its adapter.
+//! - [`codec`]: [`Codec`] (JSON, postcard, raw), the codec of each edge.
 //! - [`pipeline`]: the [`Pipeline`] builder, its validation (every problem
 //!   at once) and its export as DOT or Mermaid; the compiled [`Dag`].
 //! - [`topology`]: [`TopologyBuilder`], [`TopologyOptions`],
@@ -35,6 +37,7 @@
 //! every task is complete the source message is acked.
 
 mod actors;
+pub mod codec;
 pub mod config;
 mod envelope;
 mod error;
@@ -51,11 +54,13 @@ pub mod standalone;
 pub mod task;
 pub mod testing;
 pub mod topology;
+pub mod typed;
 pub mod wire;
 mod worker;
 
 pub use actors::pipeline::{MsgReport, Stats, Unfinished, WorkerStats};
 pub use actors::StopReason;
+pub use codec::{Codec, CodecError};
 pub use error::Error;
 pub use inflight::{InflightEntry, Outcome, TrackerConfig};
 pub use join::{JoinTask, Joined, Part};
@@ -64,5 +69,6 @@ pub use msg::{Emitted, MsgCtx, TaskIdx, TaskMsg, Ticket};
 pub use pipeline::{Dag, Pipeline, PipelineError, PipelineErrors};
 pub use task::{Msg, Out, Output, Task, TaskContext, TaskError, TaskResult};
 pub use topology::{FailurePolicy, Topology, TopologyBuilder, TopologyOptions};
+pub use typed::{Typed, TypedOut, TypedResult, TypedTask};
 
 pub use tempest_source as source;

@@ -8,8 +8,10 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
+use crate::codec::{Codec, EdgeCodecs, TaskCodecs, TypeSig};
 use crate::join::{JoinAdapter, JoinTask};
 use crate::task::Task;
+use crate::typed::{TypedAdapter, TypedTask};
 
 /// Makes a fresh instance of a task for each of its workers.
 pub(crate) type TaskFactory = Arc<dyn Fn() -> Box<dyn Task> + Send + Sync>;
@@ -54,6 +56,16 @@ pub struct Pipeline {
     /// The join tasks (also in `tasks`, which fixes their index), whose
     /// factories need their parents, known at build.
     joins: Vec<(String, JoinFactory)>,
+    codecs: CodecPlan,
+}
+
+/// The codecs a pipeline was given, and its typed tasks' types.
+#[derive(Clone, Debug, Default)]
+struct CodecPlan {
+    default: Codec,
+    source: Option<Codec>,
+    outputs: Vec<(String, Codec)>,
+    typed: Vec<(String, TypeSig)>,
 }
 
 impl fmt::Debug for Pipeline {
@@ -69,6 +81,7 @@ impl fmt::Debug for Pipeline {
                 "joins",
                 &self.joins.iter().map(|(n, _)| n).collect::<Vec<_>>(),
             )
+            .field("codecs", &self.codecs)
             .finish()
     }
 }
@@ -152,6 +165,20 @@ impl Pipeline {
         })
     }
 
+    /// Adds a typed task (see [`TypedTask`]): its input is decoded with the
+    /// codec of the message's producer, its outputs encoded with its own
+    /// output codec. Each worker gets its own clone of `task`.
+    pub fn typed<T: TypedTask + Clone>(self, task: T) -> Self {
+        let name = task.name().to_string();
+        let prototype = Mutex::new(task);
+        self.typed_with(name, move || {
+            prototype
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+        })
+    }
+
     /// Adds a join named `name` whose workers are made by `make`, for join
     /// tasks that cannot be cloned.
     pub fn join_with<J, F>(mut self, name: impl Into<String>, make: F) -> Self
@@ -167,6 +194,44 @@ impl Pipeline {
         self.tasks
             .push((name.clone(), Arc::new(move || unbuilt(Arc::from([])))));
         self.joins.push((name, make));
+        self
+    }
+
+    /// Adds a typed task named `name` whose workers are made by `make`, for
+    /// typed tasks that cannot be cloned.
+    pub fn typed_with<T, F>(mut self, name: impl Into<String>, make: F) -> Self
+    where
+        T: TypedTask,
+        F: Fn() -> T + Send + Sync + 'static,
+    {
+        let name = name.into();
+        self.codecs
+            .typed
+            .push((name.clone(), TypeSig::of::<T::In, T::Out>()));
+        self.task_with(name, move || TypedAdapter::new(make()))
+    }
+
+    /// Sets the codec of every producer's outputs that
+    /// [`output_codec`](Self::output_codec) does not set, and of the
+    /// source's payloads unless [`source_codec`](Self::source_codec) does;
+    /// [`Codec::Json`] by default.
+    pub fn codec(mut self, codec: Codec) -> Self {
+        self.codecs.default = codec;
+        self
+    }
+
+    /// Sets the codec of task `task`'s outputs (the last call for a task
+    /// wins).
+    pub fn output_codec(mut self, task: impl Into<String>, codec: Codec) -> Self {
+        self.codecs.outputs.push((task.into(), codec));
+        self
+    }
+
+    /// Says what the source's payloads are encoded with (the pipeline's
+    /// [`codec`](Self::codec) unless set): the root task, if typed, decodes
+    /// them with it.
+    pub fn source_codec(mut self, codec: Codec) -> Self {
+        self.codecs.source = Some(codec);
         self
     }
 
@@ -344,12 +409,89 @@ impl Pipeline {
             }
         }
 
+        let (codecs, types) = self.check_codecs(&index, &names, &parents, root, &mut errors);
+
         match root {
             Some(root) if errors.is_empty() => {
-                Ok(Dag::new(names, root, children, parents, factories, joins))
+                let mut dag = Dag::new(names, root, children, parents, factories, joins);
+                dag.codecs = codecs;
+                dag.types = types;
+                Ok(dag)
             }
             _ => Err(PipelineErrors(errors)),
         }
+    }
+
+    /// Every producer's output codec and every typed task's types, by task
+    /// index; adds to `errors` what cannot work: a codec for an unknown
+    /// task, a typed task with raw outputs or fed raw bytes, a postcard edge
+    /// between typed tasks of different types.
+    fn check_codecs(
+        &self,
+        index: &HashMap<&str, TaskIdx>,
+        names: &[String],
+        parents: &[Vec<TaskIdx>],
+        root: Option<TaskIdx>,
+        errors: &mut Vec<PipelineError>,
+    ) -> (EdgeCodecs, Vec<Option<TypeSig>>) {
+        let plan = &self.codecs;
+        let mut outputs = vec![plan.default; names.len()];
+        for (name, codec) in &plan.outputs {
+            match index.get(name.as_str()) {
+                Some(&i) => outputs[i as usize] = *codec,
+                None => {
+                    let e = PipelineError::UnknownCodecTask(name.clone());
+                    if !errors.contains(&e) {
+                        errors.push(e);
+                    }
+                }
+            }
+        }
+        let mut types: Vec<Option<TypeSig>> = vec![None; names.len()];
+        for (name, sig) in &plan.typed {
+            if let Some(&i) = index.get(name.as_str()) {
+                types[i as usize].get_or_insert(*sig);
+            }
+        }
+        let source = plan.source.unwrap_or(plan.default);
+        for (t, sig) in types.iter().enumerate() {
+            let Some(sig) = sig else { continue };
+            let task = &names[t];
+            if outputs[t] == Codec::Raw {
+                errors.push(PipelineError::TypedRawOutput(task.clone()));
+            }
+            if root == Some(t as TaskIdx) && source == Codec::Raw {
+                errors.push(PipelineError::RawInput {
+                    task: task.clone(),
+                    input_type: sig.in_name.to_string(),
+                    from: None,
+                });
+            }
+            for &p in &parents[t] {
+                let p = p as usize;
+                match (outputs[p], types[p]) {
+                    (Codec::Raw, _) => errors.push(PipelineError::RawInput {
+                        task: task.clone(),
+                        input_type: sig.in_name.to_string(),
+                        from: Some(names[p].clone()),
+                    }),
+                    (Codec::Postcard, Some(from)) if from.out_id != sig.in_id => {
+                        errors.push(PipelineError::PostcardTypeMismatch {
+                            from: names[p].clone(),
+                            to: task.clone(),
+                            out_type: from.out_name.to_string(),
+                            in_type: sig.in_name.to_string(),
+                        })
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let codecs = EdgeCodecs {
+            source,
+            tasks: outputs.into(),
+        };
+        (codecs, types)
     }
 }
 
@@ -468,6 +610,32 @@ pub enum PipelineError {
         /// How many parents it has.
         parents: usize,
     },
+    /// `.output_codec(..)` names a task the pipeline does not have.
+    UnknownCodecTask(String),
+    /// A typed task whose output codec is [`Codec::Raw`]: its values need a
+    /// codec.
+    TypedRawOutput(String),
+    /// A typed task reads from a producer whose codec is [`Codec::Raw`].
+    RawInput {
+        /// The typed task.
+        task: String,
+        /// The type it reads.
+        input_type: String,
+        /// The producer: a task, or `None` for the source.
+        from: Option<String>,
+    },
+    /// A postcard edge between typed tasks of different types: postcard is
+    /// not self-describing, so the consumer would misread the bytes.
+    PostcardTypeMismatch {
+        /// The producer.
+        from: String,
+        /// The consumer.
+        to: String,
+        /// The type the producer writes.
+        out_type: String,
+        /// The type the consumer reads.
+        in_type: String,
+    },
 }
 
 impl fmt::Display for PipelineError {
@@ -521,6 +689,43 @@ impl fmt::Display for PipelineError {
                 f,
                 "join task \"{task}\" has {parents} parent{}; a join needs at least two",
                 if *parents == 1 { "" } else { "s" }
+            ),
+            PipelineError::UnknownCodecTask(name) => {
+                write!(f, "output_codec names unknown task \"{name}\"")
+            }
+            PipelineError::TypedRawOutput(name) => write!(
+                f,
+                "typed task \"{name}\" has the raw output codec; a typed task's \
+                 outputs need a codec (json or postcard)"
+            ),
+            PipelineError::RawInput {
+                task,
+                input_type,
+                from: Some(from),
+            } => write!(
+                f,
+                "typed task \"{task}\" reads {input_type} from \"{from}\", whose \
+                 outputs are raw bytes; give \"{from}\" a codec with output_codec"
+            ),
+            PipelineError::RawInput {
+                task,
+                input_type,
+                from: None,
+            } => write!(
+                f,
+                "typed root task \"{task}\" reads {input_type} from the source, whose \
+                 payloads are raw bytes; say what they are with source_codec"
+            ),
+            PipelineError::PostcardTypeMismatch {
+                from,
+                to,
+                out_type,
+                in_type,
+            } => write!(
+                f,
+                "edge \"{from}\" -> \"{to}\" is postcard, but \"{from}\" writes \
+                 {out_type} and \"{to}\" reads {in_type}; postcard is not \
+                 self-describing: use one type at both ends, or JSON on this edge"
             ),
         }
     }
@@ -577,6 +782,10 @@ pub struct Dag {
     factories: Vec<TaskFactory>,
     /// Whether each task is a join.
     joins: Vec<bool>,
+    /// Every producer's output codec.
+    codecs: EdgeCodecs,
+    /// The types of the typed tasks.
+    types: Vec<Option<TypeSig>>,
 }
 
 impl fmt::Debug for Dag {
@@ -618,6 +827,8 @@ impl Dag {
             fanin_count,
             factories,
             joins,
+            codecs: EdgeCodecs::default(),
+            types: Vec::new(),
         }
     }
 
@@ -698,6 +909,37 @@ impl Dag {
 
     pub(crate) fn make_task(&self, t: TaskIdx) -> Box<dyn Task> {
         (self.factories[t as usize])()
+    }
+
+    /// The codec of the outputs of task `t`, which its children decode
+    /// them with. (An index that names no task, such as the parent of the
+    /// root's messages, gives the source's codec.)
+    pub fn output_codec(&self, t: TaskIdx) -> Codec {
+        self.codecs.of(t)
+    }
+
+    /// The codec of the source's payloads.
+    pub fn source_codec(&self) -> Codec {
+        self.codecs.source
+    }
+
+    /// The codecs a worker of task `t` works with, for its
+    /// [`TaskContext`](crate::TaskContext).
+    pub(crate) fn task_codecs(&self, t: TaskIdx) -> TaskCodecs {
+        TaskCodecs {
+            inputs: self.codecs.clone(),
+            output: self.codecs.of(t),
+        }
+    }
+
+    /// The names of the types typed task `t` reads and writes (`None`: an
+    /// untyped task).
+    pub fn task_types(&self, t: TaskIdx) -> Option<(&'static str, &'static str)> {
+        self.types
+            .get(t as usize)
+            .copied()
+            .flatten()
+            .map(|s| (s.in_name, s.out_name))
     }
 
     /// The DAG in Graphviz DOT.
@@ -917,6 +1159,29 @@ mod tests {
         }
     }
 
+    /// A typed task from `I` to `O` that passes nothing on.
+    #[derive(Clone, Copy)]
+    struct Ty<I, O>(&'static str, std::marker::PhantomData<fn(I) -> O>);
+
+    fn ty<I, O>(name: &'static str) -> Ty<I, O> {
+        Ty(name, std::marker::PhantomData)
+    }
+
+    impl<I, O> TypedTask for Ty<I, O>
+    where
+        I: serde::de::DeserializeOwned + Send + 'static,
+        O: serde::Serialize + Send + 'static,
+    {
+        type In = I;
+        type Out = O;
+        fn name(&self) -> &str {
+            self.0
+        }
+        fn handle(&mut self, _: I, _: &crate::MsgCtx) -> crate::TypedResult<O> {
+            Ok(crate::Typed::None)
+        }
+    }
+
     #[test]
     fn a_join_needs_two_parents() {
         let errs = errors(pipe(&["a", "b"], &[("a", "b"), ("b", "j")]).join(J("j")));
@@ -957,6 +1222,136 @@ mod tests {
         assert!(!dag.is_join(0));
         assert_eq!(dag.fanin_slot(j), Some(0));
         assert_eq!(dag.make_task(j).name(), "j");
+    }
+
+    #[test]
+    fn codecs_default_to_json_and_are_set_per_producer() {
+        let dag = Pipeline::new()
+            .typed(ty::<String, u32>("a"))
+            .typed(ty::<u32, u32>("b"))
+            .task(T("c"))
+            .edge("a", "b")
+            .edge("b", "c")
+            .output_codec("a", Codec::Postcard)
+            .build()
+            .unwrap();
+        assert_eq!(dag.source_codec(), Codec::Json);
+        assert_eq!(dag.output_codec(0), Codec::Postcard);
+        assert_eq!(dag.output_codec(1), Codec::Json);
+        assert_eq!(dag.output_codec(crate::msg::NO_TASK), Codec::Json);
+        assert_eq!(
+            dag.task_types(1),
+            Some((std::any::type_name::<u32>(), std::any::type_name::<u32>()))
+        );
+        assert_eq!(dag.task_types(2), None);
+        let dag = pipe(&["a", "b"], &[("a", "b")])
+            .codec(Codec::Raw)
+            .output_codec("a", Codec::Postcard)
+            .build()
+            .unwrap();
+        assert_eq!(dag.source_codec(), Codec::Raw, "the pipeline's codec");
+        assert_eq!(dag.output_codec(0), Codec::Postcard);
+        assert_eq!(dag.output_codec(1), Codec::Raw);
+    }
+
+    #[test]
+    fn every_codec_mismatch_is_reported_at_once_with_tasks_and_types() {
+        // Raw source into a typed root; raw "raw" into typed "b"; postcard
+        // between String and u32; a typed task with raw outputs; a codec
+        // for a task that does not exist.
+        let errs = errors(
+            Pipeline::new()
+                .typed(ty::<String, String>("root"))
+                .task(T("raw"))
+                .typed(ty::<u32, u32>("b"))
+                .typed(ty::<u64, u8>("c"))
+                .edge("root", "raw")
+                .edge("root", "b")
+                .edge("raw", "b")
+                .edge("b", "c")
+                .codec(Codec::Postcard)
+                .source_codec(Codec::Raw)
+                .output_codec("raw", Codec::Raw)
+                .output_codec("c", Codec::Raw)
+                .output_codec("nope", Codec::Json),
+        );
+        let string = std::any::type_name::<String>().to_string();
+        let u32_ = std::any::type_name::<u32>().to_string();
+        assert_eq!(
+            errs,
+            vec![
+                PipelineError::UnknownCodecTask("nope".into()),
+                PipelineError::RawInput {
+                    task: "root".into(),
+                    input_type: string.clone(),
+                    from: None,
+                },
+                PipelineError::PostcardTypeMismatch {
+                    from: "root".into(),
+                    to: "b".into(),
+                    out_type: string.clone(),
+                    in_type: u32_.clone(),
+                },
+                PipelineError::RawInput {
+                    task: "b".into(),
+                    input_type: u32_.clone(),
+                    from: Some("raw".into()),
+                },
+                PipelineError::TypedRawOutput("c".into()),
+                PipelineError::PostcardTypeMismatch {
+                    from: "b".into(),
+                    to: "c".into(),
+                    out_type: u32_.clone(),
+                    in_type: "u64".into(),
+                },
+            ]
+        );
+        let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        assert_eq!(text[0], "output_codec names unknown task \"nope\"");
+        assert_eq!(
+            text[1],
+            format!(
+                "typed root task \"root\" reads {string} from the source, whose payloads \
+                 are raw bytes; say what they are with source_codec"
+            )
+        );
+        assert_eq!(
+            text[2],
+            format!(
+                "edge \"root\" -> \"b\" is postcard, but \"root\" writes {string} and \
+                 \"b\" reads u32; postcard is not self-describing: use one type at both \
+                 ends, or JSON on this edge"
+            )
+        );
+        assert_eq!(
+            text[3],
+            "typed task \"b\" reads u32 from \"raw\", whose outputs are raw bytes; \
+             give \"raw\" a codec with output_codec"
+        );
+        assert_eq!(
+            text[4],
+            "typed task \"c\" has the raw output codec; a typed task's outputs need a \
+             codec (json or postcard)"
+        );
+    }
+
+    #[test]
+    fn json_edges_and_untyped_ends_are_not_type_checked() {
+        // JSON between different types (a consumer may read a subset), and
+        // postcard where one end is untyped: the pipeline cannot see both
+        // types, so it allows them.
+        Pipeline::new()
+            .typed(ty::<String, String>("a"))
+            .typed(ty::<u32, String>("b"))
+            .task(T("c"))
+            .typed(ty::<u8, u8>("d"))
+            .edge("a", "b")
+            .edge("b", "c")
+            .edge("c", "d")
+            .output_codec("b", Codec::Postcard)
+            .output_codec("c", Codec::Postcard)
+            .build()
+            .unwrap();
     }
 
     #[test]

@@ -157,6 +157,7 @@ pub(crate) fn run(
             task: task.to_string(),
             worker: w,
             metrics: metrics.with_label("task", task.to_string()),
+            codecs: dag.task_codecs(task_idx),
         };
         let instance = dag.make_task(task_idx);
         let mut transport = Remote {

@@ -298,6 +298,7 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
                     task: task_name.clone(),
                     worker: w,
                     metrics: metrics.with_label("task", task_name.clone()),
+                    codecs: dag.task_codecs(t as TaskIdx),
                 };
                 let task = dag.make_task(t as TaskIdx);
                 let mut transport = InProc {

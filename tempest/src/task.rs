@@ -5,7 +5,8 @@ use std::fmt;
 use bytes::Bytes;
 use tempest_source::{HeaderError, Headers, Metrics};
 
-use crate::msg::{Emitted, MsgCtx};
+use crate::codec::{Codec, TaskCodecs};
+use crate::msg::{Emitted, MsgCtx, TaskIdx};
 
 /// A message as a task receives and emits it.
 pub type Msg = Bytes;
@@ -167,6 +168,13 @@ impl Out {
         self
     }
 
+    /// The output with this payload instead, keeping its key and headers:
+    /// how a typed task's output gets its encoded value.
+    pub(crate) fn with_payload(mut self, payload: Msg) -> Self {
+        self.payload = payload;
+        self
+    }
+
     fn resolve(self, ctx: &MsgCtx) -> Result<Emitted, HeaderError> {
         let key = match self.key {
             KeyChange::Inherit => ctx.key.clone(),
@@ -293,6 +301,45 @@ pub struct TaskContext {
     /// A handle to record the task's own metrics, labelled with the topology
     /// and the task's name.
     pub metrics: Metrics,
+    /// The codecs of the pipeline's producers and the task's own.
+    pub(crate) codecs: TaskCodecs,
+}
+
+impl TaskContext {
+    /// The context of worker `worker` of task `task`, whose inputs and
+    /// outputs are all JSON: for calling `started` in a unit test.
+    pub fn new(
+        topology: impl Into<String>,
+        task: impl Into<String>,
+        worker: usize,
+        metrics: Metrics,
+    ) -> Self {
+        TaskContext {
+            topology: topology.into(),
+            task: task.into(),
+            worker,
+            metrics,
+            codecs: TaskCodecs::default(),
+        }
+    }
+
+    /// The codec of the message `msg` is the context of: that of the task
+    /// that emitted it (or of the source), set when the pipeline was built.
+    /// Typed tasks decode with it; an untyped task may too.
+    pub fn input_codec(&self, msg: &MsgCtx) -> Codec {
+        self.codec_of(msg.parent)
+    }
+
+    /// The codec of the messages task `parent` emits (`NO_TASK`: the
+    /// source's payloads).
+    pub(crate) fn codec_of(&self, parent: TaskIdx) -> Codec {
+        self.codecs.inputs.of(parent)
+    }
+
+    /// The codec this task's outputs are read with downstream.
+    pub fn output_codec(&self) -> Codec {
+        self.codecs.output
+    }
 }
 
 /// One step of a pipeline: it handles a message and emits zero, one or many.

@@ -51,15 +51,17 @@ fn the_bottom_modules_import_nothing_above_them() {
     assert_only("msg.rs", &[]);
     assert_only("envelope.rs", &[]);
     assert_only("policy.rs", &[]);
+    assert_only("codec.rs", &["msg"]);
 }
 
 #[test]
 fn data_structures_and_the_protocol_know_no_actors() {
     assert_only("inflight.rs", &["envelope", "msg", "pipeline", "policy"]);
     assert_only("wire.rs", &["msg", "pipeline"]);
-    assert_only("task.rs", &["msg"]);
+    assert_only("task.rs", &["msg", "codec"]);
+    assert_only("typed.rs", &["msg", "codec", "task"]);
     assert_only("join.rs", &["envelope", "msg", "task"]);
-    assert_only("pipeline.rs", &["join", "msg", "task"]);
+    assert_only("pipeline.rs", &["join", "msg", "task", "codec", "typed"]);
     assert_only("worker.rs", &["msg", "task", "metrics"]);
 }
 
