@@ -8,10 +8,10 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
-use crate::task::Task;
+use crate::task::{AsyncRunner, AsyncTask, Task, TaskBody, DEFAULT_CONCURRENCY};
 
 /// Makes a fresh instance of a task for each of its workers.
-pub(crate) type TaskFactory = Arc<dyn Fn() -> Box<dyn Task> + Send + Sync>;
+pub(crate) type TaskFactory = Arc<dyn Fn() -> TaskBody + Send + Sync>;
 
 pub use crate::msg::TaskIdx;
 
@@ -46,6 +46,10 @@ pub struct Pipeline {
     tasks: Vec<(String, TaskFactory)>,
     edges: Vec<(String, String)>,
     root: Option<String>,
+    /// The names of the tasks added as [`AsyncTask`]s.
+    async_tasks: Vec<String>,
+    /// Concurrency set per async task, in the order set.
+    concurrency: Vec<(String, usize)>,
 }
 
 impl fmt::Debug for Pipeline {
@@ -88,8 +92,46 @@ impl Pipeline {
     {
         self.tasks.push((
             name.into(),
-            Arc::new(move || Box::new(make()) as Box<dyn Task>),
+            Arc::new(move || TaskBody::Sync(Box::new(make()))),
         ));
+        self
+    }
+
+    /// Adds an [`AsyncTask`]; each worker of the task gets its own clone
+    /// of `task` and keeps up to its concurrency of messages in flight
+    /// (see [`concurrency`](Self::concurrency)).
+    pub fn async_task<T: AsyncTask + Clone>(self, task: T) -> Self {
+        let name = task.name().to_string();
+        let prototype = Mutex::new(task);
+        self.async_task_with(name, move || {
+            prototype
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+        })
+    }
+
+    /// Adds an [`AsyncTask`] named `name` whose workers are made by `make`,
+    /// for tasks that cannot be cloned.
+    pub fn async_task_with<T, F>(mut self, name: impl Into<String>, make: F) -> Self
+    where
+        T: AsyncTask,
+        F: Fn() -> T + Send + Sync + 'static,
+    {
+        let name = name.into();
+        self.async_tasks.push(name.clone());
+        self.tasks.push((
+            name,
+            Arc::new(move || TaskBody::Async(Box::new(make()) as Box<dyn AsyncRunner>)),
+        ));
+        self
+    }
+
+    /// How many messages each worker of async task `task` keeps in flight
+    /// (default [`DEFAULT_CONCURRENCY`]). `Topology.toml` and
+    /// `--concurrency` override it.
+    pub fn concurrency(mut self, task: impl Into<String>, n: usize) -> Self {
+        self.concurrency.push((task.into(), n));
         self
     }
 
@@ -242,9 +284,35 @@ impl Pipeline {
             }
         }
 
+        let mut concurrency: Vec<Option<usize>> = names
+            .iter()
+            .map(|n| self.async_tasks.contains(n).then_some(DEFAULT_CONCURRENCY))
+            .collect();
+        for (task, n) in &self.concurrency {
+            let problem = match index.get(task.as_str()) {
+                None => Some("it is not a task of the pipeline".to_string()),
+                Some(_) if *n == 0 => Some("it must be at least 1".to_string()),
+                Some(&i) => match &mut concurrency[i as usize] {
+                    None => Some("it is a sync task; only async tasks take a concurrency".into()),
+                    Some(c) => {
+                        *c = *n;
+                        None
+                    }
+                },
+            };
+            if let Some(problem) = problem {
+                errors.push(PipelineError::Concurrency {
+                    task: task.clone(),
+                    problem,
+                });
+            }
+        }
+
         match root {
             Some(root) if errors.is_empty() => {
-                Ok(Dag::new(names, root, children, parents, factories))
+                let mut dag = Dag::new(names, root, children, parents, factories);
+                dag.concurrency = concurrency;
+                Ok(dag)
             }
             _ => Err(PipelineErrors(errors)),
         }
@@ -359,6 +427,13 @@ pub enum PipelineError {
     RootHasParents(String),
     /// A task the root does not lead to.
     Unreachable(String),
+    /// A concurrency that cannot be set.
+    Concurrency {
+        /// The task named.
+        task: String,
+        /// Why not.
+        problem: String,
+    },
 }
 
 impl fmt::Display for PipelineError {
@@ -407,6 +482,9 @@ impl fmt::Display for PipelineError {
             }
             PipelineError::Unreachable(name) => {
                 write!(f, "task \"{name}\" cannot be reached from the root")
+            }
+            PipelineError::Concurrency { task, problem } => {
+                write!(f, "concurrency for task \"{task}\": {problem}")
             }
         }
     }
@@ -461,6 +539,8 @@ pub struct Dag {
     fanin: Vec<Option<u16>>,
     fanin_count: usize,
     factories: Vec<TaskFactory>,
+    /// Per task: its workers' concurrency if it is async, `None` if sync.
+    concurrency: Vec<Option<usize>>,
 }
 
 impl fmt::Debug for Dag {
@@ -498,6 +578,7 @@ impl Dag {
             children,
             parents,
             fanin,
+            concurrency: vec![None; factories.len()],
             fanin_count,
             factories,
         }
@@ -572,8 +653,21 @@ impl Dag {
         self.fanin_count
     }
 
-    pub(crate) fn make_task(&self, t: TaskIdx) -> Box<dyn Task> {
+    pub(crate) fn make_task(&self, t: TaskIdx) -> TaskBody {
         (self.factories[t as usize])()
+    }
+
+    /// Whether task `t` is an [`AsyncTask`].
+    pub fn is_async(&self, t: TaskIdx) -> bool {
+        self.concurrency
+            .get(t as usize)
+            .is_some_and(Option::is_some)
+    }
+
+    /// The concurrency of async task `t` as the pipeline sets it (`None`
+    /// for a sync task).
+    pub fn concurrency(&self, t: TaskIdx) -> Option<usize> {
+        self.concurrency.get(t as usize).copied().flatten()
     }
 
     /// The DAG in Graphviz DOT.
