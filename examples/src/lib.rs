@@ -28,6 +28,8 @@ pub mod book {
     pub struct Configuration;
     #[doc = include_str!("../../book/src/testing.md")]
     pub struct Testing;
+    #[doc = include_str!("../../book/src/async-tasks.md")]
+    pub struct AsyncTasks;
     #[doc = include_str!("../../book/src/sources.md")]
     pub struct Sources;
     #[doc = include_str!("../../book/src/redis.md")]
