@@ -846,7 +846,11 @@ fn all(smoke: bool, rounds: usize) -> anyhow::Result<String> {
         fmt_rate(async_ceiling),
         async_rate / async_ceiling.max(1e-9) * 100.0,
         async_high,
-        if async_runs.iter().all(|m| m.all_acked) { "yes" } else { "NO" },
+        if async_runs.iter().all(|m| m.all_acked) {
+            "yes"
+        } else {
+            "NO"
+        },
         cmd(&format!(
             "async --messages {} --sleep-us {} --concurrency {}",
             async_p.messages, async_p.sleep_us, async_p.concurrency

@@ -1298,6 +1298,44 @@ a = 1
     }
 
     #[test]
+    fn concurrency_is_for_async_tasks_and_at_least_1() {
+        let dag = Pipeline::new()
+            .task(T("split"))
+            .async_task(crate::task::AsyncPassOn("fetch"))
+            .edge("split", "fetch")
+            .build()
+            .unwrap();
+        let ok = parse("[[task]]\nname = \"fetch\"\nconcurrency = 256\n").unwrap();
+        ok.check(&dag).unwrap();
+        assert_eq!(ok.task("fetch").unwrap().concurrency, Some(256));
+        let f = parse(
+            "[[task]]\nname = \"split\"\nconcurrency = 8\n\n[[task]]\nname = \"fetch\"\nconcurrency = 0\n",
+        )
+        .unwrap();
+        assert_eq!(
+            lines(&f.check(&dag).unwrap_err()),
+            [
+                "Topology.toml:3: task.concurrency: task \"split\" is a sync task; only async tasks take a concurrency",
+                "Topology.toml:7: task.concurrency: must be at least 1 (task \"fetch\")",
+            ]
+        );
+        let e = parse("[[task]]\nname = \"fetch\"\nconcurrency = \"many\"\nconcurency = 2\n")
+            .unwrap_err();
+        let got = lines(&e);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(
+            got[0].starts_with("Topology.toml:3: task.concurrency: "),
+            "{got:?}"
+        );
+        assert!(
+            got[1].starts_with(
+                "Topology.toml:4: task.concurency: unknown key; did you mean concurrency?"
+            ),
+            "{got:?}"
+        );
+    }
+
+    #[test]
     fn entries_are_blanked_without_breaking_the_toml() {
         let text = "a = { x = 1, y = 2, z = 3 }\nb.c.d = 1\nb.e = 2\n";
         let nodes = nodes(text).unwrap();

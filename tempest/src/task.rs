@@ -415,6 +415,22 @@ impl Task for PassOn {
     }
 }
 
+/// An async task that passes every message on unchanged, for the crate's
+/// unit tests.
+#[cfg(test)]
+#[derive(Clone, Copy)]
+pub(crate) struct AsyncPassOn(pub &'static str);
+
+#[cfg(test)]
+impl AsyncTask for AsyncPassOn {
+    fn name(&self) -> &str {
+        self.0
+    }
+    async fn handle(&self, msg: Msg, _: MsgCtx) -> TaskResult {
+        Ok(Output::One(msg))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,7 +51,12 @@ impl AsyncTask for Sleepy {
 
     async fn handle(&self, msg: Msg, ctx: MsgCtx) -> TaskResult {
         let n = self.calls.fetch_add(1, Ordering::SeqCst);
-        *self.per_id.lock().unwrap().entry(ctx.id().clone()).or_default() += 1;
+        *self
+            .per_id
+            .lock()
+            .unwrap()
+            .entry(ctx.id().clone())
+            .or_default() += 1;
         tokio::time::sleep((self.wait)(n)).await;
         Ok(Output::One(msg))
     }
@@ -149,7 +154,11 @@ fn hang_topology(source: MockSource, task: Hang) -> TopologyBuilder {
 /// Both attempts of the one message time out; the first attempt's future
 /// must have been dropped before the retry started (it would hang for ten
 /// minutes otherwise).
-fn check_cancelled(report_stats: &tempest::Stats, mock: &tempest_source_mock::MockHandle, task: &Hang) {
+fn check_cancelled(
+    report_stats: &tempest::Stats,
+    mock: &tempest_source_mock::MockHandle,
+    task: &Hang,
+) {
     assert_eq!(report_stats.timed_out, 1, "{report_stats:?}");
     assert_eq!(report_stats.retried, 1, "{report_stats:?}");
     let failed = mock.failed();
@@ -177,7 +186,10 @@ fn a_timed_out_async_call_is_cancelled_and_goes_to_the_failure_policy() {
     check_cancelled(&report.stats, &mock, &task);
     let id = &mock.failed()[0].id;
     let r = report.report(id).expect("a report of the message");
-    assert_eq!((r.outcome, r.attempts, r.timeouts), (Outcome::TimedOut, 2, 2));
+    assert_eq!(
+        (r.outcome, r.attempts, r.timeouts),
+        (Outcome::TimedOut, 2, 2)
+    );
     assert!(
         report
             .metrics
@@ -204,7 +216,8 @@ fn a_timed_out_remote_async_call_is_cancelled_and_goes_to_the_failure_policy() {
     common::logs();
     let task = Hang::default();
     let (source, mock) = common::primed(&["x"]);
-    let (top, addr) = common::serve_on_loopback(hang_topology(source, task.clone()).build().unwrap());
+    let (top, addr) =
+        common::serve_on_loopback(hang_topology(source, task.clone()).build().unwrap());
     let worker_topology = hang_topology(generated(0).0, task.clone()).build().unwrap();
     let w = std::thread::spawn(move || {
         standalone::run_worker(&worker_topology, "hang", worker_options(addr), None)
@@ -226,7 +239,9 @@ fn out_of_order_topology(source: MockSource, task: Sleepy) -> TopologyBuilder {
         .msg_timeout(Duration::from_secs(30))
         .pipeline(
             Pipeline::new()
-                .task(FnTask::new("split", |m| Ok(Output::Many(vec![m.clone(), m]))))
+                .task(FnTask::new("split", |m| {
+                    Ok(Output::Many(vec![m.clone(), m]))
+                }))
                 .async_task(task)
                 .concurrency("sleepy", 32)
                 .edge("split", "sleepy"),
@@ -292,7 +307,7 @@ impl AsyncTask for HalfHang {
     }
 
     async fn handle(&self, _msg: Msg, ctx: MsgCtx) -> TaskResult {
-        if self.calls.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+        if self.calls.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) {
             tokio::time::sleep(Duration::from_secs(600)).await;
         }
         self.answered.lock().unwrap().insert(ctx.id().clone());
@@ -345,4 +360,67 @@ fn losing_a_remote_async_worker_fails_exactly_what_it_had_not_answered() {
             f.reason
         );
     }
+}
+
+/// Concurrency from the code, the file and the flags (applied last, as
+/// `rt` does), each over the one before; bad values name their task.
+#[test]
+fn concurrency_resolves_by_precedence_and_only_for_async_tasks() {
+    let pipeline = || {
+        Pipeline::new()
+            .task(common::pass("split"))
+            .async_task(Sleepy::new("fetch", |_| Duration::ZERO))
+            .edge("split", "fetch")
+    };
+    let build = |b: TopologyBuilder| b.source(generated(0).0).build();
+    let fetch =
+        |t: &tempest::Topology| t.concurrency()[t.dag().index_of("fetch").unwrap() as usize];
+    let t = build(TopologyBuilder::new("c").pipeline(pipeline())).unwrap();
+    assert_eq!(fetch(&t), tempest::DEFAULT_CONCURRENCY);
+    assert_eq!(
+        t.concurrency()[t.dag().index_of("split").unwrap() as usize],
+        0
+    );
+    let code = || TopologyBuilder::new("c").pipeline(pipeline().concurrency("fetch", 8));
+    assert_eq!(fetch(&build(code()).unwrap()), 8);
+    let file = tempest::config::ConfigFile::parse(
+        std::path::Path::new("Topology.toml"),
+        "[[task]]\nname = \"fetch\"\nconcurrency = 16\n".into(),
+    )
+    .unwrap();
+    assert_eq!(fetch(&build(code().config_file(file.clone())).unwrap()), 16);
+    assert_eq!(
+        fetch(&build(code().config_file(file).concurrency("fetch", 32)).unwrap()),
+        32
+    );
+    let e = build(
+        TopologyBuilder::new("c")
+            .pipeline(pipeline())
+            .concurrency("split", 4),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("\"split\", a sync task"), "{e}");
+    let e = build(
+        TopologyBuilder::new("c")
+            .pipeline(pipeline())
+            .concurrency("fetch", 0),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("concurrency must be at least 1"), "{e}");
+    let e = pipeline()
+        .concurrency("split", 2)
+        .concurrency("nope", 2)
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("concurrency for task \"split\": it is a sync task"),
+        "{e}"
+    );
+    assert!(
+        e.contains("concurrency for task \"nope\": it is not a task"),
+        "{e}"
+    );
 }
