@@ -303,6 +303,10 @@ pub struct TaskContext {
 ///
 /// A panic inside `filter` or `handle` fails that message (per the failure
 /// policy), not the process; the worker keeps its instance and goes on.
+///
+/// Blocking inside `handle` is allowed: it holds this worker's thread. For
+/// I/O-bound work with an async client, an [`AsyncTask`] keeps many
+/// messages in flight on one worker.
 pub trait Task: Send + 'static {
     /// The task's name, unique within its pipeline.
     fn name(&self) -> &str;
