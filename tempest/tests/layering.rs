@@ -59,6 +59,7 @@ fn data_structures_and_the_protocol_know_no_actors() {
     assert_only("task.rs", &["msg"]);
     assert_only("pipeline.rs", &["msg", "task"]);
     assert_only("worker.rs", &["msg", "task", "metrics"]);
+    assert_only("async_worker.rs", &["msg", "task", "metrics", "worker"]);
 }
 
 #[test]
