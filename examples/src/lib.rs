@@ -35,6 +35,8 @@ pub mod book {
     pub struct Joins;
     #[doc = include_str!("../../book/src/typed-tasks.md")]
     pub struct TypedTasks;
+    #[doc = include_str!("../../book/src/async-tasks.md")]
+    pub struct AsyncTasks;
     #[doc = include_str!("../../book/src/sources.md")]
     pub struct Sources;
     #[doc = include_str!("../../book/src/redis.md")]

@@ -253,3 +253,48 @@ workrs = 2
     // Every problem once: no other line names the file or repeats one.
     assert_eq!(stderr.matches(&file).count(), 6, "{stderr}");
 }
+
+/// `concurrency` is for async tasks: on a sync task of the package it is
+/// an error naming the file, line and key; `--concurrency` likewise.
+#[test]
+fn concurrency_on_a_sync_task_is_an_error_with_its_line() {
+    let dir = std::env::temp_dir().join(format!("tempest-concurrency-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("Topology.toml");
+    std::fs::write(
+        &path,
+        "name = \"wordcount\"\n\n[[task]]\nname = \"words\"\nconcurrency = 8\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_wordcount"))
+            .current_dir(&dir)
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8(out.stderr).unwrap())
+    };
+    let config = path.display().to_string();
+    let (code, stderr) = run(&["--config", &config, "standalone"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{config}:5: task.concurrency: task \"words\" is a sync task; only async tasks take a concurrency"
+        )),
+        "{stderr}"
+    );
+    std::fs::write(&path, "name = \"wordcount\"\n").unwrap();
+    let (code, stderr) = run(&[
+        "--config",
+        &config,
+        "standalone",
+        "--concurrency",
+        "words=4",
+    ]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("\"words\", a sync task"), "{stderr}");
+    let (code, stderr) = run(&["--config", &config, "standalone", "--concurrency", "words"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("TASK=COUNT"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

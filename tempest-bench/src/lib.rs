@@ -864,6 +864,101 @@ pub fn run_spread(p: &SpreadParams) -> Result<SpreadMeasured, tempest::Error> {
     })
 }
 
+/// An async task that waits per message without holding its thread.
+#[derive(Clone, Debug)]
+struct AsyncSleep {
+    sleep: Duration,
+}
+
+/// The async scenario's task.
+pub const ASYNC_TASK: &str = "await";
+
+impl tempest::AsyncTask for AsyncSleep {
+    fn name(&self) -> &str {
+        ASYNC_TASK
+    }
+
+    async fn handle(&self, _msg: Msg, _ctx: MsgCtx) -> TaskResult {
+        tokio::time::sleep(self.sleep).await;
+        Ok(Output::None)
+    }
+}
+
+/// One burst through one async task that awaits per message.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AsyncParams {
+    /// Messages in the burst, all polled at once (one poll).
+    pub messages: u64,
+    /// How long each call awaits, in microseconds.
+    pub sleep_us: u64,
+    /// Messages the one worker keeps in flight.
+    pub concurrency: usize,
+}
+
+/// What one async burst measured.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AsyncMeasured {
+    /// Messages acked.
+    pub acked: u64,
+    /// Whether every message was acked exactly once.
+    pub all_acked: bool,
+    /// Seconds from the burst's poll to its last ack.
+    pub wall_s: f64,
+    /// Acked messages per second over `wall_s`.
+    pub rate: f64,
+    /// The most one worker can do: concurrency / await time.
+    pub ceiling: f64,
+    /// The most messages in progress at once (the worker's own gauge).
+    pub high_water: i64,
+}
+
+/// Runs one burst of `p.messages` through one async task whose calls each
+/// await `p.sleep_us`, with one worker keeping `p.concurrency` in flight.
+pub fn run_async(p: &AsyncParams) -> Result<AsyncMeasured, tempest::Error> {
+    let source = BurstSource::new(p.messages).map_err(|e| tempest::Error::Source {
+        name: "burst".into(),
+        source: e,
+    })?;
+    let log = Arc::clone(&source.log);
+    let b = TopologyBuilder::new("bench-async")
+        .source(source)
+        .pipeline(
+            Pipeline::new()
+                .async_task(AsyncSleep {
+                    sleep: Duration::from_micros(p.sleep_us),
+                })
+                .concurrency(ASYNC_TASK, p.concurrency),
+        )
+        .failure_policy(FailurePolicy::None)
+        // Room for the whole burst in flight, so it is one poll.
+        .max_pending(
+            usize::try_from(p.messages)
+                .unwrap_or(usize::MAX)
+                .max(16_384),
+        )
+        .msg_timeout(Duration::from_secs(600));
+    let report = standalone::run(b.build()?, RunOptions::default())?;
+    let log = log.lock().unwrap_or_else(PoisonError::into_inner);
+    let wall_s = match (log.polled, log.last_ack) {
+        (Some(polled), Some(last)) => last.saturating_duration_since(polled).as_secs_f64(),
+        _ => 0.0,
+    };
+    Ok(AsyncMeasured {
+        acked: log.good,
+        all_acked: log.good == p.messages && log.bad == 0 && report.stats.acked == p.messages,
+        wall_s,
+        rate: log.good as f64 / wall_s.max(1e-9),
+        ceiling: p.concurrency as f64 * 1e6 / p.sleep_us.max(1) as f64,
+        high_water: report
+            .metrics
+            .gauge(
+                tempest::metrics::names::TASK_IN_PROGRESS_MAX,
+                &[("task", ASYNC_TASK)],
+            )
+            .unwrap_or(0),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -938,6 +1033,19 @@ mod tests {
         assert_eq!(m.per_worker.iter().sum::<u64>(), 300, "{m:?}");
         assert!(m.max_share < 1.0, "one worker took the whole burst: {m:?}");
         assert!(m.wall_s > 0.0, "{m:?}");
+    }
+
+    #[test]
+    fn an_async_burst_keeps_the_concurrency_in_flight() {
+        let m = run_async(&AsyncParams {
+            messages: 1_000,
+            sleep_us: 10_000,
+            concurrency: 100,
+        })
+        .unwrap();
+        assert!(m.all_acked, "{m:?}");
+        assert!(m.high_water > 50, "{m:?}");
+        assert!(m.rate <= m.ceiling * 1.05, "{m:?}");
     }
 
     #[test]

@@ -11,8 +11,8 @@ use std::process::{Command, ExitCode};
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use tempest_bench::{
-    channel_baseline, memory_probe, run_scenario, run_spread, Measured, Params, Shape,
-    SpreadMeasured, SpreadParams,
+    channel_baseline, memory_probe, run_async, run_scenario, run_spread, AsyncMeasured,
+    AsyncParams, Measured, Params, Shape, SpreadMeasured, SpreadParams,
 };
 
 #[global_allocator]
@@ -81,6 +81,20 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         rounds: usize,
     },
+    /// One burst through an async task whose calls each await (a timer, as
+    /// on I/O), with one worker keeping `concurrency` in flight: msgs/s
+    /// against the ceiling of concurrency / await time; one JSON line.
+    Async {
+        /// Messages in the burst, all polled at once.
+        #[arg(long, default_value_t = 20_000)]
+        messages: u64,
+        /// Microseconds each call awaits.
+        #[arg(long, default_value_t = 10_000)]
+        sleep_us: u64,
+        /// Messages the one worker keeps in flight.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+    },
     /// A Redis stream of 100-byte entries consumed by the linear topology,
     /// beside a raw XREADGROUP + XACK loop on the same server.
     Redis {
@@ -147,12 +161,14 @@ enum Job {
     Baseline { messages: u64 },
     Memory { inflight: usize },
     Spread(SpreadParams),
+    Async(AsyncParams),
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 enum JobResult {
     Scenario(Measured),
     Spread(SpreadMeasured),
+    Async(AsyncMeasured),
     Baseline { rate: f64, peak_rss_kib: u64 },
     Memory { rss_kib: u64 },
 }
@@ -168,6 +184,7 @@ fn run_job(job: &Job) -> anyhow::Result<JobResult> {
             rss_kib: memory_probe(*inflight)?,
         },
         Job::Spread(p) => JobResult::Spread(run_spread(p)?),
+        Job::Async(p) => JobResult::Async(run_async(p)?),
     })
 }
 
@@ -618,6 +635,27 @@ fn all(smoke: bool, rounds: usize) -> anyhow::Result<String> {
     let (spread_msgs, spread_sleep_us) = (if smoke { 200 } else { 2_000 }, 1_000u64);
     let spread_rows = spread(spread_msgs, spread_sleep_us, &[1, 2, 4], rounds)?;
 
+    // An async task: one worker, many calls awaiting at once.
+    let async_p = AsyncParams {
+        messages: if smoke { 2_000 } else { 20_000 },
+        sleep_us: 10_000,
+        concurrency: 256,
+    };
+    let mut async_runs = Vec::new();
+    for round in 0..rounds {
+        eprintln!("round {}/{rounds}: async, concurrency 256", round + 1);
+        match in_child(&Job::Async(async_p.clone()))? {
+            JobResult::Async(m) => async_runs.push(m),
+            other => bail!("unexpected child result {other:?}"),
+        }
+    }
+    let async_rate = median(async_runs.iter().map(|m| m.rate).collect());
+    let async_high = async_runs.iter().map(|m| m.high_water).min().unwrap_or(0);
+    let async_ceiling = async_runs.first().map_or(0.0, |m| m.ceiling);
+    if !async_runs.iter().all(|m| m.all_acked) {
+        failures.push("async: not every message acked".to_string());
+    }
+
     // Memory per message in flight.
     let (hi, lo) = if smoke {
         (20_000, 1_000)
@@ -791,6 +829,33 @@ fn all(smoke: bool, rounds: usize) -> anyhow::Result<String> {
             ))
         )?;
     }
+    writeln!(md, "\n## An async task: one worker, many calls in flight\n")?;
+    writeln!(
+        md,
+        "{} messages polled at once through a one-task pipeline whose async task awaits {} ms per call (`tokio::time::sleep`), one worker with concurrency {}: the most it can do is concurrency / await time. Median of {rounds} round(s); the high-water mark is the worker's own `tempest.task.in_progress_max`.\n",
+        async_p.messages,
+        async_p.sleep_us / 1000,
+        async_p.concurrency
+    )?;
+    writeln!(md, "| acked msgs/s | ceiling | share of the ceiling | most in progress | all acked | command |")?;
+    writeln!(md, "| --- | --- | --- | --- | --- | --- |")?;
+    writeln!(
+        md,
+        "| {} | {} | {:.0}% | {} | {} | {} |",
+        fmt_rate(async_rate),
+        fmt_rate(async_ceiling),
+        async_rate / async_ceiling.max(1e-9) * 100.0,
+        async_high,
+        if async_runs.iter().all(|m| m.all_acked) {
+            "yes"
+        } else {
+            "NO"
+        },
+        cmd(&format!(
+            "async --messages {} --sleep-us {} --concurrency {}",
+            async_p.messages, async_p.sleep_us, async_p.concurrency
+        ))
+    )?;
     writeln!(
         md,
         "\n## Distributed: 1 topology process + 1 task process per task, loopback TCP\n"
@@ -969,6 +1034,16 @@ fn main() -> ExitCode {
                 d.wire_bytes_per_msg
             );
         }),
+        Cmd::Async {
+            messages,
+            sleep_us,
+            concurrency,
+        } => in_child(&Job::Async(AsyncParams {
+            messages,
+            sleep_us,
+            concurrency,
+        }))
+        .and_then(|r| print_json(&r)),
         Cmd::Spread {
             messages,
             sleep_us,

@@ -47,6 +47,10 @@
 //! poll_interval = 100         # ms: first reconnect wait of a task worker
 //! max_backoff = 5000          # ms: longest reconnect wait
 //! exit_with_topology = false  # task workers stop when the topology stops
+//!
+//! [[task]]
+//! name = "fetch"              # an async task
+//! concurrency = 256           # messages each worker keeps in flight (default 64)
 //! ```
 //!
 //! How every problem is found: serde stops at the first error, so the file
@@ -135,6 +139,8 @@ pub struct TaskSection {
     pub max_backoff: Option<u64>,
     /// Task workers stop when the topology stops, instead of reconnecting.
     pub exit_with_topology: Option<bool>,
+    /// Async tasks only: messages each worker keeps in flight.
+    pub concurrency: Option<usize>,
 }
 
 pub use crate::error::ConfigProblem;
@@ -313,6 +319,21 @@ impl ConfigFile {
                     key,
                     format!("must be at least 1 (task \"{name}\")"),
                 ));
+            }
+            if let (Some(n), Some(i)) = (t.concurrency, dag.index_of(name)) {
+                let problem = if !dag.is_async(i) {
+                    Some(format!(
+                        "task \"{name}\" is a sync task; only async tasks take a concurrency"
+                    ))
+                } else if n == 0 {
+                    Some(format!("must be at least 1 (task \"{name}\")"))
+                } else {
+                    None
+                };
+                if let Some(problem) = problem {
+                    let (line, key) = task_key("concurrency");
+                    problems.push(ConfigProblem::new(line, key, problem));
+                }
             }
             if t.poll_count == Some(0) {
                 let (line, key) = task_key("poll_count");
@@ -1273,6 +1294,44 @@ a = 1
                 "Topology.toml:4: task.name: \"splitt\" is not a task of this topology; its tasks are: split, count",
                 "Topology.toml:8: task.workers: must be at least 1 (task \"count\")",
             ]
+        );
+    }
+
+    #[test]
+    fn concurrency_is_for_async_tasks_and_at_least_1() {
+        let dag = Pipeline::new()
+            .task(T("split"))
+            .async_task(crate::task::AsyncPassOn("fetch"))
+            .edge("split", "fetch")
+            .build()
+            .unwrap();
+        let ok = parse("[[task]]\nname = \"fetch\"\nconcurrency = 256\n").unwrap();
+        ok.check(&dag).unwrap();
+        assert_eq!(ok.task("fetch").unwrap().concurrency, Some(256));
+        let f = parse(
+            "[[task]]\nname = \"split\"\nconcurrency = 8\n\n[[task]]\nname = \"fetch\"\nconcurrency = 0\n",
+        )
+        .unwrap();
+        assert_eq!(
+            lines(&f.check(&dag).unwrap_err()),
+            [
+                "Topology.toml:3: task.concurrency: task \"split\" is a sync task; only async tasks take a concurrency",
+                "Topology.toml:7: task.concurrency: must be at least 1 (task \"fetch\")",
+            ]
+        );
+        let e = parse("[[task]]\nname = \"fetch\"\nconcurrency = \"many\"\nconcurency = 2\n")
+            .unwrap_err();
+        let got = lines(&e);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(
+            got[0].starts_with("Topology.toml:3: task.concurrency: "),
+            "{got:?}"
+        );
+        assert!(
+            got[1].starts_with(
+                "Topology.toml:4: task.concurency: unknown key; did you mean concurrency?"
+            ),
+            "{got:?}"
         );
     }
 

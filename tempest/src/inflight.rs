@@ -460,6 +460,41 @@ impl Tracker {
         true
     }
 
+    /// An async task's call for `ticket` passed the message's deadline and
+    /// was cancelled: the attempt times out as the sweeper would time it
+    /// out, counted as a timeout of that task (`BestEffort` moves on
+    /// without the task's outputs, as for an error). Returns false for a
+    /// stale ticket (the sweeper timed the attempt out first, say).
+    pub fn on_timeout(
+        &mut self,
+        ticket: Ticket,
+        now: Instant,
+        d: &mut impl Dispatch,
+        fin: &mut Vec<Finished>,
+    ) -> bool {
+        if !self.is_live(ticket)
+            || self.states[ticket.slot as usize * self.dag.len() + ticket.task as usize].outstanding
+                == 0
+        {
+            return false;
+        }
+        let slot = ticket.slot;
+        let (count, first) = &mut self.timed_out[ticket.task as usize];
+        *count += 1;
+        if first.is_none() {
+            *first = self.records[slot as usize]
+                .msg
+                .as_ref()
+                .map(|m| m.id.clone());
+        }
+        self.records[slot as usize].timeouts += 1;
+        if self.config.policy == FailurePolicy::BestEffort {
+            return self.on_done(ticket, &[], now, d, fin);
+        }
+        self.fail_attempt(slot, FailReason::Timeout, Outcome::TimedOut, now, fin);
+        true
+    }
+
     fn complete_task(
         &mut self,
         slot: u32,

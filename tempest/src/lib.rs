@@ -8,7 +8,8 @@
 //!
 //! # How this crate is laid out
 //!
-//! - [`task`]: the [`Task`] trait, its [`Output`] and [`TaskError`].
+//! - [`task`]: the [`Task`] and [`AsyncTask`] traits, their [`Output`] and
+//!   [`TaskError`].
 //! - [`join`]: the [`JoinTask`] trait, for a fan-in task that handles all
 //!   its parents emitted for a source message in one call ([`Joined`]).
 //! - [`typed`]: [`TypedTask`], a task over Rust types, and its adapter.
@@ -22,6 +23,8 @@
 //! - `actors`: the `SourceActor` (its own thread), the `PipelineActor`
 //!   (inflight table, ready queues) and the `TopologyActor` (lifecycle).
 //! - `worker`: the task-side loop, shared by every transport.
+//! - `async_worker`: the loop of an [`AsyncTask`]'s workers: many calls in
+//!   flight on a single-threaded runtime, results as they end.
 //! - [`standalone`]: runs a whole topology in one process.
 //! - [`testing`]: [`TestRun`](testing::TestRun), to unit-test a topology.
 //! - [`rt`]: [`rt::run`], the `main` of a topology package.
@@ -37,6 +40,7 @@
 //! every task is complete the source message is acked.
 
 mod actors;
+mod async_worker;
 pub mod codec;
 pub mod config;
 mod envelope;
@@ -67,7 +71,9 @@ pub use join::{JoinTask, Joined, Part};
 pub use msg::Verdict;
 pub use msg::{Emitted, MsgCtx, TaskIdx, TaskMsg, Ticket};
 pub use pipeline::{Dag, Pipeline, PipelineError, PipelineErrors};
-pub use task::{Msg, Out, Output, Task, TaskContext, TaskError, TaskResult};
+pub use task::{
+    AsyncTask, Msg, Out, Output, Task, TaskContext, TaskError, TaskResult, DEFAULT_CONCURRENCY,
+};
 pub use topology::{FailurePolicy, Topology, TopologyBuilder, TopologyOptions};
 pub use typed::{Typed, TypedOut, TypedResult, TypedTask};
 

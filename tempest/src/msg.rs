@@ -240,6 +240,10 @@ pub enum Verdict {
     Error(String),
     /// `filter` or `handle` panicked.
     Panicked(String),
+    /// The message's deadline passed while an async task handled it: the
+    /// call was cancelled (its future dropped), and the attempt counts as
+    /// timed out.
+    TimedOut,
 }
 
 /// A worker's results for one batch, in the order of the batch.

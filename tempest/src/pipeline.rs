@@ -10,11 +10,11 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use crate::codec::{Codec, EdgeCodecs, TaskCodecs, TypeSig};
 use crate::join::{JoinAdapter, JoinTask};
-use crate::task::Task;
+use crate::task::{AsyncRunner, AsyncTask, Task, TaskBody, DEFAULT_CONCURRENCY};
 use crate::typed::{TypedAdapter, TypedTask};
 
 /// Makes a fresh instance of a task for each of its workers.
-pub(crate) type TaskFactory = Arc<dyn Fn() -> Box<dyn Task> + Send + Sync>;
+pub(crate) type TaskFactory = Arc<dyn Fn() -> TaskBody + Send + Sync>;
 
 /// Makes a fresh instance of a join task for each of its workers, given
 /// its parents' names in the compiled pipeline's parent order.
@@ -56,6 +56,10 @@ pub struct Pipeline {
     /// The join tasks (also in `tasks`, which fixes their index), whose
     /// factories need their parents, known at build.
     joins: Vec<(String, JoinFactory)>,
+    /// The names of the tasks added as [`AsyncTask`]s.
+    async_tasks: Vec<String>,
+    /// Concurrency set per async task, in the order set.
+    concurrency: Vec<(String, usize)>,
     codecs: CodecPlan,
 }
 
@@ -113,7 +117,7 @@ impl Pipeline {
     {
         self.tasks.push((
             name.into(),
-            Arc::new(move || Box::new(make()) as Box<dyn Task>),
+            Arc::new(move || TaskBody::Sync(Box::new(make()))),
         ));
         self
     }
@@ -179,6 +183,20 @@ impl Pipeline {
         })
     }
 
+    /// Adds an [`AsyncTask`]; each worker of the task gets its own clone
+    /// of `task` and keeps up to its concurrency of messages in flight
+    /// (see [`concurrency`](Self::concurrency)).
+    pub fn async_task<T: AsyncTask + Clone>(self, task: T) -> Self {
+        let name = task.name().to_string();
+        let prototype = Mutex::new(task);
+        self.async_task_with(name, move || {
+            prototype
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+        })
+    }
+
     /// Adds a join named `name` whose workers are made by `make`, for join
     /// tasks that cannot be cloned.
     pub fn join_with<J, F>(mut self, name: impl Into<String>, make: F) -> Self
@@ -191,8 +209,10 @@ impl Pipeline {
             Arc::new(move |parents| Box::new(JoinAdapter::new(make(), parents)) as Box<dyn Task>);
         // Replaced at build by a factory that knows the parents.
         let unbuilt = Arc::clone(&make);
-        self.tasks
-            .push((name.clone(), Arc::new(move || unbuilt(Arc::from([])))));
+        self.tasks.push((
+            name.clone(),
+            Arc::new(move || TaskBody::Sync(unbuilt(Arc::from([])))),
+        ));
         self.joins.push((name, make));
         self
     }
@@ -232,6 +252,30 @@ impl Pipeline {
     /// them with it.
     pub fn source_codec(mut self, codec: Codec) -> Self {
         self.codecs.source = Some(codec);
+        self
+    }
+
+    /// Adds an [`AsyncTask`] named `name` whose workers are made by `make`,
+    /// for tasks that cannot be cloned.
+    pub fn async_task_with<T, F>(mut self, name: impl Into<String>, make: F) -> Self
+    where
+        T: AsyncTask,
+        F: Fn() -> T + Send + Sync + 'static,
+    {
+        let name = name.into();
+        self.async_tasks.push(name.clone());
+        self.tasks.push((
+            name,
+            Arc::new(move || TaskBody::Async(Box::new(make()) as Box<dyn AsyncRunner>)),
+        ));
+        self
+    }
+
+    /// How many messages each worker of async task `task` keeps in flight
+    /// (default [`DEFAULT_CONCURRENCY`]). `Topology.toml` and
+    /// `--concurrency` override it.
+    pub fn concurrency(mut self, task: impl Into<String>, n: usize) -> Self {
+        self.concurrency.push((task.into(), n));
         self
     }
 
@@ -348,7 +392,7 @@ impl Pipeline {
                 .map(|&p| intern(&names[p as usize]))
                 .collect();
             let make = Arc::clone(make);
-            factories[i] = Arc::new(move || make(Arc::clone(&parent_names)));
+            factories[i] = Arc::new(move || TaskBody::Sync(make(Arc::clone(&parent_names))));
         }
 
         for cycle in find_cycles(&children) {
@@ -411,11 +455,36 @@ impl Pipeline {
 
         let (codecs, types) = self.check_codecs(&index, &names, &parents, root, &mut errors);
 
+        let mut concurrency: Vec<Option<usize>> = names
+            .iter()
+            .map(|n| self.async_tasks.contains(n).then_some(DEFAULT_CONCURRENCY))
+            .collect();
+        for (task, n) in &self.concurrency {
+            let problem = match index.get(task.as_str()) {
+                None => Some("it is not a task of the pipeline".to_string()),
+                Some(_) if *n == 0 => Some("it must be at least 1".to_string()),
+                Some(&i) => match &mut concurrency[i as usize] {
+                    None => Some("it is a sync task; only async tasks take a concurrency".into()),
+                    Some(c) => {
+                        *c = *n;
+                        None
+                    }
+                },
+            };
+            if let Some(problem) = problem {
+                errors.push(PipelineError::Concurrency {
+                    task: task.clone(),
+                    problem,
+                });
+            }
+        }
+
         match root {
             Some(root) if errors.is_empty() => {
                 let mut dag = Dag::new(names, root, children, parents, factories, joins);
                 dag.codecs = codecs;
                 dag.types = types;
+                dag.concurrency = concurrency;
                 Ok(dag)
             }
             _ => Err(PipelineErrors(errors)),
@@ -636,6 +705,13 @@ pub enum PipelineError {
         /// The type the consumer reads.
         in_type: String,
     },
+    /// A concurrency that cannot be set.
+    Concurrency {
+        /// The task named.
+        task: String,
+        /// Why not.
+        problem: String,
+    },
 }
 
 impl fmt::Display for PipelineError {
@@ -727,6 +803,9 @@ impl fmt::Display for PipelineError {
                  {out_type} and \"{to}\" reads {in_type}; postcard is not \
                  self-describing: use one type at both ends, or JSON on this edge"
             ),
+            PipelineError::Concurrency { task, problem } => {
+                write!(f, "concurrency for task \"{task}\": {problem}")
+            }
         }
     }
 }
@@ -786,6 +865,8 @@ pub struct Dag {
     codecs: EdgeCodecs,
     /// The types of the typed tasks.
     types: Vec<Option<TypeSig>>,
+    /// Per task: its workers' concurrency if it is async, `None` if sync.
+    concurrency: Vec<Option<usize>>,
 }
 
 impl fmt::Debug for Dag {
@@ -824,6 +905,7 @@ impl Dag {
             children,
             parents,
             fanin,
+            concurrency: vec![None; factories.len()],
             fanin_count,
             factories,
             joins,
@@ -907,7 +989,7 @@ impl Dag {
         self.fanin_count
     }
 
-    pub(crate) fn make_task(&self, t: TaskIdx) -> Box<dyn Task> {
+    pub(crate) fn make_task(&self, t: TaskIdx) -> TaskBody {
         (self.factories[t as usize])()
     }
 
@@ -940,6 +1022,19 @@ impl Dag {
             .copied()
             .flatten()
             .map(|s| (s.in_name, s.out_name))
+    }
+
+    /// Whether task `t` is an [`AsyncTask`].
+    pub fn is_async(&self, t: TaskIdx) -> bool {
+        self.concurrency
+            .get(t as usize)
+            .is_some_and(Option::is_some)
+    }
+
+    /// The concurrency of async task `t` as the pipeline sets it (`None`
+    /// for a sync task).
+    pub fn concurrency(&self, t: TaskIdx) -> Option<usize> {
+        self.concurrency.get(t as usize).copied().flatten()
     }
 
     /// The DAG in Graphviz DOT.
@@ -1221,7 +1316,7 @@ mod tests {
         assert!(dag.is_join(j));
         assert!(!dag.is_join(0));
         assert_eq!(dag.fanin_slot(j), Some(0));
-        assert_eq!(dag.make_task(j).name(), "j");
+        assert!(matches!(dag.make_task(j), TaskBody::Sync(t) if t.name() == "j"));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::future::LocalBoxFuture;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -30,8 +31,9 @@ use tokio_util::codec::Framed;
 use crate::error::Error;
 use crate::msg::{Emitted, Results, Verdict, WorkerId};
 
+use crate::async_worker::{run_async_loop, AsyncTransport};
 use crate::pipeline::Dag;
-use crate::task::TaskContext;
+use crate::task::{TaskBody, TaskContext, DEFAULT_CONCURRENCY};
 use crate::wire::{self, ErrorCode, Frame, WireCodec, WireError};
 use crate::worker::{
     join_within, run_task_loop, SharedBatch, Transport, PREFETCH, THREAD_STOP_WAIT,
@@ -58,6 +60,9 @@ pub struct WorkerOptions {
     pub exit_with_topology: bool,
     /// Asked to stop, how long a worker may take to finish what it holds.
     pub graceful_shutdown: Duration,
+    /// For an async task: messages each worker keeps in flight (`None`:
+    /// the topology's setting for the task). A fetch takes no more.
+    pub concurrency: Option<usize>,
 }
 
 impl Default for WorkerOptions {
@@ -74,6 +79,7 @@ impl Default for WorkerOptions {
             max_backoff: Duration::from_secs(5),
             exit_with_topology: false,
             graceful_shutdown: Duration::from_secs(30),
+            concurrency: None,
         }
     }
 }
@@ -108,6 +114,36 @@ struct Remote {
     tx: mpsc::Sender<ToIo>,
     epoch: Arc<AtomicU64>,
     current: u64,
+}
+
+impl AsyncTransport for Remote {
+    fn recv(&mut self) -> LocalBoxFuture<'_, Option<(u64, Arc<SharedBatch>)>> {
+        Box::pin(self.rx.recv())
+    }
+
+    fn take(
+        &mut self,
+        tag: u64,
+        batch: Arc<SharedBatch>,
+    ) -> LocalBoxFuture<'_, Option<Arc<SharedBatch>>> {
+        Box::pin(async move {
+            let _ = self.tx.send(ToIo::Took(tag)).await;
+            if tag == self.epoch.load(Ordering::SeqCst) {
+                Some(batch)
+            } else {
+                log::debug!("Skipping a batch from a dropped connection.");
+                None
+            }
+        })
+    }
+
+    fn send_results(&mut self, tag: u64, results: Results) -> LocalBoxFuture<'_, ()> {
+        Box::pin(async move {
+            // Results of a batch from a dropped connection are dropped by
+            // the I/O thread (their messages went to the failure policy).
+            let _ = self.tx.send(ToIo::Results(tag, results)).await;
+        })
+    }
 }
 
 impl Transport for Remote {
@@ -159,23 +195,40 @@ pub(crate) fn run(
             metrics: metrics.with_label("task", task.to_string()),
             codecs: dag.task_codecs(task_idx),
         };
-        let instance = dag.make_task(task_idx);
         let mut transport = Remote {
             rx: batch_rx,
             tx: io_tx,
             epoch: Arc::clone(&epoch),
             current: 0,
         };
+        let mut options = options.clone();
+        let body: Box<dyn FnOnce() + Send> = match dag.make_task(task_idx) {
+            TaskBody::Sync(instance) => {
+                Box::new(move || run_task_loop(instance, ctx, w as WorkerId, &mut transport))
+            }
+            TaskBody::Async(instance) => {
+                let limit = options
+                    .concurrency
+                    .or(dag.concurrency(task_idx))
+                    .unwrap_or(DEFAULT_CONCURRENCY)
+                    .max(1);
+                // A fetch takes no more than the worker can start.
+                options.fetch_max = options.fetch_max.min(limit);
+                Box::new(move || {
+                    run_async_loop(instance, ctx, w as WorkerId, limit, &mut transport)
+                })
+            }
+        };
         let task_thread = std::thread::Builder::new()
             .name(format!("tempest-{task}-{w}"))
-            .spawn(move || run_task_loop(instance, ctx, w as WorkerId, &mut transport))
+            .spawn(body)
             .map_err(|e| Error::Io {
                 what: format!("starting worker thread {w} of task {task}"),
                 source: e,
             })?;
         let io = Io {
             dag: Arc::clone(&dag),
-            options: options.clone(),
+            options,
             task: task.to_string(),
             batch_tx,
             io_rx,

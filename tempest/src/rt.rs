@@ -71,6 +71,10 @@ enum Command {
         /// Workers (threads) for a task, as TASK=COUNT; repeatable.
         #[arg(long = "workers", value_parser = parse_workers, value_name = "TASK=COUNT")]
         workers: Vec<(String, usize)>,
+        /// Messages each worker of an async task keeps in flight, as
+        /// TASK=COUNT; repeatable.
+        #[arg(long = "concurrency", value_parser = parse_concurrency, value_name = "TASK=COUNT")]
+        concurrency: Vec<(String, usize)>,
         /// The most messages one fetch takes, for every task.
         #[arg(long, env = "TEMPEST_POLL_COUNT")]
         poll_count: Option<usize>,
@@ -115,6 +119,9 @@ enum Command {
         /// Workers (connections, each with its own thread) in this process.
         #[arg(long, env = "TEMPEST_WORKERS")]
         workers: Option<usize>,
+        /// For an async task: messages each worker keeps in flight.
+        #[arg(long, env = "TEMPEST_CONCURRENCY")]
+        concurrency: Option<usize>,
         /// The most messages one fetch takes.
         #[arg(long, env = "TEMPEST_POLL_COUNT")]
         poll_count: Option<usize>,
@@ -180,6 +187,16 @@ fn parse_workers(s: &str) -> Result<(String, usize), String> {
     let count = count
         .parse()
         .map_err(|_| format!("\"{count}\" in \"{s}\" is not a worker count"))?;
+    Ok((task.to_string(), count))
+}
+
+fn parse_concurrency(s: &str) -> Result<(String, usize), String> {
+    let (task, count) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected TASK=COUNT, got \"{s}\""))?;
+    let count = count.parse().map_err(|_| {
+        format!("\"{count}\" in \"{s}\" is not a concurrency (a count of messages)")
+    })?;
     Ok((task.to_string(), count))
 }
 
@@ -328,6 +345,7 @@ fn execute(mut builder: TopologyBuilder, cli: Cli) -> Result<ExitCode, Error> {
         Command::Standalone {
             delivery,
             workers,
+            concurrency,
             poll_count,
             run_for_secs,
         } => {
@@ -337,6 +355,9 @@ fn execute(mut builder: TopologyBuilder, cli: Cli) -> Result<ExitCode, Error> {
             }
             for (task, count) in workers {
                 builder = builder.workers(task, count);
+            }
+            for (task, n) in concurrency {
+                builder = builder.concurrency(task, n);
             }
             let topology = builder.build()?;
             serve_until_stopped(topology, handle, run_for_secs, None)
@@ -395,6 +416,7 @@ fn execute(mut builder: TopologyBuilder, cli: Cli) -> Result<ExitCode, Error> {
             net,
             topology: address,
             workers,
+            concurrency,
             poll_count,
             poll_interval_ms,
             max_backoff_ms,
@@ -440,7 +462,26 @@ fn execute(mut builder: TopologyBuilder, cli: Cli) -> Result<ExitCode, Error> {
                         .and_then(|s| s.exit_with_topology)
                         .unwrap_or(false),
                 graceful_shutdown: topology.options().graceful_shutdown,
+                concurrency,
             };
+            if let Some(n) = concurrency {
+                let is_async = topology
+                    .dag()
+                    .index_of(&name)
+                    .is_some_and(|t| topology.dag().is_async(t));
+                if !is_async {
+                    return Err(usage(
+                        topology.name(),
+                        format!("--concurrency is for async tasks; task \"{name}\" is not one"),
+                    ));
+                }
+                if n == 0 {
+                    return Err(usage(
+                        topology.name(),
+                        "concurrency must be at least 1".into(),
+                    ));
+                }
+            }
             if options.workers == 0 || options.fetch_max == 0 {
                 return Err(usage(
                     topology.name(),
@@ -582,6 +623,31 @@ mod tests {
         assert!(parse_workers("split=x")
             .unwrap_err()
             .contains("not a worker count"));
+    }
+
+    #[test]
+    fn concurrency_parses_as_task_equals_count() {
+        assert_eq!(parse_concurrency("fetch=256"), Ok(("fetch".into(), 256)));
+        assert!(parse_concurrency("fetch")
+            .unwrap_err()
+            .contains("TASK=COUNT"));
+        assert!(parse_concurrency("fetch=-1")
+            .unwrap_err()
+            .contains("not a concurrency"));
+        let cli = Cli::try_parse_from(["pkg", "standalone", "--concurrency", "fetch=8"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Standalone { ref concurrency, .. } if concurrency == &[("fetch".to_string(), 8)]
+        ));
+        let cli = Cli::try_parse_from(["pkg", "task", "fetch", "--concurrency", "32"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Task {
+                concurrency: Some(32),
+                ..
+            }
+        ));
+        assert!(Cli::try_parse_from(["pkg", "task", "fetch", "--concurrency", "x"]).is_err());
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use futures_util::future::LocalBoxFuture;
 use tempest_source::metrics::Snapshot;
 use tempest_source::{Metrics, MsgId, SourceContext};
 use tokio::sync::{oneshot, watch};
@@ -26,11 +27,12 @@ pub use crate::actors::pipeline::{StopCondition, Unfinished};
 use crate::actors::source::SourceActor;
 use crate::actors::topology::TopologyActor;
 use crate::actors::{DeliverySink, Fetch, Stop, StopReason, Undelivered, WorkerId};
+use crate::async_worker::{run_async_loop, AsyncTransport};
 use crate::error::Error;
 use crate::inflight::{InflightEntry, Tracker, TrackerConfig};
 use crate::msg::{Results, TaskMsg};
 use crate::pipeline::TaskIdx;
-use crate::task::TaskContext;
+use crate::task::{TaskBody, TaskContext};
 use crate::topology::Topology;
 use crate::worker::{
     join_within, run_task_loop, SharedBatch, Transport, PREFETCH, THREAD_STOP_WAIT,
@@ -207,6 +209,7 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
         options: topts,
         workers,
         batches,
+        concurrency,
         file,
     } = topology;
     let listener = match &options.serve {
@@ -290,8 +293,6 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
         };
         'spawn: for (t, &count) in local_workers.iter().enumerate() {
             for w in 0..count {
-                let (tx, rx) = sync_channel(PREFETCH);
-                let id = pipeline.add_worker(t as TaskIdx, Box::new(InProcSink(tx)), false);
                 let task_name = dag.name(t as TaskIdx).to_string();
                 let ctx = TaskContext {
                     topology: name.clone(),
@@ -300,17 +301,53 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
                     metrics: metrics.with_label("task", task_name.clone()),
                     codecs: dag.task_codecs(t as TaskIdx),
                 };
-                let task = dag.make_task(t as TaskIdx);
-                let mut transport = InProc {
-                    worker: id,
-                    max: batches[t],
-                    pipeline: pipe.clone(),
-                    rx,
-                    outstanding: 0,
+                let (id, run): (WorkerId, Box<dyn FnOnce() + Send>) = match dag
+                    .make_task(t as TaskIdx)
+                {
+                    TaskBody::Sync(task) => {
+                        let (tx, rx) = sync_channel(PREFETCH);
+                        let id = pipeline.add_worker(
+                            t as TaskIdx,
+                            Box::new(InProcSink::Sync(tx)),
+                            false,
+                        );
+                        let mut transport = InProc {
+                            worker: id,
+                            max: batches[t],
+                            pipeline: pipe.clone(),
+                            rx,
+                            outstanding: 0,
+                        };
+                        (
+                            id,
+                            Box::new(move || run_task_loop(task, ctx, id, &mut transport)),
+                        )
+                    }
+                    TaskBody::Async(task) => {
+                        let (tx, rx) = tokio::sync::mpsc::channel(PREFETCH);
+                        let id = pipeline.add_worker(
+                            t as TaskIdx,
+                            Box::new(InProcSink::Async(tx)),
+                            false,
+                        );
+                        let limit = concurrency[t].max(1);
+                        // A fetch takes no more than the worker can start.
+                        let mut transport = InProcAsync {
+                            worker: id,
+                            max: batches[t].min(limit),
+                            pipeline: pipe.clone(),
+                            rx,
+                            outstanding: 0,
+                        };
+                        (
+                            id,
+                            Box::new(move || run_async_loop(task, ctx, id, limit, &mut transport)),
+                        )
+                    }
                 };
                 match std::thread::Builder::new()
                     .name(format!("tempest-{task_name}-{w}"))
-                    .spawn(move || run_task_loop(task, ctx, id, &mut transport))
+                    .spawn(run)
                 {
                     Ok(h) => threads.push((h, (id, task_name))),
                     Err(e) => {
@@ -493,6 +530,13 @@ pub fn run_worker(
             }
         })
     });
+    let mut options = options;
+    if let Some(t) = topology.dag.index_of(task) {
+        let set = topology.concurrency.get(t as usize).copied().unwrap_or(0);
+        if options.concurrency.is_none() && set > 0 {
+            options.concurrency = Some(set);
+        }
+    }
     let result = crate::remote::run(
         Arc::clone(&topology.dag),
         &topology.name,
@@ -546,16 +590,69 @@ impl Transport for InProc {
     }
 }
 
-/// The pipeline's end of an in-process worker.
-pub(crate) struct InProcSink(pub SyncSender<Arc<SharedBatch>>);
+/// The in-process transport of an async worker: like [`InProc`], over a
+/// tokio channel its loop can await. It asks for a batch only when the loop
+/// wants one (it has free slots).
+pub(crate) struct InProcAsync {
+    pub worker: WorkerId,
+    pub max: usize,
+    pub pipeline: Addr<PipelineActor>,
+    pub rx: tokio::sync::mpsc::Receiver<Arc<SharedBatch>>,
+    pub outstanding: usize,
+}
+
+impl AsyncTransport for InProcAsync {
+    fn recv(&mut self) -> LocalBoxFuture<'_, Option<(u64, Arc<SharedBatch>)>> {
+        Box::pin(async move {
+            while self.outstanding < PREFETCH {
+                self.pipeline.do_send(Fetch {
+                    worker: self.worker,
+                    max: self.max,
+                });
+                self.outstanding += 1;
+            }
+            let batch = self.rx.recv().await?;
+            self.outstanding -= 1;
+            Some((0, batch))
+        })
+    }
+
+    fn take(
+        &mut self,
+        _tag: u64,
+        batch: Arc<SharedBatch>,
+    ) -> LocalBoxFuture<'_, Option<Arc<SharedBatch>>> {
+        Box::pin(std::future::ready(Some(batch)))
+    }
+
+    fn send_results(&mut self, _tag: u64, results: Results) -> LocalBoxFuture<'_, ()> {
+        self.pipeline.do_send(results);
+        Box::pin(std::future::ready(()))
+    }
+}
+
+/// The pipeline's end of an in-process worker: a sync worker's channel,
+/// or an async worker's.
+pub(crate) enum InProcSink {
+    Sync(SyncSender<Arc<SharedBatch>>),
+    Async(tokio::sync::mpsc::Sender<Arc<SharedBatch>>),
+}
 
 impl DeliverySink for InProcSink {
     fn deliver(&mut self, batch: Vec<TaskMsg>) -> Result<Option<Arc<SharedBatch>>, Undelivered> {
+        use tokio::sync::mpsc::error::TrySendError as AsyncTrySendError;
         let shared = SharedBatch::new(batch);
-        match self.0.try_send(Arc::clone(&shared)) {
-            Ok(()) => Ok(Some(shared)),
-            Err(TrySendError::Full(b)) => Err(Undelivered::Busy(unshare(b, shared))),
-            Err(TrySendError::Disconnected(b)) => Err(Undelivered::Gone(unshare(b, shared))),
+        match self {
+            InProcSink::Sync(tx) => match tx.try_send(Arc::clone(&shared)) {
+                Ok(()) => Ok(Some(shared)),
+                Err(TrySendError::Full(b)) => Err(Undelivered::Busy(unshare(b, shared))),
+                Err(TrySendError::Disconnected(b)) => Err(Undelivered::Gone(unshare(b, shared))),
+            },
+            InProcSink::Async(tx) => match tx.try_send(Arc::clone(&shared)) {
+                Ok(()) => Ok(Some(shared)),
+                Err(AsyncTrySendError::Full(b)) => Err(Undelivered::Busy(unshare(b, shared))),
+                Err(AsyncTrySendError::Closed(b)) => Err(Undelivered::Gone(unshare(b, shared))),
+            },
         }
     }
 
@@ -563,7 +660,6 @@ impl DeliverySink for InProcSink {
         // In process the pipeline takes back unclaimed messages itself.
     }
 }
-
 /// The messages of a batch that was never handed over.
 fn unshare(sent: Arc<SharedBatch>, kept: Arc<SharedBatch>) -> Vec<TaskMsg> {
     drop(kept);

@@ -350,6 +350,10 @@ impl TaskContext {
 ///
 /// A panic inside `filter` or `handle` fails that message (per the failure
 /// policy), not the process; the worker keeps its instance and goes on.
+///
+/// Blocking inside `handle` is allowed: it holds this worker's thread. For
+/// I/O-bound work with an async client, an [`AsyncTask`] keeps many
+/// messages in flight on one worker.
 pub trait Task: Send + 'static {
     /// The task's name, unique within its pipeline.
     fn name(&self) -> &str;
@@ -376,6 +380,76 @@ pub trait Task: Send + 'static {
     fn flush_metrics(&mut self) {}
 }
 
+/// How many messages one worker of an [`AsyncTask`] keeps in flight
+/// unless the task sets its own concurrency.
+pub const DEFAULT_CONCURRENCY: usize = 64;
+
+/// A step of a pipeline for I/O-bound work: `handle` is `async`, and each
+/// worker keeps many messages in flight at once (its *concurrency*,
+/// [`DEFAULT_CONCURRENCY`] unless set with
+/// [`Pipeline::concurrency`](crate::Pipeline::concurrency), `concurrency`
+/// in `Topology.toml` or `--concurrency`).
+///
+/// Write `async fn handle(&self, msg: Msg, ctx: MsgCtx) -> TaskResult`.
+/// `handle` takes `&self`, so the calls of one worker share its instance
+/// (use a `Cell`, `RefCell` or atomic for state they change); the context
+/// comes by value, so the future owns it. The futures need not be `Send`:
+/// each worker polls its futures together on a single-threaded tokio
+/// runtime of its own, so `tokio::time::sleep`, tokio's I/O and clients
+/// built on them work inside `handle`. Blocking inside `handle` stalls
+/// every message of the worker: use a [`Task`] for blocking work.
+///
+/// When a message's deadline ([`MsgCtx::deadline`], from `msg_timeout`)
+/// passes, its future is dropped (cancelled at its current `.await`) and
+/// the attempt counts as timed out: the failure policy applies. A panic
+/// inside `handle` fails that message, as for a [`Task`].
+pub trait AsyncTask: Send + 'static {
+    /// The task's name, unique within its pipeline.
+    fn name(&self) -> &str;
+
+    /// Called once per worker before its first message.
+    fn started(&mut self, _ctx: &TaskContext) {}
+
+    /// Handles one message; many calls of one worker run at once.
+    fn handle(&self, msg: Msg, ctx: MsgCtx) -> impl std::future::Future<Output = TaskResult>;
+
+    /// Called once per worker when it stops, after its last call ended.
+    fn shutdown(&mut self) {}
+}
+
+/// A future of an erased [`AsyncTask::handle`] call.
+pub(crate) type HandleFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = TaskResult> + 'a>>;
+
+/// An [`AsyncTask`] with its type erased, for the async worker loop.
+pub(crate) trait AsyncRunner: Send {
+    fn started(&mut self, ctx: &TaskContext);
+    fn handle(&self, msg: Msg, ctx: MsgCtx) -> HandleFuture<'_>;
+    fn shutdown(&mut self);
+}
+
+impl<T: AsyncTask> AsyncRunner for T {
+    fn started(&mut self, ctx: &TaskContext) {
+        AsyncTask::started(self, ctx);
+    }
+
+    fn handle(&self, msg: Msg, ctx: MsgCtx) -> HandleFuture<'_> {
+        Box::pin(AsyncTask::handle(self, msg, ctx))
+    }
+
+    fn shutdown(&mut self) {
+        AsyncTask::shutdown(self);
+    }
+}
+
+/// One worker's instance of a task, of either kind.
+pub(crate) enum TaskBody {
+    /// A [`Task`]: one message at a time, on the worker's thread.
+    Sync(Box<dyn Task>),
+    /// An [`AsyncTask`]: many messages at once, on the worker's runtime.
+    Async(Box<dyn AsyncRunner>),
+}
+
 /// A task that passes every message on unchanged, for the crate's unit
 /// tests.
 #[cfg(test)]
@@ -388,6 +462,22 @@ impl Task for PassOn {
         self.0
     }
     fn handle(&mut self, msg: Msg, _: &MsgCtx) -> TaskResult {
+        Ok(Output::One(msg))
+    }
+}
+
+/// An async task that passes every message on unchanged, for the crate's
+/// unit tests.
+#[cfg(test)]
+#[derive(Clone, Copy)]
+pub(crate) struct AsyncPassOn(pub &'static str);
+
+#[cfg(test)]
+impl AsyncTask for AsyncPassOn {
+    fn name(&self) -> &str {
+        self.0
+    }
+    async fn handle(&self, msg: Msg, _: MsgCtx) -> TaskResult {
         Ok(Output::One(msg))
     }
 }

@@ -12,7 +12,7 @@ use tempest_source::{
 
 use crate::config::{in_file_order, ConfigFile, ConfigProblem};
 use crate::error::Error;
-use crate::pipeline::{Dag, Pipeline};
+use crate::pipeline::{Dag, Pipeline, TaskIdx};
 pub use crate::policy::FailurePolicy;
 
 /// The settings that govern delivery and shutdown.
@@ -171,6 +171,7 @@ pub struct TopologyBuilder {
     options: TopologyOptions,
     workers: Vec<(String, usize)>,
     batches: Vec<(String, usize)>,
+    concurrency: Vec<(String, usize)>,
     file: Option<ConfigFile>,
 }
 
@@ -196,6 +197,7 @@ impl TopologyBuilder {
             options: TopologyOptions::default(),
             workers: Vec::new(),
             batches: Vec::new(),
+            concurrency: Vec::new(),
             file: None,
         }
     }
@@ -323,6 +325,16 @@ impl TopologyBuilder {
         self
     }
 
+    /// How many messages each worker of async task `task` keeps in flight
+    /// (overrides the pipeline's [`Pipeline::concurrency`] for it; an
+    /// error for a sync task).
+    pub fn concurrency(mut self, task: impl Into<String>, n: usize) -> Self {
+        let task = task.into();
+        self.concurrency.retain(|(name, _)| *name != task);
+        self.concurrency.push((task, n));
+        self
+    }
+
     /// Applies a `Topology.toml`: its settings replace the builder's, its
     /// `[source.config]` merges over the source's compiled configuration.
     /// Its problems are reported by [`build`](Self::build). Flags and
@@ -365,6 +377,11 @@ impl TopologyBuilder {
             if let Some(n) = t.poll_count {
                 self.batches.retain(|(name, _)| name != t.name.get_ref());
                 self.batches.push((t.name.get_ref().clone(), n));
+            }
+            if let Some(n) = t.concurrency {
+                self.concurrency
+                    .retain(|(name, _)| name != t.name.get_ref());
+                self.concurrency.push((t.name.get_ref().clone(), n));
             }
         }
         self.file = Some(file);
@@ -487,6 +504,31 @@ impl TopologyBuilder {
                 }
             }
         }
+        let mut concurrency: Vec<usize> = (0..dag.len())
+            .map(|t| dag.concurrency(t as TaskIdx).unwrap_or(0))
+            .collect();
+        for (task, n) in &self.concurrency {
+            let from_file = task_in_file(task, &|t| t.concurrency == Some(*n));
+            match dag.index_of(task) {
+                // From the file: checked with it.
+                _ if from_file => {
+                    if let Some(i) = dag.index_of(task).filter(|&i| *n > 0 && dag.is_async(i)) {
+                        concurrency[i as usize] = *n;
+                    }
+                }
+                None => problems.push(format!(
+                    "concurrency set for unknown task \"{task}\"; the tasks are: {}",
+                    dag.names().join(", ")
+                )),
+                Some(i) if !dag.is_async(i) => problems.push(format!(
+                    "concurrency set for task \"{task}\", a sync task; only async tasks take a concurrency"
+                )),
+                Some(_) if *n == 0 => {
+                    problems.push(format!("task \"{task}\": concurrency must be at least 1"))
+                }
+                Some(i) => concurrency[i as usize] = *n,
+            }
+        }
         let source = match self.source {
             None => None,
             Some(SourceSpec {
@@ -520,6 +562,7 @@ impl TopologyBuilder {
                 options: self.options,
                 workers,
                 batches,
+                concurrency,
                 file: self.file,
             }),
             (true, false, _, Some(file)) => Err(file.error(file_problems)),
@@ -549,6 +592,8 @@ pub struct Topology {
     pub(crate) options: TopologyOptions,
     pub(crate) workers: Vec<usize>,
     pub(crate) batches: Vec<usize>,
+    /// Per task: its workers' concurrency (async tasks), 0 (sync tasks).
+    pub(crate) concurrency: Vec<usize>,
     pub(crate) file: Option<ConfigFile>,
 }
 
@@ -588,6 +633,12 @@ impl Topology {
     /// The most messages one fetch takes, by task index.
     pub fn batches(&self) -> &[usize] {
         &self.batches
+    }
+
+    /// How many messages each worker keeps in flight, by task index: the
+    /// concurrency of an async task, 0 for a sync task.
+    pub fn concurrency(&self) -> &[usize] {
+        &self.concurrency
     }
 
     /// The `Topology.toml` applied, if any.

@@ -48,6 +48,20 @@
 //! hosts' clocks need not agree), and its meta: a flags byte, the key if
 //! flagged, the headers if flagged. Each output carries its payload and
 //! meta the same way. Version 3 of the protocol added the context.
+//!
+//! # Results
+//!
+//! `Results` carry one verdict per message: a tag byte (0 done, with a
+//! `u32` output count; 1 filtered; 2 error and 3 panicked, each with a
+//! string; 4 timed out: an async task's call passed the message's deadline
+//! and was cancelled) after the message's ticket. A worker answers the
+//! messages it holds in any order (an async task's calls finish out of
+//! order), several batches' answers may share a frame, and `complete`
+//! ends the worker's oldest unfinished batch: it is sent once every
+//! message of that batch is answered or returned, batches ending in the
+//! order they came. The topology tracks what a worker holds per ticket,
+//! not per position. Version 4 added the timed-out verdict and answers out
+//! of order.
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -63,7 +77,7 @@ use crate::msg::{Emitted, MsgCtx, TaskMsg, Ticket, Verdict};
 /// The first bytes of a worker's first frame.
 pub const MAGIC: [u8; 4] = *b"TMPS";
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// The frame limit until the handshake completes.
 pub const HANDSHAKE_MAX: usize = crate::msg::MIN_FRAME_LIMIT;
 /// The default frame limit after the handshake.
@@ -88,6 +102,7 @@ const V_DONE: u8 = 0;
 const V_FILTERED: u8 = 1;
 const V_ERROR: u8 = 2;
 const V_PANICKED: u8 = 3;
+const V_TIMED_OUT: u8 = 4;
 
 /// Why the topology refused or dropped a worker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,11 +188,12 @@ pub enum Frame {
     },
     /// Topology → worker: task messages to handle.
     Batch(Vec<TaskMsg>),
-    /// Worker → topology: what became of (a prefix of) the oldest batch.
+    /// Worker → topology: what became of some of the messages it holds
+    /// (in any order), and whether its oldest batch is finished.
     Results {
-        /// Whether this ends the batch.
+        /// Whether this ends the oldest batch the worker holds.
         complete: bool,
-        /// One verdict per message, in the batch's order.
+        /// One verdict per message answered.
         items: Vec<(Ticket, Verdict)>,
         /// The outputs of `Done` verdicts, in order.
         outputs: Vec<Emitted>,
@@ -541,6 +557,7 @@ impl Frame {
                             dst.put_u8(V_PANICKED);
                             put_str(dst, m);
                         }
+                        Verdict::TimedOut => dst.put_u8(V_TIMED_OUT),
                     }
                 }
                 dst.put_u32(outputs.len() as u32);
@@ -615,6 +632,7 @@ impl Frame {
                         V_FILTERED => Verdict::Filtered,
                         V_ERROR => Verdict::Error(get_str(buf, "error")?),
                         V_PANICKED => Verdict::Panicked(get_str(buf, "panic")?),
+                        V_TIMED_OUT => Verdict::TimedOut,
                         v => return err(format!("verdict {v}")),
                     };
                     items.push((ticket, verdict));
@@ -839,6 +857,7 @@ mod tests {
                     (t, Verdict::Filtered),
                     (t, Verdict::Error("bad".into())),
                     (t, Verdict::Panicked("boom".into())),
+                    (t, Verdict::TimedOut),
                 ],
                 outputs: vec![
                     Emitted::plain(Bytes::from_static(b"a")),
@@ -1064,6 +1083,7 @@ mod tests {
             Just(Verdict::Filtered),
             "[a-z ]{0,20}".prop_map(Verdict::Error),
             "[a-z ]{0,20}".prop_map(Verdict::Panicked),
+            Just(Verdict::TimedOut),
         ];
         prop_oneof![
             (any::<u16>(), "[a-z0-9-]{0,30}")

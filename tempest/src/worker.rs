@@ -57,7 +57,7 @@ impl SharedBatch {
     /// whole rest by taking the buffer, without moving a message (the queue
     /// was made from a `Vec`, so it converts back for free unless a claim
     /// already took messages from its front).
-    fn claim(&self, n: usize, into: &mut Vec<TaskMsg>) {
+    pub(crate) fn claim(&self, n: usize, into: &mut Vec<TaskMsg>) {
         let mut q = self.lock();
         if n >= q.len() {
             *into = Vec::from(std::mem::take(&mut *q));
@@ -99,18 +99,20 @@ const MAX_CLAIM: usize = 1 << 20;
 
 /// Per-batch counters of one worker, flushed into its metrics handle.
 #[derive(Default)]
-struct Counts {
-    msgs_in: u64,
-    msgs_out: u64,
-    errors: u64,
-    panics: u64,
-    filtered: u64,
-    batches: u64,
-    handle_nanos: u64,
+pub(crate) struct Counts {
+    pub msgs_in: u64,
+    pub msgs_out: u64,
+    pub errors: u64,
+    pub panics: u64,
+    pub filtered: u64,
+    pub batches: u64,
+    pub handle_nanos: u64,
+    /// Async calls cancelled at their message's deadline.
+    pub timed_out: u64,
 }
 
 impl Counts {
-    fn flush(&mut self, metrics: &Metrics) {
+    pub(crate) fn flush(&mut self, metrics: &Metrics) {
         let c = std::mem::take(self);
         metrics.incr(names::TASK_MSGS_IN, c.msgs_in);
         metrics.incr(names::TASK_MSGS_OUT, c.msgs_out);
@@ -119,10 +121,11 @@ impl Counts {
         metrics.incr(names::TASK_FILTERED, c.filtered);
         metrics.incr(names::TASK_BATCHES, c.batches);
         metrics.incr(names::TASK_HANDLE_NANOS, c.handle_nanos);
+        metrics.incr(names::TASK_CANCELLED, c.timed_out);
     }
 }
 
-fn panic_message(payload: &(dyn Any + Send)) -> String {
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = payload.downcast_ref::<String>() {

@@ -193,14 +193,114 @@ impl Dispatch for Ready<'_> {
     }
 }
 
+/// What a remote worker holds: its unanswered messages by ticket, each
+/// ticket's copies in the order delivered. A worker may answer in any
+/// order (an async task's calls end out of order), so what it holds is
+/// tracked per ticket, not per position. Messages with one ticket
+/// (siblings of a fan-out) are interchangeable for failure purposes: an
+/// answer takes the oldest copy (a worker claims in delivery order, so the
+/// copies left include its unclaimed ones), a give-back the copy returned.
+#[derive(Debug, Default)]
+struct Held {
+    msgs: FxHashMap<Ticket, Copies>,
+    len: usize,
+}
+
+/// The copies held of one ticket: nearly always one, so without a vector.
+#[derive(Debug)]
+enum Copies {
+    One(TaskMsg),
+    Many(VecDeque<TaskMsg>),
+}
+
+impl Held {
+    fn add(&mut self, m: TaskMsg) {
+        self.len += 1;
+        match self.msgs.entry(m.ticket) {
+            Entry::Vacant(e) => {
+                e.insert(Copies::One(m));
+            }
+            Entry::Occupied(mut e) => match e.get_mut() {
+                Copies::Many(q) => q.push_back(m),
+                one => {
+                    let Copies::One(first) = std::mem::replace(one, Copies::Many(VecDeque::new()))
+                    else {
+                        return;
+                    };
+                    *one = Copies::Many(VecDeque::from([first, m]));
+                }
+            },
+        }
+    }
+
+    /// Removes a copy of `ticket` chosen by `pick` (given the copies held,
+    /// oldest first); whether there was one.
+    fn remove(
+        &mut self,
+        ticket: Ticket,
+        pick: impl FnOnce(&VecDeque<TaskMsg>) -> usize,
+    ) -> Option<TaskMsg> {
+        let Entry::Occupied(mut e) = self.msgs.entry(ticket) else {
+            return None;
+        };
+        let taken = match e.get_mut() {
+            Copies::One(_) => match e.remove() {
+                Copies::One(m) => Some(m),
+                Copies::Many(_) => None,
+            },
+            Copies::Many(q) => {
+                let at = pick(q).min(q.len().saturating_sub(1));
+                let m = q.remove(at);
+                if q.is_empty() {
+                    e.remove();
+                }
+                m
+            }
+        };
+        if taken.is_some() {
+            self.len -= 1;
+        }
+        taken
+    }
+
+    /// The worker answered a message of `ticket`.
+    fn answer(&mut self, ticket: Ticket) {
+        self.remove(ticket, |_| 0);
+    }
+
+    /// The worker gave back `m`: the pipeline's own copy of it, if held.
+    fn take_back(&mut self, m: &TaskMsg) -> Option<TaskMsg> {
+        self.remove(m.ticket, |q| {
+            q.iter().rposition(|c| c == m).unwrap_or(q.len() - 1)
+        })
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &TaskMsg> {
+        self.msgs.values().flat_map(|c| match c {
+            Copies::One(m) => std::slice::from_ref(m).iter().chain(&[]),
+            Copies::Many(q) => {
+                let (a, b) = q.as_slices();
+                a.iter().chain(b)
+            }
+        })
+    }
+
+    fn into_msgs(self) -> impl Iterator<Item = TaskMsg> {
+        self.msgs.into_values().flat_map(|c| match c {
+            Copies::One(m) => vec![m],
+            Copies::Many(q) => Vec::from(q),
+        })
+    }
+}
+
 struct Worker {
     task: TaskIdx,
     sink: Option<Box<dyn DeliverySink>>,
     /// Batches delivered whose last results have not come back.
     in_hand: u32,
-    /// For workers that can be lost (remote sessions): the batches they
-    /// hold, oldest first, with how many of each they have answered.
-    held: Option<VecDeque<(Vec<TaskMsg>, usize)>>,
+    /// For workers that can be lost (remote sessions): the messages they
+    /// hold and have not answered.
+    held: Option<Held>,
     /// Task messages it returned results for.
     handled: u64,
     /// For in-process workers: the batches delivered and not complete,
@@ -388,7 +488,7 @@ impl PipelineActor {
             task,
             sink: Some(sink),
             in_hand: 0,
-            held: may_be_lost.then(VecDeque::new),
+            held: may_be_lost.then(Held::default),
             handled: 0,
             shared: VecDeque::new(),
             busy_since: None,
@@ -424,23 +524,21 @@ impl PipelineActor {
         let held = w.held.take().unwrap_or_default();
         self.waiting[t].retain(|&(id, _)| id != worker);
         let mut lost = 0usize;
-        for (batch, answered) in held {
-            for m in batch.into_iter().skip(answered) {
-                if !self.tracker.is_live(m.ticket) {
-                    continue;
-                }
-                lost += 1;
-                if self.tracker.policy() == crate::FailurePolicy::BestEffort {
-                    self.ready[t].push_front(m);
-                } else {
-                    let reason = FailReason::WorkerLost {
-                        task: self.task_names[t].clone(),
-                    };
-                    let window = &mut self.ops.failures[t];
-                    window.errors += 1;
-                    window.note(|| reason.to_string(), self.tracker.id_of(m.ticket));
-                    self.fail_ticket(m.ticket, reason, now);
-                }
+        for m in held.into_msgs() {
+            if !self.tracker.is_live(m.ticket) {
+                continue;
+            }
+            lost += 1;
+            if self.tracker.policy() == crate::FailurePolicy::BestEffort {
+                self.ready[t].push_front(m);
+            } else {
+                let reason = FailReason::WorkerLost {
+                    task: self.task_names[t].clone(),
+                };
+                let window = &mut self.ops.failures[t];
+                window.errors += 1;
+                window.note(|| reason.to_string(), self.tracker.id_of(m.ticket));
+                self.fail_ticket(m.ticket, reason, now);
             }
         }
         if lost > 0 {
@@ -858,13 +956,12 @@ impl PipelineActor {
         let mut busy: Vec<Vec<WorkerId>> = vec![Vec::new(); self.ready.len()];
         for (id, w) in self.workers.iter().enumerate() {
             match &w.held {
-                Some(batches) => {
-                    for (batch, answered) in batches {
-                        for m in batch.iter().skip(*answered) {
-                            if let Some(msg) = self.tracker.id_of(m.ticket) {
-                                held.entry((msg.clone(), m.ticket.task))
-                                    .or_default()
-                                    .push(id as WorkerId);
+                Some(msgs) => {
+                    for m in msgs.iter() {
+                        if let Some(msg) = self.tracker.id_of(m.ticket) {
+                            let workers = held.entry((msg.clone(), m.ticket.task)).or_default();
+                            if !workers.contains(&(id as WorkerId)) {
+                                workers.push(id as WorkerId);
                             }
                         }
                     }
@@ -1008,7 +1105,9 @@ impl PipelineActor {
                         w.shared.push_back(shared);
                     }
                     if let (Some(held), Some(copy)) = (&mut w.held, copy) {
-                        held.push_back((copy, 0));
+                        for m in copy {
+                            held.add(m);
+                        }
                     }
                 }
                 Err(Undelivered::Busy(batch)) => self.requeue(t, batch),
@@ -1034,27 +1133,16 @@ impl PipelineActor {
         let Some(held) = &mut w.held else {
             return;
         };
-        // Tickets name (message, task), not one task message: siblings of a
-        // fan-out share one. Take one held copy per returned message, from
-        // the back (what a worker returns is the unclaimed tail of what it
-        // holds). Only what the worker really held goes back to the queue,
-        // as the pipeline's own copy: a peer cannot inject or duplicate.
-        let mut back: HashMap<Ticket, usize> = HashMap::new();
+        // Only what the worker really held goes back to the queue, as the
+        // pipeline's own copy: a peer cannot inject or duplicate.
+        let mut taken = Vec::with_capacity(returned.len());
+        let mut unknown = 0usize;
         for m in returned.drain(..) {
-            *back.entry(m.ticket).or_default() += 1;
-        }
-        let mut taken = Vec::new();
-        for (batch, answered) in held.iter_mut().rev() {
-            for m in batch.iter_mut().skip(*answered).rev() {
-                if let Some(n) = back.get_mut(&m.ticket).filter(|n| **n > 0) {
-                    *n -= 1;
-                    taken.push(m.clone());
-                    // Never live: losing the worker now skips it.
-                    m.ticket.task = TaskIdx::MAX;
-                }
+            match held.take_back(&m) {
+                Some(own) => taken.push(own),
+                None => unknown += 1,
             }
         }
-        let unknown: usize = back.values().sum();
         if unknown > 0 {
             log::warn!(
                 "Worker {worker} of task {} returned {unknown} message(s) it did not hold; ignored.",
@@ -1062,8 +1150,7 @@ impl PipelineActor {
             );
         }
         self.stats.returned += taken.len() as u64;
-        // `taken` runs from the back; `pump` skips any no longer live.
-        taken.reverse();
+        // `pump` skips any no longer live.
         self.requeue(t, taken);
     }
 
@@ -1231,10 +1318,8 @@ impl Handler<Results> for PipelineActor {
             }
         }
         if let Some(held) = &mut w.held {
-            if results.complete {
-                held.pop_front();
-            } else if let Some((_, answered)) = held.front_mut() {
-                *answered += results.items.len();
+            for (ticket, _) in &results.items {
+                held.answer(*ticket);
             }
         }
         let task = w.task;
@@ -1246,6 +1331,18 @@ impl Handler<Results> for PipelineActor {
         for (ticket, verdict) in results.items.drain(..) {
             if ticket.task != task {
                 self.stats.stale_results += 1;
+                continue;
+            }
+            if verdict == Verdict::TimedOut {
+                // An async task's call passed the deadline and was
+                // cancelled: a timeout of the attempt, unless the sweeper
+                // timed it out first (then the ticket is stale).
+                if !self
+                    .tracker
+                    .on_timeout(ticket, now, &mut Ready(&mut self.ready), &mut self.fin)
+                {
+                    self.stats.stale_results += 1;
+                }
                 continue;
             }
             let task_name = || self.task_names[task as usize].clone();
@@ -1284,6 +1381,7 @@ impl Handler<Results> for PipelineActor {
                         message,
                     })
                 }
+                Verdict::TimedOut => Err(FailReason::Timeout),
             };
             if let Err(reason) = &outcome {
                 let window = &mut self.ops.failures[task as usize];

@@ -82,4 +82,13 @@ pub mod names {
     pub const TASK_WORKERS: &str = "tempest.task.workers";
     /// Gauge (per task): task messages waiting for a worker.
     pub const TASK_QUEUE_DEPTH: &str = "tempest.task.queue_depth";
+    /// Gauge (per worker of an async task, label `worker`): messages whose
+    /// call is in progress (at most the task's concurrency).
+    pub const TASK_IN_PROGRESS: &str = "tempest.task.in_progress";
+    /// Gauge (per worker of an async task, label `worker`): the most
+    /// messages ever in progress at once.
+    pub const TASK_IN_PROGRESS_MAX: &str = "tempest.task.in_progress_max";
+    /// Counter (per task): async calls cancelled because their message's
+    /// deadline passed (each answered as a timeout).
+    pub const TASK_CANCELLED: &str = "tempest.task.cancelled";
 }
