@@ -38,8 +38,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tempest_source::Headers;
 
+use serde::de::DeserializeOwned;
+
+use crate::codec::{preview, Codec};
 use crate::envelope;
-use crate::msg::MsgCtx;
+use crate::msg::{MsgCtx, TaskIdx};
 use crate::task::{Msg, Task, TaskContext, TaskError, TaskResult};
 
 /// A fan-in task that handles everything its parents emitted for one
@@ -80,6 +83,7 @@ pub struct Part {
     payload: Bytes,
     key: Option<Bytes>,
     headers: Headers,
+    codec: Codec,
 }
 
 impl Part {
@@ -91,7 +95,36 @@ impl Part {
             payload: payload.into(),
             key: None,
             headers: Headers::new(),
+            codec: Codec::default(),
         }
+    }
+
+    /// The part as encoded with `codec` (JSON unless set).
+    pub fn with_codec(mut self, codec: Codec) -> Self {
+        self.codec = codec;
+        self
+    }
+
+    /// The codec its parent encodes with (see [`Codec`]).
+    pub fn codec(&self) -> Codec {
+        self.codec
+    }
+
+    /// Its payload decoded with its parent's codec: a join over typed
+    /// parents reads their values with it. A payload that does not decode
+    /// is an error naming the parent, the codec, the type and the first
+    /// bytes.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, TaskError> {
+        self.codec.decode(&self.payload).map_err(|e| {
+            TaskError::msg(format!(
+                "cannot decode {} from \"{}\" as {}: {}; {}",
+                e.codec().label(),
+                self.parent,
+                std::any::type_name::<T>(),
+                e.reason(),
+                preview(&self.payload)
+            ))
+        })
     }
 
     /// The part with this key.
@@ -226,6 +259,7 @@ impl Joined {
     /// parents are `parents`.
     pub(crate) fn decode(
         parents: &Arc<[&'static str]>,
+        codecs: &[Codec],
         envelope: Bytes,
     ) -> Result<Self, TaskError> {
         let raw = envelope::decode(envelope)?;
@@ -247,6 +281,7 @@ impl Joined {
                     payload: r.payload,
                     key: r.key,
                     headers: r.headers,
+                    codec: codecs.get(i).copied().unwrap_or_default(),
                 },
             ));
         }
@@ -333,11 +368,20 @@ impl<'a> IntoIterator for &'a Joined {
 pub(crate) struct JoinAdapter<J> {
     join: J,
     parents: Arc<[&'static str]>,
+    /// The parents' task indices, in the same order.
+    parent_idx: Arc<[TaskIdx]>,
+    /// The parents' codecs, in the same order (JSON until `started`).
+    codecs: Vec<Codec>,
 }
 
 impl<J: JoinTask> JoinAdapter<J> {
-    pub(crate) fn new(join: J, parents: Arc<[&'static str]>) -> Self {
-        JoinAdapter { join, parents }
+    pub(crate) fn new(join: J, parents: &[(TaskIdx, &'static str)]) -> Self {
+        JoinAdapter {
+            join,
+            parents: parents.iter().map(|p| p.1).collect(),
+            parent_idx: parents.iter().map(|p| p.0).collect(),
+            codecs: vec![Codec::default(); parents.len()],
+        }
     }
 }
 
@@ -347,11 +391,12 @@ impl<J: JoinTask> Task for JoinAdapter<J> {
     }
 
     fn started(&mut self, ctx: &TaskContext) {
+        self.codecs = self.parent_idx.iter().map(|&p| ctx.codec_of(p)).collect();
         self.join.started(ctx);
     }
 
     fn handle(&mut self, msg: Msg, ctx: &MsgCtx) -> TaskResult {
-        let joined = Joined::decode(&self.parents, msg)?;
+        let joined = Joined::decode(&self.parents, &self.codecs, msg)?;
         self.join.handle(joined, ctx)
     }
 
@@ -384,7 +429,7 @@ mod tests {
     }
 
     fn adapter() -> JoinAdapter<Collect> {
-        JoinAdapter::new(Collect::default(), Arc::from(["a", "b", "c"]))
+        JoinAdapter::new(Collect::default(), &[(0, "a"), (1, "b"), (2, "c")])
     }
 
     fn envelope(parts: &[(u16, &'static str)]) -> Bytes {
@@ -418,6 +463,28 @@ mod tests {
         assert!(joined
             .iter()
             .all(|p| p.payload()[0] == p.parent().as_bytes()[0]));
+    }
+
+    #[test]
+    fn parts_decode_with_their_parents_codec() {
+        let value = (7u32, "seven".to_string());
+        let bytes = Codec::Postcard.encode(&value).unwrap();
+        let part = Part::new("enrich", bytes.clone()).with_codec(Codec::Postcard);
+        assert_eq!(part.decode::<(u32, String)>().unwrap(), value);
+        let err = Part::new("enrich", bytes)
+            .decode::<(u32, String)>()
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with(
+                "cannot decode JSON from \"enrich\" as (u32, alloc::string::String): "
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("payload (7 bytes) starts b\"\\x07\\x05seven\""),
+            "{text}"
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub(crate) type TaskFactory = Arc<dyn Fn() -> TaskBody + Send + Sync>;
 
 /// Makes a fresh instance of a join task for each of its workers, given
 /// its parents' names in the compiled pipeline's parent order.
-type JoinFactory = Arc<dyn Fn(Arc<[&'static str]>) -> Box<dyn Task> + Send + Sync>;
+type JoinFactory = Arc<dyn Fn(&[(TaskIdx, &'static str)]) -> Box<dyn Task> + Send + Sync>;
 
 pub use crate::msg::TaskIdx;
 
@@ -205,14 +205,13 @@ impl Pipeline {
         F: Fn() -> J + Send + Sync + 'static,
     {
         let name = name.into();
-        let make: JoinFactory =
-            Arc::new(move |parents| Box::new(JoinAdapter::new(make(), parents)) as Box<dyn Task>);
+        let make: JoinFactory = Arc::new(move |parents: &[(TaskIdx, &'static str)]| {
+            Box::new(JoinAdapter::new(make(), parents)) as Box<dyn Task>
+        });
         // Replaced at build by a factory that knows the parents.
         let unbuilt = Arc::clone(&make);
-        self.tasks.push((
-            name.clone(),
-            Arc::new(move || TaskBody::Sync(unbuilt(Arc::from([])))),
-        ));
+        self.tasks
+            .push((name.clone(), Arc::new(move || TaskBody::Sync(unbuilt(&[])))));
         self.joins.push((name, make));
         self
     }
@@ -387,12 +386,12 @@ impl Pipeline {
                     parents: parents[i].len(),
                 });
             }
-            let parent_names: Arc<[&'static str]> = parents[i]
+            let join_parents: Vec<(TaskIdx, &'static str)> = parents[i]
                 .iter()
-                .map(|&p| intern(&names[p as usize]))
+                .map(|&p| (p, intern(&names[p as usize])))
                 .collect();
             let make = Arc::clone(make);
-            factories[i] = Arc::new(move || TaskBody::Sync(make(Arc::clone(&parent_names))));
+            factories[i] = Arc::new(move || TaskBody::Sync(make(&join_parents)));
         }
 
         for cycle in find_cycles(&children) {

@@ -3,6 +3,8 @@
 use std::fmt;
 
 use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use tempest_source::{HeaderError, Headers, Metrics};
 
 use crate::codec::{Codec, TaskCodecs};
@@ -339,6 +341,39 @@ impl TaskContext {
     /// The codec this task's outputs are read with downstream.
     pub fn output_codec(&self) -> Codec {
         self.codecs.output
+    }
+
+    /// `msg` decoded with the codec of its producer: how an [`AsyncTask`]
+    /// (or any untyped task) reads a typed input. A payload that does not
+    /// decode is an error naming the task, the message, the codec, the type
+    /// and the payload's first bytes, as a typed task's is.
+    pub fn decode<T: DeserializeOwned>(&self, msg: &Msg, ctx: &MsgCtx) -> Result<T, TaskError> {
+        self.input_codec(ctx).decode(msg).map_err(|e| {
+            let from = ctx
+                .parent()
+                .map_or_else(|| "the source".to_string(), |p| format!("\"{p}\""));
+            TaskError::msg(format!(
+                "task \"{}\": message {}: cannot decode {} from {from} as {}: {}; {}",
+                self.task,
+                ctx.id(),
+                e.codec().label(),
+                std::any::type_name::<T>(),
+                e.reason(),
+                crate::codec::preview(msg)
+            ))
+        })
+    }
+
+    /// `value` encoded with this task's output codec: how an untyped task
+    /// emits a value its typed children read.
+    pub fn encode<T: Serialize + ?Sized>(&self, value: &T) -> Result<Msg, TaskError> {
+        self.codecs.output.encode(value).map_err(|e| {
+            TaskError::msg(format!(
+                "task \"{}\": {e} (a {})",
+                self.task,
+                std::any::type_name::<T>()
+            ))
+        })
     }
 }
 
