@@ -3,155 +3,23 @@
 //! refused; raw TCP clients that send garbage, too much, or nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tempest::wire::{ErrorCode, Frame, VERSION};
 
+mod common;
+
+use common::Proc;
+
 const BIN: &str = env!("CARGO_BIN_EXE_testbed");
 
-/// A running process whose stderr lines are collected as they come.
-struct Proc {
-    name: String,
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Proc {
-    fn start(name: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
-        Proc::start_bin(BIN, name, args, envs)
-    }
-
-    fn start_bin(bin: &str, name: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
-        let mut cmd = Command::new(bin);
-        cmd.current_dir(std::env::temp_dir());
-        cmd.args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc {
-            name: name.to_string(),
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a stderr line containing `needle`; returns it.
-    fn wait_for(&mut self, needle: &str) -> String {
-        self.wait_for_all(&[needle]).remove(0)
-    }
-
-    /// Waits until each needle has been in a stderr line, in any order;
-    /// returns the first line with each.
-    fn wait_for_all(&mut self, needles: &[&str]) -> Vec<String> {
-        let mut found: Vec<Option<String>> = vec![None; needles.len()];
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            match self.lines.recv_timeout(Duration::from_millis(100)) {
-                Ok(line) => {
-                    for (needle, slot) in needles.iter().zip(&mut found) {
-                        if slot.is_none() && line.contains(needle) {
-                            *slot = Some(line.clone());
-                        }
-                    }
-                    self.seen.push(line);
-                    if found.iter().all(Option::is_some) {
-                        return found.into_iter().flatten().collect();
-                    }
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-        }
-        panic!(
-            "{} never said all of {needles:?}; it said:\n{}",
-            self.name,
-            self.seen.join("\n")
-        );
-    }
-
-    /// Waits for the process to exit; returns its code and stdout.
-    fn finish(mut self) -> (Option<i32>, String) {
-        let mut out = String::new();
-        if let Some(mut stdout) = self.child.stdout.take() {
-            stdout.read_to_string(&mut out).unwrap();
-        }
-        let status = self.child.wait().unwrap();
-        (status.code(), out)
-    }
-
-    /// Waits (at most `within`) for the process to exit, collecting its
-    /// stderr lines; returns its code and stdout.
-    fn exit_within(mut self, within: Duration) -> (Option<i32>, String, Vec<String>) {
-        let deadline = Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self
-                .lines
-                .recv_timeout(left.min(Duration::from_millis(100)))
-            {
-                Ok(line) => self.seen.push(line),
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    if left.is_zero() {
-                        panic!(
-                            "{} did not exit within {within:?}; it said:\n{}",
-                            self.name,
-                            self.seen.join("\n")
-                        );
-                    }
-                }
-            }
-        }
-        let seen = std::mem::take(&mut self.seen);
-        let (code, out) = self.finish();
-        (code, out, seen)
-    }
-
-    fn sigterm(&self) {
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success());
-    }
-
-    fn kill_9(&mut self) {
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill")
-            .args(["-9", &pid])
-            .status()
-            .unwrap()
-            .success());
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts the testbed binary.
+fn start(name: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
+    Proc::start_bin(BIN, name, args, envs)
 }
 
 /// A Topology.toml in a fresh temporary directory.
@@ -165,7 +33,7 @@ fn config(name: &str, body: &str) -> PathBuf {
 
 /// Starts the topology process and returns it with its `host:port`.
 fn topology(cfg: &Path) -> (Proc, String) {
-    let mut p = Proc::start(
+    let mut p = start(
         "topology",
         &["--config", cfg.to_str().unwrap(), "topology", "--port", "0"],
         &[],
@@ -183,7 +51,7 @@ fn topology(cfg: &Path) -> (Proc, String) {
 }
 
 fn worker(cfg: &Path, task: &str, addr: &str, envs: &[(&str, &str)]) -> Proc {
-    Proc::start(
+    start(
         &format!("worker {task}"),
         &[
             "--config",
@@ -519,15 +387,15 @@ fn workers_reconnect_to_a_restarted_topology() {
             "port = {port}\nheartbeat = 200\n\n[source.config]\ncount = 1000000000\nopen = true\n"
         ),
     );
-    let start =
-        |name: &str| Proc::start(name, &["--config", cfg.to_str().unwrap(), "topology"], &[]);
-    let mut first = start("first topology");
+    let start_topology =
+        |name: &str| start(name, &["--config", cfg.to_str().unwrap(), "topology"], &[]);
+    let mut first = start_topology("first topology");
     first.wait_for("Listening for task workers on");
     let addr = format!("127.0.0.1:{port}");
     let mut workers: Vec<Proc> = ["a", "b", "c"]
         .iter()
         .map(|t| {
-            Proc::start(
+            start(
                 &format!("worker {t}"),
                 &[
                     "--config",
@@ -548,7 +416,7 @@ fn workers_reconnect_to_a_restarted_topology() {
     for w in &mut workers {
         w.wait_for("lost its connection");
     }
-    let mut second = start("second topology");
+    let mut second = start_topology("second topology");
     second.wait_for("Listening for task workers on");
     for w in &mut workers {
         w.wait_for("joined the topology");
@@ -600,7 +468,7 @@ fn a_gracefully_restarted_topology_keeps_its_workers() {
             "port = {port}\nheartbeat = 200\n\n[source.config]\ncount = 1000000000\nopen = true\n"
         ),
     );
-    let mut first = Proc::start(
+    let mut first = start(
         "first topology",
         &["--config", endless.to_str().unwrap(), "topology"],
         &[],
@@ -636,7 +504,7 @@ fn a_gracefully_restarted_topology_keeps_its_workers() {
         "graceful-restart-2",
         &format!("port = {port}\nheartbeat = 200\n\n[source.config]\ncount = 5000\n"),
     );
-    let second = Proc::start(
+    let second = start(
         "second topology",
         &["--config", bounded.to_str().unwrap(), "topology"],
         &[],
@@ -660,7 +528,7 @@ fn sigterm_with_a_task_stuck_forever_exits_after_the_grace_naming_what_is_stuck(
         "stuck",
         "max_pending = 1\ngraceful_shutdown = 1000\nmsg_timeout = 0\n\n[source.config]\ncount = 1000000\nopen = true\n",
     );
-    let mut p = Proc::start(
+    let mut p = start(
         "standalone",
         &["--config", cfg.to_str().unwrap(), "standalone"],
         &[("TESTBED_STUCK_AT", "100")],
@@ -784,7 +652,7 @@ fn a_busy_port_fails_the_start_before_the_source_is_polled() {
     );
     let (_first, addr) = topology(&cfg);
     let port = addr.rsplit(':').next().unwrap();
-    let second = Proc::start(
+    let second = start(
         "second topology",
         &[
             "--config",
@@ -854,7 +722,7 @@ fn failures_are_logged_at_the_default_level_and_set_the_exit_code() {
         "failures-visible",
         "failure_policy = \"none\"\n\n[source.config]\ncount = 2000\npayload_size = 16\n",
     );
-    let mut p = Proc::start(
+    let mut p = start(
         "standalone",
         &["--config", cfg.to_str().unwrap(), "standalone"],
         &[("TESTBED_FAIL_EVERY", "100")],
