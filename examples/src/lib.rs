@@ -6,6 +6,7 @@
 //!
 //! Run it with `cargo run --release -p tempest-examples --example quickstart`.
 
+pub mod enrich;
 pub mod profiles;
 pub mod wordcount;
 

@@ -126,6 +126,14 @@ fn serve(server: &tiny_http::Server, stop: &AtomicBool, served: &AtomicU64, dela
             None => tiny_http::Response::from_string("no such user").with_status_code(404),
         };
         served.fetch_add(1, Ordering::Relaxed);
+        // One request per connection: under a pooling client's load,
+        // requests on kept-alive connections sometimes never reached
+        // `recv` (seen as 5 s client timeouts), so the service closes each
+        // connection after its answer and its clients should not pool.
+        let response = response.with_header(
+            tiny_http::Header::from_bytes(&b"Connection"[..], &b"close"[..])
+                .unwrap_or_else(|_| unreachable!("a valid header")),
+        );
         let _ = request.respond(response);
     }
 }

@@ -38,15 +38,7 @@ fn topology(cfg: &Path) -> (Proc, String) {
         &["--config", cfg.to_str().unwrap(), "topology", "--port", "0"],
         &[],
     );
-    let line = p.wait_for("Listening for task workers on ");
-    let addr = line
-        .split("Listening for task workers on ")
-        .nth(1)
-        .unwrap()
-        .split([' ', ';'])
-        .next()
-        .unwrap()
-        .to_string();
+    let addr = p.listening_addr();
     (p, addr)
 }
 

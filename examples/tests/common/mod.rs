@@ -44,6 +44,20 @@ impl Proc {
         }
     }
 
+    /// Waits until a topology process listens for task workers; returns
+    /// its `host:port`.
+    pub fn listening_addr(&mut self) -> String {
+        const SAYS: &str = "Listening for task workers on ";
+        let line = self.wait_for(SAYS);
+        line.split(SAYS)
+            .nth(1)
+            .unwrap()
+            .split([' ', ';'])
+            .next()
+            .unwrap()
+            .to_string()
+    }
+
     /// Waits for a stderr line containing `needle`; returns it.
     pub fn wait_for(&mut self, needle: &str) -> String {
         self.wait_for_all(&[needle]).remove(0)
@@ -142,4 +156,3 @@ impl Drop for Proc {
         let _ = self.child.wait();
     }
 }
-
