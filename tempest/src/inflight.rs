@@ -24,7 +24,7 @@ use bytes::Bytes;
 use tempest_source::{FailReason, Headers, MsgId, SourceMsg};
 
 use crate::envelope;
-use crate::msg::{Emitted, MsgCtx, TaskIdx, TaskMsg, Ticket, NO_TASK};
+use crate::msg::{Emitted, Meta, MsgCtx, TaskIdx, TaskMsg, Ticket, NO_TASK};
 use crate::pipeline::Dag;
 use crate::policy::FailurePolicy;
 
@@ -89,6 +89,9 @@ enum Phase {
 #[derive(Debug)]
 struct Record {
     msg: Option<SourceMsg>,
+    /// The source message's key and headers (taken out of `msg`), which
+    /// the root's task message starts with.
+    meta: Meta,
     gen: u32,
     attempt: u32,
     errors: u32,
@@ -131,6 +134,9 @@ pub(crate) struct Tracker {
     dag: Arc<Dag>,
     config: TrackerConfig,
     epoch: Instant,
+    /// Nanoseconds from the contexts' epoch (`msg::epoch`) to `epoch`
+    /// (negative if `epoch` is earlier).
+    epoch_offset: i64,
     records: Vec<Record>,
     states: Vec<TaskState>,
     /// Per record and fan-in task: the outputs its parents emitted so
@@ -164,6 +170,14 @@ impl Tracker {
             dag,
             config,
             epoch,
+            epoch_offset: {
+                let base = crate::msg::epoch();
+                if epoch >= base {
+                    (epoch - base).as_nanos() as i64
+                } else {
+                    -((base - epoch).as_nanos() as i64)
+                }
+            },
             free: Vec::new(),
             head: NIL,
             tail: NIL,
@@ -248,6 +262,7 @@ impl Tracker {
                 let s = self.records.len() as u32;
                 self.records.push(Record {
                     msg: None,
+                    meta: Meta::default(),
                     gen: 0,
                     attempt: 0,
                     errors: 0,
@@ -268,6 +283,8 @@ impl Tracker {
         };
         let born = self.nanos(now);
         let r = &mut self.records[slot as usize];
+        let mut msg = msg;
+        r.meta = Meta::new(msg.key.take(), std::mem::take(&mut msg.headers));
         r.msg = Some(msg);
         r.attempt = 1;
         r.errors = 0;
@@ -298,18 +315,16 @@ impl Tracker {
             Some(t) => self.nanos(now + t),
             None => u64::MAX,
         };
+        let ctx_deadline = self.ctx_deadline(deadline);
         let r = &mut self.records[slot as usize];
         r.phase = Phase::Running;
         r.tasks_left = n as u16;
         r.deadline = deadline;
         let gen = r.gen;
-        let deadline = self
-            .config
-            .msg_timeout
-            .map(|_| self.epoch + Duration::from_nanos(deadline));
+        let deadline = ctx_deadline;
         let (payload, ctx) = match r.msg.as_mut() {
             Some(m) => {
-                let ctx = MsgCtx::of_source(m, r.attempt, deadline);
+                let ctx = MsgCtx::of_source(m, r.attempt, deadline, r.meta.clone());
                 // Only a retry needs the payload again; otherwise the root
                 // takes it.
                 let payload = match self.config.policy {
@@ -350,12 +365,22 @@ impl Tracker {
             attempt: r.attempt,
             delivered,
             timestamp,
+            deadline: self.ctx_deadline(r.deadline),
             parent,
-            parent_name: (parent != NO_TASK).then(|| self.dag.static_name(parent)),
-            key: out.key.clone(),
-            headers: out.headers.clone(),
-            deadline: (r.deadline != u64::MAX)
-                .then(|| self.epoch + Duration::from_nanos(r.deadline)),
+            parent_name: self.dag.name_id(parent),
+            meta: out.meta.clone(),
+        }
+    }
+
+    /// A record's deadline (nanoseconds after the table's epoch, `u64::MAX`
+    /// for none) as a context carries it.
+    fn ctx_deadline(&self, deadline: u64) -> u64 {
+        if deadline == u64::MAX {
+            0
+        } else {
+            (i128::from(self.epoch_offset) + i128::from(deadline))
+                .clamp(0, i128::from(u64::MAX - 1)) as u64
+                + 1
         }
     }
 
@@ -372,7 +397,7 @@ impl Tracker {
         held.sort_by_key(|(p, _)| position(*p));
         let payload = envelope::encode(
             held.iter()
-                .map(|(p, o)| (position(*p), &o.payload, o.key.as_ref(), &o.headers)),
+                .map(|(p, o)| (position(*p), &o.payload, o.key(), o.headers())),
         );
         let common = common_meta(held.iter().map(|(_, o)| o));
         TaskMsg {
@@ -732,26 +757,25 @@ fn common_meta<'a>(mut outputs: impl Iterator<Item = &'a Emitted> + Clone) -> Em
         return Emitted::default();
     };
     let key = first
-        .key
-        .clone()
-        .filter(|k| outputs.clone().all(|o| o.key.as_ref() == Some(k)));
-    let headers = if outputs.clone().all(|o| o.headers == first.headers) {
-        first.headers.clone()
+        .key()
+        .cloned()
+        .filter(|k| outputs.clone().all(|o| o.key() == Some(k)));
+    let headers = if outputs.clone().all(|o| o.headers() == first.headers()) {
+        first.headers().clone()
     } else {
         let mut h = Headers::new();
-        for (name, value) in first.headers.iter() {
-            if outputs.clone().all(|o| o.headers.get(name) == Some(value)) {
+        for (name, value) in first.headers().iter() {
+            if outputs
+                .clone()
+                .all(|o| o.headers().get(name) == Some(value))
+            {
                 // The names and values came from valid headers.
                 let _ = h.insert(name, value.clone());
             }
         }
         h
     };
-    Emitted {
-        payload: Bytes::new(),
-        key,
-        headers,
-    }
+    Emitted::new(Bytes::new(), key, headers)
 }
 
 #[cfg(test)]
@@ -875,11 +899,11 @@ mod tests {
         for (n, v) in headers {
             h.insert(*n, Bytes::copy_from_slice(v.as_bytes())).unwrap();
         }
-        Emitted {
-            payload: Bytes::from_static(payload.as_bytes()),
-            key: key.map(|k| Bytes::from_static(k.as_bytes())),
-            headers: h,
-        }
+        Emitted::new(
+            Bytes::from_static(payload.as_bytes()),
+            key.map(|k| Bytes::from_static(k.as_bytes())),
+            h,
+        )
     }
 
     impl Harness {

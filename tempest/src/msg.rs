@@ -6,6 +6,7 @@
 //! wire protocol can all depend on it without depending on each other.
 
 use std::fmt;
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::Instant;
 
 use actix::Message;
@@ -63,11 +64,14 @@ pub struct MsgCtx {
     pub(crate) attempt: u32,
     pub(crate) delivered: u32,
     pub(crate) timestamp: u64,
+    /// Nanoseconds after [`epoch`] plus one; 0 for no deadline. (An
+    /// `Option<Instant>` takes twice the room, and every task message
+    /// carries this.)
+    pub(crate) deadline: u64,
     pub(crate) parent: TaskIdx,
-    pub(crate) parent_name: Option<&'static str>,
-    pub(crate) key: Option<Bytes>,
-    pub(crate) headers: Headers,
-    pub(crate) deadline: Option<Instant>,
+    /// The parent's name, interned ([`NO_NAME`]: none).
+    pub(crate) parent_name: NameId,
+    pub(crate) meta: Meta,
 }
 
 impl MsgCtx {
@@ -80,26 +84,24 @@ impl MsgCtx {
             attempt: 1,
             delivered: 1,
             timestamp: tempest_source::now_millis(),
+            deadline: 0,
             parent: NO_TASK,
-            parent_name: None,
-            key: None,
-            headers: Headers::new(),
-            deadline: None,
+            parent_name: NO_NAME,
+            meta: Meta::default(),
         }
     }
 
     /// The context of the root task's message for `msg`'s attempt.
-    pub(crate) fn of_source(msg: &SourceMsg, attempt: u32, deadline: Option<Instant>) -> Self {
+    pub(crate) fn of_source(msg: &SourceMsg, attempt: u32, deadline: u64, meta: Meta) -> Self {
         MsgCtx {
             id: msg.id.clone(),
             attempt,
             delivered: msg.delivered,
             timestamp: msg.timestamp,
-            parent: NO_TASK,
-            parent_name: None,
-            key: msg.key.clone(),
-            headers: msg.headers.clone(),
             deadline,
+            parent: NO_TASK,
+            parent_name: NO_NAME,
+            meta,
         }
     }
 
@@ -130,36 +132,34 @@ impl MsgCtx {
     /// message (it comes from the source) and for a join (its parts name
     /// their parents).
     pub fn parent(&self) -> Option<&'static str> {
-        self.parent_name
+        name_of(self.parent_name)
     }
 
     /// The message's key, if it has one.
     pub fn key(&self) -> Option<&Bytes> {
-        self.key.as_ref()
+        self.meta.key()
     }
 
     /// The key as text, if it has one and it is UTF-8.
     pub fn key_str(&self) -> Option<&str> {
-        self.key
-            .as_deref()
-            .and_then(|k| std::str::from_utf8(k).ok())
+        self.key().and_then(|k| std::str::from_utf8(k).ok())
     }
 
     /// The message's headers.
     pub fn headers(&self) -> &Headers {
-        &self.headers
+        self.meta.headers()
     }
 
     /// The value of header `name`.
     pub fn header(&self, name: &str) -> Option<&Bytes> {
-        self.headers.get(name)
+        self.headers().get(name)
     }
 
     /// When the attempt times out (`msg_timeout` after it started), if the
     /// topology has a timeout. Work for the message after this is wasted:
     /// the message is retried or given up on.
     pub fn deadline(&self) -> Option<Instant> {
-        self.deadline
+        from_nanos(self.deadline)
     }
 
     /// The context with this attempt.
@@ -170,19 +170,19 @@ impl MsgCtx {
 
     /// The context with this key.
     pub fn with_key(mut self, key: impl Into<Bytes>) -> Self {
-        self.key = Some(key.into());
+        self.meta = Meta::new(Some(key.into()), self.headers().clone());
         self
     }
 
     /// The context with these headers.
     pub fn with_headers(mut self, headers: Headers) -> Self {
-        self.headers = headers;
+        self.meta = Meta::new(self.key().cloned(), headers);
         self
     }
 
     /// The context with this deadline.
     pub fn with_deadline(mut self, deadline: Instant) -> Self {
-        self.deadline = Some(deadline);
+        self.deadline = to_nanos(deadline);
         self
     }
 }
@@ -194,12 +194,12 @@ impl fmt::Debug for MsgCtx {
             .field("attempt", &self.attempt)
             .field("delivered", &self.delivered)
             .field("timestamp", &self.timestamp)
-            .field("parent", &self.parent_name.unwrap_or("(source)"));
-        if let Some(k) = &self.key {
+            .field("parent", &self.parent().unwrap_or("(source)"));
+        if let Some(k) = self.key() {
             d.field("key", &String::from_utf8_lossy(k));
         }
-        if !self.headers.is_empty() {
-            d.field("headers", &self.headers);
+        if !self.headers().is_empty() {
+            d.field("headers", self.headers());
         }
         d.finish()
     }
@@ -211,21 +211,133 @@ impl fmt::Debug for MsgCtx {
 pub struct Emitted {
     /// The payload.
     pub payload: Bytes,
-    /// Its key.
-    pub key: Option<Bytes>,
-    /// Its headers.
-    pub headers: Headers,
+    pub(crate) meta: Meta,
 }
 
 impl Emitted {
+    /// An output with this key and these headers.
+    pub fn new(payload: Bytes, key: Option<Bytes>, headers: Headers) -> Self {
+        Emitted {
+            payload,
+            meta: Meta::new(key, headers),
+        }
+    }
+
     /// An output with neither key nor headers.
     pub fn plain(payload: Bytes) -> Self {
         Emitted {
             payload,
-            key: None,
-            headers: Headers::new(),
+            meta: Meta::default(),
         }
     }
+
+    /// Its key.
+    pub fn key(&self) -> Option<&Bytes> {
+        self.meta.key()
+    }
+
+    /// Its headers.
+    pub fn headers(&self) -> &Headers {
+        self.meta.headers()
+    }
+}
+
+/// A message's key and headers, together behind one shared pointer: none
+/// takes no allocation, a clone never copies, and a task message stays
+/// small (it is moved through every queue). A task that sets a key per
+/// output pays one allocation per output.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub(crate) struct Meta(Option<Arc<(Option<Bytes>, Headers)>>);
+
+/// The headers of a message without any.
+static NO_HEADERS: Headers = Headers::new();
+
+impl Meta {
+    pub(crate) fn new(key: Option<Bytes>, headers: Headers) -> Self {
+        if key.is_none() && headers.is_empty() {
+            Meta(None)
+        } else {
+            Meta(Some(Arc::new((key, headers))))
+        }
+    }
+
+    pub(crate) fn key(&self) -> Option<&Bytes> {
+        self.0.as_ref().and_then(|m| m.0.as_ref())
+    }
+
+    pub(crate) fn headers(&self) -> &Headers {
+        self.0.as_ref().map_or(&NO_HEADERS, |m| &m.1)
+    }
+}
+
+impl fmt::Debug for Meta {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Meta")
+            .field("key", &self.key().map(|k| String::from_utf8_lossy(k)))
+            .field("headers", self.headers())
+            .finish()
+    }
+}
+
+/// An interned task name's number (see [`intern`]).
+pub(crate) type NameId = u32;
+
+/// No name: the parent of a message from the source, or of a join.
+pub(crate) const NO_NAME: NameId = NameId::MAX;
+
+/// Interned task names: `intern` stores each name once per process and
+/// numbers it, so a message's context names its parent in four bytes and
+/// hands out a `&'static str` without a lifetime (async tasks hold the
+/// context across awaits). Task names are few and fixed.
+static NAMES: RwLock<Vec<&'static str>> = RwLock::new(Vec::new());
+
+/// `name`'s number and its interned copy.
+pub(crate) fn intern(name: &str) -> (NameId, &'static str) {
+    let known = |names: &[&'static str]| {
+        names
+            .iter()
+            .position(|n| *n == name)
+            .map(|i| (i as NameId, names[i]))
+    };
+    if let Some(found) = known(&NAMES.read().unwrap_or_else(PoisonError::into_inner)) {
+        return found;
+    }
+    let mut names = NAMES.write().unwrap_or_else(PoisonError::into_inner);
+    if let Some(found) = known(&names) {
+        return found;
+    }
+    let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
+    names.push(leaked);
+    ((names.len() - 1) as NameId, leaked)
+}
+
+/// The interned name numbered `id`.
+pub(crate) fn name_of(id: NameId) -> Option<&'static str> {
+    if id == NO_NAME {
+        return None;
+    }
+    NAMES
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(id as usize)
+        .copied()
+}
+
+/// The instant deadlines are counted from, fixed at first use.
+pub(crate) fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// `t` as a context's deadline: nanoseconds after [`epoch`], plus one.
+pub(crate) fn to_nanos(t: Instant) -> u64 {
+    t.saturating_duration_since(epoch()).as_nanos() as u64 + 1
+}
+
+/// A context's deadline as an instant (0: none).
+pub(crate) fn from_nanos(n: u64) -> Option<Instant> {
+    n.checked_sub(1)
+        .map(|n| epoch() + std::time::Duration::from_nanos(n))
 }
 
 /// What a task did with one message.

@@ -4,12 +4,13 @@
 //! every problem at once, or returns the compiled [`Dag`] in which tasks and
 //! edges are small integers, so routing never touches a string.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::codec::{Codec, EdgeCodecs, TaskCodecs, TypeSig};
 use crate::join::{JoinAdapter, JoinTask};
+use crate::msg::intern;
 use crate::task::{AsyncRunner, AsyncTask, Task, TaskBody, DEFAULT_CONCURRENCY};
 use crate::typed::{TypedAdapter, TypedTask};
 
@@ -388,7 +389,7 @@ impl Pipeline {
             }
             let join_parents: Vec<(TaskIdx, &'static str)> = parents[i]
                 .iter()
-                .map(|&p| (p, intern(&names[p as usize])))
+                .map(|&p| (p, intern(&names[p as usize]).1))
                 .collect();
             let make = Arc::clone(make);
             factories[i] = Arc::new(move || TaskBody::Sync(make(&join_parents)));
@@ -561,24 +562,6 @@ impl Pipeline {
         };
         (codecs, types)
     }
-}
-
-/// `name`, stored once per process: task names are few and fixed, and a
-/// `&'static str` lets a message's context name its parent without a
-/// lifetime (async tasks hold the context across awaits) or a reference
-/// count shared between threads.
-fn intern(name: &str) -> &'static str {
-    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
-    let mut names = NAMES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
-    if let Some(&known) = names.get(name) {
-        return known;
-    }
-    let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
-    names.insert(leaked);
-    leaked
 }
 
 /// Every elementary cycle found by a depth-first search, each once, as the
@@ -848,9 +831,9 @@ impl std::error::Error for PipelineErrors {}
 #[derive(Clone)]
 pub struct Dag {
     names: Vec<String>,
-    /// The same names, interned, so a message's context can name its
-    /// parent without a lifetime or an allocation.
-    static_names: Vec<&'static str>,
+    /// The names' interned numbers, which a message's context carries to
+    /// name its parent without a lifetime or an allocation.
+    name_ids: Vec<crate::msg::NameId>,
     root: TaskIdx,
     children: Vec<Vec<TaskIdx>>,
     parents: Vec<Vec<TaskIdx>>,
@@ -898,7 +881,7 @@ impl Dag {
             })
             .collect();
         Dag {
-            static_names: names.iter().map(|n| intern(n)).collect(),
+            name_ids: names.iter().map(|n| intern(n).0).collect(),
             names,
             root,
             children,
@@ -947,13 +930,16 @@ impl Dag {
     /// carries their indices).
     pub(crate) fn name_parents(&self, msgs: &mut [crate::msg::TaskMsg]) {
         for m in msgs {
-            m.ctx.parent_name = self.static_names.get(m.ctx.parent as usize).copied();
+            m.ctx.parent_name = self.name_id(m.ctx.parent);
         }
     }
 
-    /// The name of task `t`, interned for the life of the process.
-    pub(crate) fn static_name(&self, t: TaskIdx) -> &'static str {
-        self.static_names.get(t as usize).copied().unwrap_or("")
+    /// The interned number of task `t`'s name (`NO_NAME` for `NO_TASK`).
+    pub(crate) fn name_id(&self, t: TaskIdx) -> crate::msg::NameId {
+        self.name_ids
+            .get(t as usize)
+            .copied()
+            .unwrap_or(crate::msg::NO_NAME)
     }
 
     /// The index of the task named `name`.

@@ -64,8 +64,7 @@ impl Output {
     pub(crate) fn drain_into(self, ctx: &MsgCtx, out: &mut Vec<Emitted>) -> Result<(), TaskError> {
         let inherit = |payload| Emitted {
             payload,
-            key: ctx.key.clone(),
-            headers: ctx.headers.clone(),
+            meta: ctx.meta.clone(),
         };
         match self {
             Output::None => {}
@@ -178,27 +177,29 @@ impl Out {
     }
 
     fn resolve(self, ctx: &MsgCtx) -> Result<Emitted, HeaderError> {
+        if let (KeyChange::Inherit, HeaderChange::Inherit) = (&self.key, &self.headers) {
+            return Ok(Emitted {
+                payload: self.payload,
+                meta: ctx.meta.clone(),
+            });
+        }
         let key = match self.key {
-            KeyChange::Inherit => ctx.key.clone(),
+            KeyChange::Inherit => ctx.key().cloned(),
             KeyChange::Set(k) => Some(k),
             KeyChange::Clear => None,
         };
         let headers = match self.headers {
-            HeaderChange::Inherit => ctx.headers.clone(),
+            HeaderChange::Inherit => ctx.headers().clone(),
             HeaderChange::Replace(h) => h,
             HeaderChange::Add(extra) => {
-                let mut h = ctx.headers.clone();
+                let mut h = ctx.headers().clone();
                 for (name, value) in extra.iter() {
                     h.insert(name, value.clone())?;
                 }
                 h
             }
         };
-        Ok(Emitted {
-            payload: self.payload,
-            key,
-            headers,
-        })
+        Ok(Emitted::new(self.payload, key, headers))
     }
 }
 
@@ -535,7 +536,9 @@ mod tests {
         Output::one("z").drain_into(&ctx, &mut out).unwrap();
         let payloads: Vec<&[u8]> = out.iter().map(|e| &e.payload[..]).collect();
         assert_eq!(payloads, [&b"x"[..], b"y", b"z"]);
-        assert!(out.iter().all(|e| e.key.as_deref() == Some(&b"k"[..])));
+        assert!(out
+            .iter()
+            .all(|e| e.key().map(|k| &k[..]) == Some(&b"k"[..])));
     }
 
     #[test]
@@ -551,13 +554,13 @@ mod tests {
         ])
         .drain_into(&ctx, &mut out)
         .unwrap();
-        assert_eq!(out[0].key.as_deref(), Some(&b"in"[..]));
-        assert_eq!(out[0].headers.get_str("trace"), Some("t1"));
-        assert_eq!(out[1].key.as_deref(), Some(&b"word"[..]));
-        assert_eq!(out[1].headers.get_str("trace"), Some("t1"));
-        assert_eq!(out[1].headers.get_str("lang"), Some("en"));
-        assert_eq!(out[2].key, None);
-        assert!(out[2].headers.is_empty());
+        assert_eq!(out[0].key().map(|k| &k[..]), Some(&b"in"[..]));
+        assert_eq!(out[0].headers().get_str("trace"), Some("t1"));
+        assert_eq!(out[1].key().map(|k| &k[..]), Some(&b"word"[..]));
+        assert_eq!(out[1].headers().get_str("trace"), Some("t1"));
+        assert_eq!(out[1].headers().get_str("lang"), Some("en"));
+        assert_eq!(out[2].key(), None);
+        assert!(out[2].headers().is_empty());
     }
 
     #[test]

@@ -399,12 +399,20 @@ mod tests {
                     n: 1
                 }
             );
-            assert_eq!(out[1].key.as_deref(), Some(&b"b"[..]), "set per output");
+            assert_eq!(
+                out[1].key().map(|k| &k[..]),
+                Some(&b"b"[..]),
+                "set per output"
+            );
 
             let one = input.encode(&Line { text: "one".into() }).unwrap();
             let out = emitted(a.handle(one, &ctx).unwrap(), &ctx);
             assert_eq!(out.len(), 1);
-            assert_eq!(out[0].key.as_deref(), Some(&b"line"[..]), "inherited");
+            assert_eq!(
+                out[0].key().map(|k| &k[..]),
+                Some(&b"line"[..]),
+                "inherited"
+            );
 
             let none = input.encode(&Line { text: "".into() }).unwrap();
             assert!(a.handle(none, &ctx).unwrap().is_empty());
@@ -502,6 +510,6 @@ mod tests {
             .unwrap();
         let e = emitted(out, &MsgCtx::new(1));
         assert_eq!(&e[0].payload[..], b"7");
-        assert_eq!(e[0].headers.get_str("h"), Some("v"));
+        assert_eq!(e[0].headers().get_str("h"), Some("v"));
     }
 }

@@ -72,7 +72,7 @@ use sha2::Sha256;
 use tempest_source::{Headers, MsgId};
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
-use crate::msg::{Emitted, MsgCtx, TaskMsg, Ticket, Verdict};
+use crate::msg::{to_nanos, Emitted, Meta, MsgCtx, TaskMsg, Ticket, Verdict, NO_NAME};
 
 /// The first bytes of a worker's first frame.
 pub const MAGIC: [u8; 4] = *b"TMPS";
@@ -425,12 +425,12 @@ pub(crate) fn task_msg_len(m: &TaskMsg) -> usize {
         MsgId::Int(_) => 4,
         MsgId::Bytes(b) => b.len(),
     };
-    MIN_TASK_MSG - 1 + id + m.payload.len() + meta_len(m.ctx.key.as_ref(), &m.ctx.headers)
+    MIN_TASK_MSG - 1 + id + m.payload.len() + meta_len(m.ctx.key(), m.ctx.headers())
 }
 
 /// The bytes an output takes in a `Results` frame.
 pub(crate) fn output_len(o: &Emitted) -> usize {
-    4 + o.payload.len() + meta_len(o.key.as_ref(), &o.headers)
+    4 + o.payload.len() + meta_len(o.key(), o.headers())
 }
 
 fn put_msgs(dst: &mut BytesMut, tag: u8, msgs: &[TaskMsg]) {
@@ -449,13 +449,13 @@ fn put_msgs(dst: &mut BytesMut, tag: u8, msgs: &[TaskMsg]) {
         dst.put_u16(c.parent);
         // The deadline travels as the time left, so the two hosts' clocks
         // need not agree.
-        let left = c.deadline.map_or(NO_DEADLINE, |d| {
+        let left = c.deadline().map_or(NO_DEADLINE, |d| {
             d.saturating_duration_since(now)
                 .as_millis()
                 .min(u128::from(NO_DEADLINE - 1)) as u32
         });
         dst.put_u32(left);
-        put_meta(dst, c.key.as_ref(), &c.headers);
+        put_meta(dst, c.key(), c.headers());
     }
 }
 
@@ -485,12 +485,14 @@ fn get_msgs(buf: &mut Bytes, what: &str) -> Result<Vec<TaskMsg>, DecodeError> {
                 attempt,
                 delivered,
                 timestamp,
+                deadline: if left == NO_DEADLINE {
+                    0
+                } else {
+                    to_nanos(now + Duration::from_millis(u64::from(left)))
+                },
                 parent,
-                parent_name: None,
-                key,
-                headers,
-                deadline: (left != NO_DEADLINE)
-                    .then(|| now + Duration::from_millis(u64::from(left))),
+                parent_name: NO_NAME,
+                meta: Meta::new(key, headers),
             },
         });
     }
@@ -563,7 +565,7 @@ impl Frame {
                 dst.put_u32(outputs.len() as u32);
                 for o in outputs {
                     put_bytes(dst, &o.payload);
-                    put_meta(dst, o.key.as_ref(), &o.headers);
+                    put_meta(dst, o.key(), o.headers());
                 }
             }
             Frame::Heartbeat => dst.put_u8(HEARTBEAT),
@@ -642,11 +644,7 @@ impl Frame {
                 for _ in 0..n {
                     let payload = get_bytes(buf, "output")?;
                     let (key, headers) = get_meta(buf)?;
-                    outputs.push(Emitted {
-                        payload,
-                        key,
-                        headers,
-                    });
+                    outputs.push(Emitted::new(payload, key, headers));
                 }
                 Frame::Results {
                     complete,
@@ -811,11 +809,10 @@ mod tests {
             attempt: 2,
             delivered: 3,
             timestamp: 1_700_000_000_000,
+            deadline: 0,
             parent: 1,
-            parent_name: None,
-            key: Some(Bytes::from_static(b"alice")),
-            headers,
-            deadline: None,
+            parent_name: NO_NAME,
+            meta: Meta::new(Some(Bytes::from_static(b"alice")), headers),
         }
     }
 
@@ -861,11 +858,11 @@ mod tests {
                 ],
                 outputs: vec![
                     Emitted::plain(Bytes::from_static(b"a")),
-                    Emitted {
-                        payload: Bytes::from_static(b"bc"),
-                        key: Some(Bytes::from_static(b"k")),
-                        headers: rich_ctx().headers,
-                    },
+                    Emitted::new(
+                        Bytes::from_static(b"bc"),
+                        Some(Bytes::from_static(b"k")),
+                        rich_ctx().headers().clone(),
+                    ),
                 ],
             },
             Frame::GiveBack,
@@ -1071,11 +1068,10 @@ mod tests {
                     attempt,
                     delivered,
                     timestamp,
+                    deadline: 0,
                     parent,
-                    parent_name: None,
-                    key,
-                    headers,
-                    deadline: None,
+                    parent_name: NO_NAME,
+                    meta: Meta::new(key, headers),
                 },
             );
         let verdict = prop_oneof![
@@ -1125,11 +1121,7 @@ mod tests {
                     items,
                     outputs: outputs
                         .into_iter()
-                        .map(|(payload, (key, headers))| Emitted {
-                            payload,
-                            key,
-                            headers,
-                        })
+                        .map(|(payload, (key, headers))| Emitted::new(payload, key, headers))
                         .collect(),
                 }),
             Just(Frame::Heartbeat),

@@ -60,7 +60,7 @@ fn data_structures_and_the_protocol_know_no_actors() {
     assert_only("wire.rs", &["msg", "pipeline"]);
     assert_only("task.rs", &["msg", "codec"]);
     assert_only("typed.rs", &["msg", "codec", "task"]);
-    assert_only("join.rs", &["envelope", "msg", "task"]);
+    assert_only("join.rs", &["codec", "envelope", "msg", "task"]);
     assert_only("pipeline.rs", &["join", "msg", "task", "codec", "typed"]);
     assert_only("worker.rs", &["msg", "task", "metrics"]);
     assert_only("async_worker.rs", &["msg", "task", "metrics", "worker"]);
