@@ -225,7 +225,9 @@ impl Tracker {
         std::mem::replace(&mut self.timed_out, fresh)
     }
 
-    /// Whether a result for `ticket` would be accepted.
+    /// Whether a result for `ticket` would be accepted. Like every method
+    /// of the table, it reads the ticket's slot, generation and task, never
+    /// its `copy` (which only tells a remote worker's deliveries apart).
     pub fn is_live(&self, ticket: Ticket) -> bool {
         (ticket.task as usize) < self.dag.len()
             && self
@@ -345,6 +347,7 @@ impl Tracker {
                     slot,
                     gen,
                     task: root,
+                    copy: 0,
                 },
                 payload,
                 ctx,
@@ -405,6 +408,7 @@ impl Tracker {
                 slot,
                 gen: self.records[slot as usize].gen,
                 task: join,
+                copy: 0,
             },
             payload,
             ctx: self.ctx_from(slot, NO_TASK, &common),
@@ -424,7 +428,9 @@ impl Tracker {
         if !self.is_live(ticket) {
             return false;
         }
-        let Ticket { slot, gen, task } = ticket;
+        let Ticket {
+            slot, gen, task, ..
+        } = ticket;
         let n = self.dag.len();
         let base = slot as usize * n;
         if self.states[base + task as usize].outstanding == 0 {
@@ -444,7 +450,12 @@ impl Tracker {
                         d.dispatch(
                             c,
                             TaskMsg {
-                                ticket: Ticket { slot, gen, task: c },
+                                ticket: Ticket {
+                                    slot,
+                                    gen,
+                                    task: c,
+                                    copy: 0,
+                                },
                                 payload: o.payload.clone(),
                                 ctx,
                             },
@@ -566,7 +577,12 @@ impl Tracker {
                         d.dispatch(
                             c,
                             TaskMsg {
-                                ticket: Ticket { slot, gen, task: c },
+                                ticket: Ticket {
+                                    slot,
+                                    gen,
+                                    task: c,
+                                    copy: 0,
+                                },
                                 payload: out.payload.clone(),
                                 ctx,
                             },

@@ -27,7 +27,18 @@ pub type TaskIdx = u16;
 /// came from the source, or of a join of several parents.
 pub(crate) const NO_TASK: TaskIdx = TaskIdx::MAX;
 
-/// Names one task message: its record, the attempt it belongs to, its task.
+/// Names one task message: its record, the attempt it belongs to, its task,
+/// and which delivery of it a remote worker holds.
+///
+/// The in-flight table tells task messages apart by `slot`, `gen` and
+/// `task` only: the siblings of a fan-out (several outputs of one parent
+/// for one source message, headed for the same task) share those, and it
+/// counts them. `copy` makes each message delivered to a remote worker
+/// exact: the pipeline stamps a number of its own, unique among what that
+/// worker holds, when it delivers the message, and the worker echoes the
+/// ticket unchanged in its answer (or give-back), so an answer names the
+/// very message it is for. The table creates tickets with `copy` 0 and
+/// ignores it; queued, and in process, it is 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Ticket {
     /// The record's slot.
@@ -36,6 +47,10 @@ pub struct Ticket {
     pub gen: u32,
     /// The task the message is for.
     pub task: TaskIdx,
+    /// Which delivery to a remote worker this is (0 until one): compared
+    /// only by what tracks that worker's messages, never by the in-flight
+    /// table.
+    pub copy: u32,
 }
 
 /// One message for one task.

@@ -644,16 +644,19 @@ fn split_results(results: Results, max_frame: usize) -> Vec<Frame> {
             }
             other => (other, Vec::new()),
         };
-        let own =
-            15 + match &verdict {
+        // The ticket, the verdict's tag and at most a `u32` after it.
+        let own = wire::MIN_RESULT_ITEM
+            + 4
+            + match &verdict {
                 Verdict::Error(m) | Verdict::Panicked(m) => 2 + m.len(),
                 _ => 0,
-            } + outs.iter().map(wire::output_len).sum::<usize>();
+            }
+            + outs.iter().map(wire::output_len).sum::<usize>();
         let (verdict, outs, own) = if FRAME + own > max_frame {
             let bytes: usize = outs.iter().map(wire::output_len).sum();
             let message =
                 format!("the outputs ({bytes} bytes) exceed the frame limit of {max_frame} bytes");
-            let own = 17 + message.len();
+            let own = wire::MIN_RESULT_ITEM + 4 + 2 + message.len();
             (Verdict::Error(message), Vec::new(), own)
         } else {
             (verdict, outs, own)
@@ -689,6 +692,7 @@ mod tests {
             slot,
             gen: 0,
             task: 0,
+            copy: 0,
         }
     }
 

@@ -39,6 +39,15 @@
 //! asks it to give back what it has not started: the worker answers with
 //! `Returned` frames naming exactly those messages, so nothing runs twice.
 //!
+//! # Tickets
+//!
+//! A ticket is 14 bytes: the record's slot (`u32`), its generation (`u32`),
+//! the task (`u16`) and the copy (`u32`). The topology stamps the copy
+//! when it sends a message in a `Batch`, unique among the messages that
+//! worker holds, so that siblings of a fan-out (one slot, generation and
+//! task, different payloads) are told apart; a worker echoes every ticket
+//! unchanged in `Results` and `Returned`. Version 5 added the copy.
+//!
 //! # A task message's context
 //!
 //! Each task message carries its context: the source message's id (a kind
@@ -59,9 +68,11 @@
 //! order), several batches' answers may share a frame, and `complete`
 //! ends the worker's oldest unfinished batch: it is sent once every
 //! message of that batch is answered or returned, batches ending in the
-//! order they came. The topology tracks what a worker holds per ticket,
-//! not per position. Version 4 added the timed-out verdict and answers out
-//! of order.
+//! order they came. The topology tracks what a worker holds by exact
+//! ticket (copy included), not per position: an answer or a returned
+//! message names the very message it is for, and one for a ticket the
+//! worker does not hold is ignored (counted stale). Version 4 added the
+//! timed-out verdict and answers out of order.
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -77,7 +88,7 @@ use crate::msg::{to_nanos, Emitted, Meta, MsgCtx, TaskMsg, Ticket, Verdict, NO_N
 /// The first bytes of a worker's first frame.
 pub const MAGIC: [u8; 4] = *b"TMPS";
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 /// The frame limit until the handshake completes.
 pub const HANDSHAKE_MAX: usize = crate::msg::MIN_FRAME_LIMIT;
 /// The default frame limit after the handshake.
@@ -280,12 +291,16 @@ fn get_array(buf: &mut Bytes, what: &str) -> Result<[u8; NONCE_LEN], DecodeError
     Ok(out)
 }
 
+/// The bytes a ticket takes: slot, generation, task, copy.
+const TICKET_LEN: usize = 4 + 4 + 2 + 4;
+
 fn get_ticket(buf: &mut Bytes) -> Result<Ticket, DecodeError> {
-    need(buf, 10, "ticket")?;
+    need(buf, TICKET_LEN, "ticket")?;
     Ok(Ticket {
         slot: buf.get_u32(),
         gen: buf.get_u32(),
         task: buf.get_u16(),
+        copy: buf.get_u32(),
     })
 }
 
@@ -317,12 +332,16 @@ fn put_ticket(dst: &mut BytesMut, t: &Ticket) {
     dst.put_u32(t.slot);
     dst.put_u32(t.gen);
     dst.put_u16(t.task);
+    dst.put_u32(t.copy);
 }
 
 /// The fewest bytes a task message takes: ticket, payload length, an id
 /// (its kind and an empty byte string), attempt, deliveries, timestamp,
 /// parent, deadline, meta flags.
-const MIN_TASK_MSG: usize = 10 + 4 + 5 + 4 + 4 + 8 + 2 + 4 + 1;
+const MIN_TASK_MSG: usize = TICKET_LEN + 4 + 5 + 4 + 4 + 8 + 2 + 4 + 1;
+/// The fewest bytes a verdict takes in a `Results` frame: the ticket and
+/// the verdict's tag.
+pub(crate) const MIN_RESULT_ITEM: usize = TICKET_LEN + 1;
 /// The fewest bytes an output takes: payload length, meta flags.
 const MIN_OUTPUT: usize = 4 + 1;
 /// A deadline of "none" on the wire.
@@ -539,7 +558,10 @@ impl Frame {
                 items,
                 outputs,
             } => {
-                dst.reserve(10 + items.len() * 16 + outputs.iter().map(output_len).sum::<usize>());
+                dst.reserve(
+                    10 + items.len() * (MIN_RESULT_ITEM + 4)
+                        + outputs.iter().map(output_len).sum::<usize>(),
+                );
                 dst.put_u8(RESULTS);
                 dst.put_u8(u8::from(*complete));
                 dst.put_u32(items.len() as u32);
@@ -625,7 +647,7 @@ impl Frame {
                     1 => true,
                     b => return err(format!("complete flag {b}")),
                 };
-                let n = get_count(buf, 11, "results")?;
+                let n = get_count(buf, MIN_RESULT_ITEM, "results")?;
                 let mut items = Vec::with_capacity(n);
                 for _ in 0..n {
                     let ticket = get_ticket(buf)?;
@@ -821,7 +843,10 @@ mod tests {
             slot: 7,
             gen: 3,
             task: 2,
+            copy: 11,
         };
+        // A sibling: the same slot, generation and task, another copy.
+        let sibling = Ticket { copy: 12, ..t };
         vec![
             Frame::Hello {
                 version: VERSION,
@@ -842,7 +867,7 @@ mod tests {
                     ctx: rich_ctx(),
                 },
                 TaskMsg {
-                    ticket: t,
+                    ticket: sibling,
                     payload: Bytes::new(),
                     ctx: MsgCtx::new(7),
                 },
@@ -851,7 +876,7 @@ mod tests {
                 complete: true,
                 items: vec![
                     (t, Verdict::Done(2)),
-                    (t, Verdict::Filtered),
+                    (sibling, Verdict::Filtered),
                     (t, Verdict::Error("bad".into())),
                     (t, Verdict::Panicked("boom".into())),
                     (t, Verdict::TimedOut),
@@ -885,6 +910,56 @@ mod tests {
         for f in sample_frames() {
             assert_eq!(roundtrip(&f), f);
         }
+    }
+
+    /// Siblings of a fan-out share slot, generation and task; their copy
+    /// numbers tell them apart, and travel both ways unchanged.
+    #[test]
+    fn tickets_carry_their_copy_both_ways() {
+        let t = Ticket {
+            slot: 0x0102_0304,
+            gen: 0x0506_0708,
+            task: 0x090a,
+            copy: 0x0b0c_0d0e,
+        };
+        let msg = |ticket| TaskMsg {
+            ticket,
+            payload: Bytes::new(),
+            ctx: MsgCtx::new(MsgId::Bytes(Bytes::new())),
+        };
+        let wire = Frame::Batch(vec![msg(t)]).to_wire();
+        // Length, tag and count, then the ticket's 14 bytes.
+        assert_eq!(
+            wire[9..9 + TICKET_LEN],
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+        );
+        assert_eq!(task_msg_len(&msg(t)), MIN_TASK_MSG);
+        let siblings: Vec<TaskMsg> = (1..=3).map(|copy| msg(Ticket { copy, ..t })).collect();
+        for frame in [
+            Frame::Batch(siblings.clone()),
+            Frame::Returned(siblings.clone()),
+        ] {
+            assert_eq!(roundtrip(&frame), frame);
+        }
+        let results = Frame::Results {
+            complete: false,
+            items: siblings
+                .iter()
+                .rev()
+                .map(|m| (m.ticket, Verdict::Filtered))
+                .collect(),
+            outputs: Vec::new(),
+        };
+        assert_eq!(
+            results.to_wire().len() - 4,
+            10 + 3 * MIN_RESULT_ITEM,
+            "a filtered verdict takes the least a result item can"
+        );
+        let Frame::Results { items, .. } = roundtrip(&results) else {
+            panic!("not results");
+        };
+        let copies: Vec<u32> = items.iter().map(|(t, _)| t.copy).collect();
+        assert_eq!(copies, [3, 2, 1]);
     }
 
     #[test]
@@ -928,6 +1003,7 @@ mod tests {
                 slot: 1,
                 gen: 1,
                 task: 1,
+                copy: u32::MAX,
             },
             payload: Bytes::from_static(b"x"),
             ctx: MsgCtx::new(1).with_deadline(deadline),
@@ -957,6 +1033,7 @@ mod tests {
                     slot: u32::from(i),
                     gen: 0,
                     task: 0,
+                    copy: u32::from(i),
                 },
                 payload: Bytes::new(),
                 ctx: MsgCtx::new(MsgId::Bytes(Bytes::new())),
@@ -993,6 +1070,7 @@ mod tests {
                         slot: 0,
                         gen: 0,
                         task: 0,
+                        copy: 0,
                     },
                     payload: Bytes::from(vec![0; 2000]),
                     ctx: MsgCtx::new(0),
@@ -1014,7 +1092,14 @@ mod tests {
             &[FETCH, 0, 0, 0, 1, 9][..],
             &[BATCH, 0xff, 0xff, 0xff, 0xff][..],
             &[RESULTS, 2][..],
-            &[RESULTS, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9][..],
+            // One result: a ticket (14 bytes), then an unknown verdict.
+            &[
+                RESULTS, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9,
+            ][..],
+            // One result whose ticket lacks its copy (version 4's layout).
+            &[
+                RESULTS, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0,
+            ][..],
         ] {
             assert!(
                 Frame::decode_body(Bytes::copy_from_slice(body)).is_err(),
@@ -1034,8 +1119,14 @@ mod tests {
 
     fn arb_frame() -> impl Strategy<Value = Frame> {
         let bytes = proptest::collection::vec(any::<u8>(), 0..64).prop_map(Bytes::from);
-        let ticket = (any::<u32>(), any::<u32>(), any::<u16>())
-            .prop_map(|(slot, gen, task)| Ticket { slot, gen, task });
+        let ticket = (any::<u32>(), any::<u32>(), any::<u16>(), any::<u32>()).prop_map(
+            |(slot, gen, task, copy)| Ticket {
+                slot,
+                gen,
+                task,
+                copy,
+            },
+        );
         let meta = (
             proptest::option::of(proptest::collection::vec(any::<u8>(), 0..8)),
             proptest::collection::vec(

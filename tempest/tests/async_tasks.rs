@@ -424,3 +424,148 @@ fn concurrency_resolves_by_precedence_and_only_for_async_tasks() {
         "{e}"
     );
 }
+
+/// Siblings of a fan-out per source message: `split` emits them all.
+const SIBLINGS: usize = 4;
+
+/// While `hang` is set, sibling 0 hangs (until cancelled) and the later
+/// siblings answer in reverse order (each sleeps less than the one
+/// before); once it is cleared, every call answers at once.
+#[derive(Clone, Default)]
+struct SiblingsOutOfOrder {
+    hang: Arc<std::sync::atomic::AtomicBool>,
+    answered: Arc<AtomicUsize>,
+}
+
+impl AsyncTask for SiblingsOutOfOrder {
+    fn name(&self) -> &str {
+        "siblings"
+    }
+
+    async fn handle(&self, msg: Msg, _ctx: MsgCtx) -> TaskResult {
+        if self.hang.load(Ordering::SeqCst) {
+            let sibling = msg.last().map_or(0, |b| usize::from(b - b'0'));
+            if sibling == 0 {
+                tokio::time::sleep(Duration::from_secs(600)).await;
+            } else {
+                let wait = (SIBLINGS - sibling) as u64 * 15;
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+            }
+        }
+        self.answered.fetch_add(1, Ordering::SeqCst);
+        Ok(Output::One(msg))
+    }
+}
+
+/// Regression: siblings of a fan-out share one ticket but are different
+/// messages. A remote async worker answers some of them out of order and
+/// is lost; under `BestEffort` exactly the unanswered siblings go back to
+/// the queue, so the next worker runs each of those once and never an
+/// answered one again: downstream sees every sibling of every source
+/// message exactly once.
+#[test]
+fn losing_a_remote_async_worker_requeues_exactly_its_unanswered_siblings() {
+    common::logs();
+    const COUNT: u64 = 20;
+    let task = SiblingsOutOfOrder::default();
+    task.hang.store(true, Ordering::SeqCst);
+    let seen = common::Log::default();
+    let make = |source: MockSource| {
+        let seen = seen.clone();
+        TopologyBuilder::new("lost-siblings")
+            .source(source)
+            .failure_policy(FailurePolicy::BestEffort)
+            .msg_timeout(Duration::from_secs(600))
+            .pipeline(
+                Pipeline::new()
+                    .task(FnTask::new("split", |m| {
+                        Ok(Output::Many(
+                            (0..SIBLINGS)
+                                .map(|i| {
+                                    let mut s = m.to_vec();
+                                    s.extend_from_slice(format!("#{i}").as_bytes());
+                                    s.into()
+                                })
+                                .collect(),
+                        ))
+                    }))
+                    .async_task(task.clone())
+                    .concurrency("siblings", 256)
+                    .task(FnTask::new("collect", move |m| {
+                        seen.push(&m);
+                        Ok(Output::None)
+                    }))
+                    .edge("split", "siblings")
+                    .edge("siblings", "collect"),
+            )
+    };
+    // Distinct payloads, so that every sibling payload is distinct.
+    let source =
+        <MockSource as tempest::source::Source>::from_config(tempest_source_mock::MockConfig {
+            ack_interval_ms: 1,
+            ..tempest_source_mock::MockConfig::default()
+        })
+        .unwrap();
+    let mock = source.handle();
+    mock.push_all((0..COUNT).map(|i| format!("m{i}")));
+    let (top, addr) = common::serve_on_loopback(make(source).build().unwrap());
+    let others: Vec<_> = ["split", "collect"]
+        .into_iter()
+        .map(|name| {
+            let t = make(generated(0).0).build().unwrap();
+            std::thread::spawn(move || standalone::run_worker(&t, name, worker_options(addr), None))
+        })
+        .collect();
+    // The first worker answers every sibling but the first, out of order.
+    let handle = RuntimeHandle::new();
+    let (t, h) = (make(generated(0).0).build().unwrap(), handle.clone());
+    let first = std::thread::spawn(move || {
+        standalone::run_worker(&t, "siblings", worker_options(addr), Some(h))
+    });
+    let answered = COUNT as usize * (SIBLINGS - 1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seen.len() < answered {
+        assert!(Instant::now() < deadline, "only {} seen", seen.len());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // It is lost holding the first sibling of each source message.
+    handle.shutdown();
+    first.join().unwrap().unwrap();
+    assert_eq!(task.answered.load(Ordering::SeqCst), answered);
+    // Another worker takes what went back to the queue.
+    task.hang.store(false, Ordering::SeqCst);
+    let t = make(generated(0).0).build().unwrap();
+    let second = std::thread::spawn(move || {
+        standalone::run_worker(&t, "siblings", worker_options(addr), None)
+    });
+    let report = top.join().unwrap();
+    second.join().unwrap().unwrap();
+    for w in others {
+        w.join().unwrap().unwrap();
+    }
+    assert_eq!(report.stats.acked, COUNT, "{:?}", report.stats);
+    assert_eq!(report.stats.given_up(), 0, "{:?}", report.stats);
+    assert_eq!(mock.acked_twice(), 0);
+    let mut counts: HashMap<Vec<u8>, usize> = HashMap::new();
+    for m in seen.all() {
+        *counts.entry(m.to_vec()).or_default() += 1;
+    }
+    let twice: Vec<String> = counts
+        .iter()
+        .filter(|&(_, &n)| n > 1)
+        .map(|(m, n)| format!("{} ({n} times)", String::from_utf8_lossy(m)))
+        .collect();
+    assert!(twice.is_empty(), "answered siblings ran again: {twice:?}");
+    assert_eq!(
+        counts.len(),
+        COUNT as usize * SIBLINGS,
+        "siblings lost: {} of {} seen",
+        counts.len(),
+        COUNT as usize * SIBLINGS
+    );
+    assert_eq!(
+        task.answered.load(Ordering::SeqCst),
+        COUNT as usize * SIBLINGS,
+        "each sibling answered once"
+    );
+}

@@ -380,31 +380,68 @@ fn a_worker_whose_drain_runs_out_gives_back_what_it_never_started() {
     );
 }
 
+/// A raw client's frames, written and read by hand.
+fn raw_send(s: &mut std::net::TcpStream, f: &tempest::wire::Frame) {
+    use std::io::Write;
+    s.write_all(&f.to_wire()).unwrap();
+}
+
+fn raw_recv(s: &mut std::net::TcpStream) -> tempest::wire::Frame {
+    use std::io::Read;
+    use tempest::wire::Frame;
+    loop {
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).unwrap();
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut body).unwrap();
+        match Frame::decode_body(body.into()).unwrap() {
+            Frame::Heartbeat => continue,
+            f => return f,
+        }
+    }
+}
+
+/// A raw client for task `task`: connected, handshaken, and handed one
+/// batch for a fetch of `max`.
+fn raw_worker(
+    addr: std::net::SocketAddr,
+    task: &str,
+    max: u32,
+) -> (std::net::TcpStream, Vec<tempest::TaskMsg>) {
+    use tempest::wire::{self, Frame};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    raw_send(
+        &mut s,
+        &Frame::Hello {
+            version: wire::VERSION,
+            task: task.into(),
+        },
+    );
+    let Frame::Challenge { nonce } = raw_recv(&mut s) else {
+        panic!("no challenge")
+    };
+    raw_send(
+        &mut s,
+        &Frame::Auth {
+            mac: wire::sign(b"", &nonce, task),
+        },
+    );
+    assert!(matches!(raw_recv(&mut s), Frame::Welcome { .. }));
+    raw_send(&mut s, &Frame::Fetch { max });
+    let Frame::Batch(batch) = raw_recv(&mut s) else {
+        panic!("no batch")
+    };
+    (s, batch)
+}
+
 /// A peer's `Returned` frame is checked against what the worker holds:
 /// a message it never held, or one returned twice, is ignored, so a buggy
 /// or hostile worker cannot make a message run twice.
 #[test]
 fn returned_messages_the_worker_did_not_hold_are_ignored() {
-    use std::io::{Read, Write};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
-    use tempest::wire::{self, Frame};
-
-    fn send(s: &mut std::net::TcpStream, f: &Frame) {
-        s.write_all(&f.to_wire()).unwrap();
-    }
-    fn recv(s: &mut std::net::TcpStream) -> Frame {
-        loop {
-            let mut len = [0u8; 4];
-            s.read_exact(&mut len).unwrap();
-            let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-            s.read_exact(&mut body).unwrap();
-            match Frame::decode_body(body.into()).unwrap() {
-                Frame::Heartbeat => continue,
-                f => return f,
-            }
-        }
-    }
+    use tempest::wire::Frame;
 
     let calls = Arc::new(AtomicUsize::new(0));
     let make = |source: MockSource| {
@@ -420,36 +457,15 @@ fn returned_messages_the_worker_did_not_hold_are_ignored() {
     let (top, addr) = common::serve_on_loopback(make(source).build().unwrap());
 
     // A raw client: handshake, one fetch, then a forged give-back.
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    send(
-        &mut s,
-        &Frame::Hello {
-            version: wire::VERSION,
-            task: "t".into(),
-        },
-    );
-    let Frame::Challenge { nonce } = recv(&mut s) else {
-        panic!("no challenge")
-    };
-    send(
-        &mut s,
-        &Frame::Auth {
-            mac: wire::sign(b"", &nonce, "t"),
-        },
-    );
-    assert!(matches!(recv(&mut s), Frame::Welcome { .. }));
-    send(&mut s, &Frame::Fetch { max: 10 });
-    let Frame::Batch(batch) = recv(&mut s) else {
-        panic!("no batch")
-    };
+    let (mut s, batch) = raw_worker(addr, "t", 10);
     assert_eq!(batch.len(), 10);
     // The first message twice, and one with a ticket it never held.
     let mut forged = vec![batch[0].clone(), batch[0].clone()];
     let mut stranger = batch[1].clone();
     stranger.ticket.slot += 1000;
     forged.push(stranger);
-    send(&mut s, &Frame::Returned(forged));
-    send(&mut s, &Frame::Goodbye);
+    raw_send(&mut s, &Frame::Returned(forged));
+    raw_send(&mut s, &Frame::Goodbye);
     drop(s);
 
     // A real worker does the rest.
@@ -467,4 +483,83 @@ fn returned_messages_the_worker_did_not_hold_are_ignored() {
         "each message ran once: {:?}",
         report.stats
     );
+}
+
+/// A peer's answers count only for messages it holds, named exactly:
+/// siblings of a fan-out share slot, generation and task, and answering
+/// one sibling twice must not stand in for the other (which would then
+/// never run).
+#[test]
+fn an_answer_for_a_sibling_already_answered_is_stale() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tempest::wire::Frame;
+    use tempest::Verdict;
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let make = |source: MockSource| {
+        let c = Arc::clone(&calls);
+        TopologyBuilder::new("forged-answers")
+            .source(source)
+            .failure_policy(FailurePolicy::BestEffort)
+            .pipeline(
+                Pipeline::new()
+                    .task(FnTask::new("split", |m| {
+                        Ok(Output::Many(vec![m.clone(), m]))
+                    }))
+                    .task(FnTask::new("t", move |m| {
+                        c.fetch_add(1, Ordering::SeqCst);
+                        Ok(Output::One(m))
+                    }))
+                    .edge("split", "t"),
+            )
+    };
+    let (source, mock) = generated(1);
+    let (top, addr) = common::serve_on_loopback(make(source).build().unwrap());
+    let split = {
+        let (t, o) = (
+            make(generated(0).0).build().unwrap(),
+            worker_options(addr, None),
+        );
+        std::thread::spawn(move || standalone::run_worker(&t, "split", o, None))
+    };
+
+    // A raw client takes both siblings and answers the first one twice.
+    let (mut s, batch) = raw_worker(addr, "t", 10);
+    assert_eq!(batch.len(), 2);
+    let (a, b) = (batch[0].ticket, batch[1].ticket);
+    assert_eq!((a.slot, a.gen, a.task), (b.slot, b.gen, b.task));
+    assert_ne!(a.copy, b.copy, "siblings are told apart");
+    raw_send(
+        &mut s,
+        &Frame::Results {
+            complete: false,
+            items: vec![(a, Verdict::Done(0)), (a, Verdict::Done(0))],
+            outputs: Vec::new(),
+        },
+    );
+    // Leaving holding the second: it goes back to the queue.
+    raw_send(&mut s, &Frame::Goodbye);
+    drop(s);
+
+    let (t, o) = (
+        make(generated(0).0).build().unwrap(),
+        worker_options(addr, None),
+    );
+    let w = std::thread::spawn(move || standalone::run_worker(&t, "t", o, None));
+    let report = top.join().unwrap();
+    // Checked before joining the workers: had the record completed
+    // without the second sibling, the real worker could have missed the
+    // topology and be reconnecting still.
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the unanswered sibling ran on the real worker: {:?}",
+        report.stats
+    );
+    assert_eq!(report.stats.acked, 1, "{:?}", report.stats);
+    assert_eq!(report.stats.stale_results, 1, "{:?}", report.stats);
+    assert_eq!(mock.acked_twice(), 0);
+    w.join().unwrap().unwrap();
+    split.join().unwrap().unwrap();
 }

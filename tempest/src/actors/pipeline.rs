@@ -193,103 +193,63 @@ impl Dispatch for Ready<'_> {
     }
 }
 
-/// What a remote worker holds: its unanswered messages by ticket, each
-/// ticket's copies in the order delivered. A worker may answer in any
-/// order (an async task's calls end out of order), so what it holds is
-/// tracked per ticket, not per position. Messages with one ticket
-/// (siblings of a fan-out) are interchangeable for failure purposes: an
-/// answer takes the oldest copy (a worker claims in delivery order, so the
-/// copies left include its unclaimed ones), a give-back the copy returned.
+/// What a remote worker holds: its unanswered messages, by exact ticket.
+///
+/// Siblings of a fan-out share slot, generation and task but are different
+/// messages (payload, key, headers), and a worker may answer them in any
+/// order (an async task's calls end out of order). So every message is
+/// stamped, as it is delivered, with a `copy` number unique among what the
+/// worker holds ([`Held::stamp`]); the worker echoes tickets unchanged, so
+/// an answer or a give-back removes exactly the message it names, and
+/// what is left when the worker is lost is exactly what it had not
+/// answered.
 #[derive(Debug, Default)]
 struct Held {
-    msgs: FxHashMap<Ticket, Copies>,
-    len: usize,
-}
-
-/// The copies held of one ticket: nearly always one, so without a vector.
-#[derive(Debug)]
-enum Copies {
-    One(TaskMsg),
-    Many(VecDeque<TaskMsg>),
+    msgs: FxHashMap<Ticket, TaskMsg>,
+    /// The last copy number stamped.
+    last_copy: u32,
 }
 
 impl Held {
+    /// Gives `ticket` a copy number no message held has (numbers count up
+    /// per worker; after a wrap, one still held is skipped).
+    fn stamp(&mut self, ticket: &mut Ticket) {
+        loop {
+            self.last_copy = self.last_copy.wrapping_add(1);
+            ticket.copy = self.last_copy;
+            if !self.msgs.contains_key(ticket) {
+                return;
+            }
+        }
+    }
+
+    /// The worker now holds `m` (stamped).
     fn add(&mut self, m: TaskMsg) {
-        self.len += 1;
-        match self.msgs.entry(m.ticket) {
-            Entry::Vacant(e) => {
-                e.insert(Copies::One(m));
-            }
-            Entry::Occupied(mut e) => match e.get_mut() {
-                Copies::Many(q) => q.push_back(m),
-                one => {
-                    let Copies::One(first) = std::mem::replace(one, Copies::Many(VecDeque::new()))
-                    else {
-                        return;
-                    };
-                    *one = Copies::Many(VecDeque::from([first, m]));
-                }
-            },
-        }
+        let old = self.msgs.insert(m.ticket, m);
+        debug_assert!(old.is_none(), "a copy number was stamped twice");
     }
 
-    /// Removes a copy of `ticket` chosen by `pick` (given the copies held,
-    /// oldest first); whether there was one.
-    fn remove(
-        &mut self,
-        ticket: Ticket,
-        pick: impl FnOnce(&VecDeque<TaskMsg>) -> usize,
-    ) -> Option<TaskMsg> {
-        let Entry::Occupied(mut e) = self.msgs.entry(ticket) else {
-            return None;
-        };
-        let taken = match e.get_mut() {
-            Copies::One(_) => match e.remove() {
-                Copies::One(m) => Some(m),
-                Copies::Many(_) => None,
-            },
-            Copies::Many(q) => {
-                let at = pick(q).min(q.len().saturating_sub(1));
-                let m = q.remove(at);
-                if q.is_empty() {
-                    e.remove();
-                }
-                m
-            }
-        };
-        if taken.is_some() {
-            self.len -= 1;
-        }
-        taken
-    }
-
-    /// The worker answered a message of `ticket`.
-    fn answer(&mut self, ticket: Ticket) {
-        self.remove(ticket, |_| 0);
+    /// The worker answered the message of `ticket`: whether it held it.
+    fn answer(&mut self, ticket: Ticket) -> bool {
+        self.msgs.remove(&ticket).is_some()
     }
 
     /// The worker gave back `m`: the pipeline's own copy of it, if held.
     fn take_back(&mut self, m: &TaskMsg) -> Option<TaskMsg> {
-        self.remove(m.ticket, |q| {
-            q.iter().rposition(|c| c == m).unwrap_or(q.len() - 1)
-        })
+        self.msgs.remove(&m.ticket)
     }
 
     fn iter(&self) -> impl Iterator<Item = &TaskMsg> {
-        self.msgs.values().flat_map(|c| match c {
-            Copies::One(m) => std::slice::from_ref(m).iter().chain(&[]),
-            Copies::Many(q) => {
-                let (a, b) = q.as_slices();
-                a.iter().chain(b)
-            }
-        })
+        self.msgs.values()
     }
 
-    fn into_msgs(self) -> impl Iterator<Item = TaskMsg> {
-        self.msgs.into_values().flat_map(|c| match c {
-            Copies::One(m) => vec![m],
-            Copies::Many(q) => Vec::from(q),
-        })
+    /// What the worker held, in the order it was delivered.
+    fn into_msgs(self) -> Vec<TaskMsg> {
+        let mut msgs: Vec<TaskMsg> = self.msgs.into_values().collect();
+        // Copy numbers count up from the worker's first delivery (a wrap
+        // after four billion deliveries only reorders).
+        msgs.sort_unstable_by_key(|m| m.ticket.copy);
+        msgs
     }
 }
 
@@ -524,13 +484,14 @@ impl PipelineActor {
         let held = w.held.take().unwrap_or_default();
         self.waiting[t].retain(|&(id, _)| id != worker);
         let mut lost = 0usize;
+        let mut requeued = self.pool.pop().unwrap_or_default();
         for m in held.into_msgs() {
             if !self.tracker.is_live(m.ticket) {
                 continue;
             }
             lost += 1;
             if self.tracker.policy() == crate::FailurePolicy::BestEffort {
-                self.ready[t].push_front(m);
+                requeued.push(m);
             } else {
                 let reason = FailReason::WorkerLost {
                     task: self.task_names[t].clone(),
@@ -541,6 +502,8 @@ impl PipelineActor {
                 self.fail_ticket(m.ticket, reason, now);
             }
         }
+        // First in line, in the order they were delivered.
+        self.requeue(t, requeued);
         if lost > 0 {
             log::warn!(
                 "Worker {worker} of task {} was lost holding {lost} message(s); they go to the failure policy.",
@@ -1092,7 +1055,14 @@ impl PipelineActor {
                 self.requeue(t, batch);
                 continue;
             };
-            let copy = w.held.as_ref().map(|_| batch.clone());
+            // A worker that can be lost gets every message stamped with
+            // a copy number of its own, and the pipeline keeps a copy.
+            let kept = w.held.as_mut().map(|held| {
+                for m in &mut batch {
+                    held.stamp(&mut m.ticket);
+                }
+                batch.clone()
+            });
             match sink.deliver(batch) {
                 Ok(shared) => {
                     if w.in_hand == 0 {
@@ -1104,8 +1074,8 @@ impl PipelineActor {
                     if let Some(shared) = shared {
                         w.shared.push_back(shared);
                     }
-                    if let (Some(held), Some(copy)) = (&mut w.held, copy) {
-                        for m in copy {
+                    if let (Some(held), Some(kept)) = (&mut w.held, kept) {
+                        for m in kept {
                             held.add(m);
                         }
                     }
@@ -1155,7 +1125,10 @@ impl PipelineActor {
     }
 
     fn requeue(&mut self, t: usize, mut batch: Vec<TaskMsg>) {
-        for m in batch.drain(..).rev() {
+        for mut m in batch.drain(..).rev() {
+            // A queued message is no delivery's: a remote worker's copy
+            // number is stamped anew when it is delivered again.
+            m.ticket.copy = 0;
             self.ready[t].push_front(m);
         }
         self.pool.push(batch);
@@ -1317,19 +1290,31 @@ impl Handler<Results> for PipelineActor {
                 w.busy_since = Some(now);
             }
         }
-        if let Some(held) = &mut w.held {
-            for (ticket, _) in &results.items {
-                held.answer(*ticket);
-            }
-        }
         let task = w.task;
         if self.closed {
+            if let Some(held) = &mut w.held {
+                for (ticket, _) in &results.items {
+                    held.answer(*ticket);
+                }
+            }
             self.stats.stale_results += results.items.len() as u64;
             return;
         }
+        let worker = results.worker as usize;
         let mut offset = 0usize;
         for (ticket, verdict) in results.items.drain(..) {
-            if ticket.task != task {
+            // A remote worker's answer counts only for a message it holds,
+            // named exactly (siblings differ by copy), so no message is
+            // answered twice. A skipped answer's outputs are passed over,
+            // so the next answer's line up.
+            let held = self.workers[worker]
+                .held
+                .as_mut()
+                .is_none_or(|h| h.answer(ticket));
+            if ticket.task != task || !held {
+                if let Verdict::Done(k) = verdict {
+                    offset = offset.saturating_add(k as usize);
+                }
                 self.stats.stale_results += 1;
                 continue;
             }
@@ -1539,5 +1524,114 @@ impl Handler<WorkerLost> for PipelineActor {
 
     fn handle(&mut self, WorkerLost(worker): WorkerLost, _ctx: &mut Context<Self>) {
         self.lose_worker(worker, Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::msg::MsgCtx;
+    use bytes::Bytes;
+
+    /// Three siblings of a fan-out: one slot, generation and task, three
+    /// payloads.
+    fn siblings() -> Vec<TaskMsg> {
+        ["a", "b", "c"]
+            .into_iter()
+            .map(|p| TaskMsg {
+                ticket: Ticket {
+                    slot: 4,
+                    gen: 2,
+                    task: 1,
+                    copy: 0,
+                },
+                payload: Bytes::from(p),
+                ctx: MsgCtx::new(9).with_key(p),
+            })
+            .collect()
+    }
+
+    fn deliver(held: &mut Held, mut msgs: Vec<TaskMsg>) -> Vec<TaskMsg> {
+        for m in &mut msgs {
+            held.stamp(&mut m.ticket);
+            held.add(m.clone());
+        }
+        msgs
+    }
+
+    fn payloads(msgs: &[TaskMsg]) -> Vec<&[u8]> {
+        msgs.iter().map(|m| &m.payload[..]).collect()
+    }
+
+    /// Regression: answers out of order removed the oldest sibling, so a
+    /// lost worker's answered sibling ran again and an unanswered one was
+    /// lost.
+    #[test]
+    fn siblings_answered_out_of_order_leave_exactly_the_unanswered_held() {
+        let mut held = Held::default();
+        let sent = deliver(&mut held, siblings());
+        let copies: Vec<u32> = sent.iter().map(|m| m.ticket.copy).collect();
+        assert_eq!(copies, [1, 2, 3], "copy numbers count up per worker");
+        assert!(held.answer(sent[2].ticket));
+        assert!(held.answer(sent[1].ticket));
+        assert!(!held.answer(sent[1].ticket), "an answer counts once");
+        let left = held.into_msgs();
+        assert_eq!(payloads(&left), [&b"a"[..]]);
+        assert_eq!(left[0].ctx.key_str(), Some("a"));
+    }
+
+    #[test]
+    fn an_answer_names_a_copy_the_worker_holds_or_none() {
+        let mut held = Held::default();
+        let sent = deliver(&mut held, siblings());
+        let undelivered = siblings()[0].ticket;
+        assert!(!held.answer(undelivered), "copy 0 was never delivered");
+        let stranger = Ticket {
+            copy: 99,
+            ..sent[0].ticket
+        };
+        assert!(!held.answer(stranger));
+        assert_eq!(held.iter().count(), 3);
+    }
+
+    #[test]
+    fn a_give_back_takes_the_very_sibling_returned_as_the_pipelines_copy() {
+        let mut held = Held::default();
+        let sent = deliver(&mut held, siblings());
+        let mut forged = sent[1].clone();
+        forged.payload = Bytes::from_static(b"forged");
+        let own = held.take_back(&forged).expect("held");
+        assert_eq!(&own.payload[..], b"b");
+        assert!(held.take_back(&sent[1]).is_none(), "returned once");
+        assert_eq!(payloads(&held.into_msgs()), [&b"a"[..], &b"c"[..]]);
+    }
+
+    #[test]
+    fn what_is_left_comes_out_in_delivery_order() {
+        let mut held = Held::default();
+        let mut sent = Vec::new();
+        for _ in 0..20 {
+            sent.extend(deliver(&mut held, siblings()));
+        }
+        for m in sent.iter().skip(1).step_by(2) {
+            assert!(held.answer(m.ticket));
+        }
+        let left: Vec<u32> = held.into_msgs().iter().map(|m| m.ticket.copy).collect();
+        let expected: Vec<u32> = sent.iter().step_by(2).map(|m| m.ticket.copy).collect();
+        assert_eq!(left, expected);
+    }
+
+    #[test]
+    fn after_a_wrap_a_copy_number_still_held_is_skipped() {
+        let mut held = Held {
+            last_copy: u32::MAX - 1,
+            ..Held::default()
+        };
+        let first = deliver(&mut held, siblings()[..1].to_vec());
+        assert_eq!(first[0].ticket.copy, u32::MAX);
+        held.last_copy = u32::MAX - 1;
+        let second = deliver(&mut held, siblings()[1..2].to_vec());
+        assert_eq!(second[0].ticket.copy, 0, "u32::MAX is still held");
+        assert_eq!(held.iter().count(), 2);
     }
 }
