@@ -198,57 +198,100 @@ impl Dispatch for Ready<'_> {
 /// Siblings of a fan-out share slot, generation and task but are different
 /// messages (payload, key, headers), and a worker may answer them in any
 /// order (an async task's calls end out of order). So every message is
-/// stamped, as it is delivered, with a `copy` number unique among what the
-/// worker holds ([`Held::stamp`]); the worker echoes tickets unchanged, so
-/// an answer or a give-back removes exactly the message it names, and
-/// what is left when the worker is lost is exactly what it had not
-/// answered.
-#[derive(Debug, Default)]
+/// stamped, as it is delivered, with the worker's next `copy` number
+/// ([`Held::stamp`]); the worker echoes tickets unchanged, so an answer or
+/// a give-back removes exactly the message it names, and what is left when
+/// the worker is lost is exactly what it had not answered.
+///
+/// Copy numbers count up, so the messages sit in a ring indexed by copy
+/// number: adding, answering and taking back are O(1) without hashing
+/// (a hash map of 120-byte entries took a fifth of the topology process's
+/// time in distributed mode).
+#[derive(Debug)]
 struct Held {
-    msgs: FxHashMap<Ticket, TaskMsg>,
-    /// The last copy number stamped.
-    last_copy: u32,
+    /// Slot `i` holds copy `base + i` (wrapping), until it is answered or
+    /// taken back; answered slots at the front are dropped.
+    slots: VecDeque<Option<TaskMsg>>,
+    base: u32,
+    live: usize,
+}
+
+impl Default for Held {
+    fn default() -> Self {
+        // Copy 0 is what a message carries when not delivered to a remote
+        // worker: never a number held.
+        Held {
+            slots: VecDeque::new(),
+            base: 1,
+            live: 0,
+        }
+    }
 }
 
 impl Held {
-    /// Gives `ticket` a copy number no message held has (numbers count up
-    /// per worker; after a wrap, one still held is skipped).
-    fn stamp(&mut self, ticket: &mut Ticket) {
-        loop {
-            self.last_copy = self.last_copy.wrapping_add(1);
-            ticket.copy = self.last_copy;
-            if !self.msgs.contains_key(ticket) {
-                return;
+    /// Stamps `msgs`, about to be delivered, with the next copy numbers.
+    fn stamp(&self, msgs: &mut [TaskMsg]) {
+        let mut copy = self.base.wrapping_add(self.slots.len() as u32);
+        for m in msgs {
+            if copy == 0 {
+                copy = 1;
             }
+            m.ticket.copy = copy;
+            copy = copy.wrapping_add(1);
         }
     }
 
-    /// The worker now holds `m` (stamped).
+    /// The worker now holds `m`, stamped by the last [`stamp`](Self::stamp),
+    /// in order.
     fn add(&mut self, m: TaskMsg) {
-        let old = self.msgs.insert(m.ticket, m);
-        debug_assert!(old.is_none(), "a copy number was stamped twice");
+        let next = self.base.wrapping_add(self.slots.len() as u32);
+        if next == 0 && m.ticket.copy == 1 {
+            // The stamp skipped copy 0 at the wrap: keep the ring aligned.
+            self.slots.push_back(None);
+        }
+        debug_assert_eq!(
+            m.ticket.copy,
+            self.base.wrapping_add(self.slots.len() as u32),
+            "messages are added in the order they were stamped"
+        );
+        self.slots.push_back(Some(m));
+        self.live += 1;
+    }
+
+    /// Removes the message of exactly `ticket`, if held.
+    fn remove(&mut self, ticket: Ticket) -> Option<TaskMsg> {
+        let i = ticket.copy.wrapping_sub(self.base) as usize;
+        let slot = self.slots.get_mut(i)?;
+        if slot.as_ref().map(|m| m.ticket) != Some(ticket) {
+            return None;
+        }
+        let m = slot.take();
+        self.live -= 1;
+        while matches!(self.slots.front(), Some(None)) {
+            self.slots.pop_front();
+            self.base = self.base.wrapping_add(1);
+        }
+        m
     }
 
     /// The worker answered the message of `ticket`: whether it held it.
     fn answer(&mut self, ticket: Ticket) -> bool {
-        self.msgs.remove(&ticket).is_some()
+        self.remove(ticket).is_some()
     }
 
     /// The worker gave back `m`: the pipeline's own copy of it, if held.
     fn take_back(&mut self, m: &TaskMsg) -> Option<TaskMsg> {
-        self.msgs.remove(&m.ticket)
+        self.remove(m.ticket)
     }
 
     fn iter(&self) -> impl Iterator<Item = &TaskMsg> {
-        self.msgs.values()
+        self.slots.iter().flatten()
     }
 
     /// What the worker held, in the order it was delivered.
     fn into_msgs(self) -> Vec<TaskMsg> {
-        let mut msgs: Vec<TaskMsg> = self.msgs.into_values().collect();
-        // Copy numbers count up from the worker's first delivery (a wrap
-        // after four billion deliveries only reorders).
-        msgs.sort_unstable_by_key(|m| m.ticket.copy);
+        let mut msgs = Vec::with_capacity(self.live);
+        msgs.extend(self.slots.into_iter().flatten());
         msgs
     }
 }
@@ -1057,10 +1100,8 @@ impl PipelineActor {
             };
             // A worker that can be lost gets every message stamped with
             // a copy number of its own, and the pipeline keeps a copy.
-            let kept = w.held.as_mut().map(|held| {
-                for m in &mut batch {
-                    held.stamp(&mut m.ticket);
-                }
+            let kept = w.held.as_ref().map(|held| {
+                held.stamp(&mut batch);
                 batch.clone()
             });
             match sink.deliver(batch) {
@@ -1552,8 +1593,8 @@ mod tests {
     }
 
     fn deliver(held: &mut Held, mut msgs: Vec<TaskMsg>) -> Vec<TaskMsg> {
-        for m in &mut msgs {
-            held.stamp(&mut m.ticket);
+        held.stamp(&mut msgs);
+        for m in &msgs {
             held.add(m.clone());
         }
         msgs
@@ -1622,16 +1663,16 @@ mod tests {
     }
 
     #[test]
-    fn after_a_wrap_a_copy_number_still_held_is_skipped() {
+    fn copy_numbers_wrap_past_zero_and_still_name_their_message() {
         let mut held = Held {
-            last_copy: u32::MAX - 1,
+            base: u32::MAX - 1,
             ..Held::default()
         };
-        let first = deliver(&mut held, siblings()[..1].to_vec());
-        assert_eq!(first[0].ticket.copy, u32::MAX);
-        held.last_copy = u32::MAX - 1;
-        let second = deliver(&mut held, siblings()[1..2].to_vec());
-        assert_eq!(second[0].ticket.copy, 0, "u32::MAX is still held");
-        assert_eq!(held.iter().count(), 2);
+        let sent = deliver(&mut held, siblings());
+        let copies: Vec<u32> = sent.iter().map(|m| m.ticket.copy).collect();
+        assert_eq!(copies, [u32::MAX - 1, u32::MAX, 1], "0 is never a copy");
+        assert!(held.answer(sent[2].ticket));
+        assert!(held.answer(sent[0].ticket));
+        assert_eq!(payloads(&held.into_msgs()), [&b"b"[..]]);
     }
 }
