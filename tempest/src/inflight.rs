@@ -238,6 +238,14 @@ impl Tracker {
                 .is_some_and(|r| r.gen == ticket.gen && r.phase == Phase::Running)
     }
 
+    /// Whether `ticket` is live and its task still has messages of it
+    /// outstanding (a verdict for it would count).
+    fn awaits(&self, ticket: Ticket) -> bool {
+        self.is_live(ticket)
+            && self.states[ticket.slot as usize * self.dag.len() + ticket.task as usize].outstanding
+                > 0
+    }
+
     /// The ids of the source messages in the table.
     pub fn live_ids(&self) -> impl Iterator<Item = &MsgId> + '_ {
         self.records
@@ -486,10 +494,7 @@ impl Tracker {
         d: &mut impl Dispatch,
         fin: &mut Vec<Finished>,
     ) -> bool {
-        if !self.is_live(ticket)
-            || self.states[ticket.slot as usize * self.dag.len() + ticket.task as usize].outstanding
-                == 0
-        {
+        if !self.awaits(ticket) {
             return false;
         }
         self.records[ticket.slot as usize].errors += 1;
@@ -512,10 +517,7 @@ impl Tracker {
         d: &mut impl Dispatch,
         fin: &mut Vec<Finished>,
     ) -> bool {
-        if !self.is_live(ticket)
-            || self.states[ticket.slot as usize * self.dag.len() + ticket.task as usize].outstanding
-                == 0
-        {
+        if !self.awaits(ticket) {
             return false;
         }
         let slot = ticket.slot;
