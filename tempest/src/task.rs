@@ -60,8 +60,25 @@ impl Output {
     /// Appends the outputs to `out`, each with its key and headers: its
     /// own, else those of the input (`ctx`). On an error (a header that
     /// cannot be added) `out` is left as it was.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn drain_into(self, ctx: &MsgCtx, out: &mut Vec<Emitted>) -> Result<(), TaskError> {
+        // The common cases inline into the worker loop; the rest is out of
+        // line.
+        match self {
+            Output::None => Ok(()),
+            Output::One(payload) => {
+                out.push(Emitted {
+                    payload,
+                    meta: ctx.meta.clone(),
+                });
+                Ok(())
+            }
+            other => other.drain_many_into(ctx, out),
+        }
+    }
+
+    #[inline(never)]
+    fn drain_many_into(self, ctx: &MsgCtx, out: &mut Vec<Emitted>) -> Result<(), TaskError> {
         let inherit = |payload| Emitted {
             payload,
             meta: ctx.meta.clone(),
