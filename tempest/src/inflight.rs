@@ -267,7 +267,7 @@ impl Tracker {
     }
 
     /// Adds a source message and dispatches it to the root task.
-    pub fn insert(&mut self, msg: SourceMsg, now: Instant, d: &mut impl Dispatch) {
+    pub fn insert(&mut self, mut msg: SourceMsg, now: Instant, d: &mut impl Dispatch) {
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
@@ -296,7 +296,6 @@ impl Tracker {
         };
         let born = self.nanos(now);
         let r = &mut self.records[slot as usize];
-        let mut msg = msg;
         r.meta = Meta::new(msg.key.take(), std::mem::take(&mut msg.headers));
         r.msg = Some(msg);
         r.attempt = 1;

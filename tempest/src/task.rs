@@ -366,20 +366,9 @@ impl TaskContext {
     /// decode is an error naming the task, the message, the codec, the type
     /// and the payload's first bytes, as a typed task's is.
     pub fn decode<T: DeserializeOwned>(&self, msg: &Msg, ctx: &MsgCtx) -> Result<T, TaskError> {
-        self.input_codec(ctx).decode(msg).map_err(|e| {
-            let from = ctx
-                .parent()
-                .map_or_else(|| "the source".to_string(), |p| format!("\"{p}\""));
-            TaskError::msg(format!(
-                "task \"{}\": message {}: cannot decode {} from {from} as {}: {}; {}",
-                self.task,
-                ctx.id(),
-                e.codec().label(),
-                std::any::type_name::<T>(),
-                e.reason(),
-                crate::codec::preview(msg)
-            ))
-        })
+        self.input_codec(ctx)
+            .decode(msg)
+            .map_err(|e| decode_failed::<T>(&self.task, ctx, &e, msg))
     }
 
     /// `value` encoded with this task's output codec: how an untyped task
@@ -393,6 +382,30 @@ impl TaskContext {
             ))
         })
     }
+}
+
+/// A payload that did not decode, as a task error: `task "parse": message
+/// 42: cannot decode JSON from "split" as app::Word: expected value at line
+/// 1 column 1; payload (5 bytes) starts b"oops!"`.
+pub(crate) fn decode_failed<T>(
+    task: &str,
+    ctx: &MsgCtx,
+    err: &crate::codec::CodecError,
+    payload: &[u8],
+) -> TaskError {
+    let from = match ctx.parent() {
+        Some(parent) => format!("\"{parent}\""),
+        None if ctx.parent == crate::msg::NO_TASK => "the source".to_string(),
+        None => format!("task #{}", ctx.parent),
+    };
+    TaskError::msg(format!(
+        "task \"{task}\": message {}: cannot decode {} from {from} as {}: {}; {}",
+        ctx.id(),
+        err.codec().label(),
+        std::any::type_name::<T>(),
+        err.reason(),
+        crate::codec::preview(payload)
+    ))
 }
 
 /// One step of a pipeline: it handles a message and emits zero, one or many.

@@ -41,9 +41,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tempest_source::{HeaderError, Headers};
 
-use crate::codec::{preview, Codec, CodecError, TaskCodecs};
-use crate::msg::{MsgCtx, NO_TASK};
-use crate::task::{Msg, Out, Output, Task, TaskContext, TaskError, TaskResult};
+use crate::codec::{Codec, CodecError, TaskCodecs};
+use crate::msg::MsgCtx;
+use crate::task::{decode_failed, Msg, Out, Output, Task, TaskContext, TaskError, TaskResult};
 
 /// What [`TypedTask::handle`] returns.
 pub type TypedResult<T> = Result<Typed<T>, TaskError>;
@@ -264,7 +264,7 @@ impl<T: TypedTask> Task for TypedAdapter<T> {
         let codec = self.codecs.inputs.of(ctx.parent);
         let input: T::In = codec
             .decode(&msg)
-            .map_err(|e| self.decode_error(ctx, &e, &msg))?;
+            .map_err(|e| decode_failed::<T::In>(self.task.name(), ctx, &e, &msg))?;
         self.task
             .handle(input, ctx)?
             .encode(self.codecs.output)
@@ -284,28 +284,6 @@ impl<T: TypedTask> Task for TypedAdapter<T> {
 
     fn flush_metrics(&mut self) {
         self.task.flush_metrics();
-    }
-}
-
-impl<T: TypedTask> TypedAdapter<T> {
-    /// `task "parse": message 42: cannot decode JSON from "split" as
-    /// app::Word: expected value at line 1 column 1; payload (5 bytes)
-    /// starts b"oops!"`
-    fn decode_error(&self, ctx: &MsgCtx, err: &CodecError, payload: &[u8]) -> TaskError {
-        let from = match ctx.parent() {
-            Some(parent) => format!("\"{parent}\""),
-            None if ctx.parent == NO_TASK => "the source".to_string(),
-            None => format!("task #{}", ctx.parent),
-        };
-        TaskError::msg(format!(
-            "task \"{}\": message {}: cannot decode {} from {from} as {}: {}; {}",
-            self.task.name(),
-            ctx.id(),
-            err.codec().label(),
-            std::any::type_name::<T::In>(),
-            err.reason(),
-            preview(payload)
-        ))
     }
 }
 
