@@ -15,6 +15,7 @@
 //! because every attempt gets the same timeout: the sweeper pops expired
 //! records from its head, completion unlinks in O(1).
 
+use std::cell::Cell;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use bytes::Bytes;
 use tempest_source::{FailReason, Headers, MsgId, SourceMsg};
 
 use crate::envelope;
-use crate::msg::{Emitted, Meta, MsgCtx, TaskIdx, TaskMsg, Ticket, NO_TASK};
+use crate::msg::{Emitted, Meta, MsgCtx, Origin, TaskIdx, TaskMsg, Ticket, NO_TASK};
 use crate::pipeline::Dag;
 use crate::policy::FailurePolicy;
 
@@ -57,7 +58,7 @@ pub enum Outcome {
 /// A source message leaving the table.
 #[derive(Debug)]
 pub(crate) struct Finished {
-    pub msg: SourceMsg,
+    pub id: MsgId,
     pub outcome: Outcome,
     pub attempts: u32,
     pub errors: u32,
@@ -88,12 +89,18 @@ enum Phase {
 
 #[derive(Debug)]
 struct Record {
-    msg: Option<SourceMsg>,
-    /// The source message's key and headers (taken out of `msg`), which
-    /// the root's task message starts with.
+    /// The source message's id; `None` while the slot is free.
+    id: Option<MsgId>,
+    /// The source message's payload, kept for a retry (under another
+    /// policy the root's task message takes it).
+    payload: Bytes,
+    /// The attempt, the source message's timestamp and delivery count,
+    /// and the attempt's deadline as contexts carry it.
+    origin: Origin,
+    /// The source message's key and headers, which the root's task
+    /// message starts with.
     meta: Meta,
     gen: u32,
-    attempt: u32,
     errors: u32,
     timeouts: u32,
     tasks_left: u16,
@@ -102,8 +109,6 @@ struct Record {
     next: u32,
     /// Nanoseconds since the table's epoch.
     deadline: u64,
-    /// The same deadline as a context carries it (see `ctx_deadline`).
-    ctx_deadline: u64,
     born: u64,
 }
 
@@ -136,10 +141,17 @@ pub(crate) struct Tracker {
     dag: Arc<Dag>,
     config: TrackerConfig,
     epoch: Instant,
+    /// The last instant [`nanos`](Self::nanos) converted, and its result.
+    last_now: Cell<(Instant, u64)>,
     /// Nanoseconds from the contexts' epoch (`msg::epoch`) to `epoch`
     /// (negative if `epoch` is earlier).
     epoch_offset: i64,
     records: Vec<Record>,
+    /// Per slot, `gen * 2 + 1` while the record's attempt runs, else 0: a
+    /// copy of what [`is_live`](Self::is_live) reads from the records,
+    /// dense so that checking a batch of tickets stays in cache (a
+    /// record is a few cache lines away from the next).
+    running: Vec<u64>,
     states: Vec<TaskState>,
     /// Per record and fan-in task: the outputs its parents emitted so
     /// far, each with the parent.
@@ -151,6 +163,9 @@ pub(crate) struct Tracker {
     live: usize,
     high_water: usize,
     retried: u64,
+    /// Attempts that ended while task messages of theirs may have been
+    /// queued or running (failed, timed out, retried), so far.
+    ended_early: u64,
     stack: Vec<TaskIdx>,
     /// Attempts timed out since the last [`take_timeouts`](Self::take_timeouts),
     /// per task they were waiting for (the first with messages
@@ -167,11 +182,13 @@ impl Tracker {
         Tracker {
             timed_out: vec![(0, None); dag.len()],
             records: Vec::with_capacity(capacity),
+            running: Vec::with_capacity(capacity),
             states: Vec::with_capacity(capacity * dag.len()),
             held: Vec::with_capacity(capacity * dag.fanin_count()),
             dag,
             config,
             epoch,
+            last_now: Cell::new((epoch, 0)),
             epoch_offset: {
                 let base = crate::msg::epoch();
                 if epoch >= base {
@@ -187,6 +204,7 @@ impl Tracker {
             live: 0,
             high_water: 0,
             retried: 0,
+            ended_early: 0,
             stack: Vec::new(),
         }
     }
@@ -206,6 +224,14 @@ impl Tracker {
         self.retried
     }
 
+    /// How many attempts have ended early: failed, timed out or retried,
+    /// perhaps with task messages of theirs queued or running. A task
+    /// message dispatched when the count was `n` is live (see
+    /// [`is_live`](Self::is_live)) while the count is still `n`.
+    pub fn ended_early(&self) -> u64 {
+        self.ended_early
+    }
+
     /// The failure policy.
     pub fn policy(&self) -> FailurePolicy {
         self.config.policy
@@ -216,8 +242,17 @@ impl Tracker {
         &self.dag
     }
 
+    /// `t` in nanoseconds since the table's epoch. The callers pass the
+    /// same `now` for a whole batch, so the last conversion is kept:
+    /// converting an `Instant` costs a hundred instructions.
     fn nanos(&self, t: Instant) -> u64 {
-        t.saturating_duration_since(self.epoch).as_nanos() as u64
+        let (last, ns) = self.last_now.get();
+        if last == t {
+            return ns;
+        }
+        let ns = t.saturating_duration_since(self.epoch).as_nanos() as u64;
+        self.last_now.set((t, ns));
+        ns
     }
 
     /// Per task, the attempts that timed out waiting for it since the last
@@ -232,10 +267,8 @@ impl Tracker {
     /// its `copy` (which only tells a remote worker's deliveries apart).
     pub fn is_live(&self, ticket: Ticket) -> bool {
         (ticket.task as usize) < self.dag.len()
-            && self
-                .records
-                .get(ticket.slot as usize)
-                .is_some_and(|r| r.gen == ticket.gen && r.phase == Phase::Running)
+            && self.running.get(ticket.slot as usize).copied()
+                == Some(u64::from(ticket.gen) * 2 + 1)
     }
 
     /// Whether `ticket` is live and its task still has messages of it
@@ -248,9 +281,7 @@ impl Tracker {
 
     /// The ids of the source messages in the table.
     pub fn live_ids(&self) -> impl Iterator<Item = &MsgId> + '_ {
-        self.records
-            .iter()
-            .filter_map(|r| r.msg.as_ref().map(|m| &m.id))
+        self.records.iter().filter_map(|r| r.id.as_ref())
     }
 
     /// The id of the source message `ticket` belongs to, if the ticket is
@@ -259,24 +290,30 @@ impl Tracker {
         if !self.is_live(ticket) {
             return None;
         }
-        self.records
-            .get(ticket.slot as usize)?
-            .msg
-            .as_ref()
-            .map(|m| &m.id)
+        self.records.get(ticket.slot as usize)?.id.as_ref()
     }
 
     /// Adds a source message and dispatches it to the root task.
-    pub fn insert(&mut self, mut msg: SourceMsg, now: Instant, d: &mut impl Dispatch) {
+    ///
+    /// The message's fields are taken, leaving an empty shell: reading
+    /// them where the source's batch holds them spares copying a whole
+    /// message through the stack.
+    pub fn insert(&mut self, msg: &mut SourceMsg, now: Instant, d: &mut impl Dispatch) {
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
                 let s = self.records.len() as u32;
                 self.records.push(Record {
-                    msg: None,
+                    id: None,
+                    payload: Bytes::new(),
+                    origin: Origin {
+                        attempt: 0,
+                        delivered: 0,
+                        timestamp: 0,
+                        deadline: 0,
+                    },
                     meta: Meta::default(),
                     gen: 0,
-                    attempt: 0,
                     errors: 0,
                     timeouts: 0,
                     tasks_left: 0,
@@ -284,9 +321,9 @@ impl Tracker {
                     prev: NIL,
                     next: NIL,
                     deadline: 0,
-                    ctx_deadline: 0,
                     born: 0,
                 });
+                self.running.push(0);
                 self.states
                     .resize(self.states.len() + self.dag.len(), TaskState::default());
                 self.held
@@ -297,8 +334,14 @@ impl Tracker {
         let born = self.nanos(now);
         let r = &mut self.records[slot as usize];
         r.meta = Meta::new(msg.key.take(), std::mem::take(&mut msg.headers));
-        r.msg = Some(msg);
-        r.attempt = 1;
+        r.id = Some(std::mem::replace(&mut msg.id, MsgId::Int(0)));
+        r.payload = std::mem::take(&mut msg.payload);
+        r.origin = Origin {
+            attempt: 1,
+            delivered: msg.delivered,
+            timestamp: msg.timestamp,
+            deadline: 0,
+        };
         r.errors = 0;
         r.timeouts = 0;
         r.born = born;
@@ -324,29 +367,24 @@ impl Tracker {
         let root = self.dag.root();
         self.states[base + root as usize].outstanding = 1;
         let deadline = match self.config.msg_timeout {
-            Some(t) => self.nanos(now + t),
+            Some(t) => self
+                .nanos(now)
+                .saturating_add(t.as_nanos().min(u128::from(u64::MAX)) as u64),
             None => u64::MAX,
         };
         let ctx_deadline = self.ctx_deadline(deadline);
         let r = &mut self.records[slot as usize];
         r.phase = Phase::Running;
+        self.running[slot as usize] = u64::from(r.gen) * 2 + 1;
         r.tasks_left = n as u16;
         r.deadline = deadline;
-        r.ctx_deadline = ctx_deadline;
+        r.origin.deadline = ctx_deadline;
         let gen = r.gen;
-        let deadline = ctx_deadline;
-        let (payload, ctx) = match r.msg.as_mut() {
-            Some(m) => {
-                let ctx = MsgCtx::of_source(m, r.attempt, deadline, r.meta.clone());
-                // Only a retry needs the payload again; otherwise the root
-                // takes it.
-                let payload = match self.config.policy {
-                    FailurePolicy::Retry(_) => m.payload.clone(),
-                    _ => std::mem::take(&mut m.payload),
-                };
-                (payload, ctx)
-            }
-            None => (Bytes::new(), MsgCtx::new(0)),
+        let ctx = ctx_of(r, &self.dag, NO_TASK, r.meta.clone());
+        // Only a retry needs the payload again; otherwise the root takes it.
+        let payload = match self.config.policy {
+            FailurePolicy::Retry(_) => r.payload.clone(),
+            _ => std::mem::take(&mut r.payload),
         };
         if self.config.msg_timeout.is_some() {
             self.link_tail(slot);
@@ -354,36 +392,11 @@ impl Tracker {
         d.dispatch(
             root,
             TaskMsg {
-                ticket: Ticket {
-                    slot,
-                    gen,
-                    task: root,
-                    copy: 0,
-                },
+                ticket: Ticket::new(slot, gen, root),
                 payload,
                 ctx,
             },
         );
-    }
-
-    /// The context of a message `parent` emitted for the attempt in `slot`
-    /// (`NO_TASK`: a join of several parents).
-    fn ctx_from(&self, slot: u32, parent: TaskIdx, out: &Emitted) -> MsgCtx {
-        let r = &self.records[slot as usize];
-        let (id, delivered, timestamp) = match &r.msg {
-            Some(m) => (m.id.clone(), m.delivered, m.timestamp),
-            None => (MsgId::Int(0), 0, 0),
-        };
-        MsgCtx {
-            id,
-            attempt: r.attempt,
-            delivered,
-            timestamp,
-            deadline: r.ctx_deadline,
-            parent,
-            parent_name: self.dag.name_id(parent),
-            meta: out.meta.clone(),
-        }
     }
 
     /// A record's deadline (nanoseconds after the table's epoch, `u64::MAX`
@@ -398,40 +411,17 @@ impl Tracker {
         }
     }
 
-    /// The one message of join task `join` for the attempt in `slot`: an
-    /// envelope of every part its parents emitted (`held`, not empty),
-    /// grouped by parent in the DAG's parent order, each parent's in the
-    /// order they arrived. Its context has no parent; its key is the
-    /// parts' key if they all share one, its headers those every part
-    /// carries with the same value.
-    fn join_msg(&self, slot: u32, join: TaskIdx, held: &mut [(TaskIdx, Emitted)]) -> TaskMsg {
-        let parents = self.dag.parents(join);
-        let position = |p: TaskIdx| parents.iter().position(|&q| q == p).unwrap_or(0) as u16;
-        // Stable: each parent's parts keep their order.
-        held.sort_by_key(|(p, _)| position(*p));
-        let payload = envelope::encode(
-            held.iter()
-                .map(|(p, o)| (position(*p), &o.payload, o.key(), o.headers())),
-        );
-        let common = common_meta(held.iter().map(|(_, o)| o));
-        TaskMsg {
-            ticket: Ticket {
-                slot,
-                gen: self.records[slot as usize].gen,
-                task: join,
-                copy: 0,
-            },
-            payload,
-            ctx: self.ctx_from(slot, NO_TASK, &common),
-        }
-    }
-
     /// A task handled a message and emitted `outputs`. Returns false for a
     /// stale ticket (ignored).
+    ///
+    /// The outputs are taken: the last child they go to gets them moved,
+    /// the others get clones, so a linear pipeline hands each payload on
+    /// without touching its reference count (a shared count is a cache
+    /// line every thread that holds the payload writes to).
     pub fn on_done(
         &mut self,
         ticket: Ticket,
-        outputs: &[Emitted],
+        outputs: &mut [Emitted],
         now: Instant,
         d: &mut impl Dispatch,
         fin: &mut Vec<Finished>,
@@ -448,29 +438,46 @@ impl Tracker {
             // More results than messages for this task: a duplicate.
             return false;
         }
-        let fc = self.dag.fanin_count();
-        let dag = Arc::clone(&self.dag);
-        for &c in dag.children(task) {
-            match dag.fanin_slot(c) {
-                Some(f) => self.held[slot as usize * fc + f as usize]
-                    .extend(outputs.iter().map(|o| (task, o.clone()))),
-                None => {
-                    self.states[base + c as usize].outstanding += outputs.len() as u32;
-                    for o in outputs {
-                        let ctx = self.ctx_from(slot, task, o);
-                        d.dispatch(
-                            c,
-                            TaskMsg {
-                                ticket: Ticket {
-                                    slot,
-                                    gen,
-                                    task: c,
-                                    copy: 0,
+        if !outputs.is_empty() {
+            let Tracker {
+                dag,
+                records,
+                states,
+                held,
+                ..
+            } = self;
+            let fc = dag.fanin_count();
+            let children = dag.children(task);
+            // Every output's context but its key and headers.
+            let template = ctx_of(&records[slot as usize], dag, task, Meta::default());
+            for (i, &c) in children.iter().enumerate() {
+                let last = i + 1 == children.len();
+                let take = |o: &mut Emitted| {
+                    if last {
+                        std::mem::take(o)
+                    } else {
+                        o.clone()
+                    }
+                };
+                match dag.fanin_slot(c) {
+                    Some(f) => held[slot as usize * fc + f as usize]
+                        .extend(outputs.iter_mut().map(|o| (task, take(o)))),
+                    None => {
+                        states[base + c as usize].outstanding += outputs.len() as u32;
+                        for o in outputs.iter_mut() {
+                            let Emitted { payload, meta } = take(o);
+                            d.dispatch(
+                                c,
+                                TaskMsg {
+                                    ticket: Ticket::new(slot, gen, c),
+                                    payload,
+                                    ctx: MsgCtx {
+                                        meta,
+                                        ..template.clone()
+                                    },
                                 },
-                                payload: o.payload.clone(),
-                                ctx,
-                            },
-                        );
+                            );
+                        }
                     }
                 }
             }
@@ -498,7 +505,7 @@ impl Tracker {
         }
         self.records[ticket.slot as usize].errors += 1;
         if self.config.policy == FailurePolicy::BestEffort {
-            return self.on_done(ticket, &[], now, d, fin);
+            return self.on_done(ticket, &mut [], now, d, fin);
         }
         self.fail_attempt(ticket.slot, reason, Outcome::Failed, now, fin);
         true
@@ -523,14 +530,11 @@ impl Tracker {
         let (count, first) = &mut self.timed_out[ticket.task as usize];
         *count += 1;
         if first.is_none() {
-            *first = self.records[slot as usize]
-                .msg
-                .as_ref()
-                .map(|m| m.id.clone());
+            *first = self.records[slot as usize].id.clone();
         }
         self.records[slot as usize].timeouts += 1;
         if self.config.policy == FailurePolicy::BestEffort {
-            return self.on_done(ticket, &[], now, d, fin);
+            return self.on_done(ticket, &mut [], now, d, fin);
         }
         self.fail_attempt(slot, FailReason::Timeout, Outcome::TimedOut, now, fin);
         true
@@ -544,66 +548,62 @@ impl Tracker {
         d: &mut impl Dispatch,
         fin: &mut Vec<Finished>,
     ) {
-        let n = self.dag.len();
+        // The fields one by one: borrowing the DAG apart from the rest
+        // spares cloning its `Arc` per result (an atomic increment and
+        // decrement on a cache line every worker thread reads).
+        let Tracker {
+            dag,
+            records,
+            states,
+            held,
+            stack,
+            ..
+        } = self;
+        let n = dag.len();
         let base = slot as usize * n;
-        let fc = self.dag.fanin_count();
-        let gen = self.records[slot as usize].gen;
-        let dag = Arc::clone(&self.dag);
-        let mut stack = std::mem::take(&mut self.stack);
+        let fc = dag.fanin_count();
+        let r = &mut records[slot as usize];
+        let gen = r.gen;
         stack.push(task);
         while let Some(t) = stack.pop() {
-            self.states[base + t as usize].done = true;
-            self.records[slot as usize].tasks_left -= 1;
+            states[base + t as usize].done = true;
+            r.tasks_left -= 1;
             for &c in dag.children(t) {
-                let st = &mut self.states[base + c as usize];
+                let st = &mut states[base + c as usize];
                 st.parents_left -= 1;
                 if st.parents_left > 0 {
                     continue;
                 }
                 if let Some(f) = dag.fanin_slot(c) {
-                    let at = slot as usize * fc + f as usize;
-                    let mut held = std::mem::take(&mut self.held[at]);
+                    let held = &mut held[slot as usize * fc + f as usize];
                     if dag.is_join(c) {
                         if !held.is_empty() {
-                            let msg = self.join_msg(slot, c, &mut held);
-                            self.states[base + c as usize].outstanding = 1;
+                            let msg = join_msg(dag, r, slot, c, held);
+                            states[base + c as usize].outstanding = 1;
                             d.dispatch(c, msg);
                         }
                         held.clear();
-                        self.held[at] = held;
-                        if self.states[base + c as usize].outstanding == 0 {
-                            stack.push(c);
-                        }
-                        continue;
-                    }
-                    self.states[base + c as usize].outstanding += held.len() as u32;
-                    for (parent, out) in &held {
-                        let ctx = self.ctx_from(slot, *parent, out);
-                        d.dispatch(
-                            c,
-                            TaskMsg {
-                                ticket: Ticket {
-                                    slot,
-                                    gen,
-                                    task: c,
-                                    copy: 0,
+                    } else {
+                        states[base + c as usize].outstanding += held.len() as u32;
+                        // The buffer stays for the slot's next message.
+                        for (parent, out) in held.drain(..) {
+                            d.dispatch(
+                                c,
+                                TaskMsg {
+                                    ticket: Ticket::new(slot, gen, c),
+                                    payload: out.payload,
+                                    ctx: ctx_of(r, dag, parent, out.meta),
                                 },
-                                payload: out.payload.clone(),
-                                ctx,
-                            },
-                        );
+                            );
+                        }
                     }
-                    // Keep the buffer for the slot's next message.
-                    held.clear();
-                    self.held[at] = held;
                 }
-                if self.states[base + c as usize].outstanding == 0 {
+                if states[base + c as usize].outstanding == 0 {
                     stack.push(c);
                 }
             }
         }
-        self.stack = stack;
-        if self.records[slot as usize].tasks_left == 0 {
+        if r.tasks_left == 0 {
             self.finish(slot, Outcome::Acked, None, now, fin);
         }
     }
@@ -616,14 +616,16 @@ impl Tracker {
         now: Instant,
         fin: &mut Vec<Finished>,
     ) {
+        self.ended_early += 1;
         self.unlink(slot);
         let epoch = self.epoch;
         let r = &mut self.records[slot as usize];
         if let FailurePolicy::Retry(max) = self.config.policy {
-            if r.attempt <= max {
+            if r.origin.attempt <= max {
                 r.gen = r.gen.wrapping_add(1);
                 r.phase = Phase::Backoff;
-                let shift = (r.attempt - 1).min(20);
+                self.running[slot as usize] = 0;
+                let shift = (r.origin.attempt - 1).min(20);
                 let wait = self
                     .config
                     .retry_backoff
@@ -648,13 +650,14 @@ impl Tracker {
         self.unlink(slot);
         let now_ns = self.nanos(now);
         let r = &mut self.records[slot as usize];
-        let Some(msg) = r.msg.take() else {
+        let Some(id) = r.id.take() else {
             return;
         };
+        r.payload = Bytes::new();
         fin.push(Finished {
-            msg,
+            id,
             outcome,
-            attempts: r.attempt,
+            attempts: r.origin.attempt,
             errors: r.errors,
             timeouts: r.timeouts,
             reason,
@@ -662,6 +665,7 @@ impl Tracker {
         });
         r.gen = r.gen.wrapping_add(1);
         r.phase = Phase::Free;
+        self.running[slot as usize] = 0;
         self.free.push(slot);
         self.live -= 1;
     }
@@ -680,14 +684,12 @@ impl Tracker {
             let (count, first) = &mut self.timed_out[waiting];
             *count += 1;
             if first.is_none() {
-                *first = self.records[slot as usize]
-                    .msg
-                    .as_ref()
-                    .map(|m| m.id.clone());
+                *first = self.records[slot as usize].id.clone();
             }
             let r = &mut self.records[slot as usize];
             r.timeouts += 1;
             if self.config.policy == FailurePolicy::BestEffort {
+                self.ended_early += 1;
                 self.finish(slot, Outcome::Acked, Some(FailReason::Timeout), now, fin);
             } else {
                 self.fail_attempt(slot, FailReason::Timeout, Outcome::TimedOut, now, fin);
@@ -702,7 +704,7 @@ impl Tracker {
             if r.gen != gen || r.phase != Phase::Backoff {
                 continue;
             }
-            r.attempt += 1;
+            r.origin.attempt += 1;
             self.retried += 1;
             self.start_attempt(slot, now, d);
         }
@@ -716,15 +718,15 @@ impl Tracker {
             .iter()
             .enumerate()
             .filter_map(|(slot, r)| {
-                let msg = r.msg.as_ref()?;
+                let id = r.id.as_ref()?;
                 let base = slot * n;
                 let pending = (0..n)
                     .filter(|&t| r.phase == Phase::Running && !self.states[base + t].done)
                     .map(|t| (t as TaskIdx, self.states[base + t].outstanding))
                     .collect();
                 Some(InflightEntry {
-                    id: msg.id.clone(),
-                    attempt: r.attempt,
+                    id: id.clone(),
+                    attempt: r.origin.attempt,
                     age: Duration::from_nanos(now_ns.saturating_sub(r.born)),
                     waiting_for_retry: r.phase == Phase::Backoff,
                     pending,
@@ -767,6 +769,47 @@ impl Tracker {
         let r = &mut self.records[slot as usize];
         r.prev = NIL;
         r.next = NIL;
+    }
+}
+
+/// The one message of join task `join` for the attempt in `slot`: an
+/// envelope of every part its parents emitted (`held`, not empty),
+/// grouped by parent in the DAG's parent order, each parent's in the
+/// order they arrived. Its context has no parent; its key is the
+/// parts' key if they all share one, its headers those every part
+/// carries with the same value.
+fn join_msg(
+    dag: &Dag,
+    r: &Record,
+    slot: u32,
+    join: TaskIdx,
+    held: &mut [(TaskIdx, Emitted)],
+) -> TaskMsg {
+    let parents = dag.parents(join);
+    let position = |p: TaskIdx| parents.iter().position(|&q| q == p).unwrap_or(0) as u16;
+    // Stable: each parent's parts keep their order.
+    held.sort_by_key(|(p, _)| position(*p));
+    let payload = envelope::encode(
+        held.iter()
+            .map(|(p, o)| (position(*p), &o.payload, o.key(), o.headers())),
+    );
+    let common = common_meta(held.iter().map(|(_, o)| o));
+    TaskMsg {
+        ticket: Ticket::new(slot, r.gen, join),
+        payload,
+        ctx: ctx_of(r, dag, NO_TASK, common.meta),
+    }
+}
+
+/// The context of a message `parent` emitted for the attempt of record `r`
+/// (`NO_TASK`: a join of several parents), with `meta` as its key and
+/// headers.
+fn ctx_of(r: &Record, dag: &Dag, parent: TaskIdx, meta: Meta) -> MsgCtx {
+    MsgCtx {
+        id: r.id.clone().unwrap_or(MsgId::Int(0)),
+        origin: r.origin,
+        parent: dag.parent(parent),
+        meta,
     }
 }
 
@@ -859,7 +902,7 @@ mod tests {
             }
         }
         fn insert(&mut self, id: u64) {
-            self.t.insert(msg(id), self.now, &mut self.queue);
+            self.t.insert(&mut msg(id), self.now, &mut self.queue);
         }
         fn take(&mut self, task: TaskIdx) -> TaskMsg {
             let i = self
@@ -871,9 +914,14 @@ mod tests {
         }
         fn done(&mut self, task: TaskIdx, outputs: usize) -> bool {
             let m = self.take(task);
-            let outs = vec![Emitted::plain(m.payload.clone()); outputs];
-            self.t
-                .on_done(m.ticket, &outs, self.now, &mut self.queue, &mut self.fin)
+            let mut outs = vec![Emitted::plain(m.payload.clone()); outputs];
+            self.t.on_done(
+                m.ticket,
+                &mut outs,
+                self.now,
+                &mut self.queue,
+                &mut self.fin,
+            )
         }
         fn error(&mut self, task: TaskIdx) -> bool {
             let m = self.take(task);
@@ -930,8 +978,13 @@ mod tests {
     impl Harness {
         fn done_with(&mut self, task: TaskIdx, outputs: &[Emitted]) -> bool {
             let m = self.take(task);
-            self.t
-                .on_done(m.ticket, outputs, self.now, &mut self.queue, &mut self.fin)
+            self.t.on_done(
+                m.ticket,
+                &mut outputs.to_vec(),
+                self.now,
+                &mut self.queue,
+                &mut self.fin,
+            )
         }
         /// The parts of the one join message queued, as (parent position, payload).
         fn join_parts(&mut self) -> (MsgCtx, Vec<(u16, Bytes)>) {
@@ -971,7 +1024,7 @@ mod tests {
             ]
         );
         assert_eq!(ctx.parent(), None);
-        assert_eq!(ctx.parent, NO_TASK);
+        assert_eq!(ctx.parent.task, NO_TASK);
         assert_eq!(ctx.key_str(), Some("k"), "the common key");
         let headers: Vec<(&str, &Bytes)> = ctx.headers().iter().collect();
         assert_eq!(headers, [("b", &Bytes::from("2"))], "the common headers");
@@ -1142,7 +1195,7 @@ mod tests {
         assert!(!h.t.is_live(stale.ticket));
         assert!(!h
             .t
-            .on_done(stale.ticket, &[], h.now, &mut h.queue, &mut h.fin));
+            .on_done(stale.ticket, &mut [], h.now, &mut h.queue, &mut h.fin));
         // The queued sibling of the failed attempt is stale too.
         let sibling = h.queue.iter().find(|m| m.ticket.task == 1).unwrap().ticket;
         assert!(!h.t.is_live(sibling));
@@ -1163,7 +1216,7 @@ mod tests {
         h.advance(Duration::from_secs(5));
         assert_eq!(h.fin.len(), 1);
         assert_eq!(h.fin[0].outcome, Outcome::TimedOut);
-        assert_eq!(h.fin[0].msg.id, MsgId::Int(1));
+        assert_eq!(h.fin[0].id, MsgId::Int(1));
         assert_eq!(h.t.len(), 1);
         h.advance(Duration::from_secs(5));
         assert_eq!(h.fin.len(), 2);
@@ -1303,8 +1356,8 @@ mod tests {
                 runs[id][t] += 1;
                 emitted[id][t] += outs;
                 let before = h.fin.len();
-                let outputs = vec![Emitted::plain(m.payload.clone()); outs];
-                prop_assert!(h.t.on_done(m.ticket, &outputs, h.now, &mut h.queue, &mut h.fin));
+                let mut outputs = vec![Emitted::plain(m.payload.clone()); outs];
+                prop_assert!(h.t.on_done(m.ticket, &mut outputs, h.now, &mut h.queue, &mut h.fin));
                 if h.fin.len() > before {
                     prop_assert_eq!(h.fin.len(), before + 1);
                     prop_assert!(!h.queue.iter().any(|q| q.ticket.slot == m.ticket.slot),
@@ -1317,7 +1370,7 @@ mod tests {
                 }
             }
             prop_assert_eq!(h.fin.len(), messages as usize);
-            let mut ids: Vec<_> = h.fin.iter().map(|f| f.msg.id.clone()).collect();
+            let mut ids: Vec<_> = h.fin.iter().map(|f| f.id.clone()).collect();
             ids.sort();
             ids.dedup();
             prop_assert_eq!(ids.len(), messages as usize);

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use actix::Message;
 use bytes::Bytes;
-use tempest_source::{Headers, MsgId, SourceMsg};
+use tempest_source::{Headers, MsgId};
 
 /// The smallest frame limit (`max_frame`) a topology may set: the frames
 /// of the handshake must fit.
@@ -53,6 +53,19 @@ pub struct Ticket {
     pub copy: u32,
 }
 
+impl Ticket {
+    /// The ticket of a message the in-flight table dispatches: for `task`,
+    /// of the attempt `gen` of the record in `slot`, not delivered yet.
+    pub(crate) fn new(slot: u32, gen: u32, task: TaskIdx) -> Self {
+        Ticket {
+            slot,
+            gen,
+            task,
+            copy: 0,
+        }
+    }
+}
+
 /// One message for one task.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TaskMsg {
@@ -76,18 +89,39 @@ pub struct TaskMsg {
 #[derive(Clone, PartialEq, Eq)]
 pub struct MsgCtx {
     pub(crate) id: MsgId,
-    pub(crate) attempt: u32,
-    pub(crate) delivered: u32,
-    pub(crate) timestamp: u64,
+    pub(crate) origin: Origin,
+    pub(crate) parent: Parent,
+    pub(crate) meta: Meta,
+}
+
+/// What every task message of one attempt at a source message shares,
+/// besides the id: kept whole in the in-flight record, so a context is
+/// made by copying it (not field by field).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Origin {
+    pub attempt: u32,
+    pub delivered: u32,
+    pub timestamp: u64,
     /// Nanoseconds after [`epoch`] plus one; 0 for no deadline. (An
     /// `Option<Instant>` takes twice the room, and every task message
     /// carries this.)
-    pub(crate) deadline: u64,
-    pub(crate) parent: TaskIdx,
-    /// The parent's name, interned ([`NO_NAME`]: none).
-    pub(crate) parent_name: NameId,
-    pub(crate) meta: Meta,
+    pub deadline: u64,
 }
+
+/// The task that emitted a message: its index and its interned name
+/// ([`FROM_SOURCE`]: none). The `Dag` keeps one per task, so a context
+/// copies it whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Parent {
+    pub task: TaskIdx,
+    pub name: NameId,
+}
+
+/// The parent of a message from the source, or of a join.
+pub(crate) const FROM_SOURCE: Parent = Parent {
+    task: NO_TASK,
+    name: NO_NAME,
+};
 
 impl MsgCtx {
     /// The context of a first attempt of source message `id`, delivered
@@ -96,27 +130,14 @@ impl MsgCtx {
     pub fn new(id: impl Into<MsgId>) -> Self {
         MsgCtx {
             id: id.into(),
-            attempt: 1,
-            delivered: 1,
-            timestamp: tempest_source::now_millis(),
-            deadline: 0,
-            parent: NO_TASK,
-            parent_name: NO_NAME,
+            origin: Origin {
+                attempt: 1,
+                delivered: 1,
+                timestamp: tempest_source::now_millis(),
+                deadline: 0,
+            },
+            parent: FROM_SOURCE,
             meta: Meta::default(),
-        }
-    }
-
-    /// The context of the root task's message for `msg`'s attempt.
-    pub(crate) fn of_source(msg: &SourceMsg, attempt: u32, deadline: u64, meta: Meta) -> Self {
-        MsgCtx {
-            id: msg.id.clone(),
-            attempt,
-            delivered: msg.delivered,
-            timestamp: msg.timestamp,
-            deadline,
-            parent: NO_TASK,
-            parent_name: NO_NAME,
-            meta,
         }
     }
 
@@ -128,26 +149,26 @@ impl MsgCtx {
     /// The attempt at the source message, from 1; a retry after a failure
     /// or a timeout is the next attempt.
     pub fn attempt(&self) -> u32 {
-        self.attempt
+        self.origin.attempt
     }
 
     /// How many times the source has delivered the source message (1 on
     /// first delivery; more after a restart or a redelivery).
     pub fn delivered(&self) -> u32 {
-        self.delivered
+        self.origin.delivered
     }
 
     /// When the source message entered the source system, in milliseconds
     /// since the Unix epoch.
     pub fn timestamp(&self) -> u64 {
-        self.timestamp
+        self.origin.timestamp
     }
 
     /// The task that emitted this message; `None` for the root task's
     /// message (it comes from the source) and for a join (its parts name
     /// their parents).
     pub fn parent(&self) -> Option<&'static str> {
-        name_of(self.parent_name)
+        name_of(self.parent.name)
     }
 
     /// The message's key, if it has one.
@@ -174,12 +195,12 @@ impl MsgCtx {
     /// topology has a timeout. Work for the message after this is wasted:
     /// the message is retried or given up on.
     pub fn deadline(&self) -> Option<Instant> {
-        from_nanos(self.deadline)
+        from_nanos(self.origin.deadline)
     }
 
     /// The context with this attempt.
     pub fn with_attempt(mut self, attempt: u32) -> Self {
-        self.attempt = attempt;
+        self.origin.attempt = attempt;
         self
     }
 
@@ -197,7 +218,7 @@ impl MsgCtx {
 
     /// The context with this deadline.
     pub fn with_deadline(mut self, deadline: Instant) -> Self {
-        self.deadline = to_nanos(deadline);
+        self.origin.deadline = to_nanos(deadline);
         self
     }
 }
@@ -206,9 +227,9 @@ impl fmt::Debug for MsgCtx {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("MsgCtx");
         d.field("id", &self.id)
-            .field("attempt", &self.attempt)
-            .field("delivered", &self.delivered)
-            .field("timestamp", &self.timestamp)
+            .field("attempt", &self.origin.attempt)
+            .field("delivered", &self.origin.delivered)
+            .field("timestamp", &self.origin.timestamp)
             .field("parent", &self.parent().unwrap_or("(source)"));
         if let Some(k) = self.key() {
             d.field("key", &String::from_utf8_lossy(k));

@@ -833,7 +833,8 @@ pub struct Dag {
     names: Vec<String>,
     /// The names' interned numbers, which a message's context carries to
     /// name its parent without a lifetime or an allocation.
-    name_ids: Vec<crate::msg::NameId>,
+    /// Each task as a parent: its index and interned name.
+    as_parents: Vec<crate::msg::Parent>,
     root: TaskIdx,
     children: Vec<Vec<TaskIdx>>,
     parents: Vec<Vec<TaskIdx>>,
@@ -881,7 +882,14 @@ impl Dag {
             })
             .collect();
         Dag {
-            name_ids: names.iter().map(|n| intern(n).0).collect(),
+            as_parents: names
+                .iter()
+                .enumerate()
+                .map(|(t, n)| crate::msg::Parent {
+                    task: t as TaskIdx,
+                    name: intern(n).0,
+                })
+                .collect(),
             names,
             root,
             children,
@@ -930,16 +938,22 @@ impl Dag {
     /// carries their indices).
     pub(crate) fn name_parents(&self, msgs: &mut [crate::msg::TaskMsg]) {
         for m in msgs {
-            m.ctx.parent_name = self.name_id(m.ctx.parent);
+            m.ctx.parent.name = self.name_id(m.ctx.parent.task);
         }
     }
 
     /// The interned number of task `t`'s name (`NO_NAME` for `NO_TASK`).
     pub(crate) fn name_id(&self, t: TaskIdx) -> crate::msg::NameId {
-        self.name_ids
+        self.parent(t).name
+    }
+
+    /// Task `t` as the parent of the messages it emits (`FROM_SOURCE` for
+    /// `NO_TASK`).
+    pub(crate) fn parent(&self, t: TaskIdx) -> crate::msg::Parent {
+        self.as_parents
             .get(t as usize)
             .copied()
-            .unwrap_or(crate::msg::NO_NAME)
+            .unwrap_or(crate::msg::FROM_SOURCE)
     }
 
     /// The index of the task named `name`.

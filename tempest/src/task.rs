@@ -347,7 +347,7 @@ impl TaskContext {
     /// that emitted it (or of the source), set when the pipeline was built.
     /// Typed tasks decode with it; an untyped task may too.
     pub fn input_codec(&self, msg: &MsgCtx) -> Codec {
-        self.codec_of(msg.parent)
+        self.codec_of(msg.parent.task)
     }
 
     /// The codec of the messages task `parent` emits (`NO_TASK`: the
@@ -395,8 +395,8 @@ pub(crate) fn decode_failed<T>(
 ) -> TaskError {
     let from = match ctx.parent() {
         Some(parent) => format!("\"{parent}\""),
-        None if ctx.parent == crate::msg::NO_TASK => "the source".to_string(),
-        None => format!("task #{}", ctx.parent),
+        None if ctx.parent.task == crate::msg::NO_TASK => "the source".to_string(),
+        None => format!("task #{}", ctx.parent.task),
     };
     TaskError::msg(format!(
         "task \"{task}\": message {}: cannot decode {} from {from} as {}: {}; {}",

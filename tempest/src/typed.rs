@@ -261,7 +261,7 @@ impl<T: TypedTask> Task for TypedAdapter<T> {
     }
 
     fn handle(&mut self, msg: Msg, ctx: &MsgCtx) -> TaskResult {
-        let codec = self.codecs.inputs.of(ctx.parent);
+        let codec = self.codecs.inputs.of(ctx.parent.task);
         let input: T::In = codec
             .decode(&msg)
             .map_err(|e| decode_failed::<T::In>(self.task.name(), ctx, &e, &msg))?;

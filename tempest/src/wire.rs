@@ -83,7 +83,9 @@ use sha2::Sha256;
 use tempest_source::{Headers, MsgId};
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
-use crate::msg::{to_nanos, Emitted, Meta, MsgCtx, TaskMsg, Ticket, Verdict, NO_NAME};
+use crate::msg::{
+    to_nanos, Emitted, Meta, MsgCtx, Origin, Parent, TaskMsg, Ticket, Verdict, NO_NAME,
+};
 
 /// The first bytes of a worker's first frame.
 pub const MAGIC: [u8; 4] = *b"TMPS";
@@ -462,10 +464,10 @@ fn put_msgs(dst: &mut BytesMut, tag: u8, msgs: &[TaskMsg]) {
         put_bytes(dst, &m.payload);
         let c = &m.ctx;
         put_id(dst, &c.id);
-        dst.put_u32(c.attempt);
-        dst.put_u32(c.delivered);
-        dst.put_u64(c.timestamp);
-        dst.put_u16(c.parent);
+        dst.put_u32(c.origin.attempt);
+        dst.put_u32(c.origin.delivered);
+        dst.put_u64(c.origin.timestamp);
+        dst.put_u16(c.parent.task);
         // The deadline travels as the time left, so the two hosts' clocks
         // need not agree.
         let left = c.deadline().map_or(NO_DEADLINE, |d| {
@@ -501,16 +503,20 @@ fn get_msgs(buf: &mut Bytes, what: &str) -> Result<Vec<TaskMsg>, DecodeError> {
             payload,
             ctx: MsgCtx {
                 id,
-                attempt,
-                delivered,
-                timestamp,
-                deadline: if left == NO_DEADLINE {
-                    0
-                } else {
-                    to_nanos(now + Duration::from_millis(u64::from(left)))
+                origin: Origin {
+                    attempt,
+                    delivered,
+                    timestamp,
+                    deadline: if left == NO_DEADLINE {
+                        0
+                    } else {
+                        to_nanos(now + Duration::from_millis(u64::from(left)))
+                    },
                 },
-                parent,
-                parent_name: NO_NAME,
+                parent: Parent {
+                    task: parent,
+                    name: NO_NAME,
+                },
                 meta: Meta::new(key, headers),
             },
         });
@@ -828,12 +834,16 @@ mod tests {
         headers.insert("tenant", vec![0u8, 255]).unwrap();
         MsgCtx {
             id: MsgId::Bytes(Bytes::from_static(b"1700000000000-3")),
-            attempt: 2,
-            delivered: 3,
-            timestamp: 1_700_000_000_000,
-            deadline: 0,
-            parent: 1,
-            parent_name: NO_NAME,
+            origin: Origin {
+                attempt: 2,
+                delivered: 3,
+                timestamp: 1_700_000_000_000,
+                deadline: 0,
+            },
+            parent: Parent {
+                task: 1,
+                name: NO_NAME,
+            },
             meta: Meta::new(Some(Bytes::from_static(b"alice")), headers),
         }
     }
@@ -1156,12 +1166,16 @@ mod tests {
             .prop_map(
                 |(id, attempt, delivered, timestamp, parent, (key, headers))| MsgCtx {
                     id,
-                    attempt,
-                    delivered,
-                    timestamp,
-                    deadline: 0,
-                    parent,
-                    parent_name: NO_NAME,
+                    origin: Origin {
+                        attempt,
+                        delivered,
+                        timestamp,
+                        deadline: 0,
+                    },
+                    parent: Parent {
+                        task: parent,
+                        name: NO_NAME,
+                    },
                     meta: Meta::new(key, headers),
                 },
             );

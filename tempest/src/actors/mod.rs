@@ -12,6 +12,7 @@
 //! `max_pending` minus the messages in flight, returned with each `Settle`.
 
 pub(crate) mod pipeline;
+mod ready;
 pub(crate) mod source;
 pub(crate) mod topology;
 

@@ -17,6 +17,7 @@ use tempest_source::metrics::Histogram;
 use tempest_source::{FailReason, FailedMsg, Metrics, MsgId};
 use tokio::sync::oneshot;
 
+use super::ready::ReadyQueue;
 use super::{
     DeliverySink, Fetch, Results, Settle, SourceBatch, Stop, StopReason, Undelivered, Verdict,
     WorkerId,
@@ -185,11 +186,20 @@ impl Reports {
         }
     }
 }
-struct Ready<'a>(&'a mut [VecDeque<TaskMsg>]);
+/// Where the in-flight table's task messages go: the ready queues, whose
+/// new chunks come from the pool of spent batch buffers.
+struct Ready<'a> {
+    queues: &'a mut [ReadyQueue],
+    pool: &'a mut Vec<Vec<TaskMsg>>,
+    /// The table's early ends when this was made: a chunk started now
+    /// notes them (a count that is low by the time only costs a check).
+    ended_early: u64,
+}
 
 impl Dispatch for Ready<'_> {
+    #[inline]
     fn dispatch(&mut self, task: TaskIdx, msg: TaskMsg) {
-        self.0[task as usize].push_back(msg);
+        self.queues[task as usize].push_back(msg, self.pool, self.ended_early);
     }
 }
 
@@ -374,7 +384,7 @@ impl std::fmt::Display for Unfinished {
 pub(crate) struct PipelineActor {
     tracker: Tracker,
     task_names: Vec<String>,
-    ready: Vec<VecDeque<TaskMsg>>,
+    ready: Vec<ReadyQueue>,
     /// Per task: nanoseconds per task message, from its workers' finished
     /// batches (`None` until one finishes).
     pace: Vec<Option<u64>>,
@@ -442,9 +452,9 @@ impl PipelineActor {
             ready: (0..n)
                 .map(|t| {
                     if t == root {
-                        VecDeque::with_capacity(setup.root_queue_capacity)
+                        ReadyQueue::with_capacity(setup.root_queue_capacity)
                     } else {
-                        VecDeque::new()
+                        ReadyQueue::default()
                     }
                 })
                 .collect(),
@@ -584,18 +594,22 @@ impl PipelineActor {
         }
     }
 
-    /// Accounts for finished messages, tells the source, feeds waiting
-    /// workers, and checks the stop condition and any drain.
+    /// The in-flight table, where it dispatches to, and where it puts
+    /// finished messages: borrowed apart, for one call of the table.
+    fn table(&mut self) -> (&mut Tracker, Ready<'_>, &mut Vec<Finished>) {
+        let ready = Ready {
+            queues: &mut self.ready,
+            pool: &mut self.pool,
+            ended_early: self.tracker.ended_early(),
+        };
+        (&mut self.tracker, ready, &mut self.fin)
+    }
+
     /// Hands a failed task message to the inflight table (and so to the
     /// failure policy); false for a stale ticket.
     fn fail_ticket(&mut self, ticket: Ticket, reason: FailReason, now: Instant) -> bool {
-        self.tracker.on_error(
-            ticket,
-            reason,
-            now,
-            &mut Ready(&mut self.ready),
-            &mut self.fin,
-        )
+        let (tracker, mut ready, fin) = self.table();
+        tracker.on_error(ticket, reason, now, &mut ready, fin)
     }
 
     /// The sweeper and the metrics flush, when due. Called from every
@@ -604,8 +618,8 @@ impl PipelineActor {
     fn periodic(&mut self, now: Instant) {
         if now >= self.next_sweep && !self.closed {
             self.next_sweep = now + self.sweep_every;
-            self.tracker
-                .sweep(now, &mut Ready(&mut self.ready), &mut self.fin);
+            let (tracker, mut ready, fin) = self.table();
+            tracker.sweep(now, &mut ready, fin);
         }
         if now >= self.next_metrics {
             self.next_metrics = now + self.metrics_every;
@@ -816,6 +830,8 @@ impl PipelineActor {
         self.ops.last_progress = Some(now_counts);
     }
 
+    /// Accounts for finished messages, tells the source, feeds waiting
+    /// workers, and checks the stop condition and any drain.
     fn settle(&mut self, now: Instant) {
         self.periodic(now);
         for f in self.fin.drain(..) {
@@ -835,7 +851,7 @@ impl PipelineActor {
             let extra = self
                 .inflight_ids
                 .as_mut()
-                .and_then(|ids| ids.remove(&f.msg.id))
+                .and_then(|ids| ids.remove(&f.id))
                 .unwrap_or(0);
             if let Some(reports) = &mut self.reports {
                 let report = MsgReport {
@@ -847,7 +863,7 @@ impl PipelineActor {
                     latency: f.latency,
                     duplicate: false,
                 };
-                let all = reports.entry(f.msg.id.clone()).or_default();
+                let all = reports.entry(f.id.clone()).or_default();
                 for _ in 0..extra {
                     all.push(MsgReport {
                         attempts: 0,
@@ -859,11 +875,11 @@ impl PipelineActor {
             }
             if f.outcome == Outcome::Acked {
                 self.latency.record_duration(f.latency);
-                self.pending.acks.push(f.msg.id);
+                self.pending.acks.push(f.id);
                 self.pending.ack_extra += extra as usize;
             } else {
                 self.pending.failed.push(FailedMsg {
-                    id: f.msg.id,
+                    id: f.id,
                     reason: f.reason.unwrap_or(FailReason::Timeout),
                     attempts: f.attempts,
                 });
@@ -978,7 +994,7 @@ impl PipelineActor {
         }
         let mut queued = std::collections::HashSet::new();
         for q in &self.ready {
-            for m in q {
+            for m in q.iter() {
                 if let Some(msg) = self.tracker.id_of(m.ticket) {
                     queued.insert((msg.clone(), m.ticket.task));
                 }
@@ -1053,41 +1069,12 @@ impl PipelineActor {
             } else {
                 max
             };
-            let mut batch = self.pool.pop().unwrap_or_default();
             // Remote workers take at most a frame's worth of bytes.
             let budget = self.workers[worker as usize]
                 .sink
                 .as_ref()
                 .and_then(|s| s.max_batch_bytes());
-            let mut bytes = 0usize;
-            while batch.len() < max {
-                let Some(m) = self.ready[t].pop_front() else {
-                    break;
-                };
-                if !self.tracker.is_live(m.ticket) {
-                    continue;
-                }
-                if let Some(budget) = budget {
-                    let size = crate::wire::task_msg_len(&m);
-                    if size > budget {
-                        let reason = FailReason::TaskError {
-                            task: self.task_names[t].clone(),
-                            message: format!(
-                                "a message of {} bytes cannot be sent to a remote worker (max_frame allows {budget})",
-                                m.payload.len()
-                            ),
-                        };
-                        self.fail_ticket(m.ticket, reason, Instant::now());
-                        continue;
-                    }
-                    if bytes + size > budget {
-                        self.ready[t].push_front(m);
-                        break;
-                    }
-                    bytes += size;
-                }
-                batch.push(m);
-            }
+            let mut batch = self.take_ready(t, max, budget);
             if batch.is_empty() {
                 self.waiting[t].push_front((worker, max));
                 self.pool.push(batch);
@@ -1165,14 +1152,74 @@ impl PipelineActor {
         self.requeue(t, taken);
     }
 
+    /// Takes a batch of up to `max` messages (and `budget` bytes as the
+    /// wire counts them, for a remote worker) from the front of task `t`'s
+    /// queue, from its first chunk only (so that, as a rule, the chunk
+    /// goes whole); stale ones (their attempt failed since) are dropped,
+    /// and one too big for any frame fails.
+    fn take_ready(&mut self, t: usize, max: usize, budget: Option<usize>) -> Vec<TaskMsg> {
+        loop {
+            let take = match budget {
+                Some(budget) => match self.fits(t, max, budget) {
+                    Some(n) => n,
+                    None => {
+                        // Too big for any frame: it fails, and the rest is
+                        // looked at again.
+                        if let Some(m) = self.ready[t].pop_front() {
+                            let reason = FailReason::TaskError {
+                                task: self.task_names[t].clone(),
+                                message: format!(
+                                    "a message of {} bytes cannot be sent to a remote worker (max_frame allows {budget})",
+                                    m.payload.len()
+                                ),
+                            };
+                            self.fail_ticket(m.ticket, reason, Instant::now());
+                        }
+                        continue;
+                    }
+                },
+                None => self.ready[t].front_len(max),
+            };
+            let (mut batch, ended_early) = self.ready[t].take_front(take, &mut self.pool);
+            if ended_early != self.tracker.ended_early() {
+                let tracker = &self.tracker;
+                batch.retain(|m| tracker.is_live(m.ticket));
+            }
+            if !batch.is_empty() || self.ready[t].is_empty() {
+                return batch;
+            }
+            // All stale: the next chunk.
+            self.pool.push(batch);
+        }
+    }
+
+    /// How many of the first messages of task `t`'s first chunk fit in a
+    /// batch of `max` messages and `budget` bytes; `None` if the first
+    /// does not fit in `budget` alone.
+    fn fits(&self, t: usize, max: usize, budget: usize) -> Option<usize> {
+        let mut bytes = 0usize;
+        let mut fits = 0usize;
+        for m in self.ready[t].iter().take(self.ready[t].front_len(max)) {
+            let size = crate::wire::task_msg_len(m);
+            if size > budget && fits == 0 {
+                return None;
+            }
+            if bytes + size > budget {
+                break;
+            }
+            bytes += size;
+            fits += 1;
+        }
+        Some(fits)
+    }
+
     fn requeue(&mut self, t: usize, mut batch: Vec<TaskMsg>) {
-        for mut m in batch.drain(..).rev() {
+        for m in &mut batch {
             // A queued message is no delivery's: a remote worker's copy
             // number is stamped anew when it is delivered again.
             m.ticket.copy = 0;
-            self.ready[t].push_front(m);
         }
-        self.pool.push(batch);
+        self.ready[t].push_front_all(batch);
     }
 
     fn flush_metrics(&mut self) {
@@ -1219,7 +1266,8 @@ impl Handler<SourceBatch> for PipelineActor {
         let now = Instant::now();
         self.pending.batches_taken += 1;
         self.stats.read += batch.0.len() as u64;
-        for msg in batch.0 {
+        let mut batch = batch.0;
+        for msg in &mut batch {
             if msg.delivered > 1 && self.unique_ids {
                 // A redelivery may be of an id in flight: from the first one
                 // on (until they stop for a while) the ids in flight are
@@ -1252,7 +1300,8 @@ impl Handler<SourceBatch> for PipelineActor {
                     }
                 }
             }
-            self.tracker.insert(msg, now, &mut Ready(&mut self.ready));
+            let (tracker, mut ready, _) = self.table();
+            tracker.insert(msg, now, &mut ready);
         }
         self.settle(now);
     }
@@ -1277,6 +1326,7 @@ impl Handler<Fetch> for PipelineActor {
             return;
         }
         self.waiting[t].push_back((fetch.worker, fetch.max));
+        self.ready[t].set_chunk(fetch.max);
         self.pump(t);
     }
 }
@@ -1363,35 +1413,31 @@ impl Handler<Results> for PipelineActor {
                 // An async task's call passed the deadline and was
                 // cancelled: a timeout of the attempt, unless the sweeper
                 // timed it out first (then the ticket is stale).
-                if !self
-                    .tracker
-                    .on_timeout(ticket, now, &mut Ready(&mut self.ready), &mut self.fin)
-                {
+                let (tracker, mut ready, fin) = self.table();
+                if !tracker.on_timeout(ticket, now, &mut ready, fin) {
                     self.stats.stale_results += 1;
                 }
                 continue;
             }
             let task_name = || self.task_names[task as usize].clone();
-            let outcome: Result<&[Emitted], FailReason> = match verdict {
+            let outcome: Result<&mut [Emitted], FailReason> = match verdict {
                 Verdict::Done(k) => {
                     let end = offset.saturating_add(k as usize);
-                    match results.outputs.get(offset..end) {
+                    let left = results.outputs.len().saturating_sub(offset);
+                    match results.outputs.get_mut(offset..end) {
                         Some(outputs) => {
                             offset = end;
                             Ok(outputs)
                         }
                         None => Err(FailReason::TaskError {
                             task: task_name(),
-                            message: format!(
-                                "malformed result: {k} outputs claimed, {} left",
-                                results.outputs.len().saturating_sub(offset)
-                            ),
+                            message: format!("malformed result: {k} outputs claimed, {left} left"),
                         }),
                     }
                 }
                 Verdict::Filtered => {
                     self.stats.filtered += 1;
-                    Ok(&[])
+                    Ok(&mut [])
                 }
                 Verdict::Error(message) => {
                     self.stats.task_errors += 1;
@@ -1415,13 +1461,10 @@ impl Handler<Results> for PipelineActor {
                 window.note(|| reason.to_string(), self.tracker.id_of(ticket));
             }
             let accepted = match outcome {
-                Ok(outputs) => self.tracker.on_done(
-                    ticket,
-                    outputs,
-                    now,
-                    &mut Ready(&mut self.ready),
-                    &mut self.fin,
-                ),
+                Ok(outputs) => {
+                    let (tracker, mut ready, fin) = self.table();
+                    tracker.on_done(ticket, outputs, now, &mut ready, fin)
+                }
                 Err(reason) => self.fail_ticket(ticket, reason, now),
             };
             if !accepted {
