@@ -95,6 +95,53 @@ fn an_id_delivered_again_while_in_flight_runs_once_and_is_acked_once() {
     assert_eq!(report.stats.read, u64::from(mock.delivery_count(&id)));
 }
 
+/// Regression: a redelivery polled after its id completed, but before the
+/// batched ack reached the source, ran again (the dedup index had already
+/// forgotten the id). Here the ack waits up to 400 ms in the source's ack
+/// batch while the mock redelivers every 20 ms.
+#[test]
+fn a_redelivery_polled_while_the_ack_is_on_its_way_does_not_run_again() {
+    let source = MockSource::from_config(MockConfig {
+        redeliver_after_ms: Some(20),
+        ack_policy: AckPolicy::Batch(1024),
+        ack_interval_ms: 400,
+        unique_ids: true,
+        ..MockConfig::default()
+    })
+    .unwrap();
+    let mock = source.handle();
+    mock.push("slow");
+    let runs = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&runs);
+    let task = FnTask::new("slow", move |m| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(100));
+        Ok(Output::One(m))
+    });
+    let report = TestRun::new(
+        builder("ack-window", source)
+            .pipeline(Pipeline::new().task(task))
+            .workers("slow", 2),
+    )
+    .run()
+    .unwrap();
+    let id = tempest_source::MsgId::Int(0);
+    let delivered = mock.delivery_count(&id);
+    assert!(
+        delivered >= 8,
+        "the mock redelivered it while the ack waited ({delivered} deliveries)"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "it ran once");
+    assert_eq!(mock.ack_count(&id), 1);
+    assert_eq!(mock.held(), 0);
+    assert_eq!(report.stats.read, u64::from(delivered));
+    assert_eq!(report.stats.duplicates + 1, u64::from(delivered));
+    let deliveries = report.deliveries(&id);
+    assert_eq!(deliveries.len() as u32, delivered);
+    assert_eq!(deliveries.iter().filter(|d| !d.duplicate).count(), 1);
+    assert!(deliveries.iter().all(|d| d.outcome == Outcome::Acked));
+}
+
 /// Where ids may name several entries, every delivery runs (and the report
 /// keeps each one, where the later used to overwrite the earlier).
 #[test]

@@ -29,7 +29,14 @@ use crate::worker::SharedBatch;
 /// A batch of freshly polled source messages.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-pub(crate) struct SourceBatch(pub Vec<SourceMsg>);
+pub(crate) struct SourceBatch {
+    pub msgs: Vec<SourceMsg>,
+    /// Every ack of the settles up to this one ([`Settle::seq`]) had been
+    /// handed to the source when this batch was polled: a redelivery in
+    /// it of an id acked by a later settle was polled before that ack
+    /// reached the source, and is settled by it.
+    pub acked_through: u64,
+}
 
 /// What the pipeline tells the source after a batch: what to ack, what it
 /// gave up on, and how much credit returns.
@@ -52,6 +59,8 @@ pub(crate) struct Settle {
     pub released: usize,
     /// Source batches the pipeline has taken in since the last settle.
     pub batches_taken: usize,
+    /// The pipeline's number for this settle, counting from 1.
+    pub seq: u64,
 }
 
 impl Settle {

@@ -107,9 +107,10 @@ pub struct MsgReport {
     pub reason: Option<FailReason>,
     /// From entering the inflight table to leaving it.
     pub latency: Duration,
-    /// This delivery arrived while the same id was in flight (from a
-    /// source whose ids name one entry): it did not run, and was settled
-    /// with the delivery that did.
+    /// This delivery arrived while the same id was in flight, or after it
+    /// completed but before its ack reached the source (from a source
+    /// whose ids name one entry): it did not run, and was settled with the
+    /// delivery that did.
     pub duplicate: bool,
 }
 
@@ -401,6 +402,14 @@ pub(crate) struct PipelineActor {
     /// For such a source, while it redelivers: the ids in flight, each with
     /// the further deliveries that arrived while it was in flight.
     inflight_ids: Option<FxHashMap<MsgId, u32>>,
+    /// While the index above is kept: the ids acked since by a settle the
+    /// source may not have acted on yet, with that settle's number, oldest
+    /// first. A redelivery of one polled before its ack reached the source
+    /// is settled by that ack instead of running again.
+    settling: FxHashMap<MsgId, u64>,
+    settling_order: VecDeque<(u64, MsgId)>,
+    /// Settles sent to the source so far.
+    settles_sent: u64,
     /// The last redelivery seen; the index goes after `DEDUP_INDEX_IDLE`
     /// without one.
     last_redelivery: Instant,
@@ -469,6 +478,9 @@ impl PipelineActor {
             reports: setup.record_outcomes.then(HashMap::new),
             unique_ids: setup.unique_ids,
             inflight_ids: None,
+            settling: FxHashMap::default(),
+            settling_order: VecDeque::new(),
+            settles_sent: 0,
             last_redelivery: Instant::now(),
             ops: Reports::new(n, Instant::now()),
             until: setup.until,
@@ -637,6 +649,8 @@ impl PipelineActor {
                     && ids.values().all(|&extra| extra == 0)
             }) {
                 self.inflight_ids = None;
+                self.settling.clear();
+                self.settling_order.clear();
             }
             self.report_failures(now, false);
             self.report_idle_tasks(now);
@@ -830,6 +844,31 @@ impl PipelineActor {
         self.ops.last_progress = Some(now_counts);
     }
 
+    /// A redelivery of `id` polled after it completed but before its ack
+    /// reached the source: that ack settles it (its credit returns now),
+    /// so it does not run again.
+    fn settled_by_ack_on_its_way(&mut self, id: &MsgId) {
+        self.stats.duplicates += 1;
+        if self.stats.duplicates == 1 {
+            log::warn!(
+                "Message {id} was delivered again after it completed, before its ack reached the source; it is not run twice (the source's redelivery timeout may be shorter than processing). Further duplicates are counted in {}.",
+                names::MSGS_DUPLICATES
+            );
+        }
+        if let Some(reports) = &mut self.reports {
+            reports.entry(id.clone()).or_default().push(MsgReport {
+                outcome: Outcome::Acked,
+                attempts: 0,
+                errors: 0,
+                timeouts: 0,
+                reason: None,
+                latency: Duration::ZERO,
+                duplicate: true,
+            });
+        }
+        self.pending.released += 1;
+    }
+
     /// Accounts for finished messages, tells the source, feeds waiting
     /// workers, and checks the stop condition and any drain.
     fn settle(&mut self, now: Instant) {
@@ -875,6 +914,13 @@ impl PipelineActor {
             }
             if f.outcome == Outcome::Acked {
                 self.latency.record_duration(f.latency);
+                if self.inflight_ids.is_some() {
+                    // Until the source has this ack, a redelivery may still
+                    // be polled; it goes with the next settle.
+                    let seq = self.settles_sent + 1;
+                    self.settling.insert(f.id.clone(), seq);
+                    self.settling_order.push_back((seq, f.id.clone()));
+                }
                 self.pending.acks.push(f.id);
                 self.pending.ack_extra += extra as usize;
             } else {
@@ -892,7 +938,15 @@ impl PipelineActor {
             }
         }
         if !self.pending.is_empty() {
-            self.source.do_send(std::mem::take(&mut self.pending));
+            self.settles_sent += 1;
+            // The next one starts with room for as many acks as this one.
+            let next = Settle {
+                acks: Vec::with_capacity(self.pending.acks.len()),
+                ..Settle::default()
+            };
+            let mut settle = std::mem::replace(&mut self.pending, next);
+            settle.seq = self.settles_sent;
+            self.source.do_send(settle);
         }
         if let Some(until) = &mut self.until {
             let stats = Stats {
@@ -1265,9 +1319,21 @@ impl Handler<SourceBatch> for PipelineActor {
         }
         let now = Instant::now();
         self.pending.batches_taken += 1;
-        self.stats.read += batch.0.len() as u64;
-        let mut batch = batch.0;
-        for msg in &mut batch {
+        self.stats.read += batch.msgs.len() as u64;
+        // Acks the source had acted on when it polled this batch cannot be
+        // redelivered by it any more.
+        while let Some((seq, _)) = self.settling_order.front() {
+            if *seq > batch.acked_through {
+                break;
+            }
+            if let Some((seq, id)) = self.settling_order.pop_front() {
+                if self.settling.get(&id) == Some(&seq) {
+                    self.settling.remove(&id);
+                }
+            }
+        }
+        let mut msgs = batch.msgs;
+        for msg in &mut msgs {
             if msg.delivered > 1 && self.unique_ids {
                 // A redelivery may be of an id in flight: from the first one
                 // on (until they stop for a while) the ids in flight are
@@ -1277,6 +1343,10 @@ impl Handler<SourceBatch> for PipelineActor {
                     self.inflight_ids =
                         Some(self.tracker.live_ids().map(|id| (id.clone(), 0)).collect());
                 }
+            }
+            if self.inflight_ids.is_some() && self.settling.contains_key(&msg.id) {
+                self.settled_by_ack_on_its_way(&msg.id);
+                continue;
             }
             if let Some(ids) = &mut self.inflight_ids {
                 match ids.entry(msg.id.clone()) {

@@ -61,6 +61,10 @@ pub(crate) struct SourceActor {
     backoff: Duration,
     overflow: Vec<SourceMsg>,
     acks: Vec<MsgId>,
+    /// The number of the last settle taken in, and of the last whose acks
+    /// had all been handed to the source (see `SourceBatch::acked_through`).
+    last_settle: u64,
+    acked_through: u64,
     metrics: Metrics,
     poll_us: Histogram,
     poll_size: Histogram,
@@ -113,6 +117,8 @@ impl SourceActor {
             started: Instant::now(),
             overflow: Vec::new(),
             acks: Vec::new(),
+            last_settle: 0,
+            acked_through: 0,
             poll_us: metrics.histogram(names::SOURCE_POLL_US),
             poll_size: metrics.histogram(names::SOURCE_POLL_SIZE),
             metrics,
@@ -267,7 +273,10 @@ impl SourceActor {
         self.credit -= batch.len();
         self.batches_ahead += 1;
         self.backoff = self.settings.poll_interval;
-        self.pipeline.do_send(SourceBatch(batch));
+        self.pipeline.do_send(SourceBatch {
+            msgs: batch,
+            acked_through: self.acked_through,
+        });
         self.schedule(ctx, Duration::ZERO);
     }
 
@@ -312,6 +321,15 @@ impl SourceActor {
         if !self.acks.is_empty() {
             let ids = std::mem::take(&mut self.acks);
             self.batch_ack(ids, true);
+        }
+        self.note_acked();
+    }
+
+    /// Once no ack waits to be sent (none buffered, none put back after a
+    /// failure), every settle taken in so far is acked through.
+    fn note_acked(&mut self) {
+        if self.acks.is_empty() {
+            self.acked_through = self.last_settle;
         }
     }
 
@@ -455,9 +473,11 @@ impl Handler<Settle> for SourceActor {
         let could_poll = self.credit > 0 && self.batches_ahead < BATCHES_AHEAD;
         self.credit += settle.released;
         self.batches_ahead = self.batches_ahead.saturating_sub(settle.batches_taken);
+        self.last_settle = settle.seq;
         if !settle.acks.is_empty() || settle.ack_extra > 0 {
             self.ack(settle.acks, settle.ack_extra);
         }
+        self.note_acked();
         if !settle.failed.is_empty() {
             if let Err(e) = self.source.fail(&settle.failed) {
                 log::warn!(
