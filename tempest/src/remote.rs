@@ -505,7 +505,9 @@ impl Io {
                 frame = framed.next() => {
                     last_heard = Instant::now();
                     match frame {
-                        Some(Ok(Frame::Batch(mut batch))) => {
+                        Some(Ok(Frame::Batch(batch))) => {
+                            // Decoded here: nobody else holds it.
+                            let mut batch = Arc::unwrap_or_clone(batch);
                             self.dag.name_parents(&mut batch);
                             fetches = fetches.saturating_sub(1);
                             queued += 1;

@@ -29,7 +29,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::{Framed, FramedRead};
 
 use crate::actors::pipeline::{PipelineActor, RegisterWorker, WorkerLost};
-use crate::actors::{DeliverySink, Fetch, Results, Undelivered, WorkerId};
+use crate::actors::{unshared, DeliverySink, Fetch, Results, Undelivered, WorkerId};
 use crate::error::Error;
 use crate::msg::TaskMsg;
 use crate::pipeline::{Dag, TaskIdx};
@@ -492,7 +492,7 @@ impl StreamHandler<Result<Frame, WireError>> for Session {
 /// Task messages for the session's worker.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-struct Deliver(Vec<TaskMsg>);
+struct Deliver(Arc<Vec<TaskMsg>>);
 
 impl Handler<Deliver> for Session {
     type Result = ();
@@ -548,11 +548,15 @@ struct SessionSink {
 
 impl DeliverySink for SessionSink {
     fn deliver(&mut self, batch: Vec<TaskMsg>) -> Result<Option<Arc<SharedBatch>>, Undelivered> {
+        self.deliver_shared(Arc::new(batch)).map(|()| None)
+    }
+
+    fn deliver_shared(&mut self, batch: Arc<Vec<TaskMsg>>) -> Result<(), Undelivered> {
         if !self.deliver.connected() {
-            return Err(Undelivered::Gone(batch));
+            return Err(Undelivered::Gone(unshared(batch)));
         }
         self.deliver.do_send(Deliver(batch));
-        Ok(None)
+        Ok(())
     }
 
     fn close(&mut self) {

@@ -75,6 +75,7 @@
 //! timed-out verdict and answers out of order.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -199,8 +200,9 @@ pub enum Frame {
         /// The most messages wanted.
         max: u32,
     },
-    /// Topology → worker: task messages to handle.
-    Batch(Vec<TaskMsg>),
+    /// Topology → worker: task messages to handle. Shared: the topology
+    /// keeps the same batch until the worker has answered it.
+    Batch(Arc<Vec<TaskMsg>>),
     /// Worker → topology: what became of some of the messages it holds
     /// (in any order), and whether its oldest batch is finished.
     Results {
@@ -525,6 +527,11 @@ fn get_msgs(buf: &mut Bytes, what: &str) -> Result<Vec<TaskMsg>, DecodeError> {
 }
 
 impl Frame {
+    /// A `Batch` frame of `msgs`.
+    pub fn batch(msgs: Vec<TaskMsg>) -> Frame {
+        Frame::Batch(Arc::new(msgs))
+    }
+
     /// Appends the frame's body (tag and fields, no length) to `dst`.
     pub fn encode_body(&self, dst: &mut BytesMut) {
         match self {
@@ -644,7 +651,7 @@ impl Frame {
             FETCH => Frame::Fetch {
                 max: get_u32(buf, "max")?,
             },
-            BATCH => Frame::Batch(get_msgs(buf, "batch")?),
+            BATCH => Frame::Batch(Arc::new(get_msgs(buf, "batch")?)),
             RETURNED => Frame::Returned(get_msgs(buf, "returned")?),
             GIVE_BACK => Frame::GiveBack,
             RESULTS => {
@@ -870,7 +877,7 @@ mod tests {
                 max_frame: 1 << 20,
             },
             Frame::Fetch { max: 1024 },
-            Frame::Batch(vec![
+            Frame::batch(vec![
                 TaskMsg {
                     ticket: t,
                     payload: Bytes::from_static(b"hello"),
@@ -937,7 +944,7 @@ mod tests {
             payload: Bytes::new(),
             ctx: MsgCtx::new(MsgId::Bytes(Bytes::new())),
         };
-        let wire = Frame::Batch(vec![msg(t)]).to_wire();
+        let wire = Frame::batch(vec![msg(t)]).to_wire();
         // Length, tag and count, then the ticket's 14 bytes.
         assert_eq!(
             wire[9..9 + TICKET_LEN],
@@ -946,7 +953,7 @@ mod tests {
         assert_eq!(task_msg_len(&msg(t)), MIN_TASK_MSG);
         let siblings: Vec<TaskMsg> = (1..=3).map(|copy| msg(Ticket { copy, ..t })).collect();
         for frame in [
-            Frame::Batch(siblings.clone()),
+            Frame::batch(siblings.clone()),
             Frame::Returned(siblings.clone()),
         ] {
             assert_eq!(roundtrip(&frame), frame);
@@ -1008,7 +1015,7 @@ mod tests {
     #[test]
     fn a_deadline_travels_as_the_time_left() {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let frame = Frame::Batch(vec![TaskMsg {
+        let frame = Frame::batch(vec![TaskMsg {
             ticket: Ticket {
                 slot: 1,
                 gen: 1,
@@ -1049,7 +1056,7 @@ mod tests {
                 ctx: MsgCtx::new(MsgId::Bytes(Bytes::new())),
             })
             .collect();
-        let frame = Frame::Batch(msgs);
+        let frame = Frame::batch(msgs);
         let wire = frame.to_wire();
         let Frame::Batch(back) = Frame::decode_body(wire.slice(4..)).unwrap() else {
             panic!("not a batch");
@@ -1062,7 +1069,7 @@ mod tests {
             payload: Bytes::from_static(b"payload"),
             ctx: rich_ctx(),
         };
-        let one = Frame::Batch(vec![rich.clone()]).to_wire();
+        let one = Frame::batch(vec![rich.clone()]).to_wire();
         assert_eq!(task_msg_len(&rich) + 5, one.len() - 4);
     }
 
@@ -1075,7 +1082,7 @@ mod tests {
         let mut big = BytesMut::new();
         let e = codec
             .encode(
-                &Frame::Batch(vec![TaskMsg {
+                &Frame::batch(vec![TaskMsg {
                     ticket: Ticket {
                         slot: 0,
                         gen: 0,
@@ -1193,7 +1200,7 @@ mod tests {
             any::<u32>().prop_map(|max| Frame::Fetch { max }),
             proptest::collection::vec((ticket.clone(), bytes.clone(), ctx.clone()), 0..8).prop_map(
                 |v| {
-                    Frame::Batch(
+                    Frame::batch(
                         v.into_iter()
                             .map(|(ticket, payload, ctx)| TaskMsg {
                                 ticket,

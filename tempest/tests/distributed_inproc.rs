@@ -431,7 +431,7 @@ fn raw_worker(
     let Frame::Batch(batch) = raw_recv(&mut s) else {
         panic!("no batch")
     };
-    (s, batch)
+    (s, std::sync::Arc::unwrap_or_clone(batch))
 }
 
 /// A peer's `Returned` frame is checked against what the worker holds:

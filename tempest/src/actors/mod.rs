@@ -11,6 +11,7 @@
 //! Every hop carries a batch. The source only polls while it has credit:
 //! `max_pending` minus the messages in flight, returned with each `Settle`.
 
+mod held;
 pub(crate) mod pipeline;
 mod ready;
 pub(crate) mod source;
@@ -89,6 +90,13 @@ pub(crate) trait DeliverySink: Send {
     /// what the worker has not claimed yet.
     fn deliver(&mut self, batch: Vec<TaskMsg>) -> Result<Option<Arc<SharedBatch>>, Undelivered>;
 
+    /// Hands over a batch the pipeline keeps too (a worker that can be
+    /// lost: what it holds goes back to the queue if it is), or gives it
+    /// back. The sink only reads it.
+    fn deliver_shared(&mut self, batch: Arc<Vec<TaskMsg>>) -> Result<(), Undelivered> {
+        self.deliver(unshared(batch)).map(|_| ())
+    }
+
     /// The topology is stopping: tell the worker (a remote one is told to
     /// disconnect; an in-process one stops when its queue is dropped).
     fn close(&mut self) {}
@@ -103,6 +111,12 @@ pub(crate) trait DeliverySink: Send {
     /// started; it answers with results whose `returned` names them. (An
     /// in-process worker's are taken back through its batches' handles.)
     fn give_back(&mut self);
+}
+
+/// The messages of a shared batch as a vector of their own: moved out if
+/// nobody else holds the batch, else cloned.
+pub(crate) fn unshared(batch: Arc<Vec<TaskMsg>>) -> Vec<TaskMsg> {
+    Arc::unwrap_or_clone(batch)
 }
 
 /// A batch a worker could not take.

@@ -17,6 +17,7 @@ use tempest_source::metrics::Histogram;
 use tempest_source::{FailReason, FailedMsg, Metrics, MsgId};
 use tokio::sync::oneshot;
 
+use super::held::Held;
 use super::ready::ReadyQueue;
 use super::{
     DeliverySink, Fetch, Results, Settle, SourceBatch, Stop, StopReason, Undelivered, Verdict,
@@ -201,109 +202,6 @@ impl Dispatch for Ready<'_> {
     #[inline]
     fn dispatch(&mut self, task: TaskIdx, msg: TaskMsg) {
         self.queues[task as usize].push_back(msg, self.pool, self.ended_early);
-    }
-}
-
-/// What a remote worker holds: its unanswered messages, by exact ticket.
-///
-/// Siblings of a fan-out share slot, generation and task but are different
-/// messages (payload, key, headers), and a worker may answer them in any
-/// order (an async task's calls end out of order). So every message is
-/// stamped, as it is delivered, with the worker's next `copy` number
-/// ([`Held::stamp`]); the worker echoes tickets unchanged, so an answer or
-/// a give-back removes exactly the message it names, and what is left when
-/// the worker is lost is exactly what it had not answered.
-///
-/// Copy numbers count up, so the messages sit in a ring indexed by copy
-/// number: adding, answering and taking back are O(1) without hashing
-/// (a hash map of 120-byte entries took a fifth of the topology process's
-/// time in distributed mode).
-#[derive(Debug)]
-struct Held {
-    /// Slot `i` holds copy `base + i` (wrapping), until it is answered or
-    /// taken back; answered slots at the front are dropped.
-    slots: VecDeque<Option<TaskMsg>>,
-    base: u32,
-    live: usize,
-}
-
-impl Default for Held {
-    fn default() -> Self {
-        // Copy 0 is what a message carries when not delivered to a remote
-        // worker: never a number held.
-        Held {
-            slots: VecDeque::new(),
-            base: 1,
-            live: 0,
-        }
-    }
-}
-
-impl Held {
-    /// Stamps `msgs`, about to be delivered, with the next copy numbers.
-    fn stamp(&self, msgs: &mut [TaskMsg]) {
-        let mut copy = self.base.wrapping_add(self.slots.len() as u32);
-        for m in msgs {
-            if copy == 0 {
-                copy = 1;
-            }
-            m.ticket.copy = copy;
-            copy = copy.wrapping_add(1);
-        }
-    }
-
-    /// The worker now holds `m`, stamped by the last [`stamp`](Self::stamp),
-    /// in order.
-    fn add(&mut self, m: TaskMsg) {
-        let next = self.base.wrapping_add(self.slots.len() as u32);
-        if next == 0 && m.ticket.copy == 1 {
-            // The stamp skipped copy 0 at the wrap: keep the ring aligned.
-            self.slots.push_back(None);
-        }
-        debug_assert_eq!(
-            m.ticket.copy,
-            self.base.wrapping_add(self.slots.len() as u32),
-            "messages are added in the order they were stamped"
-        );
-        self.slots.push_back(Some(m));
-        self.live += 1;
-    }
-
-    /// Removes the message of exactly `ticket`, if held.
-    fn remove(&mut self, ticket: Ticket) -> Option<TaskMsg> {
-        let i = ticket.copy.wrapping_sub(self.base) as usize;
-        let slot = self.slots.get_mut(i)?;
-        if slot.as_ref().map(|m| m.ticket) != Some(ticket) {
-            return None;
-        }
-        let m = slot.take();
-        self.live -= 1;
-        while matches!(self.slots.front(), Some(None)) {
-            self.slots.pop_front();
-            self.base = self.base.wrapping_add(1);
-        }
-        m
-    }
-
-    /// The worker answered the message of `ticket`: whether it held it.
-    fn answer(&mut self, ticket: Ticket) -> bool {
-        self.remove(ticket).is_some()
-    }
-
-    /// The worker gave back `m`: the pipeline's own copy of it, if held.
-    fn take_back(&mut self, m: &TaskMsg) -> Option<TaskMsg> {
-        self.remove(m.ticket)
-    }
-
-    fn iter(&self) -> impl Iterator<Item = &TaskMsg> {
-        self.slots.iter().flatten()
-    }
-
-    /// What the worker held, in the order it was delivered.
-    fn into_msgs(self) -> Vec<TaskMsg> {
-        let mut msgs = Vec::with_capacity(self.live);
-        msgs.extend(self.slots.into_iter().flatten());
-        msgs
     }
 }
 
@@ -1140,13 +1038,19 @@ impl PipelineActor {
                 continue;
             };
             // A worker that can be lost gets every message stamped with
-            // a copy number of its own, and the pipeline keeps a copy.
-            let kept = w.held.as_ref().map(|held| {
-                held.stamp(&mut batch);
-                batch.clone()
-            });
-            match sink.deliver(batch) {
-                Ok(shared) => {
+            // a copy number of its own, and the pipeline keeps the batch
+            // (shared with the session that sends it).
+            let delivered = match &w.held {
+                Some(held) => {
+                    held.stamp(&mut batch);
+                    let kept = Arc::new(batch);
+                    sink.deliver_shared(Arc::clone(&kept))
+                        .map(|()| (None, Some(kept)))
+                }
+                None => sink.deliver(batch).map(|shared| (shared, None)),
+            };
+            match delivered {
+                Ok((shared, kept)) => {
                     if w.in_hand == 0 {
                         w.busy_since = Some(Instant::now());
                     }
@@ -1157,9 +1061,7 @@ impl PipelineActor {
                         w.shared.push_back(shared);
                     }
                     if let (Some(held), Some(kept)) = (&mut w.held, kept) {
-                        for m in kept {
-                            held.add(m);
-                        }
+                        held.add(kept);
                     }
                 }
                 Err(Undelivered::Busy(batch)) => self.requeue(t, batch),
@@ -1678,114 +1580,5 @@ impl Handler<WorkerLost> for PipelineActor {
 
     fn handle(&mut self, WorkerLost(worker): WorkerLost, _ctx: &mut Context<Self>) {
         self.lose_worker(worker, Instant::now());
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::msg::MsgCtx;
-    use bytes::Bytes;
-
-    /// Three siblings of a fan-out: one slot, generation and task, three
-    /// payloads.
-    fn siblings() -> Vec<TaskMsg> {
-        ["a", "b", "c"]
-            .into_iter()
-            .map(|p| TaskMsg {
-                ticket: Ticket {
-                    slot: 4,
-                    gen: 2,
-                    task: 1,
-                    copy: 0,
-                },
-                payload: Bytes::from(p),
-                ctx: MsgCtx::new(9).with_key(p),
-            })
-            .collect()
-    }
-
-    fn deliver(held: &mut Held, mut msgs: Vec<TaskMsg>) -> Vec<TaskMsg> {
-        held.stamp(&mut msgs);
-        for m in &msgs {
-            held.add(m.clone());
-        }
-        msgs
-    }
-
-    fn payloads(msgs: &[TaskMsg]) -> Vec<&[u8]> {
-        msgs.iter().map(|m| &m.payload[..]).collect()
-    }
-
-    /// Regression: answers out of order removed the oldest sibling, so a
-    /// lost worker's answered sibling ran again and an unanswered one was
-    /// lost.
-    #[test]
-    fn siblings_answered_out_of_order_leave_exactly_the_unanswered_held() {
-        let mut held = Held::default();
-        let sent = deliver(&mut held, siblings());
-        let copies: Vec<u32> = sent.iter().map(|m| m.ticket.copy).collect();
-        assert_eq!(copies, [1, 2, 3], "copy numbers count up per worker");
-        assert!(held.answer(sent[2].ticket));
-        assert!(held.answer(sent[1].ticket));
-        assert!(!held.answer(sent[1].ticket), "an answer counts once");
-        let left = held.into_msgs();
-        assert_eq!(payloads(&left), [&b"a"[..]]);
-        assert_eq!(left[0].ctx.key_str(), Some("a"));
-    }
-
-    #[test]
-    fn an_answer_names_a_copy_the_worker_holds_or_none() {
-        let mut held = Held::default();
-        let sent = deliver(&mut held, siblings());
-        let undelivered = siblings()[0].ticket;
-        assert!(!held.answer(undelivered), "copy 0 was never delivered");
-        let stranger = Ticket {
-            copy: 99,
-            ..sent[0].ticket
-        };
-        assert!(!held.answer(stranger));
-        assert_eq!(held.iter().count(), 3);
-    }
-
-    #[test]
-    fn a_give_back_takes_the_very_sibling_returned_as_the_pipelines_copy() {
-        let mut held = Held::default();
-        let sent = deliver(&mut held, siblings());
-        let mut forged = sent[1].clone();
-        forged.payload = Bytes::from_static(b"forged");
-        let own = held.take_back(&forged).expect("held");
-        assert_eq!(&own.payload[..], b"b");
-        assert!(held.take_back(&sent[1]).is_none(), "returned once");
-        assert_eq!(payloads(&held.into_msgs()), [&b"a"[..], &b"c"[..]]);
-    }
-
-    #[test]
-    fn what_is_left_comes_out_in_delivery_order() {
-        let mut held = Held::default();
-        let mut sent = Vec::new();
-        for _ in 0..20 {
-            sent.extend(deliver(&mut held, siblings()));
-        }
-        for m in sent.iter().skip(1).step_by(2) {
-            assert!(held.answer(m.ticket));
-        }
-        let left: Vec<u32> = held.into_msgs().iter().map(|m| m.ticket.copy).collect();
-        let expected: Vec<u32> = sent.iter().step_by(2).map(|m| m.ticket.copy).collect();
-        assert_eq!(left, expected);
-    }
-
-    #[test]
-    fn copy_numbers_wrap_past_zero_and_still_name_their_message() {
-        let mut held = Held {
-            base: u32::MAX - 1,
-            ..Held::default()
-        };
-        let sent = deliver(&mut held, siblings());
-        let copies: Vec<u32> = sent.iter().map(|m| m.ticket.copy).collect();
-        assert_eq!(copies, [u32::MAX - 1, u32::MAX, 1], "0 is never a copy");
-        assert!(held.answer(sent[2].ticket));
-        assert!(held.answer(sent[0].ticket));
-        assert_eq!(payloads(&held.into_msgs()), [&b"b"[..]]);
     }
 }
