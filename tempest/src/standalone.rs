@@ -243,6 +243,14 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
         // address before the actor starts on its own arbiter below.
         let (pipe_tx, pipe_mailbox) = actix::dev::channel::channel::<PipelineActor>(16);
         let pipe = Addr::new(pipe_tx);
+        // The handle can reach the pipeline before any message runs (what
+        // it sends waits in the mailbox until the actor starts).
+        if let Some(handle) = &options.handle {
+            *handle
+                .pipeline
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(pipe.clone());
+        }
         let topo_ctx: Context<TopologyActor> = Context::new();
         let topo = topo_ctx.address();
 
@@ -390,10 +398,6 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
             });
         }
         if let Some(handle) = &options.handle {
-            *handle
-                .pipeline
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(pipe.clone());
             let topo = topo.clone();
             let mut stop = handle.stop_signal();
             actix_rt::spawn(async move {
