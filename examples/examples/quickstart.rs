@@ -1,7 +1,7 @@
 //! The quick start: word count over 1,000,000 sentences from the mock
 //! source, standalone, then a summary.
 //!
-//! `cargo run --release -p tempest-examples --example quickstart [-- COUNT]`
+//! `cargo run --release -p tempest-examples --example quickstart [-- COUNT [COUNTERS]]`
 
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
@@ -15,26 +15,35 @@ use tempest_examples::wordcount::{self, Totals};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let count = match std::env::args()
-        .nth(1)
-        .map(|a| a.replace('_', "").parse::<u64>())
-    {
-        None => 1_000_000,
-        Some(Ok(n)) => n,
-        Some(Err(_)) => {
-            eprintln!("usage: quickstart [COUNT]  (COUNT: how many sentences; default 1000000)");
+    let usage = "usage: quickstart [COUNT [COUNTERS]]  (COUNT: how many sentences, default \
+                 1000000; COUNTERS: how many workers count words, default 2)";
+    let mut args = std::env::args()
+        .skip(1)
+        .map(|a| a.replace('_', "").parse::<u64>());
+    let (count, counters) = match (args.next(), args.next(), args.next()) {
+        (None, ..) => (1_000_000, 2),
+        (Some(Ok(n)), None, None) => (n, 2),
+        (Some(Ok(n)), Some(Ok(c)), None) if c > 0 => (n, c as usize),
+        _ => {
+            eprintln!("{usage}");
             return ExitCode::from(2);
         }
     };
     let totals = Arc::new(Totals::default());
-    let topology = match wordcount::topology(count, &totals).build() {
+    let topology = match wordcount::topology(count, &totals)
+        .workers("count", counters)
+        .build()
+    {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
-    println!("Running word count over {count} sentences (parse -> words + chars -> report)...");
+    println!(
+        "Running word count over {count} sentences \
+         (parse -> words -key-> {counters} count workers + chars -> report)..."
+    );
     let report = match standalone::run(topology, RunOptions::default()) {
         Ok(r) => r,
         Err(e) => {
@@ -57,13 +66,7 @@ fn main() -> ExitCode {
         totals.letters.load(Ordering::Relaxed),
     );
     println!("Counted {words} words and {letters} letters.");
-    let top: Vec<String> = totals
-        .top_words(5)
-        .into_iter()
-        .map(|(w, c)| format!("{w}={c}"))
-        .collect();
-    println!("Top words: {}", top.join(", "));
-    let per_task: Vec<String> = ["parse", "words", "chars", "report"]
+    let per_task: Vec<String> = ["parse", "words", "count", "chars", "report"]
         .iter()
         .map(|t| {
             let n = report.metrics.counter(names::TASK_MSGS_IN, &[("task", t)]);
@@ -98,11 +101,26 @@ fn main() -> ExitCode {
             .unwrap_or(0),
         per_task.join(", ")
     );
-    if s.acked == count && (words, letters) == wordcount::expected(count) {
+    let per_word = totals
+        .per_word
+        .lock()
+        .map(|m| m.clone())
+        .unwrap_or_default();
+    let expected_words = wordcount::expected_words(count);
+    if s.acked == count
+        && (words, letters) == wordcount::expected(count)
+        && per_word == expected_words
+    {
+        println!("Every word's count is exact.");
         ExitCode::SUCCESS
     } else {
+        let wrong = expected_words
+            .iter()
+            .filter(|(w, c)| per_word.get(*w) != Some(c))
+            .count();
         eprintln!(
-            "error: expected {count} acked with {:?} words and letters",
+            "error: expected {count} acked with {:?} words and letters, and every word's count \
+             exact ({wrong} word(s) are not)",
             wordcount::expected(count)
         );
         ExitCode::from(1)

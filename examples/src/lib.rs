@@ -34,6 +34,8 @@ pub mod book {
     pub struct Testing;
     #[doc = include_str!("../../book/src/joins.md")]
     pub struct Joins;
+    #[doc = include_str!("../../book/src/groupings.md")]
+    pub struct Groupings;
     #[doc = include_str!("../../book/src/typed-tasks.md")]
     pub struct TypedTasks;
     #[doc = include_str!("../../book/src/async-tasks.md")]

@@ -1,22 +1,27 @@
 //! Word count: the quick-start topology.
 //!
 //! ```text
-//!            ┌─► words ─┐
-//! parse ─────┤          ├─► report
-//!            └─► chars ─┘
+//!            ┌─► words ══key══► count ──┐
+//! parse ─────┤                          ├─► report
+//!            └─► chars ─────────────────┘
 //! ```
 //!
-//! `words` counts every word of a sentence (each worker keeps its own
-//! tally, merged into [`Totals`] when it shuts down) and emits the number of
-//! words; `chars` emits the number of letters. `report` is a fan-in: it runs
-//! once both have finished with a sentence, on both their outputs.
+//! `words` emits each word of a sentence as its own message, keyed by the
+//! word; the `words -> count` edge groups by key, so every occurrence of a
+//! word reaches the same `count` worker, however many there are, and its
+//! running count is exact. `count` emits that running count, `chars` the
+//! number of letters of the sentence; `report` (one worker: both its
+//! edges are `global`) keeps each word's highest count and the totals, and
+//! prints the top words when it shuts down.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
-use tempest::{Msg, MsgCtx, Output, Pipeline, Task, TaskError, TaskResult, TopologyBuilder};
+use tempest::{
+    Grouping, Msg, MsgCtx, Out, Output, Pipeline, Task, TaskError, TaskResult, TopologyBuilder,
+};
 use tempest_source_mock::{MockConfig, MockSource};
 
 /// The sentences the mock source cycles through.
@@ -34,13 +39,13 @@ pub const SENTENCES: [&str; 8] = [
 /// What the topology counted, shared with the caller.
 #[derive(Debug, Default)]
 pub struct Totals {
-    /// Words seen by `report`.
+    /// Words seen by `report` (one running count per word of a sentence).
     pub words: AtomicU64,
     /// Letters seen by `report`.
     pub letters: AtomicU64,
-    /// Sentences `report` saw both counts for.
+    /// Sentences `report` saw the letters of.
     pub sentences: AtomicU64,
-    /// Per-word counts, merged from every `words` worker at shutdown.
+    /// Each word's count: the highest running count `report` saw for it.
     pub per_word: Mutex<HashMap<String, u64>>,
 }
 
@@ -69,40 +74,51 @@ impl Task for Parse {
     }
 }
 
-/// Counts the words of each sentence.
+/// Splits a sentence into words: one output per word, keyed by the word.
 #[derive(Clone, Debug)]
-pub struct Words {
-    totals: Arc<Totals>,
-    counts: HashMap<Bytes, u64>,
-}
+pub struct Words;
 
 impl Task for Words {
     fn name(&self) -> &str {
         "words"
     }
     fn handle(&mut self, msg: Msg, _: &MsgCtx) -> TaskResult {
-        let mut n = 0u64;
-        for word in msg.split(|b| *b == b' ').filter(|w| !w.is_empty()) {
-            n += 1;
-            match self.counts.get_mut(word) {
-                Some(c) => *c += 1,
-                None => {
-                    self.counts.insert(msg.slice_ref(word), 1);
-                }
-            }
-        }
-        Ok(Output::One(encode(b'w', n)))
+        // Slices of the sentence: no copy of a word, as payload or key.
+        Ok(Output::Outs(
+            msg.split(|b| *b == b' ')
+                .filter(|w| !w.is_empty())
+                .map(|w| {
+                    let word = msg.slice_ref(w);
+                    Out::new(word.clone()).key(word)
+                })
+                .collect(),
+        ))
     }
-    fn shutdown(&mut self) {
-        let mut all = self
-            .totals
-            .per_word
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        for (word, count) in self.counts.drain() {
-            *all.entry(String::from_utf8_lossy(&word).into_owned())
-                .or_default() += count;
-        }
+}
+
+/// Counts each word it owns and emits the word's running count (keyed by
+/// the word, which it inherits).
+#[derive(Clone, Debug, Default)]
+pub struct Count {
+    counts: HashMap<Bytes, u64>,
+}
+
+impl Task for Count {
+    fn name(&self) -> &str {
+        "count"
+    }
+    fn handle(&mut self, word: Msg, _: &MsgCtx) -> TaskResult {
+        let n = match self.counts.get_mut(&word) {
+            Some(c) => {
+                *c += 1;
+                *c
+            }
+            None => {
+                self.counts.insert(word, 1);
+                1
+            }
+        };
+        Ok(Output::One(encode(b'w', n)))
     }
 }
 
@@ -120,26 +136,51 @@ impl Task for Chars {
     }
 }
 
-/// Adds up what `words` and `chars` found (the fan-in).
+/// Adds up what `count` and `chars` found (the fan-in), and keeps each
+/// word's highest running count.
 #[derive(Clone, Debug)]
 pub struct Report {
     totals: Arc<Totals>,
     words: u64,
     letters: u64,
-    halves: u64,
+    sentences: u64,
+    per_word: HashMap<Bytes, u64>,
+}
+
+impl Report {
+    fn new(totals: &Arc<Totals>) -> Self {
+        Report {
+            totals: Arc::clone(totals),
+            words: 0,
+            letters: 0,
+            sentences: 0,
+            per_word: HashMap::new(),
+        }
+    }
 }
 
 impl Task for Report {
     fn name(&self) -> &str {
         "report"
     }
-    fn handle(&mut self, msg: Msg, _: &MsgCtx) -> TaskResult {
+    fn handle(&mut self, msg: Msg, ctx: &MsgCtx) -> TaskResult {
         let (kind, n) = decode(&msg).ok_or_else(|| TaskError::msg("report: malformed count"))?;
-        match kind {
-            b'w' => self.words += n,
-            _ => self.letters += n,
+        if kind == b'c' {
+            self.letters += n;
+            self.sentences += 1;
+            return Ok(Output::None);
         }
-        self.halves += 1;
+        self.words += 1;
+        let word = ctx
+            .key()
+            .ok_or_else(|| TaskError::msg("report: a count without its word"))?;
+        match self.per_word.get_mut(word) {
+            // A retried sentence may bring a word's counts out of order.
+            Some(c) => *c = (*c).max(n),
+            None => {
+                self.per_word.insert(word.clone(), n);
+            }
+        }
         Ok(Output::None)
     }
     fn flush_metrics(&mut self) {
@@ -151,7 +192,30 @@ impl Task for Report {
             .fetch_add(std::mem::take(&mut self.letters), Ordering::Relaxed);
         self.totals
             .sentences
-            .fetch_add(std::mem::take(&mut self.halves) / 2, Ordering::Relaxed);
+            .fetch_add(std::mem::take(&mut self.sentences), Ordering::Relaxed);
+        let mut all = self
+            .totals
+            .per_word
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (word, count) in &self.per_word {
+            let c = all
+                .entry(String::from_utf8_lossy(word).into_owned())
+                .or_default();
+            *c = (*c).max(*count);
+        }
+    }
+    fn shutdown(&mut self) {
+        self.flush_metrics();
+        let top: Vec<String> = self
+            .totals
+            .top_words(5)
+            .into_iter()
+            .map(|(w, c)| format!("{w}={c}"))
+            .collect();
+        if !top.is_empty() {
+            println!("Top words: {}", top.join(", "));
+        }
     }
 }
 
@@ -171,21 +235,15 @@ fn decode(msg: &[u8]) -> Option<(u8, u64)> {
 pub fn pipeline(totals: &Arc<Totals>) -> Pipeline {
     Pipeline::new()
         .task(Parse)
-        .task(Words {
-            totals: Arc::clone(totals),
-            counts: HashMap::new(),
-        })
+        .task(Words)
+        .task(Count::default())
         .task(Chars)
-        .task(Report {
-            totals: Arc::clone(totals),
-            words: 0,
-            letters: 0,
-            halves: 0,
-        })
+        .task(Report::new(totals))
         .edge("parse", "words")
         .edge("parse", "chars")
-        .edge("words", "report")
-        .edge("chars", "report")
+        .edge_by("words", "count", Grouping::Key)
+        .edge_by("count", "report", Grouping::Global)
+        .edge_by("chars", "report", Grouping::Global)
 }
 
 /// The word-count topology over `count` sentences from the mock source.
@@ -209,6 +267,21 @@ pub fn expected(count: u64) -> (u64, u64) {
     })
 }
 
+/// Each word's count over `count` sentences, counted directly.
+pub fn expected_words(count: u64) -> HashMap<String, u64> {
+    let mut words = HashMap::new();
+    let n = SENTENCES.len() as u64;
+    for (i, s) in SENTENCES.iter().enumerate() {
+        // How many of the `count` sentences are this one.
+        let times = count / n + u64::from((i as u64) < count % n);
+        for w in s.split_whitespace() {
+            *words.entry(w.to_string()).or_default() += times;
+        }
+    }
+    words.retain(|_, c| *c > 0);
+    words
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,17 +293,49 @@ mod tests {
     }
 
     #[test]
-    fn words_counts_each_word() {
-        let totals = Arc::new(Totals::default());
-        let mut w = Words {
-            totals: Arc::clone(&totals),
-            counts: HashMap::new(),
-        };
-        let out = w
+    fn words_splits_and_count_counts() {
+        let out = Words
             .handle(Msg::from_static(b"a b  a"), &MsgCtx::new(1))
             .unwrap();
-        assert_eq!(out, Output::One(encode(b'w', 3)));
-        w.shutdown();
-        assert_eq!(totals.top_words(1), vec![("a".to_string(), 2)]);
+        assert_eq!(
+            out,
+            Output::Outs(vec![
+                Out::new("a").key("a"),
+                Out::new("b").key("b"),
+                Out::new("a").key("a")
+            ])
+        );
+        let mut count = Count::default();
+        let runs: Vec<_> = ["a", "b", "a"]
+            .iter()
+            .map(|w| count.handle(Msg::from(*w), &MsgCtx::new(1)).unwrap())
+            .collect();
+        assert_eq!(
+            runs,
+            [1, 1, 2].map(|n| Output::One(encode(b'w', n))).to_vec()
+        );
+    }
+
+    #[test]
+    fn report_keeps_the_highest_count_of_each_word() {
+        let totals = Arc::new(Totals::default());
+        let mut r = Report::new(&totals);
+        let ctx = MsgCtx::new(1).with_key("a");
+        for n in [1, 3, 2] {
+            r.handle(encode(b'w', n), &ctx).unwrap();
+        }
+        r.handle(encode(b'c', 7), &MsgCtx::new(1)).unwrap();
+        r.shutdown();
+        assert_eq!(totals.top_words(1), vec![("a".to_string(), 3)]);
+        assert_eq!(totals.words.load(Ordering::Relaxed), 3);
+        assert_eq!(totals.letters.load(Ordering::Relaxed), 7);
+    }
+
+    #[test]
+    fn expected_words_counts_the_cycle() {
+        let w = expected_words(SENTENCES.len() as u64 + 1);
+        // "the" is 8 times in the 8 sentences, twice in the ninth (the first).
+        assert_eq!(w["the"], 8 + 2);
+        assert_eq!(w.values().sum::<u64>(), expected(9).0);
     }
 }

@@ -132,8 +132,13 @@ fn the_examples_file_configures_the_word_count_package() {
         .config_file(f)
         .build()
         .unwrap();
-    let words = t.dag().index_of("words").unwrap() as usize;
-    assert_eq!(t.workers()[words], 2);
+    let dag = t.dag();
+    let (words, count) = (
+        dag.index_of("words").unwrap(),
+        dag.index_of("count").unwrap(),
+    );
+    assert_eq!(t.workers()[count as usize], 2);
+    assert_eq!(dag.grouping(words, count), tempest::Grouping::Key);
     assert_eq!(t.name(), "wordcount");
 }
 

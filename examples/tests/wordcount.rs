@@ -14,13 +14,18 @@ use tempest_examples::wordcount::{self, Totals};
 
 const BIN: &str = env!("CARGO_BIN_EXE_wordcount");
 
-#[test]
-fn word_count_counts_every_word_and_acks_every_sentence() {
+/// Runs the word count over 20,000 sentences with `counters` count workers
+/// and checks every total, and every word's count, exactly.
+fn counts_exactly_with(counters: usize) {
     let totals = Arc::new(Totals::default());
-    let report = TestRun::new(wordcount::topology(20_000, &totals).workers("words", 2))
-        .deadline(Duration::from_secs(60))
-        .run()
-        .unwrap();
+    let report = TestRun::new(
+        wordcount::topology(20_000, &totals)
+            .workers("words", 2)
+            .workers("count", counters),
+    )
+    .deadline(Duration::from_secs(60))
+    .run()
+    .unwrap();
     assert_eq!(report.stop, StopReason::SourceExhausted);
     assert_eq!(report.stats.acked, 20_000);
     let (words, letters) = wordcount::expected(20_000);
@@ -28,6 +33,22 @@ fn word_count_counts_every_word_and_acks_every_sentence() {
     assert_eq!(totals.letters.load(Ordering::Relaxed), letters);
     assert_eq!(totals.sentences.load(Ordering::Relaxed), 20_000);
     assert_eq!(totals.top_words(1), vec![("the".to_string(), 20_000)]);
+    let per_word = totals.per_word.lock().unwrap().clone();
+    assert_eq!(
+        per_word,
+        wordcount::expected_words(20_000),
+        "{counters} counters"
+    );
+}
+
+#[test]
+fn word_count_is_exact_with_one_counter() {
+    counts_exactly_with(1);
+}
+
+#[test]
+fn word_count_is_exact_with_three_counters() {
+    counts_exactly_with(3);
 }
 
 #[test]
@@ -48,7 +69,7 @@ fn graph_prints_the_pipeline() {
         .unwrap();
     assert!(String::from_utf8(out.stdout)
         .unwrap()
-        .contains("\"words\" -> \"report\""));
+        .contains("\"words\" -> \"count\" [label=\"key\"]"));
 }
 
 #[test]
@@ -67,7 +88,7 @@ fn usage_errors_exit_with_2_and_say_why() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(
-        err.contains("unknown task \"nope\"; the tasks are: parse, words, chars, report"),
+        err.contains("unknown task \"nope\"; the tasks are: parse, words, count, chars, report"),
         "{err}"
     );
     let out = Command::new(BIN)
@@ -94,6 +115,8 @@ fn standalone_runs_to_the_end_of_the_source() {
         err.contains("stopped (the source is exhausted): 5000 read, 5000 acked, 0 failed, 0 timed out, 0 left in flight"),
         "{err}"
     );
+    let out = String::from_utf8(out.stdout).unwrap();
+    assert!(out.contains("Top words: the=5000, "), "{out}");
 }
 
 #[test]

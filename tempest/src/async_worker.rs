@@ -13,6 +13,11 @@
 //!
 //! A call whose message passes its deadline is cancelled (its future is
 //! dropped) and answered [`Verdict::TimedOut`].
+//!
+//! A task whose messages come by key runs at most one call per key at a
+//! time: a message whose key has a call in flight waits behind it, and
+//! starts when that call ends, so one key's messages run in the order they
+//! came.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -20,9 +25,11 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures_util::future::LocalBoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
+use rustc_hash::FxHashMap;
 
 use crate::metrics::names;
 use crate::msg::{Emitted, MsgCtx, Results, TaskMsg, Ticket, Verdict, WorkerId};
@@ -193,12 +200,16 @@ async fn drive(
     let mut running = FuturesUnordered::new();
     let mut gathered = Gathered::default();
     let mut claimed: Vec<TaskMsg> = Vec::new();
+    // Per key with a call in flight: the messages waiting behind it, with
+    // their batch's sequence number (by-key tasks only).
+    let mut by_key: FxHashMap<Bytes, VecDeque<(u64, TaskMsg)>> = FxHashMap::default();
+    let mut waiting = 0usize;
     let mut open = true;
     let mut high_water = 0usize;
     let mut next_flush = tokio::time::Instant::now() + FLUSH_EVERY;
     loop {
         // Fill the free slots, from the oldest batch on.
-        let mut free = concurrency.saturating_sub(running.len());
+        let mut free = concurrency.saturating_sub(running.len() + waiting);
         for (i, b) in held.iter_mut().enumerate() {
             if free == 0 {
                 break;
@@ -207,7 +218,20 @@ async fn drive(
             b.claimed += claimed.len();
             free -= claimed.len();
             for m in claimed.drain(..) {
-                running.push(call(task, base + i as u64, m));
+                let seq = base + i as u64;
+                match m.ctx.key().filter(|_| ctx.one_per_key) {
+                    Some(key) => match by_key.get_mut(key) {
+                        Some(behind) => {
+                            behind.push_back((seq, m));
+                            waiting += 1;
+                        }
+                        None => {
+                            by_key.insert(key.clone(), VecDeque::new());
+                            running.push(call(task, seq, m));
+                        }
+                    },
+                    None => running.push(call(task, seq, m)),
+                }
             }
         }
         high_water = high_water.max(running.len());
@@ -257,6 +281,21 @@ async fn drive(
                 let mut answer = Some(answer);
                 // Everything that has ended by now goes back together.
                 while let Some((seq, ticket, mctx, ended)) = answer.take() {
+                    if ctx.one_per_key {
+                        // The next message of the key starts now.
+                        if let Some(key) = mctx.key() {
+                            let next = by_key.get_mut(key).and_then(VecDeque::pop_front);
+                            match next {
+                                Some((s, m)) => {
+                                    waiting -= 1;
+                                    running.push(call(task, s, m));
+                                }
+                                None => {
+                                    by_key.remove(key);
+                                }
+                            }
+                        }
+                    }
                     let Some(b) = seq.checked_sub(base).and_then(|i| held.get_mut(i as usize)) else {
                         log::error!("Task {name}: a call ended for a batch the worker no longer holds; its result is dropped.");
                         continue;

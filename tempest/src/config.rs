@@ -51,6 +51,11 @@
 //! [[task]]
 //! name = "fetch"              # an async task
 //! concurrency = 256           # messages each worker keeps in flight (default 64)
+//!
+//! [[edge]]                    # an edge of the package's pipeline
+//! from = "words"
+//! to = "count"
+//! grouping = "key"            # shuffle, key, all, global or partial_key
 //! ```
 //!
 //! How every problem is found: serde stops at the first error, so the file
@@ -68,6 +73,7 @@ use toml::Spanned;
 use toml_edit::{ImDocument, Item, TableLike, Value};
 
 use crate::error::Error;
+use crate::grouping::Grouping;
 use crate::pipeline::Dag;
 use crate::policy::FailurePolicy;
 
@@ -110,6 +116,10 @@ pub struct FileConfig {
     /// `[[task]]`: per-task settings.
     #[serde(default)]
     pub task: Vec<TaskSection>,
+    /// `[[edge]]`: per-edge settings (the edges themselves are the
+    /// package's).
+    #[serde(default)]
+    pub edge: Vec<EdgeSection>,
     /// `[metric]`: the metrics backends.
     pub metric: Option<crate::metrics::MetricsConfig>,
 }
@@ -143,7 +153,31 @@ pub struct TaskSection {
     pub concurrency: Option<usize>,
 }
 
+/// One `[[edge]]`: how an edge of the package's pipeline spreads messages
+/// over its child's workers.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeSection {
+    /// The producing task.
+    pub from: Spanned<String>,
+    /// The consuming task.
+    pub to: String,
+    /// `"shuffle"`, `"key"`, `"all"`, `"global"` or `"partial_key"`.
+    pub grouping: Option<Grouping>,
+}
+
 pub use crate::error::ConfigProblem;
+
+/// The edges of `dag`, as `"a" -> "b"`.
+fn dag_edges(dag: &Dag) -> Vec<String> {
+    (0..dag.len() as crate::msg::TaskIdx)
+        .flat_map(|a| {
+            dag.children(a)
+                .iter()
+                .map(move |&b| format!("\"{}\" -> \"{}\"", dag.name(a), dag.name(b)))
+        })
+        .collect()
+}
 
 /// Sorts problems by line (those without one last) and drops repeats.
 pub(crate) fn in_file_order(mut problems: Vec<ConfigProblem>) -> Vec<ConfigProblem> {
@@ -344,6 +378,74 @@ impl ConfigFile {
                 ));
             }
         }
+        let mut edges_seen: Vec<(&str, &str)> = Vec::new();
+        for e in &c.edge {
+            let (from, to) = (e.from.get_ref().as_str(), e.to.as_str());
+            let at = e.from.span();
+            let element = nodes.iter().find(|n| {
+                n.path.len() == 2
+                    && n.path[0] == Seg::key("edge")
+                    && n.span
+                        .as_ref()
+                        .is_some_and(|s| s.start <= at.start && at.end <= s.end)
+            });
+            let edge_key = |key: &str| {
+                let line = element
+                    .and_then(|el| {
+                        let mut path = el.path.clone();
+                        path.push(Seg::key(key));
+                        line_of(&path)
+                    })
+                    .unwrap_or_else(|| line_at(&self.text, at.start));
+                (Some(line), Some(format!("edge.{key}")))
+            };
+            let known = match (dag.index_of(from), dag.index_of(to)) {
+                (Some(a), Some(b)) => dag.children(a).contains(&b),
+                _ => false,
+            };
+            if !known {
+                let (line, key) = edge_key("from");
+                problems.push(ConfigProblem::new(
+                    line,
+                    key,
+                    format!(
+                        "\"{from}\" -> \"{to}\" is not an edge of this topology; its edges are: {}",
+                        dag_edges(dag).join(", ")
+                    ),
+                ));
+            } else if edges_seen.contains(&(from, to)) {
+                let (line, key) = edge_key("from");
+                problems.push(ConfigProblem::new(
+                    line,
+                    key,
+                    format!("\"{from}\" -> \"{to}\" is given twice; merge its [[edge]] sections"),
+                ));
+            }
+            edges_seen.push((from, to));
+            if let (true, Some(b)) = (known, dag.index_of(to)) {
+                if dag.is_join(b) {
+                    let groupings: Vec<Grouping> =
+                        dag.parents(b).iter().map(|&p| dag.grouping(p, b)).collect();
+                    if groupings.windows(2).any(|w| w[0] != w[1]) {
+                        let (line, key) = edge_key("grouping");
+                        let each: Vec<String> = dag
+                            .parents(b)
+                            .iter()
+                            .zip(&groupings)
+                            .map(|(&p, g)| format!("\"{}\" -> \"{to}\" is {g}", dag.name(p)))
+                            .collect();
+                        problems.push(ConfigProblem::new(
+                            line,
+                            key,
+                            format!(
+                                "the edges into join task \"{to}\" must group alike: {}",
+                                each.join(", ")
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
         if c.max_pending == Some(0) {
             problems.push(top("max_pending", "must be at least 1".to_string()));
         }
@@ -407,6 +509,14 @@ impl ConfigFile {
     /// The `[[task]]` section for `task`, if any.
     pub fn task(&self, task: &str) -> Option<&TaskSection> {
         self.config.task.iter().find(|t| t.name.get_ref() == task)
+    }
+
+    /// The groupings the file sets, as `(from, to, grouping)`.
+    pub fn groupings(&self) -> impl Iterator<Item = (&str, &str, Grouping)> {
+        self.config
+            .edge
+            .iter()
+            .filter_map(|e| Some((e.from.get_ref().as_str(), e.to.as_str(), e.grouping?)))
     }
 
     /// Parses `[source.config]` on its own into the source's typed
@@ -1132,7 +1242,7 @@ a = 1
         let want = [
             "Topology.toml:2: max_pendng: unknown key; did you mean max_pending?",
             "Topology.toml:3: port: invalid type: string \"high\", expected a whole number from 0 to 65535",
-            "Topology.toml:4: frobnicate: unknown key; the keys are: name, host, port, graceful_shutdown, source_connect_timeout, failure_policy, msg_timeout, max_pending, secret, max_frame, heartbeat, handshake_timeout, max_handshakes, retry_backoff, max_retry_backoff, source, task, metric",
+            "Topology.toml:4: frobnicate: unknown key; the keys are: name, host, port, graceful_shutdown, source_connect_timeout, failure_policy, msg_timeout, max_pending, secret, max_frame, heartbeat, handshake_timeout, max_handshakes, retry_backoff, max_retry_backoff, source, task, edge, metric",
             "Topology.toml:5: failure_policy: unknown policy \"sometimes\"; write failure_policy = { retry = 3 } (retry up to 3 times), \"none\" or \"best_effort\"",
             "Topology.toml:8: source.confg: unknown key; did you mean config?",
             "Topology.toml:12: task.workrs: unknown key; did you mean workers?",
@@ -1294,6 +1404,34 @@ a = 1
                 "Topology.toml:4: task.name: \"splitt\" is not a task of this topology; its tasks are: split, count",
                 "Topology.toml:8: task.workers: must be at least 1 (task \"count\")",
             ]
+        );
+    }
+
+    #[test]
+    fn edges_take_a_grouping_and_must_be_edges_of_the_pipeline() {
+        let f = parse("[[edge]]\nfrom = \"split\"\nto = \"count\"\ngrouping = \"key\"\n").unwrap();
+        f.check(&dag()).unwrap();
+        assert_eq!(
+            f.groupings().collect::<Vec<_>>(),
+            [("split", "count", Grouping::Key)]
+        );
+        let f = parse(
+            "[[edge]]\nfrom = \"count\"\nto = \"split\"\ngrouping = \"all\"\n\n[[edge]]\nfrom = \"split\"\nto = \"count\"\n\n[[edge]]\nfrom = \"split\"\nto = \"count\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            lines(&f.check(&dag()).unwrap_err()),
+            [
+                "Topology.toml:2: edge.from: \"count\" -> \"split\" is not an edge of this topology; its edges are: \"split\" -> \"count\"",
+                "Topology.toml:11: edge.from: \"split\" -> \"count\" is given twice; merge its [[edge]] sections",
+            ]
+        );
+        let e = parse("[[edge]]\nfrom = \"split\"\nto = \"count\"\ngrouping = \"fields\"\n")
+            .unwrap_err();
+        let got = lines(&e);
+        assert!(
+            got[0].starts_with("Topology.toml:4: edge.grouping: unknown grouping \"fields\""),
+            "{got:?}"
         );
     }
 

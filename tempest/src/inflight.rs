@@ -25,6 +25,7 @@ use bytes::Bytes;
 use tempest_source::{FailReason, Headers, MsgId, SourceMsg};
 
 use crate::envelope;
+use crate::grouping::Grouping;
 use crate::msg::{Emitted, Meta, MsgCtx, Origin, TaskIdx, TaskMsg, Ticket, NO_TASK};
 use crate::pipeline::Dag;
 use crate::policy::FailurePolicy;
@@ -33,12 +34,29 @@ const NIL: u32 = u32::MAX;
 
 /// Where the table sends task messages that are ready to run.
 pub(crate) trait Dispatch {
-    fn dispatch(&mut self, task: TaskIdx, msg: TaskMsg);
+    /// Queues `msg` for `task`, come over an edge that groups by
+    /// `grouping`; for [`Grouping::All`], as [`copies`](Self::copies) copies.
+    fn dispatch(&mut self, task: TaskIdx, grouping: Grouping, msg: TaskMsg);
+
+    /// How many copies of a message for `task` an `all` edge makes (each
+    /// counts toward completion).
+    fn copies(&self, _task: TaskIdx) -> u32 {
+        1
+    }
 }
 
 impl Dispatch for Vec<TaskMsg> {
-    fn dispatch(&mut self, _task: TaskIdx, msg: TaskMsg) {
+    fn dispatch(&mut self, _task: TaskIdx, _grouping: Grouping, msg: TaskMsg) {
         self.push(msg);
+    }
+}
+
+/// How many task messages one message for `task` over `grouping` is.
+fn copies_of(d: &impl Dispatch, task: TaskIdx, grouping: Grouping) -> u32 {
+    if grouping == Grouping::All {
+        d.copies(task).max(1)
+    } else {
+        1
     }
 }
 
@@ -237,6 +255,11 @@ impl Tracker {
         self.config.policy
     }
 
+    /// The DAG the table tracks, shared.
+    pub fn shared_dag(&self) -> Arc<Dag> {
+        Arc::clone(&self.dag)
+    }
+
     /// The DAG the table tracks.
     pub fn dag(&self) -> &Dag {
         &self.dag
@@ -393,6 +416,7 @@ impl Tracker {
         }
         d.dispatch(
             root,
+            Grouping::Shuffle,
             TaskMsg {
                 ticket: Ticket::new(slot, gen, root),
                 payload,
@@ -450,9 +474,11 @@ impl Tracker {
             } = self;
             let fc = dag.fanin_count();
             let children = dag.children(task);
+            let groupings = dag.child_groupings(task);
             // Every output's context but its key and headers.
             let template = ctx_of(&records[slot as usize], dag, task, Meta::default());
             for (i, &c) in children.iter().enumerate() {
+                let grouping = groupings.get(i).copied().unwrap_or_default();
                 let last = i + 1 == children.len();
                 let take = |o: &mut Emitted| {
                     if last {
@@ -465,11 +491,13 @@ impl Tracker {
                     Some(f) => held[slot as usize * fc + f as usize]
                         .extend(outputs.iter_mut().map(|o| (task, take(o)))),
                     None => {
-                        states[base + c as usize].outstanding += outputs.len() as u32;
+                        states[base + c as usize].outstanding +=
+                            outputs.len() as u32 * copies_of(d, c, grouping);
                         for o in outputs.iter_mut() {
                             let Emitted { payload, meta } = take(o);
                             d.dispatch(
                                 c,
+                                grouping,
                                 TaskMsg {
                                     ticket: Ticket::new(slot, gen, c),
                                     payload,
@@ -581,16 +609,19 @@ impl Tracker {
                     if dag.is_join(c) {
                         if !held.is_empty() {
                             let msg = join_msg(dag, r, slot, c, held);
-                            states[base + c as usize].outstanding = 1;
-                            d.dispatch(c, msg);
+                            let grouping = dag.grouping_into(NO_TASK, c);
+                            states[base + c as usize].outstanding = copies_of(d, c, grouping);
+                            d.dispatch(c, grouping, msg);
                         }
                         held.clear();
                     } else {
-                        states[base + c as usize].outstanding += held.len() as u32;
                         // The buffer stays for the slot's next message.
                         for (parent, out) in held.drain(..) {
+                            let grouping = dag.grouping(parent, c);
+                            states[base + c as usize].outstanding += copies_of(d, c, grouping);
                             d.dispatch(
                                 c,
+                                grouping,
                                 TaskMsg {
                                     ticket: Ticket::new(slot, gen, c),
                                     payload: out.payload,

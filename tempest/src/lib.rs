@@ -14,6 +14,8 @@
 //!   its parents emitted for a source message in one call ([`Joined`]).
 //! - [`typed`]: [`TypedTask`], a task over Rust types, and its adapter.
 //! - [`codec`]: [`Codec`] (JSON, postcard, raw), the codec of each edge.
+//! - [`grouping`]: [`Grouping`] (shuffle, key, all, global, partial key),
+//!   which worker of a task gets a message, per edge.
 //! - [`pipeline`]: the [`Pipeline`] builder, its validation (every problem
 //!   at once) and its export as DOT or Mermaid; the compiled [`Dag`].
 //! - [`topology`]: [`TopologyBuilder`], [`TopologyOptions`],
@@ -45,6 +47,7 @@ pub mod codec;
 pub mod config;
 mod envelope;
 mod error;
+pub mod grouping;
 mod inflight;
 pub mod join;
 pub mod metrics;
@@ -66,6 +69,7 @@ pub use actors::pipeline::{MsgReport, Stats, Unfinished, WorkerStats};
 pub use actors::StopReason;
 pub use codec::{Codec, CodecError};
 pub use error::Error;
+pub use grouping::Grouping;
 pub use inflight::{InflightEntry, Outcome, TrackerConfig};
 pub use join::{JoinTask, Joined, Part};
 pub use msg::Verdict;

@@ -9,6 +9,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::codec::{Codec, EdgeCodecs, TaskCodecs, TypeSig};
+use crate::grouping::Grouping;
 use crate::join::{JoinAdapter, JoinTask};
 use crate::msg::intern;
 use crate::task::{AsyncRunner, AsyncTask, Task, TaskBody, DEFAULT_CONCURRENCY};
@@ -53,6 +54,8 @@ pub const MAX_TASKS: usize = u16::MAX as usize - 1;
 pub struct Pipeline {
     tasks: Vec<(String, TaskFactory)>,
     edges: Vec<(String, String)>,
+    /// Groupings set on edges, in the order set (later wins).
+    groupings: Vec<(String, String, Grouping)>,
     root: Option<String>,
     /// The join tasks (also in `tasks`, which fixes their index), whose
     /// factories need their parents, known at build.
@@ -81,6 +84,7 @@ impl fmt::Debug for Pipeline {
                 &self.tasks.iter().map(|(n, _)| n).collect::<Vec<_>>(),
             )
             .field("edges", &self.edges)
+            .field("groupings", &self.groupings)
             .field("root", &self.root)
             .field(
                 "joins",
@@ -279,9 +283,36 @@ impl Pipeline {
         self
     }
 
-    /// Adds an edge: every output of `from` goes to `to`.
+    /// Adds an edge: every output of `from` goes to `to`, to any of its
+    /// workers ([`Grouping::Shuffle`]).
     pub fn edge(mut self, from: impl Into<String>, to: impl Into<String>) -> Self {
         self.edges.push((from.into(), to.into()));
+        self
+    }
+
+    /// Adds an edge whose messages spread over `to`'s workers by
+    /// `grouping`: `.edge_by("split", "count", Grouping::Key)` sends every
+    /// word to the same counter.
+    pub fn edge_by(
+        self,
+        from: impl Into<String>,
+        to: impl Into<String>,
+        grouping: Grouping,
+    ) -> Self {
+        let (from, to) = (from.into(), to.into());
+        self.edge(from.clone(), to.clone())
+            .grouping(from, to, grouping)
+    }
+
+    /// Sets the grouping of the edge from `from` to `to` (which must be an
+    /// edge of the pipeline; `Topology.toml`'s `[[edge]]` tables use this).
+    pub fn grouping(
+        mut self,
+        from: impl Into<String>,
+        to: impl Into<String>,
+        grouping: Grouping,
+    ) -> Self {
+        self.groupings.push((from.into(), to.into(), grouping));
         self
     }
 
@@ -369,6 +400,24 @@ impl Pipeline {
             children[a as usize].push(b);
             parents[b as usize].push(a);
         }
+        let mut edge_groupings: Vec<Vec<Grouping>> = children
+            .iter()
+            .map(|c| vec![Grouping::Shuffle; c.len()])
+            .collect();
+        for (from, to, grouping) in &self.groupings {
+            let at = index.get(from.as_str()).and_then(|&a| {
+                let b = index.get(to.as_str())?;
+                let pos = children[a as usize].iter().position(|c| c == b)?;
+                Some((a as usize, pos))
+            });
+            match at {
+                Some((a, pos)) => edge_groupings[a][pos] = *grouping,
+                None => errors.push(PipelineError::GroupingOnUnknownEdge {
+                    from: from.clone(),
+                    to: to.clone(),
+                }),
+            }
+        }
 
         let mut joins = vec![false; n];
         for (name, make) in &self.joins {
@@ -381,6 +430,23 @@ impl Pipeline {
                 continue;
             }
             joins[i] = true;
+            let into: Vec<Grouping> = parents[i]
+                .iter()
+                .map(|&p| {
+                    let pos = children[p as usize].iter().position(|&c| c as usize == i);
+                    pos.map_or(Grouping::Shuffle, |pos| edge_groupings[p as usize][pos])
+                })
+                .collect();
+            if into.windows(2).any(|w| w[0] != w[1]) {
+                errors.push(PipelineError::JoinGroupings {
+                    task: name.clone(),
+                    groupings: parents[i]
+                        .iter()
+                        .zip(&into)
+                        .map(|(&p, g)| (names[p as usize].clone(), *g))
+                        .collect(),
+                });
+            }
             if parents[i].len() < 2 {
                 errors.push(PipelineError::JoinNeedsParents {
                     task: name.clone(),
@@ -482,6 +548,7 @@ impl Pipeline {
         match root {
             Some(root) if errors.is_empty() => {
                 let mut dag = Dag::new(names, root, children, parents, factories, joins);
+                dag.groupings = edge_groupings;
                 dag.codecs = codecs;
                 dag.types = types;
                 dag.concurrency = concurrency;
@@ -687,6 +754,21 @@ pub enum PipelineError {
         /// The type the consumer reads.
         in_type: String,
     },
+    /// A grouping set on an edge the pipeline does not have.
+    GroupingOnUnknownEdge {
+        /// The edge's producer, as given.
+        from: String,
+        /// The edge's consumer, as given.
+        to: String,
+    },
+    /// The edges into a join group differently: its one message per source
+    /// message goes to one worker, so they must agree.
+    JoinGroupings {
+        /// The join task.
+        task: String,
+        /// Each parent with the grouping of its edge.
+        groupings: Vec<(String, Grouping)>,
+    },
     /// A concurrency that cannot be set.
     Concurrency {
         /// The task named.
@@ -788,6 +870,21 @@ impl fmt::Display for PipelineError {
             PipelineError::Concurrency { task, problem } => {
                 write!(f, "concurrency for task \"{task}\": {problem}")
             }
+            PipelineError::GroupingOnUnknownEdge { from, to } => write!(
+                f,
+                "a grouping is set on the edge \"{from}\" -> \"{to}\", which the pipeline does not have"
+            ),
+            PipelineError::JoinGroupings { task, groupings } => {
+                let each: Vec<String> = groupings
+                    .iter()
+                    .map(|(p, g)| format!("\"{p}\" -> \"{task}\" is {g}"))
+                    .collect();
+                write!(
+                    f,
+                    "the edges into join task \"{task}\" must group alike: {}",
+                    each.join(", ")
+                )
+            }
         }
     }
 }
@@ -831,9 +928,9 @@ impl std::error::Error for PipelineErrors {}
 #[derive(Clone)]
 pub struct Dag {
     names: Vec<String>,
-    /// The names' interned numbers, which a message's context carries to
-    /// name its parent without a lifetime or an allocation.
-    /// Each task as a parent: its index and interned name.
+    /// Each task as a parent: its index and its name's interned number,
+    /// which a message's context carries to name its parent without a
+    /// lifetime or an allocation.
     as_parents: Vec<crate::msg::Parent>,
     root: TaskIdx,
     children: Vec<Vec<TaskIdx>>,
@@ -850,6 +947,8 @@ pub struct Dag {
     types: Vec<Option<TypeSig>>,
     /// Per task: its workers' concurrency if it is async, `None` if sync.
     concurrency: Vec<Option<usize>>,
+    /// Per task, the grouping of the edge to each child (as `children`).
+    groupings: Vec<Vec<Grouping>>,
 }
 
 impl fmt::Debug for Dag {
@@ -901,7 +1000,85 @@ impl Dag {
             joins,
             codecs: EdgeCodecs::default(),
             types: Vec::new(),
+            groupings: Vec::new(),
         }
+    }
+
+    /// The grouping of the edge from `from` to `to`; shuffle for an edge it
+    /// does not have (the source's messages to the root are shuffled).
+    pub fn grouping(&self, from: TaskIdx, to: TaskIdx) -> Grouping {
+        let f = from as usize;
+        self.children
+            .get(f)
+            .and_then(|c| c.iter().position(|&t| t == to))
+            .and_then(|pos| self.groupings.get(f)?.get(pos).copied())
+            .unwrap_or_default()
+    }
+
+    /// Sets the grouping of the edge from the task named `from` to the one
+    /// named `to` (`Topology.toml`'s `[[edge]]`); false if there is no such
+    /// edge.
+    pub(crate) fn set_grouping(&mut self, from: &str, to: &str, grouping: Grouping) -> bool {
+        let (Some(a), Some(b)) = (self.index_of(from), self.index_of(to)) else {
+            return false;
+        };
+        let Some(pos) = self.children[a as usize].iter().position(|&c| c == b) else {
+            return false;
+        };
+        if let Some(g) = self
+            .groupings
+            .get_mut(a as usize)
+            .and_then(|g| g.get_mut(pos))
+        {
+            *g = grouping;
+        }
+        true
+    }
+
+    /// The groupings of the edges from `t` to its children, in the order of
+    /// [`children`](Self::children).
+    pub(crate) fn child_groupings(&self, t: TaskIdx) -> &[Grouping] {
+        self.groupings.get(t as usize).map_or(&[], Vec::as_slice)
+    }
+
+    /// The grouping of a message for task `t` from `parent` (`NO_TASK`:
+    /// from the source, shuffled, or a join's, which all its parent edges
+    /// share).
+    pub(crate) fn grouping_into(&self, parent: TaskIdx, t: TaskIdx) -> Grouping {
+        if parent != crate::msg::NO_TASK {
+            return self.grouping(parent, t);
+        }
+        match self.parents(t).first() {
+            Some(&p) if self.is_join(t) => self.grouping(p, t),
+            _ => Grouping::Shuffle,
+        }
+    }
+
+    /// Whether any edge into task `t` pins its messages to chosen workers.
+    pub fn has_pinned_input(&self, t: TaskIdx) -> bool {
+        self.parents(t)
+            .iter()
+            .any(|&p| self.grouping(p, t).is_pinned())
+    }
+
+    /// Whether any edge into task `t` needs its messages to have a key.
+    pub fn has_keyed_input(&self, t: TaskIdx) -> bool {
+        self.parents(t)
+            .iter()
+            .any(|&p| self.grouping(p, t).needs_key())
+    }
+
+    /// The first of `outputs` of task `t` that lacks the key an edge from
+    /// `t` needs: its index and that edge's child.
+    pub(crate) fn keyless_output(
+        &self,
+        t: TaskIdx,
+        outputs: &[crate::msg::Emitted],
+    ) -> Option<(usize, TaskIdx)> {
+        let groupings = self.child_groupings(t);
+        let child = groupings.iter().position(|g| g.needs_key())?;
+        let i = outputs.iter().position(|o| o.key().is_none())?;
+        Some((i, self.children(t)[child]))
     }
 
     /// How many tasks there are.
@@ -1049,8 +1226,14 @@ impl Dag {
         }
         for (from, tos) in self.children.iter().enumerate() {
             for &to in tos {
+                let g = self.grouping(from as TaskIdx, to);
+                let label = if g == Grouping::Shuffle {
+                    String::new()
+                } else {
+                    format!(" [label=\"{g}\"]")
+                };
                 out.push_str(&format!(
-                    "  \"{}\" -> \"{}\";\n",
+                    "  \"{}\" -> \"{}\"{label};\n",
                     escape(&self.names[from]),
                     escape(&self.names[to as usize])
                 ));
@@ -1068,7 +1251,10 @@ impl Dag {
         }
         for (from, tos) in self.children.iter().enumerate() {
             for &to in tos {
-                out.push_str(&format!("  t{from} --> t{to}\n"));
+                match self.grouping(from as TaskIdx, to) {
+                    Grouping::Shuffle => out.push_str(&format!("  t{from} --> t{to}\n")),
+                    g => out.push_str(&format!("  t{from} -->|{g}| t{to}\n")),
+                }
             }
         }
         out
@@ -1458,6 +1644,36 @@ mod tests {
         assert_eq!(
             dag.to_mermaid(),
             "flowchart LR\n  t0[\"a\"]\n  t1[\"b\"]\n  t0 --> t1\n"
+        );
+    }
+
+    #[test]
+    fn edges_group_as_set_and_groupings_need_real_edges_and_agreeing_joins() {
+        let dag = pipe(&["a", "b", "c"], &[("a", "b")])
+            .edge_by("a", "c", Grouping::All)
+            .grouping("a", "b", Grouping::Key)
+            .build()
+            .unwrap();
+        assert_eq!(dag.grouping(0, 1), Grouping::Key);
+        assert_eq!(dag.grouping(0, 2), Grouping::All);
+        assert_eq!(dag.grouping(1, 2), Grouping::Shuffle, "no such edge");
+        assert!(dag.has_keyed_input(1) && !dag.has_keyed_input(2));
+        assert!(dag.to_dot("g").contains("\"a\" -> \"b\" [label=\"key\"];"));
+        assert!(dag.to_mermaid().contains("t0 -->|all| t2"));
+
+        let errs = errors(pipe(&["a", "b"], &[("a", "b")]).grouping("b", "a", Grouping::Key));
+        assert_eq!(
+            errs[0].to_string(),
+            "a grouping is set on the edge \"b\" -> \"a\", which the pipeline does not have"
+        );
+        let errs = errors(
+            pipe(&["a", "b", "c"], &[("a", "b"), ("a", "c"), ("c", "j")])
+                .edge_by("b", "j", Grouping::Key)
+                .join(J("j")),
+        );
+        assert_eq!(
+            errs[0].to_string(),
+            "the edges into join task \"j\" must group alike: \"c\" -> \"j\" is shuffle, \"b\" -> \"j\" is key"
         );
     }
 }

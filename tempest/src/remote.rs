@@ -194,6 +194,7 @@ pub(crate) fn run(
             worker: w,
             metrics: metrics.with_label("task", task.to_string()),
             codecs: dag.task_codecs(task_idx),
+            one_per_key: dag.has_keyed_input(task_idx),
         };
         let mut transport = Remote {
             rx: batch_rx,

@@ -308,6 +308,7 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
                     worker: w,
                     metrics: metrics.with_label("task", task_name.clone()),
                     codecs: dag.task_codecs(t as TaskIdx),
+                    one_per_key: dag.has_keyed_input(t as TaskIdx),
                 };
                 let (id, run): (WorkerId, Box<dyn FnOnce() + Send>) = match dag
                     .make_task(t as TaskIdx)

@@ -323,6 +323,9 @@ pub struct TaskContext {
     pub metrics: Metrics,
     /// The codecs of the pipeline's producers and the task's own.
     pub(crate) codecs: TaskCodecs,
+    /// Whether messages come to it by key (an async worker then runs one
+    /// message per key at a time).
+    pub(crate) one_per_key: bool,
 }
 
 impl TaskContext {
@@ -340,6 +343,7 @@ impl TaskContext {
             worker,
             metrics,
             codecs: TaskCodecs::default(),
+            one_per_key: false,
         }
     }
 

@@ -427,7 +427,14 @@ impl TopologyBuilder {
     /// configuration) are listed once each, with the file and line; a
     /// setting from the file is not reported again as the builder's.
     pub fn build(self) -> Result<Topology, Error> {
-        let dag = self.pipeline.build()?;
+        let mut dag = self.pipeline.build()?;
+        if let Some(file) = &self.file {
+            // Groupings are per edge: the file's apply to the built DAG (an
+            // edge it names that the DAG lacks is one of its problems).
+            for (from, to, grouping) in file.groupings() {
+                dag.set_grouping(from, to, grouping);
+            }
+        }
         let mut problems = Vec::new();
         let mut file_problems = Vec::new();
         let file = self.file.as_ref();

@@ -51,17 +51,24 @@ fn the_bottom_modules_import_nothing_above_them() {
     assert_only("msg.rs", &[]);
     assert_only("envelope.rs", &[]);
     assert_only("policy.rs", &[]);
+    assert_only("grouping.rs", &[]);
     assert_only("codec.rs", &["msg"]);
 }
 
 #[test]
 fn data_structures_and_the_protocol_know_no_actors() {
-    assert_only("inflight.rs", &["envelope", "msg", "pipeline", "policy"]);
+    assert_only(
+        "inflight.rs",
+        &["envelope", "grouping", "msg", "pipeline", "policy"],
+    );
     assert_only("wire.rs", &["msg", "pipeline"]);
     assert_only("task.rs", &["msg", "codec"]);
     assert_only("typed.rs", &["msg", "codec", "task"]);
     assert_only("join.rs", &["codec", "envelope", "msg", "task"]);
-    assert_only("pipeline.rs", &["join", "msg", "task", "codec", "typed"]);
+    assert_only(
+        "pipeline.rs",
+        &["grouping", "join", "msg", "task", "codec", "typed"],
+    );
     assert_only("worker.rs", &["msg", "task", "metrics"]);
     assert_only("async_worker.rs", &["msg", "task", "metrics", "worker"]);
 }
@@ -70,7 +77,7 @@ fn data_structures_and_the_protocol_know_no_actors() {
 fn configuration_knows_neither_the_protocol_nor_the_topology() {
     assert_only(
         "config.rs",
-        &["error", "metrics", "msg", "pipeline", "policy"],
+        &["error", "grouping", "metrics", "msg", "pipeline", "policy"],
     );
     assert_only("error.rs", &["pipeline"]);
 }

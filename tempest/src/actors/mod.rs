@@ -14,6 +14,7 @@
 mod held;
 pub(crate) mod pipeline;
 mod ready;
+mod routing;
 pub(crate) mod source;
 pub(crate) mod topology;
 

@@ -19,6 +19,15 @@ use tokio::sync::oneshot;
 
 use super::held::Held;
 use super::ready::ReadyQueue;
+use super::routing::Routes;
+use crate::grouping::Grouping;
+
+/// A queue messages are taken from: a task's shared one, or a worker's own.
+#[derive(Clone, Copy, Debug)]
+enum Queue {
+    Shared(usize),
+    Own(WorkerId),
+}
 use super::{
     DeliverySink, Fetch, Results, Settle, SourceBatch, Stop, StopReason, Undelivered, Verdict,
     WorkerId,
@@ -192,6 +201,7 @@ impl Reports {
 /// new chunks come from the pool of spent batch buffers.
 struct Ready<'a> {
     queues: &'a mut [ReadyQueue],
+    routes: &'a mut Routes,
     pool: &'a mut Vec<Vec<TaskMsg>>,
     /// The table's early ends when this was made: a chunk started now
     /// notes them (a count that is low by the time only costs a check).
@@ -200,8 +210,17 @@ struct Ready<'a> {
 
 impl Dispatch for Ready<'_> {
     #[inline]
-    fn dispatch(&mut self, task: TaskIdx, msg: TaskMsg) {
-        self.queues[task as usize].push_back(msg, self.pool, self.ended_early);
+    fn dispatch(&mut self, task: TaskIdx, grouping: Grouping, msg: TaskMsg) {
+        if grouping.is_pinned() {
+            self.routes
+                .route(task, grouping, msg, self.pool, self.ended_early);
+        } else {
+            self.queues[task as usize].push_back(msg, self.pool, self.ended_early);
+        }
+    }
+
+    fn copies(&self, task: TaskIdx) -> u32 {
+        self.routes.copies(task)
     }
 }
 
@@ -216,8 +235,12 @@ struct Worker {
     /// Task messages it returned results for.
     handled: u64,
     /// For in-process workers: the batches delivered and not complete,
-    /// oldest first, through which unclaimed messages can be taken back.
-    shared: VecDeque<Arc<SharedBatch>>,
+    /// oldest first, through which unclaimed messages can be taken back
+    /// (unless pinned to this worker: `true`).
+    shared: VecDeque<(Arc<SharedBatch>, bool)>,
+    /// Per batch in hand, oldest first: whether it came from the queue of
+    /// messages pinned to this worker.
+    pinned_in_hand: VecDeque<bool>,
     /// Since when it has been working on its oldest batch.
     busy_since: Option<Instant>,
     /// Whether it was asked to give back its unstarted messages since it
@@ -283,7 +306,10 @@ impl std::fmt::Display for Unfinished {
 pub(crate) struct PipelineActor {
     tracker: Tracker,
     task_names: Vec<String>,
+    /// Per task: its shuffled messages, for any of its workers.
     ready: Vec<ReadyQueue>,
+    /// The workers of each task by slot, and the messages pinned to each.
+    routes: Routes,
     /// Per task: nanoseconds per task message, from its workers' finished
     /// batches (`None` until one finishes).
     pace: Vec<Option<u64>>,
@@ -351,9 +377,11 @@ impl PipelineActor {
         let n = setup.tracker.dag().len();
         let root = setup.tracker.dag().root() as usize;
         let task_names = setup.tracker.dag().names().to_vec();
+        let routes = Routes::new(setup.tracker.shared_dag());
         PipelineActor {
             tracker: setup.tracker,
             task_names,
+            routes,
             // Every new message queues for the root first: reserve its
             // queue up front (reserved, untouched memory is not resident).
             ready: (0..n)
@@ -414,12 +442,23 @@ impl PipelineActor {
             held: may_be_lost.then(Held::default),
             handled: 0,
             shared: VecDeque::new(),
+            pinned_in_hand: VecDeque::new(),
             busy_since: None,
             asked_back: false,
             progress: None,
             batch_items: 0,
         });
-        (self.workers.len() - 1) as WorkerId
+        let id = (self.workers.len() - 1) as WorkerId;
+        let (slot, moved) = self.routes.join(task, id, &mut self.pool);
+        if self.tracker.dag().has_pinned_input(task) {
+            log::info!(
+                "Worker {id} of task {} joined as slot {slot}: it owns about 1/{} of the keys; {} queued message(s) moved to it.",
+                self.task_names[task as usize],
+                moved.workers,
+                moved.msgs
+            );
+        }
+        id
     }
 
     /// How many live workers each task has.
@@ -443,9 +482,19 @@ impl PipelineActor {
         w.in_hand = 0;
         w.busy_since = None;
         w.shared.clear();
+        w.pinned_in_hand.clear();
         let t = w.task as usize;
         let held = w.held.take().unwrap_or_default();
         self.waiting[t].retain(|&(id, _)| id != worker);
+        let moved = self.routes.leave(t as TaskIdx, worker, &mut self.pool);
+        if self.tracker.dag().has_pinned_input(t as TaskIdx) {
+            log::info!(
+                "Worker {worker} of task {} left: its keys go to the {} other worker(s); {} queued message(s) moved.",
+                self.task_names[t],
+                moved.workers,
+                moved.msgs
+            );
+        }
         let mut lost = 0usize;
         let mut requeued = self.pool.pop().unwrap_or_default();
         for m in held.into_msgs() {
@@ -509,6 +558,7 @@ impl PipelineActor {
     fn table(&mut self) -> (&mut Tracker, Ready<'_>, &mut Vec<Finished>) {
         let ready = Ready {
             queues: &mut self.ready,
+            routes: &mut self.routes,
             pool: &mut self.pool,
             ended_early: self.tracker.ended_early(),
         };
@@ -579,14 +629,21 @@ impl PipelineActor {
                 if w.held.is_none() {
                     // In process: stuck means no claim for a while, so a
                     // worker moving through its batch keeps it.
-                    let unclaimed: usize = w.shared.iter().map(|b| b.unclaimed()).sum();
+                    let unclaimed: usize = w
+                        .shared
+                        .iter()
+                        .filter(|(_, pinned)| !pinned)
+                        .map(|(b, _)| b.unclaimed())
+                        .sum();
                     match w.progress {
                         Some((seen, since)) if seen == unclaimed => {
                             if unclaimed > 0
                                 && now.saturating_duration_since(since) >= GIVE_BACK_AFTER
                             {
-                                for batch in &w.shared {
-                                    taken.extend(batch.take_rest());
+                                for (batch, pinned) in &w.shared {
+                                    if !pinned {
+                                        taken.extend(batch.take_rest());
+                                    }
                                 }
                                 w.progress = None;
                             }
@@ -595,7 +652,10 @@ impl PipelineActor {
                     }
                     continue;
                 }
+                // Pinned batches are the worker's own: only ask a worker
+                // that holds a shuffled one.
                 let stuck = !w.asked_back
+                    && w.pinned_in_hand.iter().any(|pinned| !pinned)
                     && w.busy_since.is_some_and(|since| {
                         now.saturating_duration_since(since) >= GIVE_BACK_AFTER
                     });
@@ -679,7 +739,7 @@ impl PipelineActor {
     fn report_idle_tasks(&mut self, now: Instant) {
         let workers = self.workers_per_task();
         for (t, &count) in workers.iter().enumerate() {
-            let waiting = self.ready[t].len();
+            let waiting = self.ready[t].len() + self.routes.queued(t as TaskIdx);
             if count > 0 {
                 self.worker_is_back(t);
                 continue;
@@ -831,7 +891,12 @@ impl PipelineActor {
             }
         }
         for t in 0..self.ready.len() {
-            if !self.ready[t].is_empty() && !self.waiting[t].is_empty() {
+            if !self.waiting[t].is_empty()
+                && (!self.ready[t].is_empty()
+                    || self.waiting[t]
+                        .iter()
+                        .any(|&(w, _)| self.routes.own_len(w) > 0))
+            {
                 self.pump(t);
             }
         }
@@ -906,7 +971,9 @@ impl PipelineActor {
             return false;
         }
         let workers = self.workers_per_task();
-        if (0..self.ready.len()).any(|t| workers[t] > 0 && !self.ready[t].is_empty()) {
+        if (0..self.ready.len()).any(|t| {
+            workers[t] > 0 && (!self.ready[t].is_empty() || self.routes.queued(t as TaskIdx) > 0)
+        }) {
             return false;
         }
         let root = self.tracker.dag().root() as usize;
@@ -979,8 +1046,10 @@ impl PipelineActor {
             .collect()
     }
 
-    /// Hands ready messages of task `t` to its waiting workers.
+    /// Hands ready messages of task `t` to its waiting workers: first what
+    /// is pinned to each, then the shared queue.
     fn pump(&mut self, t: usize) {
+        self.pump_pinned(t);
         while !self.ready[t].is_empty() {
             // Idle workers first.
             let idle = self.waiting[t]
@@ -1026,53 +1095,85 @@ impl PipelineActor {
                 .sink
                 .as_ref()
                 .and_then(|s| s.max_batch_bytes());
-            let mut batch = self.take_ready(t, max, budget);
+            let batch = self.take_queued(Queue::Shared(t), t, max, budget);
             if batch.is_empty() {
                 self.waiting[t].push_front((worker, max));
                 self.pool.push(batch);
                 break;
             }
-            let w = &mut self.workers[worker as usize];
-            let Some(sink) = &mut w.sink else {
-                self.requeue(t, batch);
+            self.hand_over(t, worker, batch, false);
+        }
+    }
+
+    /// Hands the waiting workers of task `t` the messages pinned to them.
+    fn pump_pinned(&mut self, t: usize) {
+        let mut i = 0;
+        while i < self.waiting[t].len() {
+            let (worker, max) = self.waiting[t][i];
+            if self.routes.own_len(worker) == 0 {
+                i += 1;
                 continue;
-            };
-            // A worker that can be lost gets every message stamped with
-            // a copy number of its own, and the pipeline keeps the batch
-            // (shared with the session that sends it).
-            let delivered = match &w.held {
-                Some(held) => {
-                    held.stamp(&mut batch);
-                    let kept = Arc::new(batch);
-                    sink.deliver_shared(Arc::clone(&kept))
-                        .map(|()| (None, Some(kept)))
+            }
+            self.waiting[t].remove(i);
+            let budget = self.workers[worker as usize]
+                .sink
+                .as_ref()
+                .and_then(|s| s.max_batch_bytes());
+            let batch = self.take_queued(Queue::Own(worker), t, max, budget);
+            if batch.is_empty() {
+                self.pool.push(batch);
+                self.waiting[t].insert(i, (worker, max));
+                i += 1;
+                continue;
+            }
+            self.hand_over(t, worker, batch, true);
+        }
+    }
+
+    /// Delivers `batch` of task `t` to `worker` (`pinned`: from its own
+    /// queue, so never taken back for another worker), or puts it back.
+    fn hand_over(&mut self, t: usize, worker: WorkerId, mut batch: Vec<TaskMsg>, pinned: bool) {
+        let w = &mut self.workers[worker as usize];
+        let Some(sink) = &mut w.sink else {
+            self.requeue(t, batch);
+            return;
+        };
+        // A worker that can be lost gets every message stamped with
+        // a copy number of its own, and the pipeline keeps the batch
+        // (shared with the session that sends it).
+        let delivered = match &w.held {
+            Some(held) => {
+                held.stamp(&mut batch);
+                let kept = Arc::new(batch);
+                sink.deliver_shared(Arc::clone(&kept))
+                    .map(|()| (None, Some(kept)))
+            }
+            None => sink.deliver(batch).map(|shared| (shared, None)),
+        };
+        match delivered {
+            Ok((shared, kept)) => {
+                if w.in_hand == 0 {
+                    w.busy_since = Some(Instant::now());
                 }
-                None => sink.deliver(batch).map(|shared| (shared, None)),
-            };
-            match delivered {
-                Ok((shared, kept)) => {
-                    if w.in_hand == 0 {
-                        w.busy_since = Some(Instant::now());
-                    }
-                    w.in_hand += 1;
-                    // A batch delivered after a give-back may be stuck too.
-                    w.asked_back = false;
-                    if let Some(shared) = shared {
-                        w.shared.push_back(shared);
-                    }
-                    if let (Some(held), Some(kept)) = (&mut w.held, kept) {
-                        held.add(kept);
-                    }
+                w.in_hand += 1;
+                w.pinned_in_hand.push_back(pinned);
+                // A batch delivered after a give-back may be stuck too.
+                w.asked_back = false;
+                if let Some(shared) = shared {
+                    w.shared.push_back((shared, pinned));
                 }
-                Err(Undelivered::Busy(batch)) => self.requeue(t, batch),
-                Err(Undelivered::Gone(batch)) => {
-                    log::warn!(
-                        "Worker {worker} of task {} is gone; its batch goes back to the queue.",
-                        self.task_names[t]
-                    );
-                    w.sink = None;
-                    self.requeue(t, batch);
+                if let (Some(held), Some(kept)) = (&mut w.held, kept) {
+                    held.add(kept);
                 }
+            }
+            Err(Undelivered::Busy(batch)) => self.requeue(t, batch),
+            Err(Undelivered::Gone(batch)) => {
+                log::warn!(
+                    "Worker {worker} of task {} is gone; its batch goes back to the queue.",
+                    self.task_names[t]
+                );
+                w.sink = None;
+                self.requeue(t, batch);
             }
         }
     }
@@ -1113,15 +1214,21 @@ impl PipelineActor {
     /// queue, from its first chunk only (so that, as a rule, the chunk
     /// goes whole); stale ones (their attempt failed since) are dropped,
     /// and one too big for any frame fails.
-    fn take_ready(&mut self, t: usize, max: usize, budget: Option<usize>) -> Vec<TaskMsg> {
+    fn take_queued(
+        &mut self,
+        from: Queue,
+        t: usize,
+        max: usize,
+        budget: Option<usize>,
+    ) -> Vec<TaskMsg> {
         loop {
             let take = match budget {
-                Some(budget) => match self.fits(t, max, budget) {
+                Some(budget) => match self.fits(from, max, budget) {
                     Some(n) => n,
                     None => {
                         // Too big for any frame: it fails, and the rest is
                         // looked at again.
-                        if let Some(m) = self.ready[t].pop_front() {
+                        if let Some(m) = self.queue(from).pop_front() {
                             let reason = FailReason::TaskError {
                                 task: self.task_names[t].clone(),
                                 message: format!(
@@ -1134,14 +1241,19 @@ impl PipelineActor {
                         continue;
                     }
                 },
-                None => self.ready[t].front_len(max),
+                None => self.queue(from).front_len(max),
             };
-            let (mut batch, ended_early) = self.ready[t].take_front(take, &mut self.pool);
+            let pool = &mut self.pool;
+            let queue = match from {
+                Queue::Shared(t) => &mut self.ready[t],
+                Queue::Own(w) => self.routes.own(w),
+            };
+            let (mut batch, ended_early) = queue.take_front(take, pool);
             if ended_early != self.tracker.ended_early() {
                 let tracker = &self.tracker;
                 batch.retain(|m| tracker.is_live(m.ticket));
             }
-            if !batch.is_empty() || self.ready[t].is_empty() {
+            if !batch.is_empty() || self.queue(from).is_empty() {
                 return batch;
             }
             // All stale: the next chunk.
@@ -1149,13 +1261,22 @@ impl PipelineActor {
         }
     }
 
-    /// How many of the first messages of task `t`'s first chunk fit in a
-    /// batch of `max` messages and `budget` bytes; `None` if the first
+    /// The queue `from` names.
+    fn queue(&mut self, from: Queue) -> &mut ReadyQueue {
+        match from {
+            Queue::Shared(t) => &mut self.ready[t],
+            Queue::Own(w) => self.routes.own(w),
+        }
+    }
+
+    /// How many of the first messages of queue `from`'s first chunk fit in
+    /// a batch of `max` messages and `budget` bytes; `None` if the first
     /// does not fit in `budget` alone.
-    fn fits(&self, t: usize, max: usize, budget: usize) -> Option<usize> {
+    fn fits(&mut self, from: Queue, max: usize, budget: usize) -> Option<usize> {
         let mut bytes = 0usize;
         let mut fits = 0usize;
-        for m in self.ready[t].iter().take(self.ready[t].front_len(max)) {
+        let q = self.queue(from);
+        for m in q.iter().take(q.front_len(max)) {
             let size = crate::wire::task_msg_len(m);
             if size > budget && fits == 0 {
                 return None;
@@ -1169,11 +1290,24 @@ impl PipelineActor {
         Some(fits)
     }
 
+    /// Puts messages of task `t` back at the front of their queues, in
+    /// order: pinned ones to the worker they are for now.
     fn requeue(&mut self, t: usize, mut batch: Vec<TaskMsg>) {
+        let mut pinned = Vec::new();
         for m in &mut batch {
             // A queued message is no delivery's: a remote worker's copy
             // number is stamped anew when it is delivered again.
             m.ticket.copy = 0;
+        }
+        if self.tracker.dag().has_pinned_input(t as TaskIdx) {
+            let (p, shared): (Vec<TaskMsg>, Vec<TaskMsg>) = batch
+                .into_iter()
+                .partition(|m| self.routes.grouping_of(t as TaskIdx, m).is_pinned());
+            pinned = p;
+            batch = shared;
+        }
+        if !pinned.is_empty() {
+            self.routes.put_back(t as TaskIdx, pinned);
         }
         self.ready[t].push_front_all(batch);
     }
@@ -1195,7 +1329,8 @@ impl PipelineActor {
         let workers = self.workers_per_task();
         for (t, q) in self.ready.iter().enumerate() {
             let task = m.with_label("task", self.task_names[t].clone());
-            task.gauge(names::TASK_QUEUE_DEPTH, q.len() as i64);
+            let depth = q.len() + self.routes.queued(t as TaskIdx);
+            task.gauge(names::TASK_QUEUE_DEPTH, depth as i64);
             task.gauge(names::TASK_WORKERS, workers[t] as i64);
         }
     }
@@ -1299,6 +1434,7 @@ impl Handler<Fetch> for PipelineActor {
         }
         self.waiting[t].push_back((fetch.worker, fetch.max));
         self.ready[t].set_chunk(fetch.max);
+        self.routes.own(fetch.worker).set_chunk(fetch.max);
         self.pump(t);
     }
 }
@@ -1326,7 +1462,8 @@ impl Handler<Results> for PipelineActor {
         w.batch_items += results.items.len() as u64;
         if results.complete {
             w.in_hand = w.in_hand.saturating_sub(1);
-            if let Some(done) = w.shared.pop_front() {
+            w.pinned_in_hand.pop_front();
+            if let Some((done, _)) = w.shared.pop_front() {
                 let spent = SharedBatch::into_spent(done);
                 if spent.capacity() > 0 && results.spent.capacity() == 0 {
                     results.spent = spent;
@@ -1399,7 +1536,22 @@ impl Handler<Results> for PipelineActor {
                     match results.outputs.get_mut(offset..end) {
                         Some(outputs) => {
                             offset = end;
-                            Ok(outputs)
+                            let dag = self.tracker.dag();
+                            match dag.keyless_output(task, outputs) {
+                                None => Ok(outputs),
+                                Some((i, child)) => {
+                                    self.stats.task_errors += 1;
+                                    Err(FailReason::TaskError {
+                                    task: task_name(),
+                                    message: format!(
+                                        "output {i} has no key, and the edge \"{}\" -> \"{}\" groups by {}",
+                                        dag.name(task),
+                                        dag.name(child),
+                                        dag.grouping(task, child)
+                                    ),
+                                    })
+                                }
+                            }
                         }
                         None => Err(FailReason::TaskError {
                             task: task_name(),
@@ -1494,7 +1646,7 @@ impl Handler<Finish> for PipelineActor {
         for w in &mut self.workers {
             // What an in-process worker has not claimed is left unacked: it
             // must not run after the run ends (it will be redelivered).
-            for b in &w.shared {
+            for (b, _) in &w.shared {
                 drop(b.take_rest());
             }
             if let Some(sink) = &mut w.sink {

@@ -116,6 +116,14 @@ impl ReadyQueue {
         m
     }
 
+    /// Every queued message, first to last, leaving the queue empty.
+    pub fn take_all(&mut self) -> impl Iterator<Item = TaskMsg> {
+        self.len = 0;
+        std::mem::take(&mut self.chunks)
+            .into_iter()
+            .flat_map(|(c, _)| c)
+    }
+
     /// The queued messages, first to last.
     pub fn iter(&self) -> impl Iterator<Item = &TaskMsg> {
         self.chunks.iter().flat_map(|(c, _)| c)
