@@ -36,6 +36,8 @@ pub mod book {
     pub struct Joins;
     #[doc = include_str!("../../book/src/groupings.md")]
     pub struct Groupings;
+    #[doc = include_str!("../../book/src/ticks.md")]
+    pub struct Ticks;
     #[doc = include_str!("../../book/src/typed-tasks.md")]
     pub struct TypedTasks;
     #[doc = include_str!("../../book/src/async-tasks.md")]

@@ -47,6 +47,7 @@
 //! poll_interval = 100         # ms: first reconnect wait of a task worker
 //! max_backoff = 5000          # ms: longest reconnect wait
 //! exit_with_topology = false  # task workers stop when the topology stops
+//! tick_interval = 1000        # ms: sync tasks only: call Task::tick this often
 //!
 //! [[task]]
 //! name = "fetch"              # an async task
@@ -151,6 +152,8 @@ pub struct TaskSection {
     pub exit_with_topology: Option<bool>,
     /// Async tasks only: messages each worker keeps in flight.
     pub concurrency: Option<usize>,
+    /// Milliseconds: sync tasks only: how often each worker ticks.
+    pub tick_interval: Option<u64>,
 }
 
 /// One `[[edge]]`: how an edge of the package's pipeline spreads messages
@@ -366,6 +369,21 @@ impl ConfigFile {
                 };
                 if let Some(problem) = problem {
                     let (line, key) = task_key("concurrency");
+                    problems.push(ConfigProblem::new(line, key, problem));
+                }
+            }
+            if let (Some(ms), Some(i)) = (t.tick_interval, dag.index_of(name)) {
+                let problem = if dag.is_async(i) {
+                    Some(format!(
+                        "task \"{name}\" is an async task; only sync tasks tick"
+                    ))
+                } else if ms == 0 {
+                    Some(format!("must be at least 1 ms (task \"{name}\")"))
+                } else {
+                    None
+                };
+                if let Some(problem) = problem {
+                    let (line, key) = task_key("tick_interval");
                     problems.push(ConfigProblem::new(line, key, problem));
                 }
             }
@@ -1470,6 +1488,30 @@ a = 1
                 "Topology.toml:4: task.concurency: unknown key; did you mean concurrency?"
             ),
             "{got:?}"
+        );
+    }
+
+    #[test]
+    fn tick_interval_is_for_sync_tasks_and_more_than_0() {
+        let dag = Pipeline::new()
+            .task(T("split"))
+            .async_task(crate::task::AsyncPassOn("fetch"))
+            .edge("split", "fetch")
+            .build()
+            .unwrap();
+        let ok = parse("[[task]]\nname = \"split\"\ntick_interval = 500\n").unwrap();
+        ok.check(&dag).unwrap();
+        assert_eq!(ok.task("split").unwrap().tick_interval, Some(500));
+        let f = parse(
+            "[[task]]\nname = \"split\"\ntick_interval = 0\n\n[[task]]\nname = \"fetch\"\ntick_interval = 10\n",
+        )
+        .unwrap();
+        assert_eq!(
+            lines(&f.check(&dag).unwrap_err()),
+            [
+                "Topology.toml:3: task.tick_interval: must be at least 1 ms (task \"split\")",
+                "Topology.toml:7: task.tick_interval: task \"fetch\" is an async task; only sync tasks tick",
+            ]
         );
     }
 

@@ -77,6 +77,8 @@ pub enum Outcome {
 #[derive(Debug)]
 pub(crate) struct Finished {
     pub id: MsgId,
+    /// A tick's output (no source message: nothing to ack).
+    pub tick: bool,
     pub outcome: Outcome,
     pub attempts: u32,
     pub errors: u32,
@@ -185,6 +187,15 @@ pub(crate) struct Tracker {
     /// queued or running (failed, timed out, retried), so far.
     ended_early: u64,
     stack: Vec<TaskIdx>,
+    /// Per slot, the task whose tick emitted the record ([`NO_TASK`]: a
+    /// source message, which starts at the root) (dense and
+    /// apart from the records, which it would grow past two cache lines).
+    start: Vec<TaskIdx>,
+    /// Tick outputs taken in so far (they are named by this number).
+    ticks: u64,
+    /// Per task, whether each other task is downstream of it (row-major
+    /// `n * n`), for starting a tick's output part-way down the DAG.
+    downstream: Vec<bool>,
     /// Attempts timed out since the last [`take_timeouts`](Self::take_timeouts),
     /// per task they were waiting for (the first with messages
     /// outstanding), with the id of the first.
@@ -199,6 +210,7 @@ impl Tracker {
         let capacity = capacity.min(1 << 22);
         Tracker {
             timed_out: vec![(0, None); dag.len()],
+            downstream: downstream_of(&dag),
             records: Vec::with_capacity(capacity),
             running: Vec::with_capacity(capacity),
             states: Vec::with_capacity(capacity * dag.len()),
@@ -224,6 +236,8 @@ impl Tracker {
             retried: 0,
             ended_early: 0,
             stack: Vec::new(),
+            start: Vec::with_capacity(capacity),
+            ticks: 0,
         }
     }
 
@@ -325,6 +339,50 @@ impl Tracker {
     /// them where the source's batch holds them spares copying a whole
     /// message through the stack.
     pub fn insert(&mut self, msg: &mut SourceMsg, now: Instant, d: &mut impl Dispatch) {
+        let slot = self.alloc(NO_TASK, now);
+        let r = &mut self.records[slot as usize];
+        r.meta = Meta::new(msg.key.take(), std::mem::take(&mut msg.headers));
+        r.id = std::mem::replace(&mut msg.id, MsgId::Int(0));
+        r.payload = std::mem::take(&mut msg.payload);
+        r.origin.delivered = msg.delivered;
+        r.origin.timestamp = msg.timestamp;
+        self.start_attempt(slot, now, d);
+    }
+
+    /// Adds one output of a tick of task `from`: a new root, tracked
+    /// through `from`'s descendants as a source message is through the
+    /// whole DAG (timeouts, the failure policy, retries), with nothing to
+    /// ack at its end. Named `tick:<task>:<n>`; its context has attempt
+    /// 1, delivered 0 and the time of the tick.
+    pub fn insert_tick(
+        &mut self,
+        from: TaskIdx,
+        out: Emitted,
+        now: Instant,
+        d: &mut impl Dispatch,
+    ) {
+        if from as usize >= self.dag.len() || self.dag.children(from).is_empty() {
+            return;
+        }
+        self.ticks += 1;
+        let id = MsgId::Bytes(Bytes::from(format!(
+            "tick:{}:{}",
+            self.dag.name(from),
+            self.ticks
+        )));
+        let slot = self.alloc(from, now);
+        let r = &mut self.records[slot as usize];
+        r.id = id;
+        r.payload = out.payload;
+        r.meta = out.meta;
+        r.origin.delivered = 0;
+        r.origin.timestamp = tempest_source::now_millis();
+        self.start_attempt(slot, now, d);
+    }
+
+    /// A free slot (a new one if none is), counted live, for a record
+    /// from a tick of task `start` ([`NO_TASK`]: from the source).
+    fn alloc(&mut self, start: TaskIdx, now: Instant) -> u32 {
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
@@ -349,6 +407,7 @@ impl Tracker {
                     born: 0,
                 });
                 self.running.push(0);
+                self.start.push(0);
                 self.states
                     .resize(self.states.len() + self.dag.len(), TaskState::default());
                 self.held
@@ -357,22 +416,16 @@ impl Tracker {
             }
         };
         let born = self.nanos(now);
+        self.start[slot as usize] = start;
         let r = &mut self.records[slot as usize];
-        r.meta = Meta::new(msg.key.take(), std::mem::take(&mut msg.headers));
-        r.id = std::mem::replace(&mut msg.id, MsgId::Int(0));
-        r.payload = std::mem::take(&mut msg.payload);
-        r.origin = Origin {
-            attempt: 1,
-            delivered: msg.delivered,
-            timestamp: msg.timestamp,
-            deadline: 0,
-        };
+        r.origin.attempt = 1;
+        r.origin.deadline = 0;
         r.errors = 0;
         r.timeouts = 0;
         r.born = born;
         self.live += 1;
         self.high_water = self.high_water.max(self.live);
-        self.start_attempt(slot, now, d);
+        slot
     }
 
     fn start_attempt(&mut self, slot: u32, now: Instant, d: &mut impl Dispatch) {
@@ -390,7 +443,7 @@ impl Tracker {
             h.clear();
         }
         let root = self.dag.root();
-        self.states[base + root as usize].outstanding = 1;
+        let start = self.start[slot as usize];
         let deadline = match self.config.msg_timeout {
             Some(t) => self
                 .nanos(now)
@@ -405,15 +458,21 @@ impl Tracker {
         // The sweeper reads the deadline as the context carries it.
         r.origin.deadline = ctx_deadline;
         let gen = r.gen;
+        if self.config.msg_timeout.is_some() {
+            self.link_tail(slot);
+        }
+        if start != NO_TASK {
+            self.start_tick_attempt(slot, start, now, d);
+            return;
+        }
+        self.states[base + root as usize].outstanding = 1;
+        let r = &mut self.records[slot as usize];
         let ctx = ctx_of(r, &self.dag, NO_TASK, r.meta.clone());
         // Only a retry needs the payload again; otherwise the root takes it.
         let payload = match self.config.policy {
             FailurePolicy::Retry(_) => r.payload.clone(),
             _ => std::mem::take(&mut r.payload),
         };
-        if self.config.msg_timeout.is_some() {
-            self.link_tail(slot);
-        }
         d.dispatch(
             root,
             Grouping::Shuffle,
@@ -423,6 +482,50 @@ impl Tracker {
                 ctx,
             },
         );
+    }
+
+    /// Starts an attempt of a tick's output from task `from`: every task
+    /// that is not downstream of `from` counts as done (without running),
+    /// then `from` completes with the output, as if it had just emitted it.
+    fn start_tick_attempt(
+        &mut self,
+        slot: u32,
+        from: TaskIdx,
+        now: Instant,
+        d: &mut impl Dispatch,
+    ) {
+        let n = self.dag.len();
+        let base = slot as usize * n;
+        let row = &self.downstream[from as usize * n..(from as usize + 1) * n];
+        let r = &mut self.records[slot as usize];
+        for (t, &below) in row.iter().enumerate() {
+            if t == from as usize || below {
+                continue;
+            }
+            // Not downstream: done. A downstream child keeps a parent that
+            // is (or is `from`), so it cannot become ready here.
+            self.states[base + t].done = true;
+            r.tasks_left -= 1;
+            for &c in self.dag.children(t as TaskIdx) {
+                self.states[base + c as usize].parents_left -= 1;
+            }
+        }
+        let st = &mut self.states[base + from as usize];
+        st.parents_left = 0;
+        st.outstanding = 1;
+        let mut out = [Emitted {
+            payload: match self.config.policy {
+                FailurePolicy::Retry(_) => r.payload.clone(),
+                _ => std::mem::take(&mut r.payload),
+            },
+            meta: r.meta.clone(),
+        }];
+        let ticket = Ticket::new(slot, r.gen, from);
+        // Finished records go nowhere: a tick's output never completes
+        // inside this call (`from` has children, each still to run).
+        let mut fin = Vec::new();
+        self.on_done(ticket, &mut out, now, d, &mut fin);
+        debug_assert!(fin.is_empty());
     }
 
     /// A record's deadline (nanoseconds after the table's epoch, `u64::MAX`
@@ -690,6 +793,7 @@ impl Tracker {
         r.payload = Bytes::new();
         fin.push(Finished {
             id,
+            tick: self.start[slot as usize] != NO_TASK,
             outcome,
             attempts: r.origin.attempt,
             errors: r.errors,
@@ -843,6 +947,22 @@ fn join_msg(
 /// The context of a message `parent` emitted for the attempt of record `r`
 /// (`NO_TASK`: a join of several parents), with `meta` as its key and
 /// headers.
+/// Per task `f` (row) and task `t` (column): whether `t` is downstream of
+/// `f` (reachable from it, `f` itself excluded).
+fn downstream_of(dag: &Dag) -> Vec<bool> {
+    let n = dag.len();
+    let mut m = vec![false; n * n];
+    for f in 0..n {
+        let mut stack: Vec<TaskIdx> = dag.children(f as TaskIdx).to_vec();
+        while let Some(t) = stack.pop() {
+            if !std::mem::replace(&mut m[f * n + t as usize], true) {
+                stack.extend_from_slice(dag.children(t));
+            }
+        }
+    }
+    m
+}
+
 fn ctx_of(r: &Record, dag: &Dag, parent: TaskIdx, meta: Meta) -> MsgCtx {
     MsgCtx {
         id: r.id.clone(),
@@ -1165,6 +1285,66 @@ mod tests {
         assert!(h.fin.is_empty());
         h.done(3, 0);
         assert_eq!(h.fin.len(), 1);
+    }
+
+    #[test]
+    fn a_tick_output_runs_only_downstream_of_its_task_and_is_not_acked() {
+        // 0 -> 1 -> 3 and 0 -> 2 -> 3: a tick of 1 runs 3 alone; 3 is a
+        // fan-in whose other parent (2) is not downstream of 1.
+        let mut h = Harness::new(
+            dag(4, &[(0, 1), (0, 2), (1, 3), (2, 3)]),
+            FailurePolicy::Retry(1),
+        );
+        h.t.insert_tick(
+            1,
+            Emitted::plain(Bytes::from_static(b"flush")),
+            h.now,
+            &mut h.queue,
+        );
+        assert_eq!(h.queue.len(), 1);
+        assert_eq!(h.queue[0].ticket.task, 3);
+        assert_eq!(&h.queue[0].payload[..], b"flush");
+        assert_eq!(h.queue[0].ctx.parent(), Some("t1"));
+        assert_eq!(h.queue[0].ctx.delivered(), 0);
+        assert_eq!(h.t.len(), 1);
+        // A failure retries it from the tick's task, with its output.
+        let m = h.take(3);
+        assert!(h.t.on_error(
+            m.ticket,
+            FailReason::Timeout,
+            h.now,
+            &mut h.queue,
+            &mut h.fin
+        ));
+        h.t.sweep(h.now + Duration::from_secs(2), &mut h.queue, &mut h.fin);
+        assert_eq!(h.queue.len(), 1);
+        assert_eq!(h.queue[0].ctx.attempt(), 2);
+        assert!(h.done(3, 0));
+        assert_eq!(h.fin.len(), 1);
+        assert!(h.fin[0].tick);
+        assert_eq!(h.fin[0].outcome, Outcome::Acked);
+        assert_eq!(h.fin[0].id, MsgId::Bytes(Bytes::from_static(b"tick:t1:1")));
+        assert_eq!(h.t.len(), 0);
+        // A source message in the same slot is not a tick.
+        h.insert(7);
+        h.done(0, 1);
+        h.done(1, 1);
+        h.done(2, 1);
+        h.done(3, 0);
+        h.done(3, 0);
+        assert!(!h.fin[1].tick);
+        // A tick of a task without children is dropped.
+        h.t.insert_tick(3, Emitted::default(), h.now, &mut h.queue);
+        assert_eq!(h.t.len(), 0);
+    }
+
+    #[test]
+    fn a_tick_of_the_root_runs_its_descendants() {
+        let mut h = Harness::new(dag(2, &[(0, 1)]), FailurePolicy::None);
+        h.t.insert_tick(0, Emitted::default(), h.now, &mut h.queue);
+        assert_eq!(h.queue.len(), 1);
+        assert!(h.done(1, 0));
+        assert!(h.fin[0].tick);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use crate::codec::{Codec, EdgeCodecs, TaskCodecs, TypeSig};
 use crate::grouping::Grouping;
@@ -64,6 +65,7 @@ pub struct Pipeline {
     async_tasks: Vec<String>,
     /// Concurrency set per async task, in the order set.
     concurrency: Vec<(String, usize)>,
+    tick_intervals: Vec<(String, Duration)>,
     codecs: CodecPlan,
 }
 
@@ -280,6 +282,14 @@ impl Pipeline {
     /// `--concurrency` override it.
     pub fn concurrency(mut self, task: impl Into<String>, n: usize) -> Self {
         self.concurrency.push((task.into(), n));
+        self
+    }
+
+    /// Asks for a tick of sync task `task` every `every`: each of its
+    /// workers calls [`Task::tick`](crate::Task::tick) on its own loop,
+    /// between messages (`tick_interval` in `Topology.toml` overrides it).
+    pub fn tick_interval(mut self, task: impl Into<String>, every: Duration) -> Self {
+        self.tick_intervals.push((task.into(), every));
         self
     }
 
@@ -545,6 +555,27 @@ impl Pipeline {
             }
         }
 
+        let mut ticks: Vec<Option<Duration>> = vec![None; names.len()];
+        for (task, every) in &self.tick_intervals {
+            let problem = match index.get(task.as_str()) {
+                None => Some("it is not a task of the pipeline"),
+                Some(_) if every.is_zero() => Some("it must be more than 0"),
+                Some(_) if self.async_tasks.contains(task) => {
+                    Some("it is an async task; only sync tasks tick")
+                }
+                Some(&i) => {
+                    ticks[i as usize] = Some(*every);
+                    None
+                }
+            };
+            if let Some(problem) = problem {
+                errors.push(PipelineError::TickInterval {
+                    task: task.clone(),
+                    problem: problem.to_string(),
+                });
+            }
+        }
+
         match root {
             Some(root) if errors.is_empty() => {
                 let mut dag = Dag::new(names, root, children, parents, factories, joins);
@@ -552,6 +583,7 @@ impl Pipeline {
                 dag.codecs = codecs;
                 dag.types = types;
                 dag.concurrency = concurrency;
+                dag.ticks = ticks;
                 Ok(dag)
             }
             _ => Err(PipelineErrors(errors)),
@@ -776,6 +808,13 @@ pub enum PipelineError {
         /// Why not.
         problem: String,
     },
+    /// A tick interval that cannot be set.
+    TickInterval {
+        /// The task named.
+        task: String,
+        /// Why not.
+        problem: String,
+    },
 }
 
 impl fmt::Display for PipelineError {
@@ -870,6 +909,9 @@ impl fmt::Display for PipelineError {
             PipelineError::Concurrency { task, problem } => {
                 write!(f, "concurrency for task \"{task}\": {problem}")
             }
+            PipelineError::TickInterval { task, problem } => {
+                write!(f, "tick interval for task \"{task}\": {problem}")
+            }
             PipelineError::GroupingOnUnknownEdge { from, to } => write!(
                 f,
                 "a grouping is set on the edge \"{from}\" -> \"{to}\", which the pipeline does not have"
@@ -949,6 +991,8 @@ pub struct Dag {
     concurrency: Vec<Option<usize>>,
     /// Per task, the grouping of the edge to each child (as `children`).
     groupings: Vec<Vec<Grouping>>,
+    /// Per task: how often its workers tick, if they do.
+    ticks: Vec<Option<Duration>>,
 }
 
 impl fmt::Debug for Dag {
@@ -995,6 +1039,7 @@ impl Dag {
             parents,
             fanin,
             concurrency: vec![None; factories.len()],
+            ticks: vec![None; factories.len()],
             fanin_count,
             factories,
             joins,
@@ -1033,6 +1078,19 @@ impl Dag {
             *g = grouping;
         }
         true
+    }
+
+    /// How often task `t`'s workers tick (`None`: they do not).
+    pub fn tick_interval(&self, t: TaskIdx) -> Option<Duration> {
+        self.ticks.get(t as usize).copied().flatten()
+    }
+
+    /// Sets how often task `t`'s workers tick (`Topology.toml`'s
+    /// `tick_interval`).
+    pub(crate) fn set_tick_interval(&mut self, t: TaskIdx, every: Option<Duration>) {
+        if let Some(x) = self.ticks.get_mut(t as usize) {
+            *x = every;
+        }
     }
 
     /// The groupings of the edges from `t` to its children, in the order of

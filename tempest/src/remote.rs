@@ -36,7 +36,7 @@ use crate::pipeline::Dag;
 use crate::task::{TaskBody, TaskContext, DEFAULT_CONCURRENCY};
 use crate::wire::{self, ErrorCode, Frame, WireCodec, WireError};
 use crate::worker::{
-    join_within, run_task_loop, SharedBatch, Transport, PREFETCH, THREAD_STOP_WAIT,
+    join_within, run_task_loop, Next, SharedBatch, Transport, PREFETCH, THREAD_STOP_WAIT,
 };
 
 /// How a worker process connects and works.
@@ -96,6 +96,8 @@ enum ToIo {
     Took(u64),
     /// Results of a batch of this connection.
     Results(u64, Results),
+    /// A tick's outputs (for whichever connection is up).
+    Ticks(Vec<Emitted>),
 }
 
 /// Why a connection ended.
@@ -106,6 +108,9 @@ enum End {
     TopologyStopped,
     /// We were asked to stop and drained.
     Drained,
+    /// The task thread is gone (it panicked outside a task call): there is
+    /// nothing to reconnect for.
+    TaskThreadGone,
 }
 
 /// The task thread's end of the connection.
@@ -114,6 +119,8 @@ struct Remote {
     tx: mpsc::Sender<ToIo>,
     epoch: Arc<AtomicU64>,
     current: u64,
+    /// Drives the timeout of a ticking task's waits.
+    timer: Option<tokio::runtime::Runtime>,
 }
 
 impl AsyncTransport for Remote {
@@ -146,14 +153,50 @@ impl AsyncTransport for Remote {
     }
 }
 
+impl Remote {
+    /// The next batch from the I/O thread, waiting until `until` at most.
+    fn recv(&mut self, until: Option<Instant>) -> Result<(u64, Arc<SharedBatch>), Next> {
+        let Some(until) = until else {
+            return self.rx.blocking_recv().ok_or(Next::Closed);
+        };
+        if self.timer.is_none() {
+            // A ticking task's thread waits with a timeout: a small
+            // runtime of its own drives the timer.
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+            {
+                Ok(rt) => self.timer = Some(rt),
+                Err(e) => {
+                    log::error!("Cannot start the timer of a ticking task ({e}); it ticks only between batches.");
+                    return self.rx.blocking_recv().ok_or(Next::Closed);
+                }
+            }
+        }
+        let Some(rt) = &self.timer else {
+            return Err(Next::Closed);
+        };
+        let wait = until.saturating_duration_since(Instant::now());
+        let rx = &mut self.rx;
+        match rt.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
+            Ok(Some(got)) => Ok(got),
+            Ok(None) => Err(Next::Closed),
+            Err(_) => Err(Next::Due),
+        }
+    }
+}
+
 impl Transport for Remote {
-    fn next_batch(&mut self) -> Option<Arc<SharedBatch>> {
+    fn next_batch(&mut self, until: Option<Instant>) -> Next {
         loop {
-            let (epoch, batch) = self.rx.blocking_recv()?;
+            let (epoch, batch) = match self.recv(until) {
+                Ok(got) => got,
+                Err(next) => return next,
+            };
             let _ = self.tx.blocking_send(ToIo::Took(epoch));
             if epoch == self.epoch.load(Ordering::SeqCst) {
                 self.current = epoch;
-                return Some(batch);
+                return Next::Batch(batch);
             }
             log::debug!("Skipping a batch from a dropped connection.");
         }
@@ -161,6 +204,10 @@ impl Transport for Remote {
 
     fn send_results(&mut self, results: Results) {
         let _ = self.tx.blocking_send(ToIo::Results(self.current, results));
+    }
+
+    fn send_ticks(&mut self, outputs: Vec<Emitted>) {
+        let _ = self.tx.blocking_send(ToIo::Ticks(outputs));
     }
 }
 
@@ -195,12 +242,14 @@ pub(crate) fn run(
             metrics: metrics.with_label("task", task.to_string()),
             codecs: dag.task_codecs(task_idx),
             one_per_key: dag.has_keyed_input(task_idx),
+            tick_interval: dag.tick_interval(task_idx),
         };
         let mut transport = Remote {
             rx: batch_rx,
             tx: io_tx,
             epoch: Arc::clone(&epoch),
             current: 0,
+            timer: None,
         };
         let mut options = options.clone();
         let body: Box<dyn FnOnce() + Send> = match dag.make_task(task_idx) {
@@ -350,6 +399,12 @@ impl Io {
                             }
                         }
                         End::Drained => return Ok(sessions),
+                        End::TaskThreadGone => {
+                            return Err(Error::Runtime(format!(
+                                "worker {} of task {}: its task thread stopped (it panicked outside a task call; see the log above)",
+                                self.worker, self.task
+                            )))
+                        }
                     }
                 }
                 Err(Refused::Fatal(why)) => {
@@ -515,7 +570,7 @@ impl Io {
                             let shared = SharedBatch::new(batch);
                             handed.push_back(Arc::clone(&shared));
                             if self.batch_tx.send((epoch, shared)).await.is_err() {
-                                return End::Lost("the task thread is gone".into());
+                                return End::TaskThreadGone;
                             }
                         }
                         Some(Ok(Frame::Heartbeat)) => {}
@@ -551,8 +606,14 @@ impl Io {
                             }
                             last_sent = Instant::now();
                         }
+                        Some(ToIo::Ticks(outputs)) => {
+                            if let Err(err) = framed.send(Frame::Ticks(outputs)).await {
+                                return End::Lost(err.to_string());
+                            }
+                            last_sent = Instant::now();
+                        }
                         Some(_) => {}
-                        None => return End::Lost("the task thread stopped".into()),
+                        None => return End::TaskThreadGone,
                     }
                 }
                 _ = tick.tick() => {

@@ -29,7 +29,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::{Framed, FramedRead};
 
 use crate::actors::pipeline::{PipelineActor, RegisterWorker, WorkerLost};
-use crate::actors::{unshared, DeliverySink, Fetch, Results, Undelivered, WorkerId};
+use crate::actors::{unshared, DeliverySink, Fetch, Results, Ticks, Undelivered, WorkerId};
 use crate::error::Error;
 use crate::msg::TaskMsg;
 use crate::pipeline::{Dag, TaskIdx};
@@ -336,6 +336,7 @@ fn frame_name(frame: &Frame) -> &'static str {
         Frame::Fetch { .. } => "Fetch",
         Frame::Batch(_) => "Batch",
         Frame::Results { .. } => "Results",
+        Frame::Ticks(_) => "Ticks",
         Frame::Heartbeat => "Heartbeat",
         Frame::Goodbye => "Goodbye",
         Frame::GiveBack => "GiveBack",
@@ -463,6 +464,10 @@ impl StreamHandler<Result<Frame, WireError>> for Session {
                     busy_ns: 0,
                 });
             }
+            Ok(Frame::Ticks(outputs)) => self.pipeline.do_send(Ticks {
+                worker: self.worker,
+                outputs,
+            }),
             Ok(Frame::Heartbeat) => {}
             Ok(Frame::Goodbye) => {
                 log::info!("Worker {} ({}) said goodbye.", self.worker, self.peer);

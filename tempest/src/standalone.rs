@@ -26,16 +26,16 @@ use crate::actors::pipeline::{
 pub use crate::actors::pipeline::{StopCondition, Unfinished};
 use crate::actors::source::SourceActor;
 use crate::actors::topology::TopologyActor;
-use crate::actors::{DeliverySink, Fetch, Stop, StopReason, Undelivered, WorkerId};
+use crate::actors::{DeliverySink, Fetch, Stop, StopReason, Ticks, Undelivered, WorkerId};
 use crate::async_worker::{run_async_loop, AsyncTransport};
 use crate::error::Error;
 use crate::inflight::{InflightEntry, Tracker, TrackerConfig};
-use crate::msg::{Results, TaskMsg};
+use crate::msg::{Emitted, Results, TaskMsg};
 use crate::pipeline::TaskIdx;
 use crate::task::{TaskBody, TaskContext};
 use crate::topology::Topology;
 use crate::worker::{
-    join_within, run_task_loop, SharedBatch, Transport, PREFETCH, THREAD_STOP_WAIT,
+    join_within, run_task_loop, Next, SharedBatch, Transport, PREFETCH, THREAD_STOP_WAIT,
 };
 
 /// A handle onto a running topology (or worker process), usable from any
@@ -309,6 +309,7 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
                     metrics: metrics.with_label("task", task_name.clone()),
                     codecs: dag.task_codecs(t as TaskIdx),
                     one_per_key: dag.has_keyed_input(t as TaskIdx),
+                    tick_interval: dag.tick_interval(t as TaskIdx),
                 };
                 let (id, run): (WorkerId, Box<dyn FnOnce() + Send>) = match dag
                     .make_task(t as TaskIdx)
@@ -571,7 +572,7 @@ pub(crate) struct InProc {
 }
 
 impl Transport for InProc {
-    fn next_batch(&mut self) -> Option<Arc<SharedBatch>> {
+    fn next_batch(&mut self, until: Option<Instant>) -> Next {
         while self.outstanding < PREFETCH {
             self.pipeline.do_send(Fetch {
                 worker: self.worker,
@@ -579,7 +580,20 @@ impl Transport for InProc {
             });
             self.outstanding += 1;
         }
-        let batch = self.rx.recv().ok()?;
+        let batch = match until {
+            None => match self.rx.recv() {
+                Ok(b) => b,
+                Err(_) => return Next::Closed,
+            },
+            Some(t) => match self
+                .rx
+                .recv_timeout(t.saturating_duration_since(Instant::now()))
+            {
+                Ok(b) => b,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => return Next::Due,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Next::Closed,
+            },
+        };
         self.outstanding -= 1;
         // Ask for the next batch before handling this one.
         self.pipeline.do_send(Fetch {
@@ -587,11 +601,18 @@ impl Transport for InProc {
             max: self.max,
         });
         self.outstanding += 1;
-        Some(batch)
+        Next::Batch(batch)
     }
 
     fn send_results(&mut self, results: Results) {
         self.pipeline.do_send(results);
+    }
+
+    fn send_ticks(&mut self, outputs: Vec<Emitted>) {
+        self.pipeline.do_send(Ticks {
+            worker: self.worker,
+            outputs,
+        });
     }
 }
 

@@ -326,6 +326,8 @@ pub struct TaskContext {
     /// Whether messages come to it by key (an async worker then runs one
     /// message per key at a time).
     pub(crate) one_per_key: bool,
+    /// How often the worker ticks, if it does.
+    pub(crate) tick_interval: Option<std::time::Duration>,
 }
 
 impl TaskContext {
@@ -344,6 +346,7 @@ impl TaskContext {
             metrics,
             codecs: TaskCodecs::default(),
             one_per_key: false,
+            tick_interval: None,
         }
     }
 
@@ -448,6 +451,20 @@ pub trait Task: Send + 'static {
     /// Called after each batch of messages, and when the worker is idle:
     /// record batched metrics here.
     fn flush_metrics(&mut self) {}
+
+    /// Periodic work (Storm's tick tuple): called every tick interval
+    /// ([`Pipeline::tick_interval`](crate::Pipeline::tick_interval), or
+    /// `tick_interval` in `Topology.toml`) on the worker's own loop,
+    /// between messages, never while `handle` runs; a busy worker ticks
+    /// between runs of its batch, so a tick may come late, never early.
+    ///
+    /// Each output is a new root: tracked through the task's descendants
+    /// like a source message (timeouts, the failure policy, retries), with
+    /// no source message to ack at its end. The outputs set their own key
+    /// and headers ([`Out`]); there is no input to inherit them from.
+    fn tick(&mut self) -> TaskResult {
+        Ok(Output::None)
+    }
 }
 
 /// How many messages one worker of an [`AsyncTask`] keeps in flight

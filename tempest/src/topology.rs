@@ -434,6 +434,12 @@ impl TopologyBuilder {
             for (from, to, grouping) in file.groupings() {
                 dag.set_grouping(from, to, grouping);
             }
+            for t in 0..dag.len() as TaskIdx {
+                let ms = file.task(dag.name(t)).and_then(|s| s.tick_interval);
+                if let Some(ms) = ms.filter(|&ms| ms > 0) {
+                    dag.set_tick_interval(t, Some(Duration::from_millis(ms)));
+                }
+            }
         }
         let mut problems = Vec::new();
         let mut file_problems = Vec::new();

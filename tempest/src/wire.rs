@@ -29,6 +29,7 @@
 //!                                      ◄── GiveBack    (a peer of the task is idle)
 //!   Returned [(ticket, payload, context)…] ──►  (per batch held: what the task thread has
 //!                                       not claimed; the batch's Results still end it)
+//!   Ticks [(payload, key, headers)…] ──►  (a tick's outputs: new roots)
 //!   Heartbeat ◄──► Heartbeat           (each way, when idle)
 //!   Goodbye ──►                        (clean disconnect)
 //! ```
@@ -91,7 +92,7 @@ use crate::msg::{
 /// The first bytes of a worker's first frame.
 pub const MAGIC: [u8; 4] = *b"TMPS";
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 5;
+pub const VERSION: u16 = 6;
 /// The frame limit until the handshake completes.
 pub const HANDSHAKE_MAX: usize = crate::msg::MIN_FRAME_LIMIT;
 /// The default frame limit after the handshake.
@@ -111,6 +112,7 @@ const GOODBYE: u8 = 9;
 const ERROR: u8 = 10;
 const GIVE_BACK: u8 = 11;
 const RETURNED: u8 = 12;
+const TICKS: u8 = 13;
 
 const V_DONE: u8 = 0;
 const V_FILTERED: u8 = 1;
@@ -220,6 +222,9 @@ pub enum Frame {
     /// run here (the task thread had not claimed them); the batch itself
     /// still ends with its `Results`. Laid out like `Batch`.
     Returned(Vec<TaskMsg>),
+    /// Worker → topology: the outputs of a tick of the worker's task,
+    /// each a new root.
+    Ticks(Vec<Emitted>),
     /// Either way: still here.
     Heartbeat,
     /// Worker → topology: leaving cleanly.
@@ -452,6 +457,27 @@ pub(crate) fn task_msg_len(m: &TaskMsg) -> usize {
 }
 
 /// The bytes an output takes in a `Results` frame.
+/// A count, then each output's payload and meta.
+fn put_outputs(dst: &mut BytesMut, outputs: &[Emitted]) {
+    dst.put_u32(outputs.len() as u32);
+    for o in outputs {
+        put_bytes(dst, &o.payload);
+        put_meta(dst, o.key(), o.headers());
+    }
+}
+
+/// What [`put_outputs`] wrote.
+fn get_outputs(buf: &mut Bytes) -> Result<Vec<Emitted>, DecodeError> {
+    let n = get_count(buf, MIN_OUTPUT, "outputs")?;
+    let mut outputs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let payload = get_bytes(buf, "output")?;
+        let (key, headers) = get_meta(buf)?;
+        outputs.push(Emitted::new(payload, key, headers));
+    }
+    Ok(outputs)
+}
+
 pub(crate) fn output_len(o: &Emitted) -> usize {
     4 + o.payload.len() + meta_len(o.key(), o.headers())
 }
@@ -597,11 +623,12 @@ impl Frame {
                         Verdict::TimedOut => dst.put_u8(V_TIMED_OUT),
                     }
                 }
-                dst.put_u32(outputs.len() as u32);
-                for o in outputs {
-                    put_bytes(dst, &o.payload);
-                    put_meta(dst, o.key(), o.headers());
-                }
+                put_outputs(dst, outputs);
+            }
+            Frame::Ticks(outputs) => {
+                dst.reserve(5 + outputs.iter().map(output_len).sum::<usize>());
+                dst.put_u8(TICKS);
+                put_outputs(dst, outputs);
             }
             Frame::Heartbeat => dst.put_u8(HEARTBEAT),
             Frame::Goodbye => dst.put_u8(GOODBYE),
@@ -674,19 +701,13 @@ impl Frame {
                     };
                     items.push((ticket, verdict));
                 }
-                let n = get_count(buf, MIN_OUTPUT, "outputs")?;
-                let mut outputs = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let payload = get_bytes(buf, "output")?;
-                    let (key, headers) = get_meta(buf)?;
-                    outputs.push(Emitted::new(payload, key, headers));
-                }
                 Frame::Results {
                     complete,
                     items,
-                    outputs,
+                    outputs: get_outputs(buf)?,
                 }
             }
+            TICKS => Frame::Ticks(get_outputs(buf)?),
             HEARTBEAT => Frame::Heartbeat,
             GOODBYE => Frame::Goodbye,
             ERROR => {

@@ -19,15 +19,89 @@ use std::time::{Duration, Instant};
 use tempest_source::Metrics;
 
 use crate::metrics::names;
-use crate::msg::{Emitted, Results, TaskMsg, Verdict, WorkerId};
+use crate::msg::{Emitted, MsgCtx, Results, TaskMsg, Verdict, WorkerId};
 use crate::task::{Task, TaskContext};
 
 /// Moves batches between the task loop and the pipeline.
 pub(crate) trait Transport {
-    /// The next batch to handle; `None` once the pipeline is gone.
-    fn next_batch(&mut self) -> Option<Arc<SharedBatch>>;
+    /// The next batch to handle, waiting for it until `until` at most
+    /// (`None`: for as long as it takes).
+    fn next_batch(&mut self, until: Option<Instant>) -> Next;
     /// Returns one batch's results.
     fn send_results(&mut self, results: Results);
+    /// Hands over a tick's outputs.
+    fn send_ticks(&mut self, outputs: Vec<Emitted>);
+}
+
+/// What [`Transport::next_batch`] got.
+pub(crate) enum Next {
+    /// A batch to handle.
+    Batch(Arc<SharedBatch>),
+    /// Nothing came in time.
+    Due,
+    /// The pipeline is gone.
+    Closed,
+}
+
+/// When a worker's task ticks next.
+struct TickClock {
+    every: Duration,
+    next: Instant,
+}
+
+impl TickClock {
+    fn new(every: Option<Duration>) -> Option<Self> {
+        every.map(|every| TickClock {
+            every,
+            next: Instant::now() + every,
+        })
+    }
+}
+
+/// Ticks the task if its tick is due (a tick that came late is not made
+/// up for: the next is one interval after this one).
+fn tick_if_due(
+    clock: &mut Option<TickClock>,
+    task: &mut dyn Task,
+    name: &str,
+    counts: &mut Counts,
+    transport: &mut impl Transport,
+) {
+    let Some(c) = clock else { return };
+    let now = Instant::now();
+    if now < c.next {
+        return;
+    }
+    c.next = now + c.every;
+    counts.ticks += 1;
+    // A tick has no input: its outputs inherit nothing.
+    let ctx = MsgCtx::new(0u64);
+    let mut outputs = Vec::new();
+    let res = catch_unwind(AssertUnwindSafe(|| task.tick()));
+    match res {
+        Ok(Ok(out)) => match out.drain_into(&ctx, &mut outputs) {
+            Ok(()) => {}
+            Err(e) => {
+                counts.errors += 1;
+                log::warn!("Task {name} failed a tick: {e}.");
+                return;
+            }
+        },
+        Ok(Err(e)) => {
+            counts.errors += 1;
+            log::warn!("Task {name} failed a tick: {e}.");
+            return;
+        }
+        Err(p) => {
+            counts.panics += 1;
+            log::error!("Task {name} panicked in tick(): {}.", panic_message(&*p));
+            return;
+        }
+    }
+    if !outputs.is_empty() {
+        counts.msgs_out += outputs.len() as u64;
+        transport.send_ticks(outputs);
+    }
 }
 
 /// A delivered batch, shared between the worker that works through it and
@@ -109,6 +183,8 @@ pub(crate) struct Counts {
     pub handle_nanos: u64,
     /// Async calls cancelled at their message's deadline.
     pub timed_out: u64,
+    /// Ticks run.
+    pub ticks: u64,
 }
 
 impl Counts {
@@ -122,6 +198,7 @@ impl Counts {
         metrics.incr(names::TASK_BATCHES, c.batches);
         metrics.incr(names::TASK_HANDLE_NANOS, c.handle_nanos);
         metrics.incr(names::TASK_CANCELLED, c.timed_out);
+        metrics.incr(names::TASK_TICKS, c.ticks);
     }
 }
 
@@ -158,7 +235,14 @@ pub(crate) fn run_task_loop(
     // Nanoseconds per message, averaged over the runs so far (`None`
     // before the first), so one slow message does not shrink every claim.
     let mut pace: Option<u64> = None;
-    while let Some(shared) = transport.next_batch() {
+    let mut ticks = TickClock::new(ctx.tick_interval);
+    loop {
+        tick_if_due(&mut ticks, &mut *task, &name, &mut counts, transport);
+        let shared = match transport.next_batch(ticks.as_ref().map(|c| c.next)) {
+            Next::Batch(b) => b,
+            Next::Due => continue,
+            Next::Closed => break,
+        };
         let started = Instant::now();
         let mut clock = PartialClock::new(started);
         let mut items = Vec::new();
@@ -231,6 +315,7 @@ pub(crate) fn run_task_loop(
                 items.push((ticket, verdict));
             }
             handled += run_len;
+            tick_if_due(&mut ticks, &mut *task, &name, &mut counts, transport);
             let per_msg = run_started.elapsed().as_nanos() as u64 / run_len as u64;
             let p = pace.map_or(per_msg, |p| (p * 3 + per_msg) / 4);
             pace = Some(p);
@@ -264,20 +349,31 @@ pub(crate) fn run_task_loop(
             busy_ns: spent.as_nanos() as u64,
         });
         if last_flush.elapsed().as_millis() >= 200 {
-            task.flush_metrics();
+            flush_task_metrics(&mut *task, &name);
             counts.flush(&ctx.metrics);
             batch_us.flush();
             batch_size.flush();
             last_flush = Instant::now();
         }
     }
-    task.flush_metrics();
+    flush_task_metrics(&mut *task, &name);
     counts.flush(&ctx.metrics);
     batch_us.flush();
     batch_size.flush();
     if let Err(p) = catch_unwind(AssertUnwindSafe(|| task.shutdown())) {
         log::error!(
             "Task {name} panicked in shutdown(): {}.",
+            panic_message(&*p)
+        );
+    }
+}
+
+/// Calls the task's `flush_metrics`; a panic there is logged, and the
+/// worker goes on (it must not take the worker's thread down).
+fn flush_task_metrics(task: &mut dyn Task, name: &str) {
+    if let Err(p) = catch_unwind(AssertUnwindSafe(|| task.flush_metrics())) {
+        log::error!(
+            "Task {name} panicked in flush_metrics(): {}.",
             panic_message(&*p)
         );
     }

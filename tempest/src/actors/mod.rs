@@ -24,7 +24,7 @@ use std::sync::Arc;
 use actix::Message;
 use tempest_source::{FailedMsg, MsgId, SourceMsg};
 
-use crate::msg::TaskMsg;
+use crate::msg::{Emitted, TaskMsg};
 pub(crate) use crate::msg::{Results, Verdict, WorkerId};
 use crate::worker::SharedBatch;
 
@@ -82,6 +82,14 @@ impl Settle {
 pub(crate) struct Fetch {
     pub worker: WorkerId,
     pub max: usize,
+}
+
+/// A worker's task ticked and emitted these outputs: each is a new root.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct Ticks {
+    pub worker: WorkerId,
+    pub outputs: Vec<Emitted>,
 }
 
 /// Where the pipeline delivers a worker's batches.

@@ -29,8 +29,8 @@ enum Queue {
     Own(WorkerId),
 }
 use super::{
-    DeliverySink, Fetch, Results, Settle, SourceBatch, Stop, StopReason, Undelivered, Verdict,
-    WorkerId,
+    DeliverySink, Fetch, Results, Settle, SourceBatch, Stop, StopReason, Ticks, Undelivered,
+    Verdict, WorkerId,
 };
 use crate::inflight::{Dispatch, Finished, InflightEntry, Outcome, Tracker};
 use crate::metrics::names;
@@ -68,6 +68,11 @@ pub struct Stats {
     /// Task messages a busy worker gave back unstarted, for an idle worker
     /// of its task to take.
     pub returned: u64,
+    /// Outputs of ticks taken in, each a new root (not a source message:
+    /// not in `read` or `acked`).
+    pub tick_outputs: u64,
+    /// Tick outputs given up on (failed or timed out under the policy).
+    pub tick_outputs_failed: u64,
     /// Source messages in flight now.
     pub inflight: usize,
     /// The most source messages ever in flight at once.
@@ -832,6 +837,31 @@ impl PipelineActor {
     fn settle(&mut self, now: Instant) {
         self.periodic(now);
         for f in self.fin.drain(..) {
+            if f.tick {
+                // A tick's output: nothing to ack, no source credit.
+                if f.outcome != Outcome::Acked {
+                    self.stats.tick_outputs_failed += 1;
+                    log::warn!(
+                        "Tick output {} was given up on ({}).",
+                        f.id,
+                        f.reason
+                            .as_ref()
+                            .map_or_else(|| "timed out".to_string(), ToString::to_string)
+                    );
+                }
+                if let Some(reports) = &mut self.reports {
+                    reports.entry(f.id.clone()).or_default().push(MsgReport {
+                        outcome: f.outcome,
+                        attempts: f.attempts,
+                        errors: f.errors,
+                        timeouts: f.timeouts,
+                        reason: f.reason,
+                        latency: f.latency,
+                        duplicate: false,
+                    });
+                }
+                continue;
+            }
             match f.outcome {
                 Outcome::Acked => self.stats.acked += 1,
                 Outcome::Failed => self.stats.failed += 1,
@@ -1436,6 +1466,40 @@ impl Handler<Fetch> for PipelineActor {
         self.ready[t].set_chunk(fetch.max);
         self.routes.own(fetch.worker).set_chunk(fetch.max);
         self.pump(t);
+    }
+}
+
+impl Handler<Ticks> for PipelineActor {
+    type Result = ();
+
+    fn handle(&mut self, ticks: Ticks, _ctx: &mut Context<Self>) {
+        let Some(w) = self.workers.get(ticks.worker as usize) else {
+            log::error!("Ticks came from unknown worker {}; ignored.", ticks.worker);
+            return;
+        };
+        if w.sink.is_none() || self.closed {
+            return;
+        }
+        let task = w.task;
+        let now = Instant::now();
+        if let Some((i, child)) = self.tracker.dag().keyless_output(task, &ticks.outputs) {
+            self.stats.task_errors += 1;
+            let dag = self.tracker.dag();
+            log::warn!(
+                "A tick of task {} emitted output {i} without a key, and the edge \"{}\" -> \"{}\" groups by {}; the tick's outputs are dropped.",
+                dag.name(task),
+                dag.name(task),
+                dag.name(child),
+                dag.grouping(task, child)
+            );
+            return;
+        }
+        self.stats.tick_outputs += ticks.outputs.len() as u64;
+        for out in ticks.outputs {
+            let (tracker, mut ready, _) = self.table();
+            tracker.insert_tick(task, out, now, &mut ready);
+        }
+        self.settle(now);
     }
 }
 

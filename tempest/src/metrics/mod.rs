@@ -91,4 +91,6 @@ pub mod names {
     /// Counter (per task): async calls cancelled because their message's
     /// deadline passed (each answered as a timeout).
     pub const TASK_CANCELLED: &str = "tempest.task.cancelled";
+    /// Counter (per task): ticks its workers ran ([`Task::tick`](crate::Task::tick)).
+    pub const TASK_TICKS: &str = "tempest.task.ticks";
 }

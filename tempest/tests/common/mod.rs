@@ -221,16 +221,21 @@ pub fn serve_on_loopback(
         )
         .unwrap()
     });
+    (top, listening(&handle))
+}
+
+/// The address the topology behind `handle` serves workers on, once it
+/// listens (at most 10 s).
+pub fn listening(handle: &tempest::standalone::RuntimeHandle) -> std::net::SocketAddr {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let addr = loop {
+    loop {
         if let Some(a) = handle.listening() {
-            break a;
+            return a;
         }
         assert!(
             std::time::Instant::now() < deadline,
             "the topology never listened"
         );
         std::thread::sleep(Duration::from_millis(5));
-    };
-    (top, addr)
+    }
 }
