@@ -38,6 +38,8 @@ pub mod book {
     pub struct Groupings;
     #[doc = include_str!("../../book/src/ticks.md")]
     pub struct Ticks;
+    #[doc = include_str!("../../book/src/state.md")]
+    pub struct State;
     #[doc = include_str!("../../book/src/typed-tasks.md")]
     pub struct TypedTasks;
     #[doc = include_str!("../../book/src/async-tasks.md")]

@@ -27,6 +27,8 @@
 //! - `worker`: the task-side loop, shared by every transport.
 //! - `async_worker`: the loop of an [`AsyncTask`]'s workers: many calls in
 //!   flight on a single-threaded runtime, results as they end.
+//! - [`state`]: [`KeyedState`], a task's keyed state, in memory or
+//!   checkpointed to a [`StateBackend`].
 //! - [`standalone`]: runs a whole topology in one process.
 //! - [`testing`]: [`TestRun`](testing::TestRun), to unit-test a topology.
 //! - [`rt`]: [`rt::run`], the `main` of a topology package.
@@ -58,6 +60,7 @@ mod remote;
 pub mod rt;
 mod server;
 pub mod standalone;
+pub mod state;
 pub mod task;
 pub mod testing;
 pub mod topology;
@@ -75,6 +78,7 @@ pub use join::{JoinTask, Joined, Part};
 pub use msg::Verdict;
 pub use msg::{Emitted, MsgCtx, TaskIdx, TaskMsg, Ticket};
 pub use pipeline::{Dag, Pipeline, PipelineError, PipelineErrors};
+pub use state::{KeyedState, StateBackend, StateError};
 pub use task::{
     AsyncTask, Msg, Out, Output, Task, TaskContext, TaskError, TaskResult, DEFAULT_CONCURRENCY,
 };

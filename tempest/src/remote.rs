@@ -220,6 +220,7 @@ pub(crate) fn run(
     options: WorkerOptions,
     metrics: tempest_source::Metrics,
     stop: watch::Receiver<bool>,
+    (states, checkpoint_interval): (crate::state::StateRegistry, Duration),
 ) -> Result<WorkerReport, Error> {
     let Some(task_idx) = dag.index_of(task) else {
         return Err(Error::Topology {
@@ -243,6 +244,8 @@ pub(crate) fn run(
             codecs: dag.task_codecs(task_idx),
             one_per_key: dag.has_keyed_input(task_idx),
             tick_interval: dag.tick_interval(task_idx),
+            states: crate::state::WorkerStates::new(states.clone()),
+            checkpoint_interval,
         };
         let mut transport = Remote {
             rx: batch_rx,

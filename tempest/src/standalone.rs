@@ -211,7 +211,9 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
         batches,
         concurrency,
         file,
+        state,
     } = topology;
+    let states = crate::state::StateRegistry::new(state);
     let listener = match &options.serve {
         Some(serve) => Some(crate::server::bind(serve)?),
         None => None,
@@ -310,6 +312,8 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
                     codecs: dag.task_codecs(t as TaskIdx),
                     one_per_key: dag.has_keyed_input(t as TaskIdx),
                     tick_interval: dag.tick_interval(t as TaskIdx),
+                    states: crate::state::WorkerStates::new(states.clone()),
+                    checkpoint_interval: topts.checkpoint_interval,
                 };
                 let (id, run): (WorkerId, Box<dyn FnOnce() + Send>) = match dag
                     .make_task(t as TaskIdx)
@@ -550,6 +554,10 @@ pub fn run_worker(
         options,
         metrics,
         handle.stop_signal(),
+        (
+            crate::state::StateRegistry::new(topology.state.clone()),
+            topology.options.checkpoint_interval,
+        ),
     );
     drop(stop_tx);
     if let Some(t) = ticker {

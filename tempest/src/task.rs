@@ -328,6 +328,10 @@ pub struct TaskContext {
     pub(crate) one_per_key: bool,
     /// How often the worker ticks, if it does.
     pub(crate) tick_interval: Option<std::time::Duration>,
+    /// The keyed stores of the run, and those this worker uses.
+    pub(crate) states: crate::state::WorkerStates,
+    /// With a durable state backend: how often the worker checkpoints.
+    pub(crate) checkpoint_interval: std::time::Duration,
 }
 
 impl TaskContext {
@@ -347,7 +351,27 @@ impl TaskContext {
             codecs: TaskCodecs::default(),
             one_per_key: false,
             tick_interval: None,
+            states: crate::state::WorkerStates::default(),
+            checkpoint_interval: std::time::Duration::from_secs(1),
         }
+    }
+
+    /// The task's keyed store `name`, holding values of type `V`: shared
+    /// by the task's workers of this process, each key changed only by the
+    /// worker that owns it (with `key` grouping), kept in memory or, with
+    /// a state backend ([`TopologyBuilder::state_backend`]), checkpointed
+    /// to it. Open it in `started` and keep the handle. Fails if the store
+    /// was opened with another value type.
+    ///
+    /// [`TopologyBuilder::state_backend`]: crate::TopologyBuilder::state_backend
+    pub fn state<V>(
+        &self,
+        name: &str,
+    ) -> Result<crate::state::KeyedState<V>, crate::state::StateError>
+    where
+        V: serde::Serialize + serde::de::DeserializeOwned + Clone + Send + 'static,
+    {
+        self.states.handle(&self.task, name)
     }
 
     /// The codec of the message `msg` is the context of: that of the task

@@ -14,6 +14,7 @@ use crate::config::{in_file_order, ConfigFile, ConfigProblem};
 use crate::error::Error;
 use crate::pipeline::{Dag, Pipeline, TaskIdx};
 pub use crate::policy::FailurePolicy;
+use crate::state::StateBackend;
 
 /// The settings that govern delivery and shutdown.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,6 +41,9 @@ pub struct TopologyOptions {
     pub task_batch: usize,
     /// Where metrics go, and how often.
     pub metrics: crate::metrics::MetricsConfig,
+    /// With a durable state backend: how often a worker writes its
+    /// state's changes (its results wait for the checkpoint holding them).
+    pub checkpoint_interval: Duration,
 }
 
 impl Default for TopologyOptions {
@@ -54,6 +58,7 @@ impl Default for TopologyOptions {
             max_retry_backoff: Duration::from_secs(10),
             task_batch: 1024,
             metrics: crate::metrics::MetricsConfig::default(),
+            checkpoint_interval: Duration::from_secs(1),
         }
     }
 }
@@ -173,6 +178,7 @@ pub struct TopologyBuilder {
     batches: Vec<(String, usize)>,
     concurrency: Vec<(String, usize)>,
     file: Option<ConfigFile>,
+    state: Option<Arc<dyn StateBackend>>,
 }
 
 impl fmt::Debug for TopologyBuilder {
@@ -199,6 +205,7 @@ impl TopologyBuilder {
             batches: Vec::new(),
             concurrency: Vec::new(),
             file: None,
+            state: None,
         }
     }
 
@@ -279,6 +286,22 @@ impl TopologyBuilder {
         self
     }
 
+    /// Keeps the tasks' keyed state ([`KeyedState`](crate::KeyedState)) in
+    /// `backend`, checkpointed every
+    /// [`checkpoint_interval`](Self::checkpoint_interval), instead of in
+    /// memory only.
+    pub fn state_backend(mut self, backend: impl StateBackend + 'static) -> Self {
+        self.state = Some(Arc::new(backend));
+        self
+    }
+
+    /// How often a worker checkpoints its state's changes to the state
+    /// backend (default 1 s); its results wait for the checkpoint.
+    pub fn checkpoint_interval(mut self, every: Duration) -> Self {
+        self.options.checkpoint_interval = every;
+        self
+    }
+
     /// How long in-flight messages may take to finish on shutdown (default 30 s).
     pub fn graceful_shutdown(mut self, grace: Duration) -> Self {
         self.options.graceful_shutdown = grace;
@@ -347,6 +370,9 @@ impl TopologyBuilder {
         let o = &mut self.options;
         if let Some(ms) = c.graceful_shutdown {
             o.graceful_shutdown = Duration::from_millis(ms);
+        }
+        if let Some(ms) = c.checkpoint_interval.filter(|&ms| ms > 0) {
+            o.checkpoint_interval = Duration::from_millis(ms);
         }
         if let Some(ms) = c.source_connect_timeout {
             o.source_connect_timeout = (ms > 0).then(|| Duration::from_millis(ms));
@@ -577,6 +603,7 @@ impl TopologyBuilder {
                 batches,
                 concurrency,
                 file: self.file,
+                state: self.state,
             }),
             (true, false, _, Some(file)) => Err(file.error(file_problems)),
             (_, _, _, file) => {
@@ -608,6 +635,8 @@ pub struct Topology {
     /// Per task: its workers' concurrency (async tasks), 0 (sync tasks).
     pub(crate) concurrency: Vec<usize>,
     pub(crate) file: Option<ConfigFile>,
+    /// Where keyed state is checkpointed (`None`: in memory only).
+    pub(crate) state: Option<Arc<dyn StateBackend>>,
 }
 
 impl fmt::Debug for Topology {

@@ -65,6 +65,7 @@ fn tick_if_due(
     task: &mut dyn Task,
     name: &str,
     counts: &mut Counts,
+    gate: &mut Gate,
     transport: &mut impl Transport,
 ) {
     let Some(c) = clock else { return };
@@ -100,7 +101,106 @@ fn tick_if_due(
     }
     if !outputs.is_empty() {
         counts.msgs_out += outputs.len() as u64;
-        transport.send_ticks(outputs);
+        gate.send(Answer::Ticks(outputs), transport);
+    }
+}
+
+/// What a worker sends the pipeline.
+enum Answer {
+    Results(Results),
+    Ticks(Vec<Emitted>),
+}
+
+/// Holds a worker's answers back while its durable state has changes no
+/// checkpoint holds, and checkpoints every `checkpoint_interval`: a
+/// message is answered (and so can complete and be acked at the source)
+/// only once what its handling changed is written. With state in memory
+/// only, answers pass straight through.
+struct Gate {
+    states: crate::state::WorkerStates,
+    every: Duration,
+    held: Vec<Answer>,
+    /// When the held answers' checkpoint is due.
+    due: Option<Instant>,
+    failures: u64,
+    name: String,
+}
+
+impl Gate {
+    fn new(ctx: &TaskContext) -> Self {
+        Gate {
+            states: ctx.states.clone(),
+            every: ctx.checkpoint_interval,
+            held: Vec::new(),
+            due: None,
+            failures: 0,
+            name: ctx.task.clone(),
+        }
+    }
+
+    fn send(&mut self, answer: Answer, transport: &mut impl Transport) {
+        if !self.held.is_empty() || (self.states.is_durable() && self.states.is_dirty()) {
+            self.due.get_or_insert_with(|| Instant::now() + self.every);
+            self.held.push(answer);
+            return;
+        }
+        match answer {
+            Answer::Results(r) => transport.send_results(r),
+            Answer::Ticks(t) => transport.send_ticks(t),
+        }
+    }
+
+    /// Checkpoints and sends what was held, if due (or `now`).
+    fn checkpoint_if_due(&mut self, now: bool, transport: &mut impl Transport) {
+        let Some(due) = self.due else { return };
+        if !now && Instant::now() < due {
+            return;
+        }
+        match self.states.checkpoint() {
+            Ok(_) => {
+                if self.failures > 0 {
+                    log::info!(
+                        "Task {}'s state is checkpointed again, after {} failed attempt(s).",
+                        self.name,
+                        self.failures
+                    );
+                    self.failures = 0;
+                }
+                self.due = None;
+                for a in self.held.drain(..) {
+                    match a {
+                        Answer::Results(r) => transport.send_results(r),
+                        Answer::Ticks(t) => transport.send_ticks(t),
+                    }
+                }
+            }
+            Err(e) => {
+                self.failures += 1;
+                if self.failures == 1 || self.failures.is_multiple_of(60) {
+                    log::warn!(
+                        "Task {} cannot checkpoint its state ({e}); its answers wait (attempt {}), and its messages time out and are retried if it stays down.",
+                        self.name,
+                        self.failures
+                    );
+                }
+                self.due = Some(Instant::now() + self.every);
+            }
+        }
+    }
+
+    /// Before a run of messages: drops clean cached state and loads the
+    /// run's keys in one round trip.
+    fn refresh(&mut self, run: &[TaskMsg]) {
+        if !self.states.is_durable() {
+            return;
+        }
+        let keys: Vec<bytes::Bytes> = run.iter().filter_map(|m| m.ctx.key().cloned()).collect();
+        if let Err(e) = self.states.refresh(&keys) {
+            log::warn!(
+                "Task {} cannot load its state ({e}); its calls load each key as they need it.",
+                self.name
+            );
+        }
     }
 }
 
@@ -236,9 +336,22 @@ pub(crate) fn run_task_loop(
     // before the first), so one slow message does not shrink every claim.
     let mut pace: Option<u64> = None;
     let mut ticks = TickClock::new(ctx.tick_interval);
+    let mut gate = Gate::new(&ctx);
     loop {
-        tick_if_due(&mut ticks, &mut *task, &name, &mut counts, transport);
-        let shared = match transport.next_batch(ticks.as_ref().map(|c| c.next)) {
+        tick_if_due(
+            &mut ticks,
+            &mut *task,
+            &name,
+            &mut counts,
+            &mut gate,
+            transport,
+        );
+        gate.checkpoint_if_due(false, transport);
+        let until = match (ticks.as_ref().map(|c| c.next), gate.due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let shared = match transport.next_batch(until) {
             Next::Batch(b) => b,
             Next::Due => continue,
             Next::Closed => break,
@@ -256,6 +369,7 @@ pub(crate) fn run_task_loop(
                 break;
             }
             let run_len = run.len();
+            gate.refresh(&run);
             if items.capacity() == 0 {
                 let expected = run_len + shared.unclaimed();
                 items.reserve(expected);
@@ -265,7 +379,7 @@ pub(crate) fn run_task_loop(
             for m in run.drain(..) {
                 if !items.is_empty() && clock.due() {
                     counts.msgs_out += outputs.len() as u64;
-                    transport.send_results(Results {
+                    let partial = Results {
                         worker,
                         items: std::mem::take(&mut items),
                         outputs: std::mem::take(&mut outputs),
@@ -273,7 +387,8 @@ pub(crate) fn run_task_loop(
                         complete: false,
                         returned: Vec::new(),
                         busy_ns: 0,
-                    });
+                    };
+                    gate.send(Answer::Results(partial), transport);
                     clock.sent();
                 }
                 let TaskMsg {
@@ -315,7 +430,14 @@ pub(crate) fn run_task_loop(
                 items.push((ticket, verdict));
             }
             handled += run_len;
-            tick_if_due(&mut ticks, &mut *task, &name, &mut counts, transport);
+            tick_if_due(
+                &mut ticks,
+                &mut *task,
+                &name,
+                &mut counts,
+                &mut gate,
+                transport,
+            );
             let per_msg = run_started.elapsed().as_nanos() as u64 / run_len as u64;
             let p = pace.map_or(per_msg, |p| (p * 3 + per_msg) / 4);
             pace = Some(p);
@@ -339,7 +461,7 @@ pub(crate) fn run_task_loop(
         if spent_vec.capacity() == 0 {
             spent_vec = left;
         }
-        transport.send_results(Results {
+        let results = Results {
             worker,
             items,
             outputs,
@@ -347,7 +469,9 @@ pub(crate) fn run_task_loop(
             complete: true,
             returned: Vec::new(),
             busy_ns: spent.as_nanos() as u64,
-        });
+        };
+        gate.send(Answer::Results(results), transport);
+        gate.checkpoint_if_due(false, transport);
         if last_flush.elapsed().as_millis() >= 200 {
             flush_task_metrics(&mut *task, &name);
             counts.flush(&ctx.metrics);
@@ -366,6 +490,11 @@ pub(crate) fn run_task_loop(
             panic_message(&*p)
         );
     }
+    // What `shutdown` changed too: the last checkpoint.
+    if gate.states.is_dirty() {
+        gate.due.get_or_insert_with(Instant::now);
+    }
+    gate.checkpoint_if_due(true, transport);
 }
 
 /// Calls the task's `flush_metrics`; a panic there is logged, and the

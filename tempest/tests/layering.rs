@@ -53,6 +53,7 @@ fn the_bottom_modules_import_nothing_above_them() {
     assert_only("policy.rs", &[]);
     assert_only("grouping.rs", &[]);
     assert_only("codec.rs", &["msg"]);
+    assert_only("state.rs", &[]);
 }
 
 #[test]
@@ -62,14 +63,14 @@ fn data_structures_and_the_protocol_know_no_actors() {
         &["envelope", "grouping", "msg", "pipeline", "policy"],
     );
     assert_only("wire.rs", &["msg", "pipeline"]);
-    assert_only("task.rs", &["msg", "codec"]);
+    assert_only("task.rs", &["msg", "codec", "state"]);
     assert_only("typed.rs", &["msg", "codec", "task"]);
     assert_only("join.rs", &["codec", "envelope", "msg", "task"]);
     assert_only(
         "pipeline.rs",
         &["grouping", "join", "msg", "task", "codec", "typed"],
     );
-    assert_only("worker.rs", &["msg", "task", "metrics"]);
+    assert_only("worker.rs", &["msg", "task", "metrics", "state"]);
     assert_only("async_worker.rs", &["msg", "task", "metrics", "worker"]);
 }
 

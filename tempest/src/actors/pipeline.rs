@@ -256,6 +256,15 @@ struct Worker {
     progress: Option<(usize, Instant)>,
     /// Task messages answered in its current batch so far.
     batch_items: u64,
+    /// Batches it has finished.
+    completed: u64,
+    /// A worker of a task with pinned inputs that joined while others had
+    /// batches in hand: per such worker, how many batches it must have
+    /// finished before this one gets its pinned messages. A key that moved
+    /// to it is then handled here only after its old owner is done with
+    /// (and, with durable state, has checkpointed) the key's earlier
+    /// messages.
+    waits_for: Vec<(WorkerId, u64)>,
 }
 
 impl Worker {
@@ -452,10 +461,22 @@ impl PipelineActor {
             asked_back: false,
             progress: None,
             batch_items: 0,
+            completed: 0,
+            waits_for: Vec::new(),
         });
         let id = (self.workers.len() - 1) as WorkerId;
         let (slot, moved) = self.routes.join(task, id, &mut self.pool);
         if self.tracker.dag().has_pinned_input(task) {
+            let waits_for: Vec<(WorkerId, u64)> = self
+                .workers
+                .iter()
+                .enumerate()
+                .filter(|(o, w)| {
+                    *o != id as usize && w.task == task && w.sink.is_some() && w.in_hand > 0
+                })
+                .map(|(o, w)| (o as WorkerId, w.completed + u64::from(w.in_hand)))
+                .collect();
+            self.workers[id as usize].waits_for = waits_for;
             log::info!(
                 "Worker {id} of task {} joined as slot {slot}: it owns about 1/{} of the keys; {} queued message(s) moved to it.",
                 self.task_names[task as usize],
@@ -1140,7 +1161,7 @@ impl PipelineActor {
         let mut i = 0;
         while i < self.waiting[t].len() {
             let (worker, max) = self.waiting[t][i];
-            if self.routes.own_len(worker) == 0 {
+            if self.routes.own_len(worker) == 0 || self.waits_for_others(worker) {
                 i += 1;
                 continue;
             }
@@ -1158,6 +1179,22 @@ impl PipelineActor {
             }
             self.hand_over(t, worker, batch, true);
         }
+    }
+
+    /// Whether `worker` still waits for workers of its task to finish the
+    /// batches they had when it joined (dropping those that did, or left).
+    fn waits_for_others(&mut self, worker: WorkerId) -> bool {
+        let mut waits = std::mem::take(&mut self.workers[worker as usize].waits_for);
+        if waits.is_empty() {
+            return false;
+        }
+        waits.retain(|&(o, target)| {
+            let o = &self.workers[o as usize];
+            o.sink.is_some() && o.completed < target
+        });
+        let waiting = !waits.is_empty();
+        self.workers[worker as usize].waits_for = waits;
+        waiting
     }
 
     /// Delivers `batch` of task `t` to `worker` (`pinned`: from its own
@@ -1526,6 +1563,7 @@ impl Handler<Results> for PipelineActor {
         w.batch_items += results.items.len() as u64;
         if results.complete {
             w.in_hand = w.in_hand.saturating_sub(1);
+            w.completed += 1;
             w.pinned_in_hand.pop_front();
             if let Some((done, _)) = w.shared.pop_front() {
                 let spent = SharedBatch::into_spent(done);
