@@ -15,11 +15,15 @@
 //!   waits per message (I/O-like), with 1 or more workers: how the burst
 //!   spreads over them and how much sooner it is all acked.
 //!
+//! - [`wordcount_bench`]: word count with keyed state, by key or shuffled,
+//!   in memory or checkpointed to Redis.
+//!
 //! The `tempest-bench` binary runs each measurement in a child process of
 //! its own (so peak RSS is per scenario), interleaves repeated rounds with
 //! the baseline, and writes `BENCHMARKS.md`.
 
 pub mod redis_bench;
+pub mod wordcount_bench;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::sync_channel;

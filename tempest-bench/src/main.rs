@@ -10,6 +10,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
+use tempest_bench::wordcount_bench::{run_wordcount, WordcountMeasured, WordcountParams};
 use tempest_bench::{
     channel_baseline, memory_probe, run_async, run_scenario, run_spread, AsyncMeasured,
     AsyncParams, Measured, Params, Shape, SpreadMeasured, SpreadParams,
@@ -95,6 +96,24 @@ enum Cmd {
         #[arg(long, default_value_t = 256)]
         concurrency: usize,
     },
+    /// Word count with keyed state: split (10 words a sentence) -> count,
+    /// by key or shuffled, state in memory or checkpointed to Redis; one
+    /// JSON line.
+    Wordcount {
+        /// Sentences.
+        #[arg(long, default_value_t = 300_000)]
+        sentences: u64,
+        /// The grouping of split -> count: key or shuffle.
+        #[arg(long, default_value = "key")]
+        grouping: String,
+        /// Workers of count.
+        #[arg(long, default_value_t = 2)]
+        counters: usize,
+        /// Checkpoint the counts to Redis (TEMPEST_REDIS_URL, else a
+        /// redis-server started on a free port).
+        #[arg(long)]
+        redis: bool,
+    },
     /// A Redis stream of 100-byte entries consumed by the linear topology,
     /// beside a raw XREADGROUP + XACK loop on the same server.
     Redis {
@@ -162,6 +181,7 @@ enum Job {
     Memory { inflight: usize },
     Spread(SpreadParams),
     Async(AsyncParams),
+    Wordcount(WordcountParams),
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -169,6 +189,7 @@ enum JobResult {
     Scenario(Measured),
     Spread(SpreadMeasured),
     Async(AsyncMeasured),
+    Wordcount(WordcountMeasured),
     Baseline { rate: f64, peak_rss_kib: u64 },
     Memory { rss_kib: u64 },
 }
@@ -185,6 +206,7 @@ fn run_job(job: &Job) -> anyhow::Result<JobResult> {
         },
         Job::Spread(p) => JobResult::Spread(run_spread(p)?),
         Job::Async(p) => JobResult::Async(run_async(p)?),
+        Job::Wordcount(p) => JobResult::Wordcount(run_wordcount(p)?),
     })
 }
 
@@ -656,6 +678,33 @@ fn all(smoke: bool, rounds: usize) -> anyhow::Result<String> {
         failures.push("async: not every message acked".to_string());
     }
 
+    // Word count with keyed state: key vs shuffle, memory vs Redis.
+    let wc_sentences = if smoke { 2_000 } else { 300_000 };
+    let wc_server = tempest_bench::redis_bench::RedisServer::shared()?;
+    let wc_cases: [(&str, bool); 3] = [("shuffle", false), ("key", false), ("key", true)];
+    let mut wc_runs: Vec<Vec<WordcountMeasured>> = vec![Vec::new(); wc_cases.len()];
+    for round in 0..rounds {
+        for (i, (grouping, redis)) in wc_cases.iter().enumerate() {
+            eprintln!(
+                "round {}/{rounds}: word count, {grouping}, state in {}",
+                round + 1,
+                if *redis { "Redis" } else { "memory" }
+            );
+            match in_child(&Job::Wordcount(WordcountParams {
+                sentences: wc_sentences,
+                grouping: grouping.to_string(),
+                counters: 2,
+                redis: redis.then(|| wc_server.url.clone()),
+            }))? {
+                JobResult::Wordcount(m) => wc_runs[i].push(m),
+                other => bail!("unexpected child result {other:?}"),
+            }
+        }
+    }
+    if !wc_runs.iter().flatten().all(|m| m.all_acked) {
+        failures.push("word count: not every sentence acked".to_string());
+    }
+
     // Memory per message in flight.
     let (hi, lo) = if smoke {
         (20_000, 1_000)
@@ -858,6 +907,38 @@ fn all(smoke: bool, rounds: usize) -> anyhow::Result<String> {
     )?;
     writeln!(
         md,
+        "\n## Word count with keyed state: groupings and state backends\n"
+    )?;
+    writeln!(
+        md,
+        "`split` makes each of {wc_sentences} sentences into 10 words (a vocabulary of 1,000), each a message keyed by the word; `count`, 2 workers, adds 1 to the word's entry in a `KeyedState<u64>`. The `split -> count` edge shuffles or groups by key; the state is in memory or checkpointed to Redis every second (answers wait for the checkpoint). Median of {rounds} interleaved round(s).\n"
+    )?;
+    writeln!(md, "| grouping | state | words counted/s | sentences acked/s | vs shuffle, in memory | all acked | command |")?;
+    writeln!(md, "| --- | --- | --- | --- | --- | --- | --- |")?;
+    let wc_rate = |i: usize| median(wc_runs[i].iter().map(|m| m.words_per_s).collect());
+    for (i, (grouping, redis)) in wc_cases.iter().enumerate() {
+        writeln!(
+            md,
+            "| {grouping} | {} | {} | {} | {:.0}% | {} | {} |",
+            if *redis { "Redis" } else { "memory" },
+            fmt_rate(wc_rate(i)),
+            fmt_rate(median(
+                wc_runs[i].iter().map(|m| m.sentences_per_s).collect()
+            )),
+            wc_rate(i) / wc_rate(0).max(1.0) * 100.0,
+            if wc_runs[i].iter().all(|m| m.all_acked) {
+                "yes"
+            } else {
+                "NO"
+            },
+            cmd(&format!(
+                "wordcount --sentences {wc_sentences} --grouping {grouping}{}",
+                if *redis { " --redis" } else { "" }
+            ))
+        )?;
+    }
+    writeln!(
+        md,
         "\n## Distributed: 1 topology process + 1 task process per task, loopback TCP\n"
     )?;
     writeln!(md, "| measure | value | command |")?;
@@ -1043,6 +1124,25 @@ fn main() -> ExitCode {
             sleep_us,
             concurrency,
         }))
+        .and_then(|r| print_json(&r)),
+        Cmd::Wordcount {
+            sentences,
+            grouping,
+            counters,
+            redis,
+        } => (|| {
+            let server = if redis {
+                Some(tempest_bench::redis_bench::RedisServer::shared()?)
+            } else {
+                None
+            };
+            in_child(&Job::Wordcount(WordcountParams {
+                sentences,
+                grouping,
+                counters,
+                redis: server.as_ref().map(|s| s.url.clone()),
+            }))
+        })()
         .and_then(|r| print_json(&r)),
         Cmd::Spread {
             messages,

@@ -67,15 +67,29 @@ pub trait StateBackend: Send + Sync + fmt::Debug {
 /// A value of a store, and whether it changed since the last checkpoint.
 struct Entry<V> {
     value: Option<V>,
-    dirty: bool,
+    /// 0 if clean; else the store's change number when it last changed
+    /// (a checkpoint cleans only entries that did not change again while
+    /// it was being written).
+    dirty: u64,
 }
 
 struct Store<V> {
     /// `task/name`: the backend's name for it.
     name: String,
     entries: HashMap<Bytes, Entry<V>>,
+    /// Dirty entries.
     dirty: usize,
+    /// Changes so far (the last change's number).
+    changes: u64,
     backend: Option<Arc<dyn StateBackend>>,
+}
+
+/// A store, and the lock that keeps its checkpoints one at a time. No
+/// backend I/O of a checkpoint or a refresh happens under the store's own
+/// lock, so the other workers of the task go on while it is written.
+struct Shared<V> {
+    store: Mutex<Store<V>>,
+    commit: Mutex<()>,
 }
 
 impl<V: Serialize + DeserializeOwned + Clone> Store<V> {
@@ -91,13 +105,7 @@ impl<V: Serialize + DeserializeOwned + Clone> Store<V> {
         let key = Bytes::copy_from_slice(key);
         let got = b.load(&self.name, std::slice::from_ref(&key))?;
         let value = decode(&self.name, got.into_iter().next().flatten())?;
-        self.entries.insert(
-            key,
-            Entry {
-                value,
-                dirty: false,
-            },
-        );
+        self.entries.insert(key, Entry { value, dirty: 0 });
         Ok(())
     }
 
@@ -112,7 +120,7 @@ impl<V: Serialize + DeserializeOwned + Clone> Store<V> {
                         Bytes::copy_from_slice(key),
                         Entry {
                             value: Some(v),
-                            dirty: false,
+                            dirty: 0,
                         },
                     );
                 }
@@ -122,17 +130,24 @@ impl<V: Serialize + DeserializeOwned + Clone> Store<V> {
             }
             return;
         }
+        self.changes += 1;
+        let change = self.changes;
         match self.entries.get_mut(key) {
             Some(e) => {
-                if !e.dirty {
-                    e.dirty = true;
+                if e.dirty == 0 {
                     self.dirty += 1;
                 }
+                e.dirty = change;
                 e.value = value;
             }
             None => {
-                self.entries
-                    .insert(Bytes::copy_from_slice(key), Entry { value, dirty: true });
+                self.entries.insert(
+                    Bytes::copy_from_slice(key),
+                    Entry {
+                        value,
+                        dirty: change,
+                    },
+                );
                 self.dirty += 1;
             }
         }
@@ -155,7 +170,7 @@ fn decode<V: DeserializeOwned>(store: &str, bytes: Option<Bytes>) -> Result<Opti
 /// A handle's calls fail only with a durable backend (a load that fails);
 /// in memory they cannot fail.
 pub struct KeyedState<V> {
-    store: Arc<Mutex<Store<V>>>,
+    store: Arc<Shared<V>>,
 }
 
 impl<V> Clone for KeyedState<V> {
@@ -174,8 +189,7 @@ impl<V> fmt::Debug for KeyedState<V> {
 
 impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> KeyedState<V> {
     fn lock(&self) -> MutexGuard<'_, Store<V>> {
-        // Every critical section leaves the store consistent.
-        self.store.lock().unwrap_or_else(PoisonError::into_inner)
+        self.store.lock()
     }
 
     /// The value of `key`, if it has one.
@@ -239,66 +253,86 @@ pub(crate) trait Checkpointed: Send + Sync {
     fn refresh(&self, keys: &[Bytes]) -> Result<(), StateError>;
 }
 
-impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> Checkpointed for Mutex<Store<V>> {
+impl<V> Shared<V> {
+    fn lock(&self) -> MutexGuard<'_, Store<V>> {
+        // Every critical section leaves the store consistent.
+        self.store.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> Checkpointed for Shared<V> {
     fn is_dirty(&self) -> bool {
-        self.lock().unwrap_or_else(PoisonError::into_inner).dirty > 0
+        self.lock().dirty > 0
     }
 
     fn checkpoint(&self) -> Result<usize, StateError> {
-        let mut s = self.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(backend) = s.backend.clone() else {
-            return Ok(0);
-        };
-        if s.dirty == 0 {
-            return Ok(0);
-        }
+        let _one_at_a_time = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
         let mut puts = Vec::new();
         let mut removes = Vec::new();
-        for (k, e) in s.entries.iter().filter(|(_, e)| e.dirty) {
-            match &e.value {
-                Some(v) => {
-                    let bytes = postcard::to_allocvec(v).map_err(|err| {
-                        StateError::new(&s.name, format!("a value does not encode ({err})"))
-                    })?;
-                    puts.push((k.clone(), Bytes::from(bytes)));
+        let mut written = Vec::new();
+        let (backend, name) = {
+            let s = self.lock();
+            let Some(backend) = s.backend.clone() else {
+                return Ok(0);
+            };
+            if s.dirty == 0 {
+                return Ok(0);
+            }
+            for (k, e) in s.entries.iter().filter(|(_, e)| e.dirty > 0) {
+                match &e.value {
+                    Some(v) => {
+                        let bytes = postcard::to_allocvec(v).map_err(|err| {
+                            StateError::new(&s.name, format!("a value does not encode ({err})"))
+                        })?;
+                        puts.push((k.clone(), Bytes::from(bytes)));
+                    }
+                    None => removes.push(k.clone()),
                 }
-                None => removes.push(k.clone()),
+                written.push((k.clone(), e.dirty));
+            }
+            (backend, s.name.clone())
+        };
+        backend.commit(&name, &puts, &removes)?;
+        let mut s = self.lock();
+        for (k, change) in written {
+            if let Some(e) = s.entries.get_mut(&k) {
+                if e.dirty == change {
+                    e.dirty = 0;
+                    s.dirty -= 1;
+                }
             }
         }
-        backend.commit(&s.name, &puts, &removes)?;
-        for e in s.entries.values_mut() {
-            e.dirty = false;
-        }
-        s.dirty = 0;
         Ok(puts.len() + removes.len())
     }
 
     fn refresh(&self, keys: &[Bytes]) -> Result<(), StateError> {
-        let mut s = self.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(backend) = s.backend.clone() else {
-            return Ok(());
+        let (backend, name, mut missing) = {
+            let mut s = self.lock();
+            let Some(backend) = s.backend.clone() else {
+                return Ok(());
+            };
+            s.entries.retain(|_, e| e.dirty > 0);
+            let missing: Vec<Bytes> = keys
+                .iter()
+                .filter(|k| !s.entries.contains_key(&k[..]))
+                .cloned()
+                .collect();
+            (backend, s.name.clone(), missing)
         };
-        s.entries.retain(|_, e| e.dirty);
-        let mut missing: Vec<Bytes> = keys
-            .iter()
-            .filter(|k| !s.entries.contains_key(&k[..]))
-            .cloned()
-            .collect();
         missing.sort_unstable();
         missing.dedup();
         if missing.is_empty() {
             return Ok(());
         }
-        let values = backend.load(&s.name, &missing)?;
+        let values = backend.load(&name, &missing)?;
+        let mut s = self.lock();
         for (k, v) in missing.into_iter().zip(values) {
-            let value = decode(&s.name, v)?;
-            s.entries.insert(
-                k,
-                Entry {
-                    value,
-                    dirty: false,
-                },
-            );
+            // A key set meanwhile (or loaded by another worker) is newer.
+            if s.entries.contains_key(&k) {
+                continue;
+            }
+            let value = decode(&name, v)?;
+            s.entries.insert(k, Entry { value, dirty: 0 });
         }
         Ok(())
     }
@@ -338,21 +372,25 @@ impl StateRegistry {
         &self,
         task: &str,
         name: &str,
-    ) -> Option<Arc<Mutex<Store<V>>>> {
+    ) -> Option<Arc<Shared<V>>> {
         let full = format!("{task}/{name}");
         let mut stores = self.stores.lock().unwrap_or_else(PoisonError::into_inner);
         let any = stores
             .entry(full.clone())
             .or_insert_with(|| {
-                Arc::new(Mutex::new(Store::<V> {
-                    name: full,
-                    entries: HashMap::new(),
-                    dirty: 0,
-                    backend: self.backend.clone(),
-                })) as Arc<dyn Any + Send + Sync>
+                Arc::new(Shared {
+                    store: Mutex::new(Store::<V> {
+                        name: full,
+                        entries: HashMap::new(),
+                        dirty: 0,
+                        changes: 0,
+                        backend: self.backend.clone(),
+                    }),
+                    commit: Mutex::new(()),
+                }) as Arc<dyn Any + Send + Sync>
             })
             .clone();
-        any.downcast::<Mutex<Store<V>>>().ok()
+        any.downcast::<Shared<V>>().ok()
     }
 }
 

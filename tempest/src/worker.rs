@@ -105,6 +105,10 @@ fn tick_if_due(
     }
 }
 
+/// A worker whose answers wait for a checkpoint checkpoints early once
+/// they answer this many messages.
+pub(crate) const CHECKPOINT_AFTER: usize = 4096;
+
 /// What a worker sends the pipeline.
 enum Answer {
     Results(Results),
@@ -122,6 +126,8 @@ struct Gate {
     held: Vec<Answer>,
     /// When the held answers' checkpoint is due.
     due: Option<Instant>,
+    /// Messages answered in the held answers.
+    held_msgs: usize,
     failures: u64,
     name: String,
 }
@@ -133,6 +139,7 @@ impl Gate {
             every: ctx.checkpoint_interval,
             held: Vec::new(),
             due: None,
+            held_msgs: 0,
             failures: 0,
             name: ctx.task.clone(),
         }
@@ -141,7 +148,16 @@ impl Gate {
     fn send(&mut self, answer: Answer, transport: &mut impl Transport) {
         if !self.held.is_empty() || (self.states.is_durable() && self.states.is_dirty()) {
             self.due.get_or_insert_with(|| Instant::now() + self.every);
+            if let Answer::Results(r) = &answer {
+                self.held_msgs += r.items.len();
+            }
             self.held.push(answer);
+            if self.held_msgs >= CHECKPOINT_AFTER {
+                // Held answers hold source messages in flight: bound them,
+                // or `max_pending` caps the rate at what fits in one
+                // interval.
+                self.due = Some(Instant::now());
+            }
             return;
         }
         match answer {
@@ -167,6 +183,7 @@ impl Gate {
                     self.failures = 0;
                 }
                 self.due = None;
+                self.held_msgs = 0;
                 for a in self.held.drain(..) {
                     match a {
                         Answer::Results(r) => transport.send_results(r),
