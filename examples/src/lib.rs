@@ -40,6 +40,8 @@ pub mod book {
     pub struct Ticks;
     #[doc = include_str!("../../book/src/state.md")]
     pub struct State;
+    #[doc = include_str!("../../book/src/windows.md")]
+    pub struct Windows;
     #[doc = include_str!("../../book/src/typed-tasks.md")]
     pub struct TypedTasks;
     #[doc = include_str!("../../book/src/async-tasks.md")]

@@ -29,6 +29,8 @@
 //!   flight on a single-threaded runtime, results as they end.
 //! - [`state`]: [`KeyedState`], a task's keyed state, in memory or
 //!   checkpointed to a [`StateBackend`].
+//! - [`window`]: [`Window`]s (tumbling, sliding; by count or time) and
+//!   [`WindowTask`], aggregations over them, on keyed state and ticks.
 //! - [`standalone`]: runs a whole topology in one process.
 //! - [`testing`]: [`TestRun`](testing::TestRun), to unit-test a topology.
 //! - [`rt`]: [`rt::run`], the `main` of a topology package.
@@ -65,6 +67,7 @@ pub mod task;
 pub mod testing;
 pub mod topology;
 pub mod typed;
+pub mod window;
 pub mod wire;
 mod worker;
 
@@ -84,5 +87,6 @@ pub use task::{
 };
 pub use topology::{FailurePolicy, Topology, TopologyBuilder, TopologyOptions};
 pub use typed::{Typed, TypedOut, TypedResult, TypedTask};
+pub use window::{Clock, Span, Window, WindowTask};
 
 pub use tempest_source as source;

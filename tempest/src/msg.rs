@@ -216,6 +216,12 @@ impl MsgCtx {
         self
     }
 
+    /// The context with this source timestamp (ms since the Unix epoch).
+    pub fn with_timestamp(mut self, millis: u64) -> Self {
+        self.origin.timestamp = millis;
+        self
+    }
+
     /// The context with this deadline.
     pub fn with_deadline(mut self, deadline: Instant) -> Self {
         self.origin.deadline = to_nanos(deadline);

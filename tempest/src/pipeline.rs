@@ -66,6 +66,7 @@ pub struct Pipeline {
     /// Concurrency set per async task, in the order set.
     concurrency: Vec<(String, usize)>,
     tick_intervals: Vec<(String, Duration)>,
+    window_problems: Vec<(String, &'static str)>,
     codecs: CodecPlan,
 }
 
@@ -283,6 +284,31 @@ impl Pipeline {
     pub fn concurrency(mut self, task: impl Into<String>, n: usize) -> Self {
         self.concurrency.push((task.into(), n));
         self
+    }
+
+    /// Adds a window task: `inner`'s aggregation over `window`, following
+    /// `clock` (see [`window`](crate::window)). Time windows tick to close
+    /// (every quarter of the slide, between 10 ms and 1 s), unless
+    /// [`tick_interval`](Self::tick_interval) says otherwise.
+    pub fn window<W: crate::window::WindowTask>(
+        self,
+        inner: W,
+        window: crate::window::Window,
+        clock: crate::window::Clock,
+    ) -> Self {
+        let name = inner.name().to_string();
+        let task = crate::window::Windowed::new(inner, window, clock);
+        let every = task.tick_every();
+        let mut p = self.task(task);
+        if let Some(problem) = window.problem() {
+            p.window_problems.push((name.clone(), problem));
+        }
+        if let Some(every) = every {
+            if !p.tick_intervals.iter().any(|(t, _)| *t == name) {
+                p.tick_intervals.push((name, every));
+            }
+        }
+        p
     }
 
     /// Asks for a tick of sync task `task` every `every`: each of its
@@ -555,6 +581,12 @@ impl Pipeline {
             }
         }
 
+        for (task, problem) in &self.window_problems {
+            errors.push(PipelineError::Window {
+                task: task.clone(),
+                problem: problem.to_string(),
+            });
+        }
         let mut ticks: Vec<Option<Duration>> = vec![None; names.len()];
         for (task, every) in &self.tick_intervals {
             let problem = match index.get(task.as_str()) {
@@ -808,6 +840,13 @@ pub enum PipelineError {
         /// Why not.
         problem: String,
     },
+    /// A window that cannot be cut.
+    Window {
+        /// The window task.
+        task: String,
+        /// Why not.
+        problem: String,
+    },
     /// A tick interval that cannot be set.
     TickInterval {
         /// The task named.
@@ -908,6 +947,9 @@ impl fmt::Display for PipelineError {
             ),
             PipelineError::Concurrency { task, problem } => {
                 write!(f, "concurrency for task \"{task}\": {problem}")
+            }
+            PipelineError::Window { task, problem } => {
+                write!(f, "window of task \"{task}\": {problem}")
             }
             PipelineError::TickInterval { task, problem } => {
                 write!(f, "tick interval for task \"{task}\": {problem}")

@@ -156,6 +156,14 @@ impl Out {
         self
     }
 
+    /// The output with key `key` unless it sets (or clears) its own.
+    pub(crate) fn key_if_unset(mut self, key: &Bytes) -> Self {
+        if self.key == KeyChange::Inherit {
+            self.key = KeyChange::Set(key.clone());
+        }
+        self
+    }
+
     /// The output without a key.
     pub fn no_key(mut self) -> Self {
         self.key = KeyChange::Clear;
