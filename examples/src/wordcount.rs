@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
 use tempest::{
-    Grouping, Msg, MsgCtx, Out, Output, Pipeline, Task, TaskError, TaskResult, TopologyBuilder,
+    Grouping, KeyedState, Msg, MsgCtx, Out, Output, Pipeline, Task, TaskContext, TaskError,
+    TaskResult, TopologyBuilder,
 };
 use tempest_source_mock::{MockConfig, MockSource};
 
@@ -96,28 +97,34 @@ impl Task for Words {
     }
 }
 
-/// Counts each word it owns and emits the word's running count (keyed by
-/// the word, which it inherits).
+/// Counts each word it owns in keyed state and emits the word's running
+/// count (keyed by the word, which it inherits). With a state backend
+/// (`WORDCOUNT_REDIS_URL` for the `wordcount` binary) the counts survive
+/// a counter's death.
 #[derive(Clone, Debug, Default)]
 pub struct Count {
-    counts: HashMap<Bytes, u64>,
+    counts: Option<KeyedState<u64>>,
 }
 
 impl Task for Count {
     fn name(&self) -> &str {
         "count"
     }
+    fn started(&mut self, ctx: &TaskContext) {
+        match ctx.state("words") {
+            Ok(s) => self.counts = Some(s),
+            Err(e) => log::error!("count: {e}"),
+        }
+    }
     fn handle(&mut self, word: Msg, _: &MsgCtx) -> TaskResult {
-        let n = match self.counts.get_mut(&word) {
-            Some(c) => {
-                *c += 1;
-                *c
-            }
-            None => {
-                self.counts.insert(word, 1);
-                1
-            }
-        };
+        let counts = self
+            .counts
+            .as_ref()
+            .ok_or_else(|| TaskError::msg("count: no state"))?;
+        let n = counts
+            .update(&word, |c| Some(c.unwrap_or(0) + 1))
+            .map_err(|e| TaskError::msg(e.to_string()))?
+            .unwrap_or(0);
         Ok(Output::One(encode(b'w', n)))
     }
 }
@@ -306,6 +313,12 @@ mod tests {
             ])
         );
         let mut count = Count::default();
+        count.started(&TaskContext::new(
+            "wc",
+            "count",
+            0,
+            tempest::source::Metrics::new_registry(),
+        ));
         let runs: Vec<_> = ["a", "b", "a"]
             .iter()
             .map(|w| count.handle(Msg::from(*w), &MsgCtx::new(1)).unwrap())

@@ -2,7 +2,9 @@
 //! `wordcount graph --format mermaid`, ...
 //!
 //! `WORDCOUNT_SENTENCES` sets how many sentences the mock source generates
-//! (default 1,000,000).
+//! (default 1,000,000). `WORDCOUNT_REDIS_URL` keeps the counters' state in
+//! that Redis (checkpointed; a counter killed and restarted goes on from
+//! it) instead of in memory.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -24,5 +26,15 @@ fn main() -> ExitCode {
         },
     };
     let totals = Arc::new(Totals::default());
-    tempest::rt::run(wordcount::topology(count, &totals))
+    let mut topology = wordcount::topology(count, &totals);
+    if let Ok(url) = std::env::var("WORDCOUNT_REDIS_URL") {
+        match tempest_state_redis::RedisState::open(&url, "wordcount") {
+            Ok(backend) => topology = topology.state_backend(backend),
+            Err(e) => {
+                eprintln!("error: WORDCOUNT_REDIS_URL: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    tempest::rt::run(topology)
 }
