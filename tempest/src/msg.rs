@@ -307,6 +307,11 @@ impl Meta {
         self.0.as_ref().and_then(|m| m.0.as_ref())
     }
 
+    /// Neither key nor headers.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+
     pub(crate) fn headers(&self) -> &Headers {
         self.0.as_ref().map_or(&NO_HEADERS, |m| &m.1)
     }

@@ -697,36 +697,43 @@ fn jitter(d: Duration) -> Duration {
 /// (only the last marked complete). A message whose outputs alone exceed
 /// the limit is reported as failed instead of being sent.
 fn split_results(results: Results, max_frame: usize) -> Vec<Frame> {
-    const FRAME: usize = 10;
+    let size = wire::RESULTS_HEAD
+        + results
+            .items
+            .iter()
+            .map(|(_, v)| wire::result_item_len(v))
+            .sum::<usize>()
+        + results.outputs.iter().map(wire::output_len).sum::<usize>();
+    if size <= max_frame {
+        // As usual: all in one frame, as they are.
+        return vec![Frame::Results {
+            complete: results.complete,
+            items: results.items,
+            outputs: results.outputs,
+        }];
+    }
     let mut frames = Vec::new();
     let mut items = Vec::new();
     let mut outputs = Vec::new();
-    let mut size = FRAME;
-    let mut all_outputs = results.outputs.into_iter();
+    let mut size = wire::RESULTS_HEAD;
+    let mut rest = results.outputs.into_iter();
     for (ticket, verdict) in results.items {
-        let (verdict, outs) = match verdict {
-            Verdict::Done(k) => {
-                let outs: Vec<Emitted> = all_outputs.by_ref().take(k as usize).collect();
-                (Verdict::Done(k), outs)
-            }
-            other => (other, Vec::new()),
+        // This message's outputs are the next `k` of the batch's.
+        let k = match verdict {
+            Verdict::Done(k) => (k as usize).min(rest.len()),
+            _ => 0,
         };
-        // The ticket, the verdict's tag and at most a `u32` after it.
-        let own = wire::MIN_RESULT_ITEM
-            + 4
-            + match &verdict {
-                Verdict::Error(m) | Verdict::Panicked(m) => 2 + m.len(),
-                _ => 0,
-            }
-            + outs.iter().map(wire::output_len).sum::<usize>();
-        let (verdict, outs, own) = if FRAME + own > max_frame {
-            let bytes: usize = outs.iter().map(wire::output_len).sum();
-            let message =
-                format!("the outputs ({bytes} bytes) exceed the frame limit of {max_frame} bytes");
-            let own = wire::MIN_RESULT_ITEM + 4 + 2 + message.len();
-            (Verdict::Error(message), Vec::new(), own)
+        let bytes: usize = rest.as_slice()[..k].iter().map(wire::output_len).sum();
+        let own = wire::result_item_len(&verdict) + bytes;
+        let (verdict, k, own) = if wire::RESULTS_HEAD + own > max_frame {
+            rest.by_ref().take(k).for_each(drop);
+            let verdict = Verdict::Error(format!(
+                "the outputs ({bytes} bytes) exceed the frame limit of {max_frame} bytes"
+            ));
+            let own = wire::result_item_len(&verdict);
+            (verdict, 0, own)
         } else {
-            (verdict, outs, own)
+            (verdict, k, own)
         };
         if size + own > max_frame && !items.is_empty() {
             frames.push(Frame::Results {
@@ -734,11 +741,11 @@ fn split_results(results: Results, max_frame: usize) -> Vec<Frame> {
                 items: std::mem::take(&mut items),
                 outputs: std::mem::take(&mut outputs),
             });
-            size = FRAME;
+            size = wire::RESULTS_HEAD;
         }
         size += own;
         items.push((ticket, verdict));
-        outputs.extend(outs);
+        outputs.extend(rest.by_ref().take(k));
     }
     frames.push(Frame::Results {
         complete: results.complete,
@@ -751,7 +758,7 @@ fn split_results(results: Results, max_frame: usize) -> Vec<Frame> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::msg::Ticket;
+    use crate::msg::{Emitted, Ticket};
     use bytes::Bytes;
 
     fn t(slot: u32) -> Ticket {

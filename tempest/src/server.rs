@@ -569,8 +569,7 @@ impl DeliverySink for SessionSink {
     }
 
     fn max_batch_bytes(&self) -> Option<usize> {
-        // The frame's tag and count take 5 bytes.
-        Some(self.max_frame.saturating_sub(5))
+        Some(self.max_frame.saturating_sub(wire::BATCH_HEAD))
     }
 
     fn give_back(&mut self) {

@@ -68,7 +68,9 @@ fn data_structures_and_the_protocol_know_no_actors() {
     assert_only("join.rs", &["codec", "envelope", "msg", "task"]);
     assert_only(
         "pipeline.rs",
-        &["grouping", "join", "msg", "task", "codec", "typed", "window"],
+        &[
+            "grouping", "join", "msg", "task", "codec", "typed", "window",
+        ],
     );
     assert_only("worker.rs", &["msg", "task", "metrics", "state"]);
     assert_only("window.rs", &["msg", "state", "task"]);

@@ -175,7 +175,11 @@ fn event_time_windows_with_late_messages_equal_the_reference() {
             .wrapping_add(1442695040888963407);
         // Time moves on by 1 ms a message, each up to 40 ms out of order.
         let ts = 1_000 + i + (x >> 33) % 40;
-        let key = if (x >> 20).is_multiple_of(2) { "a" } else { "b" };
+        let key = if (x >> 20).is_multiple_of(2) {
+            "a"
+        } else {
+            "b"
+        };
         events.push((ts, key, i % 17));
     }
     for (i, (ts, key, v)) in events.iter().enumerate() {
