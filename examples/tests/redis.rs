@@ -380,6 +380,11 @@ fn restart_after_kill_9_duplicates_at_most_the_entries_pending_at_the_crash() {
     await_condition(Duration::from_secs(30), "a third is handled", || {
         handled(&log).len() >= n / 3
     });
+    // Kill it with entries pending (between two polls there may be none:
+    // on a loaded host that moment can last).
+    await_condition(Duration::from_secs(30), "entries are pending", || {
+        pending_of(&mut conn, &key, "storm") > 0
+    });
     first.kill().unwrap();
     first.wait().unwrap();
     let pending_at_crash = pending_of(&mut conn, &key, "storm");
