@@ -193,34 +193,55 @@ fn the_final_counters_show_the_workers_that_ran() {
     assert_eq!(b.iter().map(|w| w.handled).sum::<u64>(), 3_000);
 }
 
-/// Regression: with 4 workers on a task and a 400-message burst, one worker
-/// took all 400 (the default batch is 1,024) and the others sat idle.
-#[test]
-fn a_burst_spreads_over_every_worker_of_a_task() {
+/// Runs a burst of `messages` through one task of `workers` workers that
+/// sleeps `sleep` per message, and returns what each worker handled.
+fn burst_per_worker(name: &str, messages: usize, sleep: Duration, workers: usize) -> Vec<u64> {
     let source = MockSource::from_config(MockConfig {
         ack_interval_ms: 1,
         ..MockConfig::default()
     })
     .unwrap();
     let mock = source.handle();
-    mock.push_all((0..400).map(|i| format!("m{i}")));
+    mock.push_all((0..messages).map(|i| format!("m{i}")));
     let report = TestRun::new(
-        builder("spread", source)
-            .pipeline(Pipeline::new().task(FnTask::new("io", |m| {
-                std::thread::sleep(Duration::from_millis(1));
+        builder(name, source)
+            .pipeline(Pipeline::new().task(FnTask::new("io", move |m| {
+                std::thread::sleep(sleep);
                 Ok(Output::One(m))
             })))
-            .workers("io", 4),
+            .max_pending(4096)
+            .workers("io", workers),
     )
     .run()
     .unwrap();
-    assert_eq!(report.stats.acked, 400);
+    assert_eq!(report.stats.acked, messages as u64);
     let handled: Vec<u64> = report.stats.per_worker.iter().map(|w| w.handled).collect();
-    assert_eq!(handled.iter().sum::<u64>(), 400, "{handled:?}");
-    assert_eq!(handled.len(), 4);
+    assert_eq!(handled.iter().sum::<u64>(), messages as u64, "{handled:?}");
+    assert_eq!(handled.len(), workers);
+    handled
+}
+
+/// Regression: with 4 workers on a task and a 400-message burst, one worker
+/// took all 400 (the default batch is 1,024) and the others sat idle.
+#[test]
+fn a_burst_spreads_over_every_worker_of_a_task() {
+    let handled = burst_per_worker("spread", 400, Duration::from_millis(1), 4);
     assert!(
         handled.iter().all(|&n| n <= 160),
         "no worker takes more than 40% of the burst: {handled:?}"
+    );
+}
+
+/// Regression: a worker's share of a burst larger than one queue chunk
+/// was cut where the chunk ended, so the first worker took a chunk, came
+/// back for the next while its peer had taken only the remainder, and one
+/// of two workers handled 99% of the burst.
+#[test]
+fn a_burst_longer_than_a_chunk_spreads_evenly() {
+    let handled = burst_per_worker("spread-chunks", 3000, Duration::from_micros(200), 2);
+    assert!(
+        handled.iter().all(|&n| n <= 1950),
+        "no worker takes more than 65% of the burst: {handled:?}"
     );
 }
 

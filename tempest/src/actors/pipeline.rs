@@ -234,6 +234,9 @@ struct Worker {
     sink: Option<Box<dyn DeliverySink>>,
     /// Batches delivered whose last results have not come back.
     in_hand: u32,
+    /// Task messages delivered and not answered or taken back: the work
+    /// it has ahead of it, by which a burst is shared out.
+    backlog: usize,
     /// For workers that can be lost (remote sessions): the messages they
     /// hold and have not answered.
     held: Option<Held>,
@@ -453,6 +456,7 @@ impl PipelineActor {
             task,
             sink: Some(sink),
             in_hand: 0,
+            backlog: 0,
             held: may_be_lost.then(Held::default),
             handled: 0,
             shared: VecDeque::new(),
@@ -506,6 +510,7 @@ impl PipelineActor {
         };
         w.sink = None;
         w.in_hand = 0;
+        w.backlog = 0;
         w.busy_since = None;
         w.shared.clear();
         w.pinned_in_hand.clear();
@@ -666,11 +671,13 @@ impl PipelineActor {
                             if unclaimed > 0
                                 && now.saturating_duration_since(since) >= GIVE_BACK_AFTER
                             {
+                                let before = taken.len();
                                 for (batch, pinned) in &w.shared {
                                     if !pinned {
                                         taken.extend(batch.take_rest());
                                     }
                                 }
+                                w.backlog = w.backlog.saturating_sub(taken.len() - before);
                                 w.progress = None;
                             }
                         }
@@ -1141,6 +1148,11 @@ impl PipelineActor {
             } else {
                 max
             };
+            let max = if worth_sharing {
+                max.min(self.fair_share(t, worker, queued))
+            } else {
+                max
+            };
             // Remote workers take at most a frame's worth of bytes.
             let budget = self.workers[worker as usize]
                 .sink
@@ -1154,6 +1166,24 @@ impl PipelineActor {
             }
             self.hand_over(t, worker, batch, false);
         }
+    }
+
+    /// How much of `queued` messages of task `t` `worker` may take so that
+    /// every live worker of the task ends up with about as much work ahead
+    /// of it, counting what each already holds: a worker that comes back
+    /// while its peers are busy takes its share, not the whole burst (at
+    /// least one message, so a waiting worker is never left out).
+    fn fair_share(&self, t: usize, worker: WorkerId, queued: usize) -> usize {
+        let (live, held) = self
+            .workers
+            .iter()
+            .filter(|w| w.task as usize == t && w.sink.is_some())
+            .fold((0usize, 0usize), |(n, held), w| (n + 1, held + w.backlog));
+        let own = self.workers[worker as usize].backlog;
+        (queued + held)
+            .div_ceil(live.max(1))
+            .saturating_sub(own)
+            .max(1)
     }
 
     /// Hands the waiting workers of task `t` the messages pinned to them.
@@ -1205,6 +1235,7 @@ impl PipelineActor {
             self.requeue(t, batch);
             return;
         };
+        let n = batch.len();
         // A worker that can be lost gets every message stamped with
         // a copy number of its own, and the pipeline keeps the batch
         // (shared with the session that sends it).
@@ -1223,6 +1254,7 @@ impl PipelineActor {
                     w.busy_since = Some(Instant::now());
                 }
                 w.in_hand += 1;
+                w.backlog += n;
                 w.pinned_in_hand.push_back(pinned);
                 // A batch delivered after a give-back may be stuck too.
                 w.asked_back = false;
@@ -1271,6 +1303,7 @@ impl PipelineActor {
                 self.task_names[t]
             );
         }
+        w.backlog = w.backlog.saturating_sub(taken.len());
         self.stats.returned += taken.len() as u64;
         // `pump` skips any no longer live.
         self.requeue(t, taken);
@@ -1278,9 +1311,12 @@ impl PipelineActor {
 
     /// Takes a batch of up to `max` messages (and `budget` bytes as the
     /// wire counts them, for a remote worker) from the front of task `t`'s
-    /// queue, from its first chunk only (so that, as a rule, the chunk
-    /// goes whole); stale ones (their attempt failed since) are dropped,
-    /// and one too big for any frame fails.
+    /// queue; stale ones (their attempt failed since) are dropped, and one
+    /// too big for any frame fails. A remote worker's batch comes from the
+    /// first chunk only (its byte budget is counted per chunk); a local
+    /// worker's may span chunks, so its share of a burst is not cut where a
+    /// chunk ends (as a rule a chunk still goes whole: chunks are as long
+    /// as the workers' fetches).
     fn take_queued(
         &mut self,
         from: Queue,
@@ -1310,15 +1346,16 @@ impl PipelineActor {
                 },
                 None => self.queue(from).front_len(max),
             };
-            let pool = &mut self.pool;
-            let queue = match from {
-                Queue::Shared(t) => &mut self.ready[t],
-                Queue::Own(w) => self.routes.own(w),
-            };
-            let (mut batch, ended_early) = queue.take_front(take, pool);
-            if ended_early != self.tracker.ended_early() {
-                let tracker = &self.tracker;
-                batch.retain(|m| tracker.is_live(m.ticket));
+            let mut batch = self.take_live(from, take);
+            if budget.is_none() {
+                // A batch may span chunks: a worker's share of a burst is
+                // not cut short where a chunk happens to end.
+                while batch.len() < max && !self.queue(from).is_empty() {
+                    let n = self.queue(from).front_len(max - batch.len());
+                    let mut more = self.take_live(from, n);
+                    batch.append(&mut more);
+                    self.pool.push(more);
+                }
             }
             if !batch.is_empty() || self.queue(from).is_empty() {
                 return batch;
@@ -1326,6 +1363,22 @@ impl PipelineActor {
             // All stale: the next chunk.
             self.pool.push(batch);
         }
+    }
+
+    /// Takes `n` messages off the front chunk of `from`, dropping those
+    /// whose source message has ended since they were queued.
+    fn take_live(&mut self, from: Queue, n: usize) -> Vec<TaskMsg> {
+        let pool = &mut self.pool;
+        let queue = match from {
+            Queue::Shared(t) => &mut self.ready[t],
+            Queue::Own(w) => self.routes.own(w),
+        };
+        let (mut batch, ended_early) = queue.take_front(n, pool);
+        if ended_early != self.tracker.ended_early() {
+            let tracker = &self.tracker;
+            batch.retain(|m| tracker.is_live(m.ticket));
+        }
+        batch
     }
 
     /// The queue `from` names.
@@ -1560,6 +1613,7 @@ impl Handler<Results> for PipelineActor {
             return;
         }
         w.handled += results.items.len() as u64;
+        w.backlog = w.backlog.saturating_sub(results.items.len());
         w.batch_items += results.items.len() as u64;
         if results.complete {
             w.in_hand = w.in_hand.saturating_sub(1);
@@ -1588,6 +1642,7 @@ impl Handler<Results> for PipelineActor {
             if w.in_hand == 0 {
                 w.busy_since = None;
                 w.asked_back = false;
+                w.backlog = 0;
             } else {
                 w.busy_since = Some(now);
             }
