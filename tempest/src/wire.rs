@@ -353,10 +353,15 @@ fn get_count(buf: &mut Bytes, min_size: usize, what: &str) -> Result<usize, Deco
     Ok(n)
 }
 
+/// A string of at most 65,535 bytes: a longer one (an error's text) is cut
+/// at the last character boundary that fits, so it still decodes as UTF-8.
 fn put_str(dst: &mut BytesMut, s: &str) {
-    let s = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
-    dst.put_u16(s.len() as u16);
-    dst.put_slice(s);
+    let mut end = s.len().min(u16::MAX as usize);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    dst.put_u16(end as u16);
+    dst.put_slice(&s.as_bytes()[..end]);
 }
 
 /// `n` bytes of the frame, shared (no copy).
@@ -1324,6 +1329,23 @@ mod tests {
         for f in sample_frames() {
             assert_eq!(roundtrip(&f), f);
         }
+    }
+
+    /// Regression: a text longer than a string field was cut at byte
+    /// 65,535 even inside a character, and the frame then failed to decode
+    /// ("not UTF-8"), taking the session down with it.
+    #[test]
+    fn an_overlong_text_is_cut_at_a_character_boundary() {
+        let long = format!("{}é and more", "a".repeat(u16::MAX as usize - 1));
+        let f = Frame::Error {
+            code: ErrorCode::Auth,
+            message: long.clone(),
+        };
+        let Frame::Error { message, .. } = roundtrip(&f) else {
+            panic!("not an error frame");
+        };
+        assert_eq!(message, "a".repeat(u16::MAX as usize - 1));
+        assert!(long.starts_with(&message));
     }
 
     /// Siblings of a fan-out share slot, generation and task; their copy
