@@ -27,6 +27,9 @@ pub struct WordcountParams {
     pub counters: usize,
     /// A Redis URL to checkpoint the counts to (`None`: in memory).
     pub redis: Option<String>,
+    /// Apply each update at most once (with `redis`).
+    #[serde(default)]
+    pub at_most_once: bool,
 }
 
 /// What it measured.
@@ -130,6 +133,9 @@ pub fn run_wordcount(p: &WordcountParams) -> anyhow::Result<WordcountMeasured> {
     if let Some(url) = &p.redis {
         let prefix = format!("tempest-bench:{}", std::process::id());
         b = b.state_backend(tempest_state_redis::RedisState::with_prefix(url, &prefix)?);
+    }
+    if p.at_most_once {
+        b = b.at_most_once_updates();
     }
     let started = Instant::now();
     let report = standalone::run(b.build()?, RunOptions::default())?;

@@ -6,6 +6,14 @@
 //! checkpoint is in Redis or none of it; a load is one `HMGET`. Values are
 //! the runtime's encoding of the task's values (postcard).
 //!
+//! It records applied updates, for
+//! [at-most-once updates](tempest::TopologyBuilder::at_most_once_updates),
+//! in one sorted set, `<prefix>:<topology>:applied`: the checkpoint adds
+//! its updates' records (`ZADD`) in the same transaction, a load asks for
+//! the batch's updates in the same round trip (`ZMSCORE`, Redis 6.2 or
+//! later), and the topology drops an acked source message's records with
+//! one `ZREMRANGEBYLEX` each, pipelined per ack batch.
+//!
 //! ```no_run
 //! # fn main() -> Result<(), tempest::StateError> {
 //! use tempest_state_redis::RedisState;
@@ -17,7 +25,8 @@
 use std::sync::{Mutex, PoisonError};
 
 use bytes::Bytes;
-use tempest::{StateBackend, StateError};
+use tempest::source::MsgId;
+use tempest::{Changes, Loaded, StateBackend, StateError, UpdateId};
 
 /// Keyed state in Redis hashes. See the [crate docs](crate).
 pub struct RedisState {
@@ -63,6 +72,14 @@ impl RedisState {
         format!("{}:{store}", self.prefix)
     }
 
+    /// The Redis key of the records of applied updates (at-most-once
+    /// updates): a sorted set, every score 0, one member per update and
+    /// store ([`UpdateId::record`]), so that a source message's records
+    /// are one range of members.
+    pub fn applied_key(&self) -> String {
+        format!("{}:applied", self.prefix)
+    }
+
     /// Runs `f` on the connection (opening one if need be); a failure
     /// drops the connection, so the next call opens a fresh one.
     fn with_conn<T>(
@@ -100,58 +117,128 @@ fn redacted(e: &str) -> String {
 }
 
 impl StateBackend for RedisState {
-    fn load(&self, store: &str, keys: &[Bytes]) -> Result<Vec<Option<Bytes>>, StateError> {
-        if keys.is_empty() {
-            return Ok(Vec::new());
+    fn load(
+        &self,
+        store: &str,
+        keys: &[Bytes],
+        updates: &[UpdateId],
+    ) -> Result<Loaded, StateError> {
+        if keys.is_empty() && updates.is_empty() {
+            return Ok(Loaded::default());
         }
         let key = self.key_of(store);
-        let values: Vec<Option<Vec<u8>>> = self.with_conn(store, |c| {
-            let mut cmd = redis::cmd("HMGET");
-            cmd.arg(&key);
-            for k in keys {
-                cmd.arg(&k[..]);
-            }
-            cmd.query(c)
-        })?;
-        if values.len() != keys.len() {
+        let applied_key = self.applied_key();
+        let (values, scores): (Vec<Option<Vec<u8>>>, Vec<Option<f64>>) =
+            self.with_conn(store, |c| {
+                let mut pipe = redis::pipe();
+                if !keys.is_empty() {
+                    let cmd = pipe.cmd("HMGET").arg(&key);
+                    for k in keys {
+                        cmd.arg(&k[..]);
+                    }
+                }
+                if !updates.is_empty() {
+                    let cmd = pipe.cmd("ZMSCORE").arg(&applied_key);
+                    for u in updates {
+                        cmd.arg(u.record(store));
+                    }
+                }
+                let mut answers: Vec<redis::Value> = pipe.query(c)?;
+                let take = |v: Option<redis::Value>| -> redis::RedisResult<redis::Value> {
+                    Ok(v.unwrap_or(redis::Value::Array(Vec::new())))
+                };
+                let scores = if updates.is_empty() {
+                    Vec::new()
+                } else {
+                    redis::from_redis_value(take(answers.pop())?)?
+                };
+                let values = if keys.is_empty() {
+                    Vec::new()
+                } else {
+                    redis::from_redis_value(take(answers.pop())?)?
+                };
+                Ok((values, scores))
+            })?;
+        if values.len() != keys.len() || scores.len() != updates.len() {
             return Err(StateError::new(
                 store,
                 format!(
-                    "HMGET answered {} values for {} keys",
+                    "Redis answered {} values and {} update records for {} keys and {} updates",
                     values.len(),
-                    keys.len()
+                    scores.len(),
+                    keys.len(),
+                    updates.len()
                 ),
             ));
         }
-        Ok(values.into_iter().map(|v| v.map(Bytes::from)).collect())
+        Ok(Loaded {
+            values: values.into_iter().map(|v| v.map(Bytes::from)).collect(),
+            applied: scores.into_iter().map(|s| s.is_some()).collect(),
+        })
     }
 
-    fn commit(
-        &self,
-        store: &str,
-        puts: &[(Bytes, Bytes)],
-        removes: &[Bytes],
-    ) -> Result<(), StateError> {
-        if puts.is_empty() && removes.is_empty() {
+    fn commit(&self, store: &str, changes: &Changes<'_>) -> Result<(), StateError> {
+        if changes.is_empty() {
             return Ok(());
         }
         let key = self.key_of(store);
+        let applied_key = self.applied_key();
         self.with_conn(store, |c| {
             let mut pipe = redis::pipe();
             pipe.atomic();
-            if !puts.is_empty() {
+            if !changes.puts.is_empty() {
                 let cmd = pipe.cmd("HSET").arg(&key);
-                for (k, v) in puts {
+                for (k, v) in changes.puts {
                     cmd.arg(&k[..]).arg(&v[..]);
                 }
                 cmd.ignore();
             }
-            if !removes.is_empty() {
+            if !changes.removes.is_empty() {
                 let cmd = pipe.cmd("HDEL").arg(&key);
-                for k in removes {
+                for k in changes.removes {
                     cmd.arg(&k[..]);
                 }
                 cmd.ignore();
+            }
+            if !changes.applied.is_empty() {
+                let cmd = pipe.cmd("ZADD").arg(&applied_key);
+                for u in changes.applied {
+                    cmd.arg(0).arg(u.record(store));
+                }
+                cmd.ignore();
+            }
+            pipe.query::<()>(c)
+        })
+    }
+
+    fn records_updates(&self) -> bool {
+        true
+    }
+
+    fn forget(&self, sources: &[MsgId]) -> Result<(), StateError> {
+        if sources.is_empty() {
+            return Ok(());
+        }
+        let applied_key = self.applied_key();
+        self.with_conn("applied updates", |c| {
+            let mut pipe = redis::pipe();
+            for id in sources {
+                let prefix = UpdateId::source_prefix(id);
+                // Every record of the message starts with its prefix and
+                // goes on with a store's name, UTF-8, which never holds
+                // 0xff: the records sort between `prefix` and `prefix ff`.
+                let mut from = Vec::with_capacity(prefix.len() + 1);
+                from.push(b'[');
+                from.extend_from_slice(&prefix);
+                let mut to = Vec::with_capacity(prefix.len() + 2);
+                to.push(b'(');
+                to.extend_from_slice(&prefix);
+                to.push(0xff);
+                pipe.cmd("ZREMRANGEBYLEX")
+                    .arg(&applied_key)
+                    .arg(from)
+                    .arg(to)
+                    .ignore();
             }
             pipe.query::<()>(c)
         })

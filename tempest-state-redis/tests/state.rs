@@ -95,7 +95,15 @@ fn source_of(lines: &[String]) -> MockSource {
 }
 
 fn topology(url: &str, prefix: &str, source: MockSource) -> TopologyBuilder {
-    TopologyBuilder::new("state")
+    let builder = TopologyBuilder::new("state");
+    // The child counter of the kill -9 tests is told through the
+    // environment.
+    let builder = if std::env::var("TEMPEST_STATE_AT_MOST_ONCE").is_ok() {
+        builder.at_most_once_updates()
+    } else {
+        builder
+    };
+    builder
         .source(source)
         .pipeline(Pipeline::new().task(Split).task(Count::default()).edge_by(
             "split",
@@ -187,6 +195,7 @@ fn serve(
     url: &str,
     prefix: &str,
     lines: Vec<String>,
+    at_most_once: bool,
 ) -> (
     std::thread::JoinHandle<standalone::RunReport>,
     RuntimeHandle,
@@ -196,10 +205,13 @@ fn serve(
     let h = handle.clone();
     let (url, p) = (url.to_string(), prefix.to_string());
     let top = std::thread::spawn(move || {
-        let t = topology(&url, &p, source_of(&lines))
-            .max_pending(256)
-            .build()
-            .unwrap();
+        let t = topology(&url, &p, source_of(&lines)).max_pending(256);
+        let t = if at_most_once {
+            t.at_most_once_updates()
+        } else {
+            t
+        };
+        let t = t.build().unwrap();
         standalone::run(
             t,
             RunOptions {
@@ -240,11 +252,17 @@ fn start_worker(
     url: &str,
     prefix: &str,
     task: &'static str,
+    at_most_once: bool,
 ) -> std::thread::JoinHandle<standalone::WorkerReport> {
     let (opts, url, p) = (worker_options(addr), url.to_string(), prefix.to_string());
     std::thread::spawn(move || {
-        let t = topology(&url, &p, source_of(&[])).build().unwrap();
-        standalone::run_worker(&t, task, opts, None).unwrap()
+        let t = topology(&url, &p, source_of(&[]));
+        let t = if at_most_once {
+            t.at_most_once_updates()
+        } else {
+            t
+        };
+        standalone::run_worker(&t.build().unwrap(), task, opts, None).unwrap()
     })
 }
 
@@ -274,8 +292,8 @@ fn a_counter_joining_mid_run_keeps_the_counts_exact() {
     let prefix = unique_key("state-join");
     let (lines, exact) = corpus(6_000, 8, 400);
     let total = lines.len() as u64;
-    let (top, handle, addr) = serve(&server.url, &prefix, lines);
-    let start = |task| start_worker(&addr, &server.url, &prefix, task);
+    let (top, handle, addr) = serve(&server.url, &prefix, lines, false);
+    let start = |task| start_worker(&addr, &server.url, &prefix, task, false);
     let mut workers = vec![start("split"), start("count"), start("count")];
     // A third counter joins once a third of the lines are done.
     wait_acked(&handle, &top, total / 3);
@@ -303,10 +321,12 @@ fn a_counter_joining_mid_run_keeps_the_counts_exact() {
     assert_exact(&stored(&server, &prefix), &exact);
 }
 
-/// The counter process of the `kill -9` test: this test binary, run again
-/// with `TEMPEST_STATE_CHILD=addr|url|prefix` and `--ignored --exact`.
+/// The counter process of the `kill -9` tests: this test binary, run
+/// again with `TEMPEST_STATE_CHILD=addr|url|prefix` and `--ignored
+/// --exact` (and `TEMPEST_STATE_AT_MOST_ONCE` set for at-most-once
+/// updates).
 #[test]
-#[ignore = "run as a child process by a_counter_killed_with_sigkill_loses_no_acked_update"]
+#[ignore = "run as a child process by the kill -9 tests"]
 fn counter_process() {
     let spec = std::env::var("TEMPEST_STATE_CHILD").expect("TEMPEST_STATE_CHILD is set");
     let parts: Vec<&str> = spec.split('|').collect();
@@ -317,13 +337,57 @@ fn counter_process() {
     standalone::run_worker(&t, "count", worker_options(addr), None).unwrap();
 }
 
-fn counter_child(addr: &str, url: &str, prefix: &str) -> std::process::Child {
-    std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["counter_process", "--exact", "--ignored", "--nocapture"])
+fn counter_child(addr: &str, url: &str, prefix: &str, at_most_once: bool) -> std::process::Child {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(["counter_process", "--exact", "--ignored", "--nocapture"])
         .env("TEMPEST_STATE_CHILD", format!("{addr}|{url}|{prefix}"))
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap()
+        .stdout(std::process::Stdio::null());
+    if at_most_once {
+        cmd.env("TEMPEST_STATE_AT_MOST_ONCE", "1");
+    }
+    cmd.spawn().unwrap()
+}
+
+/// Runs the word count with its counter in a process of its own, kills
+/// that process with SIGKILL twice mid-run and starts it again each time;
+/// returns the counts in Redis, the exact ones, and the number of
+/// applied-update records left in Redis.
+fn kill_a_counter(
+    prefix: &str,
+    at_most_once: bool,
+) -> (HashMap<String, u64>, HashMap<String, u64>, usize) {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let server = TestServer::shared().unwrap();
+    // 7 words a line, so a counter's batches (64 words) end inside lines:
+    // a line some of whose words were counted and checkpointed when the
+    // counter was killed runs again whole.
+    let (lines, exact) = corpus(6_000, 7, 400);
+    let total = lines.len() as u64;
+    let (top, handle, addr) = serve(&server.url, prefix, lines, at_most_once);
+    let split = start_worker(&addr, &server.url, prefix, "split", at_most_once);
+    let mut child = counter_child(&addr, &server.url, prefix, at_most_once);
+    for part in 1..=2 {
+        wait_acked(&handle, &top, total * part / 3);
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        child = counter_child(&addr, &server.url, prefix, at_most_once);
+    }
+    let report = top.join().unwrap();
+    split.join().unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(
+        report.stop,
+        StopReason::SourceExhausted,
+        "{:?}",
+        report.stats
+    );
+    assert_eq!(report.stats.acked, total);
+    let mut conn = server.connection().unwrap();
+    let records: usize = redis::cmd("ZCARD")
+        .arg(format!("{prefix}:applied"))
+        .query(&mut conn)
+        .unwrap();
+    (stored(&server, prefix), exact, records)
 }
 
 /// A counter process killed with SIGKILL mid-run and started again: every
@@ -332,34 +396,122 @@ fn counter_child(addr: &str, url: &str, prefix: &str) -> std::process::Child {
 /// yet acked runs again: at least once, so some may end above).
 #[test]
 fn a_counter_killed_with_sigkill_loses_no_acked_update() {
-    let _ = env_logger::builder().is_test(true).try_init();
-    let server = TestServer::shared().unwrap();
-    let prefix = unique_key("state-kill-9");
-    let (lines, exact) = corpus(6_000, 8, 400);
-    let total = lines.len() as u64;
-    let (top, handle, addr) = serve(&server.url, &prefix, lines);
-    let split = start_worker(&addr, &server.url, &prefix, "split");
-    let mut child = counter_child(&addr, &server.url, &prefix);
-    wait_acked(&handle, &top, total / 3);
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    let mut again = counter_child(&addr, &server.url, &prefix);
-    let report = top.join().unwrap();
-    split.join().unwrap();
-    assert!(again.wait().unwrap().success());
-    assert_eq!(
-        report.stop,
-        StopReason::SourceExhausted,
-        "{:?}",
-        report.stats
-    );
-    assert_eq!(report.stats.acked, total);
-    let got = stored(&server, &prefix);
+    let (got, exact, records) = kill_a_counter(&unique_key("state-kill-9"), false);
     let short: Vec<_> = exact
         .iter()
         .filter(|(w, c)| got.get(*w).copied().unwrap_or(0) < **c)
         .collect();
     assert!(short.is_empty(), "counts below the exact ones: {short:?}");
+    assert_eq!(records, 0, "no records without at-most-once updates");
     let extra: u64 = got.values().sum::<u64>() - exact.values().sum::<u64>();
     eprintln!("kill -9: {extra} update(s) applied twice");
+}
+
+/// The same with at-most-once updates: the messages the killed counter had
+/// checkpointed but not answered run again and change nothing, so every
+/// count is exact; and once every message is acked, no record of an
+/// applied update is left in Redis.
+#[test]
+fn a_counter_killed_with_sigkill_applies_each_update_once_with_at_most_once_updates() {
+    let (got, exact, records) = kill_a_counter(&unique_key("state-kill-9-once"), true);
+    assert_exact(&got, &exact);
+    assert_eq!(records, 0, "the records of acked messages are dropped");
+}
+
+/// At-most-once updates without a backend that records them is a build
+/// error that says what is missing.
+#[test]
+fn at_most_once_updates_need_a_durable_backend() {
+    let err = TopologyBuilder::new("state")
+        .source(source_of(&[]))
+        .pipeline(Pipeline::new().task(Count::default()))
+        .at_most_once_updates()
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("at_most_once_updates needs a durable state backend"),
+        "{err}"
+    );
+}
+
+/// A worker that does not apply updates at most once, of a topology that
+/// does, would give its outputs no paths: it is refused at the handshake,
+/// with an error saying what to set.
+#[test]
+fn a_worker_configured_unlike_its_topology_is_refused() {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let server = TestServer::shared().unwrap();
+    let prefix = unique_key("state-mismatch");
+    // A line that waits for a worker, so the topology stays up.
+    let (_top, handle, addr) = serve(&server.url, &prefix, vec!["a b".to_string()], true);
+    let t = topology(&server.url, &prefix, source_of(&[]))
+        .build()
+        .unwrap();
+    let err = standalone::run_worker(&t, "split", worker_options(&addr), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("the topology applies state updates at most once and this worker does not"),
+        "{err}"
+    );
+    // The topology's thread ends with its graceful shutdown; the test
+    // does not wait for it.
+    handle.shutdown();
+}
+
+/// Runs the word count in process with answers that often come after the
+/// message's timeout (they wait for a checkpoint every 150 ms; a message
+/// may take 120 ms), so many lines are retried after their words were
+/// counted; returns the run's stats, the stored counts and the exact ones.
+fn retry_after_counting(
+    prefix: &str,
+    at_most_once: bool,
+) -> (tempest::Stats, HashMap<String, u64>, HashMap<String, u64>) {
+    let server = TestServer::shared().unwrap();
+    let (lines, exact) = corpus(300, 5, 60);
+    let t = topology(&server.url, prefix, source_of(&lines))
+        .checkpoint_interval(Duration::from_millis(150))
+        .msg_timeout(Duration::from_millis(120))
+        .failure_policy(tempest::FailurePolicy::Retry(50))
+        .retry_backoff(Duration::from_millis(1), Duration::from_millis(5));
+    let t = if at_most_once {
+        t.at_most_once_updates()
+    } else {
+        t
+    };
+    let report = TestRun::new(t)
+        .deadline(Duration::from_secs(60))
+        .run()
+        .unwrap();
+    assert_eq!(report.stats.acked, lines.len() as u64, "{:?}", report.stats);
+    (report.stats, stored(&server, prefix), exact)
+}
+
+/// The control: at least once, a line retried after its words were counted
+/// counts them again.
+#[test]
+fn a_retry_after_counting_counts_again_at_least_once() {
+    let (stats, got, exact) = retry_after_counting(&unique_key("state-retry"), false);
+    assert!(stats.retried > 0, "{stats:?}");
+    let extra = got.values().sum::<u64>() - exact.values().sum::<u64>();
+    assert!(extra > 0, "{stats:?}");
+    eprintln!("{} retries: {extra} updates applied again", stats.retried);
+}
+
+/// With at-most-once updates the retried lines' words change nothing: the
+/// counts are exact however many attempts each line took.
+#[test]
+fn a_retry_after_counting_changes_nothing_with_at_most_once_updates() {
+    let prefix = unique_key("state-retry-once");
+    let (stats, got, exact) = retry_after_counting(&prefix, true);
+    assert!(stats.retried > 0, "{stats:?}");
+    assert_exact(&got, &exact);
+    let server = TestServer::shared().unwrap();
+    let mut conn = server.connection().unwrap();
+    let records: usize = redis::cmd("ZCARD")
+        .arg(format!("{prefix}:applied"))
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(records, 0, "the records of acked messages are dropped");
 }

@@ -189,6 +189,11 @@ async fn drive(
     transport: &mut dyn AsyncTransport,
 ) {
     let name = ctx.task.as_str();
+    // With at-most-once updates downstream, outputs get paths.
+    let seed = ctx
+        .states
+        .at_most_once()
+        .then(|| crate::msg::path_seed(name));
     let metrics = ctx.metrics.with_label("worker", ctx.worker.to_string());
     let mut counts = Counts::default();
     let mut batch_us = ctx.metrics.histogram(names::TASK_BATCH_US);
@@ -302,7 +307,7 @@ async fn drive(
                     };
                     b.answered += 1;
                     let r = gathered.of(b.tag, worker);
-                    let verdict = verdict(name, ended, &mctx, &mut r.outputs, &mut counts);
+                    let verdict = verdict(name, ended, &mctx, seed, &mut r.outputs, &mut counts);
                     r.items.push((ticket, verdict));
                     counts.msgs_in += 1;
                     answer = running.next().now_or_never().flatten();
@@ -337,11 +342,13 @@ async fn drive(
     batch_size.flush();
 }
 
-/// The verdict on one call; a `Done` call's outputs are appended to `out`.
+/// The verdict on one call; a `Done` call's outputs are appended to `out`
+/// (given paths from `seed`, the task's, if set).
 fn verdict(
     name: &str,
     ended: Ended,
     ctx: &MsgCtx,
+    seed: Option<u64>,
     out: &mut Vec<Emitted>,
     counts: &mut Counts,
 ) -> Verdict {
@@ -349,7 +356,12 @@ fn verdict(
         Ended::Returned(Ok(output)) => {
             let before = out.len();
             match output.drain_into(ctx, out) {
-                Ok(()) => Verdict::Done((out.len() - before) as u32),
+                Ok(()) => {
+                    if let Some(seed) = seed {
+                        crate::worker::set_paths(ctx, seed, &mut out[before..]);
+                    }
+                    Verdict::Done((out.len() - before) as u32)
+                }
                 Err(e) => {
                     counts.errors += 1;
                     Verdict::Error(e.message().to_string())

@@ -31,6 +31,7 @@
 //! port = 9311
 //! graceful_shutdown = 30000   # ms
 //! checkpoint_interval = 1000  # ms: keyed state's checkpoints (durable backends)
+//! at_most_once_updates = false  # apply each state update at most once (needs a backend that records them)
 //! source_connect_timeout = 60000  # ms the source may be unreachable at start; 0: forever
 //! failure_policy = { retry = 3 }   # or "none", "best_effort"
 //! msg_timeout = 30000         # ms; 0 for none
@@ -93,6 +94,8 @@ pub struct FileConfig {
     pub graceful_shutdown: Option<u64>,
     /// Milliseconds between checkpoints of keyed state (durable backends).
     pub checkpoint_interval: Option<u64>,
+    /// Whether each update of keyed state is applied at most once.
+    pub at_most_once_updates: Option<bool>,
     /// Milliseconds the source may stay unreachable at start; 0 for no limit.
     pub source_connect_timeout: Option<u64>,
     /// `"none"`, `"best_effort"` or `{ retry = N }`.
@@ -1269,7 +1272,7 @@ a = 1
         let want = [
             "Topology.toml:2: max_pendng: unknown key; did you mean max_pending?",
             "Topology.toml:3: port: invalid type: string \"high\", expected a whole number from 0 to 65535",
-            "Topology.toml:4: frobnicate: unknown key; the keys are: name, host, port, graceful_shutdown, checkpoint_interval, source_connect_timeout, failure_policy, msg_timeout, max_pending, secret, max_frame, heartbeat, handshake_timeout, max_handshakes, retry_backoff, max_retry_backoff, source, task, edge, metric",
+            "Topology.toml:4: frobnicate: unknown key; the keys are: name, host, port, graceful_shutdown, checkpoint_interval, at_most_once_updates, source_connect_timeout, failure_policy, msg_timeout, max_pending, secret, max_frame, heartbeat, handshake_timeout, max_handshakes, retry_backoff, max_retry_backoff, source, task, edge, metric",
             "Topology.toml:5: failure_policy: unknown policy \"sometimes\"; write failure_policy = { retry = 3 } (retry up to 3 times), \"none\" or \"best_effort\"",
             "Topology.toml:8: source.confg: unknown key; did you mean config?",
             "Topology.toml:12: task.workrs: unknown key; did you mean workers?",

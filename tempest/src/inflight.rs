@@ -344,7 +344,8 @@ impl Tracker {
         r.meta = Meta::new(msg.key.take(), std::mem::take(&mut msg.headers));
         r.id = std::mem::replace(&mut msg.id, MsgId::Int(0));
         r.payload = std::mem::take(&mut msg.payload);
-        r.origin.delivered = msg.delivered;
+        // 0 stands for a tick's output.
+        r.origin.delivered = msg.delivered.max(1);
         r.origin.timestamp = msg.timestamp;
         self.start_attempt(slot, now, d);
     }
@@ -513,13 +514,13 @@ impl Tracker {
         let st = &mut self.states[base + from as usize];
         st.parents_left = 0;
         st.outstanding = 1;
-        let mut out = [Emitted {
-            payload: match self.config.policy {
+        let mut out = [Emitted::with_meta(
+            match self.config.policy {
                 FailurePolicy::Retry(_) => r.payload.clone(),
                 _ => std::mem::take(&mut r.payload),
             },
-            meta: r.meta.clone(),
-        }];
+            r.meta.clone(),
+        )];
         let ticket = Ticket::new(slot, r.gen, from);
         // Finished records go nowhere: a tick's output never completes
         // inside this call (`from` has children, each still to run).
@@ -597,7 +598,11 @@ impl Tracker {
                         states[base + c as usize].outstanding +=
                             outputs.len() as u32 * copies_of(d, c, grouping);
                         for o in outputs.iter_mut() {
-                            let Emitted { payload, meta } = take(o);
+                            let Emitted {
+                                payload,
+                                meta,
+                                path,
+                            } = take(o);
                             d.dispatch(
                                 c,
                                 grouping,
@@ -606,6 +611,7 @@ impl Tracker {
                                     payload,
                                     ctx: MsgCtx {
                                         meta,
+                                        path,
                                         ..template.clone()
                                     },
                                 },
@@ -728,7 +734,10 @@ impl Tracker {
                                 TaskMsg {
                                     ticket: Ticket::new(slot, gen, c),
                                     payload: out.payload,
-                                    ctx: ctx_of(r, dag, parent, out.meta),
+                                    ctx: MsgCtx {
+                                        path: out.path,
+                                        ..ctx_of(r, dag, parent, out.meta)
+                                    },
                                 },
                             );
                         }
@@ -937,10 +946,24 @@ fn join_msg(
             .map(|(p, o)| (position(*p), &o.payload, o.key(), o.headers())),
     );
     let common = common_meta(held.iter().map(|(_, o)| o));
+    // Its parts' paths all lead to it; one join message per source message
+    // needs none of them to be told apart.
+    let path = if held.iter().any(|(_, o)| o.path != 0) {
+        crate::msg::output_path(
+            0,
+            crate::msg::path_seed(dag.name(join)),
+            crate::msg::JOIN_INDEX,
+        )
+    } else {
+        0
+    };
     TaskMsg {
         ticket: Ticket::new(slot, r.gen, join),
         payload,
-        ctx: ctx_of(r, dag, NO_TASK, common.meta),
+        ctx: MsgCtx {
+            path,
+            ..ctx_of(r, dag, NO_TASK, common.meta)
+        },
     }
 }
 
@@ -969,6 +992,7 @@ fn ctx_of(r: &Record, dag: &Dag, parent: TaskIdx, meta: Meta) -> MsgCtx {
         origin: r.origin,
         parent: dag.parent(parent),
         meta,
+        path: 0,
     }
 }
 

@@ -81,7 +81,7 @@ pub use join::{JoinTask, Joined, Part};
 pub use msg::Verdict;
 pub use msg::{Emitted, MsgCtx, TaskIdx, TaskMsg, Ticket};
 pub use pipeline::{Dag, Pipeline, PipelineError, PipelineErrors};
-pub use state::{KeyedState, StateBackend, StateError};
+pub use state::{Changes, KeyedState, Loaded, StateBackend, StateError, UpdateId};
 pub use task::{
     AsyncTask, Msg, Out, Output, Task, TaskContext, TaskError, TaskResult, DEFAULT_CONCURRENCY,
 };

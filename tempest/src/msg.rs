@@ -92,6 +92,9 @@ pub struct MsgCtx {
     pub(crate) origin: Origin,
     pub(crate) parent: Parent,
     pub(crate) meta: Meta,
+    /// Where in its source message's processing it is (see
+    /// [`path`](Self::path)).
+    pub(crate) path: u64,
 }
 
 /// What every task message of one attempt at a source message shares,
@@ -138,6 +141,7 @@ impl MsgCtx {
             },
             parent: FROM_SOURCE,
             meta: Meta::default(),
+            path: 0,
         }
     }
 
@@ -153,9 +157,16 @@ impl MsgCtx {
     }
 
     /// How many times the source has delivered the source message (1 on
-    /// first delivery; more after a restart or a redelivery).
+    /// first delivery; more after a restart or a redelivery; 0 for a
+    /// message that derives from a tick's output, not from the source).
     pub fn delivered(&self) -> u32 {
         self.origin.delivered
+    }
+
+    /// Whether the message derives from a tick's output rather than from
+    /// a source message.
+    pub fn from_tick(&self) -> bool {
+        self.origin.delivered == 0
     }
 
     /// When the source message entered the source system, in milliseconds
@@ -196,6 +207,22 @@ impl MsgCtx {
     /// the message is retried or given up on.
     pub fn deadline(&self) -> Option<Instant> {
         from_nanos(self.origin.deadline)
+    }
+
+    /// Where this message is in its source message's processing: a hash of
+    /// the tasks and output indices from the source to it, the same on
+    /// every attempt and every redelivery (0 for the root task's message).
+    /// With [at-most-once updates](crate::TopologyBuilder::at_most_once_updates)
+    /// it and the source message's id name the message's state updates;
+    /// without, it is 0 on every message.
+    pub fn path(&self) -> u64 {
+        self.path
+    }
+
+    /// The context with this path.
+    pub fn with_path(mut self, path: u64) -> Self {
+        self.path = path;
+        self
     }
 
     /// The context with this attempt.
@@ -243,6 +270,9 @@ impl fmt::Debug for MsgCtx {
         if !self.headers().is_empty() {
             d.field("headers", self.headers());
         }
+        if self.path != 0 {
+            d.field("path", &format_args!("{:016x}", self.path));
+        }
         d.finish()
     }
 }
@@ -254,6 +284,9 @@ pub struct Emitted {
     /// The payload.
     pub payload: Bytes,
     pub(crate) meta: Meta,
+    /// The path of the message it becomes ([`MsgCtx::path`]); 0 unless
+    /// updates are applied at most once.
+    pub(crate) path: u64,
 }
 
 impl Emitted {
@@ -262,6 +295,7 @@ impl Emitted {
         Emitted {
             payload,
             meta: Meta::new(key, headers),
+            path: 0,
         }
     }
 
@@ -270,6 +304,16 @@ impl Emitted {
         Emitted {
             payload,
             meta: Meta::default(),
+            path: 0,
+        }
+    }
+
+    /// An output inheriting `meta`.
+    pub(crate) fn with_meta(payload: Bytes, meta: Meta) -> Self {
+        Emitted {
+            payload,
+            meta,
+            path: 0,
         }
     }
 
@@ -325,6 +369,27 @@ impl fmt::Debug for Meta {
             .finish()
     }
 }
+
+/// The seed of task `name`'s output paths: its name's hash (stable across
+/// builds and processes, so a path stored with a checkpoint names the same
+/// message after a restart).
+pub(crate) fn path_seed(name: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(name.as_bytes())
+}
+
+/// The path of output `index` of the task with seed `seed` ([`path_seed`])
+/// handling a message at `path`.
+#[inline]
+pub(crate) fn output_path(path: u64, seed: u64, index: u32) -> u64 {
+    let mut bytes = [0u8; 12];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    bytes[8..].copy_from_slice(&index.to_le_bytes());
+    xxhash_rust::xxh3::xxh3_64_with_seed(&bytes, path)
+}
+
+/// The output index a join's message stands at in [`output_path`]: a join
+/// has one message per source message.
+pub(crate) const JOIN_INDEX: u32 = u32::MAX;
 
 /// An interned task name's number (see [`intern`]).
 pub(crate) type NameId = u32;

@@ -288,6 +288,7 @@ pub(crate) fn run(
             epoch,
             stop: stop.clone(),
             worker: w,
+            at_most_once: states.is_at_most_once(),
         };
         let io_thread = std::thread::Builder::new()
             .name(format!("tempest-{task}-{w}-io"))
@@ -348,6 +349,9 @@ struct Io {
     epoch: Arc<AtomicU64>,
     stop: watch::Receiver<bool>,
     worker: usize,
+    /// Whether this worker applies state updates at most once (its
+    /// topology must too).
+    at_most_once: bool,
 }
 
 /// A handshake that failed.
@@ -486,10 +490,21 @@ impl Io {
             .await
             .map_err(send)?;
         match recv(&mut framed, step).await? {
+            Frame::Welcome { at_most_once, .. } if at_most_once != self.at_most_once => {
+                let (yes, no) = if at_most_once {
+                    ("the topology", "this worker")
+                } else {
+                    ("this worker", "the topology")
+                };
+                Err(Refused::Fatal(format!(
+                    "{yes} applies state updates at most once and {no} does not: set at_most_once_updates alike for both (Topology.toml or TopologyBuilder::at_most_once_updates)"
+                )))
+            }
             Frame::Welcome {
                 worker,
                 heartbeat_ms,
                 max_frame,
+                ..
             } => {
                 framed.codec_mut().set_max(max_frame as usize);
                 log::info!(

@@ -136,6 +136,7 @@ pub(crate) async fn listen(
     options: ServeOptions,
     dag: Arc<Dag>,
     pipeline: Addr<PipelineActor>,
+    at_most_once: bool,
 ) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::from_std(listener)?;
     let local = listener.local_addr()?;
@@ -180,7 +181,8 @@ pub(crate) async fn listen(
                         (Arc::clone(&options), Arc::clone(&dag), pipeline.clone());
                     let refusals = Rc::clone(&refusals);
                     actix_rt::spawn(async move {
-                        if let Err(why) = accept(stream, peer, options, dag, pipeline, permit).await
+                        if let Err(why) =
+                            accept(stream, peer, options, dag, pipeline, at_most_once, permit).await
                         {
                             refusals.borrow_mut().refused(peer, &why);
                         }
@@ -235,6 +237,9 @@ async fn accept(
     options: Arc<ServeOptions>,
     dag: Arc<Dag>,
     pipeline: Addr<PipelineActor>,
+    // Whether the topology applies state updates at most once (the worker
+    // must give outputs paths).
+    at_most_once: bool,
     // Held until the handshake is over, either way.
     _handshake: OwnedSemaphorePermit,
 ) -> Result<(), String> {
@@ -301,6 +306,7 @@ async fn accept(
             worker,
             heartbeat_ms: options.heartbeat.as_millis() as u32,
             max_frame: options.max_frame as u32,
+            at_most_once,
         })
         .await
         .map_err(|e| e.to_string())?;

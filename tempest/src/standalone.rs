@@ -213,7 +213,8 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
         file,
         state,
     } = topology;
-    let states = crate::state::StateRegistry::new(state);
+    let states =
+        crate::state::StateRegistry::new(state.clone()).at_most_once(topts.at_most_once_updates);
     let listener = match &options.serve {
         Some(serve) => Some(crate::server::bind(serve)?),
         None => None,
@@ -259,15 +260,20 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
         let arbiter = Arbiter::new();
         let (pipe_rx, topo_rx) = (pipe.clone().recipient(), topo.clone().recipient());
         let max_pending = topts.max_pending;
+        let forget = state.clone().filter(|_| topts.at_most_once_updates);
         let source_addr = SourceActor::start_in_arbiter(&arbiter.handle(), move |_| {
-            SourceActor::new(
+            let actor = SourceActor::new(
                 src,
                 max_pending,
                 pipe_rx,
                 topo_rx,
                 source_metrics,
                 topts.source_connect_timeout,
-            )
+            );
+            match forget {
+                Some(backend) => actor.forgetting_in(backend),
+                None => actor,
+            }
         });
 
         let tracker = Tracker::new(
@@ -419,7 +425,10 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
             let (tx, rx) = oneshot::channel();
             let (dag, pipe) = (Arc::clone(&dag), pipe.clone());
             arbiter.spawn(async move {
-                let _ = tx.send(crate::server::listen(listener, serve, dag, pipe).await);
+                let _ = tx.send(
+                    crate::server::listen(listener, serve, dag, pipe, topts.at_most_once_updates)
+                        .await,
+                );
             });
             io_arbiter = Some(arbiter);
             let failed = match rx.await {
@@ -555,7 +564,8 @@ pub fn run_worker(
         metrics,
         handle.stop_signal(),
         (
-            crate::state::StateRegistry::new(topology.state.clone()),
+            crate::state::StateRegistry::new(topology.state.clone())
+                .at_most_once(topology.options.at_most_once_updates),
             topology.options.checkpoint_interval,
         ),
     );

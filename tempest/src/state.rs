@@ -16,16 +16,30 @@
 //! durable. Clean entries are dropped before each batch and loaded again
 //! when used: a key that moved to another worker and back is read fresh.
 //!
+//!
+//! With [at-most-once updates] the worker tells the stores which message
+//! it is handling ([`UpdateId`]: the source message's id and the message's
+//! [path]). The first change a message makes to a store records the
+//! update as applied there, and the record is written with the store's
+//! checkpoint, in the same atomic commit; a message whose update a store
+//! already holds (handled before a failure, or by an earlier attempt)
+//! changes nothing in that store. The topology drops a source message's
+//! records once the source has acked it ([`StateBackend::forget`]).
+//!
 //! [`TaskContext::state`]: crate::TaskContext::state
+//! [at-most-once updates]: crate::TopologyBuilder::at_most_once_updates
+//! [path]: crate::MsgCtx::path
 
 use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tempest_source::MsgId;
 
 /// A failure of a state backend, or of encoding a value for it.
 #[derive(Debug, thiserror::Error)]
@@ -47,21 +61,108 @@ impl StateError {
     }
 }
 
+/// One message's updates, for applying them at most once: the source
+/// message it derives from and its place in that message's processing
+/// ([`MsgCtx::path`](crate::MsgCtx::path)). The same on every attempt and
+/// every redelivery of the source message.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct UpdateId {
+    /// The source message's id.
+    pub source: MsgId,
+    /// The message's path.
+    pub path: u64,
+}
+
+impl UpdateId {
+    /// Its source message's id as bytes, for a backend's records: a tag
+    /// (`i` an integer, `b` bytes), then the integer big-endian or the
+    /// bytes' length (`u16` big-endian) and the bytes. Every record of one
+    /// source message starts with this, and no other's does.
+    pub fn source_prefix(source: &MsgId) -> Vec<u8> {
+        match source {
+            MsgId::Int(n) => {
+                let mut v = Vec::with_capacity(9);
+                v.push(b'i');
+                v.extend_from_slice(&n.to_be_bytes());
+                v
+            }
+            MsgId::Bytes(b) => {
+                let len = b.len().min(u16::MAX as usize);
+                let mut v = Vec::with_capacity(3 + len);
+                v.push(b'b');
+                v.extend_from_slice(&(len as u16).to_be_bytes());
+                v.extend_from_slice(&b[..len]);
+                v
+            }
+        }
+    }
+
+    /// The update's record in store `store`: [`source_prefix`](Self::source_prefix),
+    /// the store's name, a zero byte, and the path (8 bytes big-endian).
+    pub fn record(&self, store: &str) -> Vec<u8> {
+        let mut v = Self::source_prefix(&self.source);
+        v.extend_from_slice(store.as_bytes());
+        v.push(0);
+        v.extend_from_slice(&self.path.to_be_bytes());
+        v
+    }
+}
+
+/// What one checkpoint writes to a store: values, removals, and (with
+/// at-most-once updates) the updates now applied.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Changes<'a> {
+    /// Keys and their new values.
+    pub puts: &'a [(Bytes, Bytes)],
+    /// Keys removed.
+    pub removes: &'a [Bytes],
+    /// Updates the changes hold: recorded as applied in this store, in the
+    /// same atomic commit.
+    pub applied: &'a [UpdateId],
+}
+
+impl Changes<'_> {
+    /// Nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.puts.is_empty() && self.removes.is_empty() && self.applied.is_empty()
+    }
+}
+
+/// What a load found: a value per key asked for, and per update asked
+/// for, whether the store has it applied.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Loaded {
+    /// The values of the keys, in order (`None`: no value).
+    pub values: Vec<Option<Bytes>>,
+    /// Whether each update is recorded as applied, in order.
+    pub applied: Vec<bool>,
+}
+
 /// A durable home for keyed state: what a checkpoint writes and a worker
 /// loads. Values arrive encoded (postcard); the backend stores bytes.
 ///
 /// `commit` must be atomic: after a crash, either all of one checkpoint's
-/// changes are in the backend or none.
+/// changes are in the backend or none. A backend that can record applied
+/// updates (see [`records_updates`](Self::records_updates)) writes them in
+/// that same commit, and answers for them in `load`.
 pub trait StateBackend: Send + Sync + fmt::Debug {
-    /// The values of `keys` in store `store` (`None`: no value), in order.
-    fn load(&self, store: &str, keys: &[Bytes]) -> Result<Vec<Option<Bytes>>, StateError>;
-    /// Writes `puts` and deletes `removes` in store `store`, atomically.
-    fn commit(
-        &self,
-        store: &str,
-        puts: &[(Bytes, Bytes)],
-        removes: &[Bytes],
-    ) -> Result<(), StateError>;
+    /// The values of `keys` in store `store`, and whether each of `updates`
+    /// is recorded as applied there, in one round trip where it can.
+    fn load(&self, store: &str, keys: &[Bytes], updates: &[UpdateId])
+        -> Result<Loaded, StateError>;
+    /// Writes `changes` to store `store`, atomically.
+    fn commit(&self, store: &str, changes: &Changes<'_>) -> Result<(), StateError>;
+    /// Whether it records applied updates, so that a topology can apply
+    /// updates at most once with it (default: no).
+    fn records_updates(&self) -> bool {
+        false
+    }
+    /// Drops the applied-update records of these source messages, in
+    /// every store: the source has acked them, so they never come back.
+    fn forget(&self, sources: &[MsgId]) -> Result<(), StateError> {
+        let _ = sources;
+        Ok(())
+    }
 }
 
 /// A value of a store, and whether it changed since the last checkpoint.
@@ -73,11 +174,25 @@ struct Entry<V> {
     dirty: u64,
 }
 
+/// What a store knows of one update (at-most-once updates only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Applied {
+    /// Not applied here (as of the last load).
+    No,
+    /// Applied, by the handling numbered `by` (0: before this run, or in a
+    /// handling since ended); `dirty` as for an [`Entry`].
+    Yes { by: u64, dirty: u64 },
+}
+
 struct Store<V> {
     /// `task/name`: the backend's name for it.
     name: String,
     entries: HashMap<Bytes, Entry<V>>,
-    /// Dirty entries.
+    /// At-most-once updates: what is known of the updates of the messages
+    /// handled lately (those applied since the last checkpoint stay until
+    /// it is written).
+    updates: HashMap<UpdateId, Applied>,
+    /// Dirty entries and updates.
     dirty: usize,
     /// Changes so far (the last change's number).
     changes: u64,
@@ -103,10 +218,55 @@ impl<V: Serialize + DeserializeOwned + Clone> Store<V> {
             return Ok(());
         }
         let key = Bytes::copy_from_slice(key);
-        let got = b.load(&self.name, std::slice::from_ref(&key))?;
-        let value = decode(&self.name, got.into_iter().next().flatten())?;
+        let got = b.load(&self.name, std::slice::from_ref(&key), &[])?;
+        let value = decode(&self.name, got.values.into_iter().next().flatten())?;
         self.entries.insert(key, Entry { value, dirty: 0 });
         Ok(())
+    }
+
+    /// Whether the handling `current` may change this store: yes unless
+    /// its update is applied here already by another handling (before a
+    /// failure, or an earlier attempt). The first change of a handling
+    /// records the update as applied.
+    fn may_change(&mut self, current: Option<&Current>) -> Result<bool, StateError> {
+        let Some(cur) = current else {
+            return Ok(true);
+        };
+        let known = match self.updates.get(&cur.update) {
+            Some(&a) => a,
+            None => {
+                let applied = match &self.backend {
+                    Some(b) => {
+                        let got = b.load(&self.name, &[], std::slice::from_ref(&cur.update))?;
+                        got.applied.first().copied().unwrap_or(false)
+                    }
+                    None => false,
+                };
+                if applied {
+                    Applied::Yes { by: 0, dirty: 0 }
+                } else {
+                    Applied::No
+                }
+            }
+        };
+        match known {
+            Applied::Yes { by, .. } => {
+                self.updates.insert(cur.update.clone(), known);
+                Ok(by == cur.handling)
+            }
+            Applied::No => {
+                self.changes += 1;
+                self.dirty += 1;
+                self.updates.insert(
+                    cur.update.clone(),
+                    Applied::Yes {
+                        by: cur.handling,
+                        dirty: self.changes,
+                    },
+                );
+                Ok(true)
+            }
+        }
     }
 
     fn set(&mut self, key: &[u8], value: Option<V>) {
@@ -164,19 +324,40 @@ fn decode<V: DeserializeOwned>(store: &str, bytes: Option<Bytes>) -> Result<Opti
         .transpose()
 }
 
+/// The message a worker is handling, with at-most-once updates.
+#[derive(Clone, Debug)]
+struct Current {
+    update: UpdateId,
+    /// Unique in the run: tells this handling from another of the same
+    /// update (an earlier attempt).
+    handling: u64,
+}
+
+/// A worker's current message, shared by its store handles.
+type CurrentCell = Arc<Mutex<Option<Current>>>;
+
 /// A handle to one keyed store of a task: `get`, `put`, `update` and
 /// `remove` by key. Cheap to clone; every clone is the same store.
 ///
 /// A handle's calls fail only with a durable backend (a load that fails);
 /// in memory they cannot fail.
+///
+/// With [at-most-once updates](crate::TopologyBuilder::at_most_once_updates),
+/// a message whose changes this store already holds (from its handling
+/// before a failure) changes nothing: `put` and `remove` leave the store as
+/// it is and `update` does not call its function; `update` and `remove`
+/// return the stored value.
 pub struct KeyedState<V> {
     store: Arc<Shared<V>>,
+    /// With at-most-once updates: the worker's current message.
+    current: Option<CurrentCell>,
 }
 
 impl<V> Clone for KeyedState<V> {
     fn clone(&self) -> Self {
         KeyedState {
             store: Arc::clone(&self.store),
+            current: self.current.clone(),
         }
     }
 }
@@ -192,6 +373,12 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> KeyedState<V> {
         self.store.lock()
     }
 
+    /// The worker's current message, with at-most-once updates.
+    fn current(&self) -> Option<Current> {
+        let cell = self.current.as_ref()?;
+        cell.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
     /// The value of `key`, if it has one.
     pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<V>, StateError> {
         let key = key.as_ref();
@@ -200,9 +387,16 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> KeyedState<V> {
         Ok(s.entries.get(key).and_then(|e| e.value.clone()))
     }
 
-    /// Sets the value of `key`.
-    pub fn put(&self, key: impl AsRef<[u8]>, value: V) {
-        self.lock().set(key.as_ref(), Some(value));
+    /// Sets the value of `key`. (With at-most-once updates, it can fail:
+    /// finding out whether the message's update is applied may need the
+    /// backend.)
+    pub fn put(&self, key: impl AsRef<[u8]>, value: V) -> Result<(), StateError> {
+        let current = self.current();
+        let mut s = self.lock();
+        if s.may_change(current.as_ref())? {
+            s.set(key.as_ref(), Some(value));
+        }
+        Ok(())
     }
 
     /// Replaces the value of `key` with what `f` makes of it (`None`
@@ -213,8 +407,12 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> KeyedState<V> {
         f: impl FnOnce(Option<V>) -> Option<V>,
     ) -> Result<Option<V>, StateError> {
         let key = key.as_ref();
+        let current = self.current();
         let mut s = self.lock();
         s.load(key)?;
+        if !s.may_change(current.as_ref())? {
+            return Ok(s.entries.get(key).and_then(|e| e.value.clone()));
+        }
         let old = s.entries.get_mut(key).and_then(|e| e.value.take());
         let new = f(old);
         s.set(key, new.clone());
@@ -224,8 +422,12 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> KeyedState<V> {
     /// Removes `key`'s value; returns it.
     pub fn remove(&self, key: impl AsRef<[u8]>) -> Result<Option<V>, StateError> {
         let key = key.as_ref();
+        let current = self.current();
         let mut s = self.lock();
         s.load(key)?;
+        if !s.may_change(current.as_ref())? {
+            return Ok(s.entries.get(key).and_then(|e| e.value.clone()));
+        }
         let old = s.entries.get_mut(key).and_then(|e| e.value.take());
         s.set(key, None);
         Ok(old)
@@ -248,9 +450,9 @@ pub(crate) trait Checkpointed: Send + Sync {
     fn is_dirty(&self) -> bool;
     /// Writes its changes in one commit; they are clean after.
     fn checkpoint(&self) -> Result<usize, StateError>;
-    /// Drops the clean entries and loads `keys` (those not dirty) in one
-    /// round trip.
-    fn refresh(&self, keys: &[Bytes]) -> Result<(), StateError>;
+    /// Drops the clean entries and loads `keys` (those not dirty), and
+    /// whether `updates` are applied, in one round trip.
+    fn refresh(&self, keys: &[Bytes], updates: &[UpdateId]) -> Result<(), StateError>;
 }
 
 impl<V> Shared<V> {
@@ -270,6 +472,8 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> Checkpointed for 
         let mut puts = Vec::new();
         let mut removes = Vec::new();
         let mut written = Vec::new();
+        let mut applied = Vec::new();
+        let mut applied_written = Vec::new();
         let (backend, name) = {
             let s = self.lock();
             let Some(backend) = s.backend.clone() else {
@@ -290,9 +494,24 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> Checkpointed for 
                 }
                 written.push((k.clone(), e.dirty));
             }
+            for (u, a) in &s.updates {
+                if let Applied::Yes { dirty, .. } = *a {
+                    if dirty > 0 {
+                        applied.push(u.clone());
+                        applied_written.push(dirty);
+                    }
+                }
+            }
             (backend, s.name.clone())
         };
-        backend.commit(&name, &puts, &removes)?;
+        backend.commit(
+            &name,
+            &Changes {
+                puts: &puts,
+                removes: &removes,
+                applied: &applied,
+            },
+        )?;
         let mut s = self.lock();
         for (k, change) in written {
             if let Some(e) = s.entries.get_mut(&k) {
@@ -302,37 +521,75 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> Checkpointed for 
                 }
             }
         }
+        for (u, change) in applied.into_iter().zip(applied_written) {
+            if let Some(Applied::Yes { dirty, .. }) = s.updates.get_mut(&u) {
+                if *dirty == change {
+                    *dirty = 0;
+                    s.dirty -= 1;
+                }
+            }
+        }
         Ok(puts.len() + removes.len())
     }
 
-    fn refresh(&self, keys: &[Bytes]) -> Result<(), StateError> {
-        let (backend, name, mut missing) = {
+    fn refresh(&self, keys: &[Bytes], updates: &[UpdateId]) -> Result<(), StateError> {
+        let (backend, name, mut missing, mut unknown) = {
             let mut s = self.lock();
             let Some(backend) = s.backend.clone() else {
                 return Ok(());
             };
             s.entries.retain(|_, e| e.dirty > 0);
+            // What a checkpoint holds is read again when needed (another
+            // process may have handled the message since); what no
+            // checkpoint holds yet stays.
+            s.updates
+                .retain(|_, a| matches!(a, Applied::Yes { dirty, .. } if *dirty > 0));
             let missing: Vec<Bytes> = keys
                 .iter()
                 .filter(|k| !s.entries.contains_key(&k[..]))
                 .cloned()
                 .collect();
-            (backend, s.name.clone(), missing)
+            let unknown: Vec<UpdateId> = updates
+                .iter()
+                .filter(|u| !s.updates.contains_key(u))
+                .cloned()
+                .collect();
+            (backend, s.name.clone(), missing, unknown)
         };
         missing.sort_unstable();
         missing.dedup();
-        if missing.is_empty() {
+        unknown.dedup();
+        if missing.is_empty() && unknown.is_empty() {
             return Ok(());
         }
-        let values = backend.load(&name, &missing)?;
+        let loaded = backend.load(&name, &missing, &unknown)?;
+        if loaded.values.len() != missing.len() || loaded.applied.len() != unknown.len() {
+            return Err(StateError::new(
+                &name,
+                format!(
+                    "the backend answered {} values and {} update records for {} keys and {} updates",
+                    loaded.values.len(),
+                    loaded.applied.len(),
+                    missing.len(),
+                    unknown.len()
+                ),
+            ));
+        }
         let mut s = self.lock();
-        for (k, v) in missing.into_iter().zip(values) {
+        for (k, v) in missing.into_iter().zip(loaded.values) {
             // A key set meanwhile (or loaded by another worker) is newer.
             if s.entries.contains_key(&k) {
                 continue;
             }
             let value = decode(&name, v)?;
             s.entries.insert(k, Entry { value, dirty: 0 });
+        }
+        for (u, applied) in unknown.into_iter().zip(loaded.applied) {
+            s.updates.entry(u).or_insert(if applied {
+                Applied::Yes { by: 0, dirty: 0 }
+            } else {
+                Applied::No
+            });
         }
         Ok(())
     }
@@ -344,6 +601,10 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> Checkpointed for 
 pub(crate) struct StateRegistry {
     stores: Arc<Mutex<HashMap<String, Arc<dyn Any + Send + Sync>>>>,
     backend: Option<Arc<dyn StateBackend>>,
+    /// Whether updates are applied at most once.
+    at_most_once: bool,
+    /// Numbers the handlings of messages (for at-most-once updates).
+    handlings: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for StateRegistry {
@@ -359,11 +620,24 @@ impl StateRegistry {
         StateRegistry {
             stores: Arc::default(),
             backend,
+            at_most_once: false,
+            handlings: Arc::default(),
         }
+    }
+
+    /// The registry applying each update at most once (its backend must
+    /// record applied updates: the topology checks when it is built).
+    pub fn at_most_once(mut self, on: bool) -> Self {
+        self.at_most_once = on;
+        self
     }
 
     pub fn is_durable(&self) -> bool {
         self.backend.is_some()
+    }
+
+    pub fn is_at_most_once(&self) -> bool {
+        self.at_most_once
     }
 
     /// Store `name` of task `task`, made on first use. `None` if it exists
@@ -382,6 +656,7 @@ impl StateRegistry {
                     store: Mutex::new(Store::<V> {
                         name: full,
                         entries: HashMap::new(),
+                        updates: HashMap::new(),
                         dirty: 0,
                         changes: 0,
                         backend: self.backend.clone(),
@@ -399,6 +674,8 @@ impl StateRegistry {
 pub(crate) struct WorkerStates {
     registry: StateRegistry,
     used: Arc<Mutex<Vec<Arc<dyn Checkpointed>>>>,
+    /// With at-most-once updates: the message being handled.
+    current: Option<CurrentCell>,
 }
 
 impl fmt::Debug for WorkerStates {
@@ -411,10 +688,33 @@ impl fmt::Debug for WorkerStates {
 
 impl WorkerStates {
     pub fn new(registry: StateRegistry) -> Self {
+        let current = registry.at_most_once.then(CurrentCell::default);
         WorkerStates {
             registry,
             used: Arc::default(),
+            current,
         }
+    }
+
+    /// Whether updates are applied at most once: the worker names each
+    /// message it handles ([`begin`](Self::begin)) and gives its outputs
+    /// paths.
+    pub fn at_most_once(&self) -> bool {
+        self.current.is_some()
+    }
+
+    /// The worker handles the message of `ctx` now (`None`: a tick, whose
+    /// changes always apply).
+    pub fn begin(&self, ctx: Option<&crate::msg::MsgCtx>) {
+        let Some(cell) = &self.current else { return };
+        let next = ctx.map(|c| Current {
+            update: UpdateId {
+                source: c.id().clone(),
+                path: c.path(),
+            },
+            handling: self.registry.handlings.fetch_add(1, Ordering::Relaxed) + 1,
+        });
+        *cell.lock().unwrap_or_else(PoisonError::into_inner) = next;
     }
 
     fn used(&self) -> MutexGuard<'_, Vec<Arc<dyn Checkpointed>>> {
@@ -441,7 +741,10 @@ impl WorkerStates {
         if !used.iter().any(|u| Arc::ptr_eq(u, &erased)) {
             used.push(erased);
         }
-        Ok(KeyedState { store })
+        Ok(KeyedState {
+            store,
+            current: self.current.clone(),
+        })
     }
 
     /// Whether the worker's results must wait for checkpoints.
@@ -464,11 +767,12 @@ impl WorkerStates {
         Ok(n)
     }
 
-    /// Before a batch: drops clean entries and loads these keys.
-    pub fn refresh(&self, keys: &[Bytes]) -> Result<(), StateError> {
+    /// Before a batch: drops clean entries and loads these keys, and
+    /// (with at-most-once updates) whether these updates are applied.
+    pub fn refresh(&self, keys: &[Bytes], updates: &[UpdateId]) -> Result<(), StateError> {
         let used = self.used().clone();
         for s in used {
-            s.refresh(keys)?;
+            s.refresh(keys, updates)?;
         }
         Ok(())
     }
@@ -478,41 +782,189 @@ impl WorkerStates {
 mod tests {
     use super::*;
 
-    /// A backend in a map, counting commits.
+    /// A backend in maps, counting commits and loads.
     #[derive(Debug, Default)]
     struct MapBackend {
         data: Mutex<HashMap<(String, Bytes), Bytes>>,
+        applied: Mutex<std::collections::BTreeSet<Vec<u8>>>,
         commits: Mutex<u32>,
+        loads: Mutex<u32>,
         fail: Mutex<bool>,
     }
 
     impl StateBackend for MapBackend {
-        fn load(&self, store: &str, keys: &[Bytes]) -> Result<Vec<Option<Bytes>>, StateError> {
-            let d = self.data.lock().unwrap();
-            Ok(keys
-                .iter()
-                .map(|k| d.get(&(store.to_string(), k.clone())).cloned())
-                .collect())
-        }
-        fn commit(
+        fn load(
             &self,
             store: &str,
-            puts: &[(Bytes, Bytes)],
-            removes: &[Bytes],
-        ) -> Result<(), StateError> {
+            keys: &[Bytes],
+            updates: &[UpdateId],
+        ) -> Result<Loaded, StateError> {
+            *self.loads.lock().unwrap() += 1;
+            let d = self.data.lock().unwrap();
+            let a = self.applied.lock().unwrap();
+            Ok(Loaded {
+                values: keys
+                    .iter()
+                    .map(|k| d.get(&(store.to_string(), k.clone())).cloned())
+                    .collect(),
+                applied: updates
+                    .iter()
+                    .map(|u| a.contains(&u.record(store)))
+                    .collect(),
+            })
+        }
+        fn commit(&self, store: &str, changes: &Changes<'_>) -> Result<(), StateError> {
             if *self.fail.lock().unwrap() {
                 return Err(StateError::new(store, "down"));
             }
             let mut d = self.data.lock().unwrap();
-            for (k, v) in puts {
+            for (k, v) in changes.puts {
                 d.insert((store.to_string(), k.clone()), v.clone());
             }
-            for k in removes {
+            for k in changes.removes {
                 d.remove(&(store.to_string(), k.clone()));
+            }
+            let mut a = self.applied.lock().unwrap();
+            for u in changes.applied {
+                a.insert(u.record(store));
             }
             *self.commits.lock().unwrap() += 1;
             Ok(())
         }
+        fn records_updates(&self) -> bool {
+            true
+        }
+        fn forget(&self, sources: &[MsgId]) -> Result<(), StateError> {
+            let mut a = self.applied.lock().unwrap();
+            for id in sources {
+                let prefix = UpdateId::source_prefix(id);
+                a.retain(|r| !r.starts_with(&prefix));
+            }
+            Ok(())
+        }
+    }
+
+    fn at_most_once(backend: &Arc<MapBackend>) -> WorkerStates {
+        let backend: Arc<dyn StateBackend> = backend.clone();
+        WorkerStates::new(StateRegistry::new(Some(backend)).at_most_once(true))
+    }
+
+    fn msg(id: u64, path: u64) -> crate::msg::MsgCtx {
+        crate::msg::MsgCtx::new(id).with_path(path)
+    }
+
+    fn add(s: &KeyedState<u64>, key: &str) -> Option<u64> {
+        s.update(key, |v| Some(v.unwrap_or(0) + 1)).unwrap()
+    }
+
+    #[test]
+    fn at_most_once_a_message_handled_again_changes_nothing() {
+        let backend = Arc::new(MapBackend::default());
+        let w = at_most_once(&backend);
+        assert!(w.at_most_once());
+        let s = w.handle::<u64>("count", "words").unwrap();
+        // One handling may change a key several times, and several keys.
+        w.begin(Some(&msg(1, 7)));
+        assert_eq!(add(&s, "a"), Some(1));
+        assert_eq!(add(&s, "a"), Some(2));
+        s.put("b", 10).unwrap();
+        // The same message handled again (a retry) before any checkpoint:
+        // nothing changes, and `update` answers the stored value.
+        w.begin(Some(&msg(1, 7)));
+        assert_eq!(add(&s, "a"), Some(2));
+        s.put("b", 99).unwrap();
+        assert_eq!(s.remove("b").unwrap(), Some(10));
+        assert_eq!(s.get("b").unwrap(), Some(10));
+        // Another place in the same source message's processing, and
+        // another source message, are other updates.
+        w.begin(Some(&msg(1, 8)));
+        assert_eq!(add(&s, "a"), Some(3));
+        w.begin(Some(&msg(2, 7)));
+        assert_eq!(add(&s, "a"), Some(4));
+        // A tick's changes always apply.
+        w.begin(None);
+        assert_eq!(add(&s, "a"), Some(5));
+        w.checkpoint().unwrap();
+        assert_eq!(backend.applied.lock().unwrap().len(), 3);
+
+        // A restarted process: the checkpoint holds the values and the
+        // updates, so a redelivered message changes nothing.
+        let w2 = at_most_once(&backend);
+        let s2 = w2.handle::<u64>("count", "words").unwrap();
+        let updates = [UpdateId {
+            source: MsgId::Int(1),
+            path: 7,
+        }];
+        w2.refresh(&[Bytes::from_static(b"a")], &updates).unwrap();
+        let loads = *backend.loads.lock().unwrap();
+        w2.begin(Some(&msg(1, 7)));
+        assert_eq!(add(&s2, "a"), Some(5));
+        assert_eq!(
+            *backend.loads.lock().unwrap(),
+            loads,
+            "the refresh answered for the update: no lookup per change"
+        );
+        w2.begin(Some(&msg(3, 7)));
+        assert_eq!(add(&s2, "a"), Some(6));
+
+        // Once the source has acked message 1, its records go: a new
+        // message that reuses the id (a new entry) counts again.
+        backend.forget(&[MsgId::Int(1)]).unwrap();
+        assert_eq!(
+            backend.applied.lock().unwrap().len(),
+            1,
+            "message 2's stays"
+        );
+        let w3 = at_most_once(&backend);
+        let s3 = w3.handle::<u64>("count", "words").unwrap();
+        w3.begin(Some(&msg(1, 7)));
+        assert_eq!(add(&s3, "a"), Some(6));
+    }
+
+    #[test]
+    fn at_most_once_a_failed_checkpoint_keeps_the_update_applied() {
+        let backend = Arc::new(MapBackend::default());
+        let w = at_most_once(&backend);
+        let s = w.handle::<u64>("t", "s").unwrap();
+        w.begin(Some(&msg(5, 1)));
+        assert_eq!(add(&s, "k"), Some(1));
+        *backend.fail.lock().unwrap() = true;
+        assert!(w.checkpoint().is_err());
+        assert!(w.is_dirty());
+        // The next batch's refresh keeps what no checkpoint holds yet.
+        w.refresh(
+            &[],
+            &[UpdateId {
+                source: MsgId::Int(5),
+                path: 1,
+            }],
+        )
+        .unwrap();
+        w.begin(Some(&msg(5, 1)));
+        assert_eq!(add(&s, "k"), Some(1));
+        *backend.fail.lock().unwrap() = false;
+        w.checkpoint().unwrap();
+        assert!(!w.is_dirty());
+        assert_eq!(backend.applied.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn update_records_of_one_source_are_one_prefix() {
+        let id = |b: &'static [u8]| MsgId::Bytes(Bytes::from_static(b));
+        let r = UpdateId {
+            source: id(b"1-0"),
+            path: 3,
+        }
+        .record("count/words");
+        assert!(r.starts_with(&UpdateId::source_prefix(&id(b"1-0"))));
+        assert!(!r.starts_with(&UpdateId::source_prefix(&id(b"1-"))));
+        assert!(!r.starts_with(&UpdateId::source_prefix(&MsgId::Int(1))));
+        let prefix = UpdateId::source_prefix(&id(b"1-0"));
+        // What Redis's lexical range relies on: a record sorts after its
+        // prefix and before the prefix with 0xff after it.
+        let mut upper = prefix.clone();
+        upper.push(0xff);
+        assert!(r > prefix && r < upper);
     }
 
     #[test]
@@ -521,7 +973,7 @@ mod tests {
         let (a, b) = (WorkerStates::new(reg.clone()), WorkerStates::new(reg));
         let sa = a.handle::<u64>("count", "words").unwrap();
         let sb = b.handle::<u64>("count", "words").unwrap();
-        sa.put("x", 1);
+        sa.put("x", 1).unwrap();
         assert_eq!(sb.update("x", |v| v.map(|v| v + 1)).unwrap(), Some(2));
         assert_eq!(sa.get("x").unwrap(), Some(2));
         assert_eq!(sa.remove("x").unwrap(), Some(2));
@@ -540,8 +992,8 @@ mod tests {
         let w = WorkerStates::new(reg.clone());
         let s = w.handle::<u64>("count", "words").unwrap();
         assert!(w.is_durable());
-        s.put("a", 1);
-        s.put("b", 2);
+        s.put("a", 1).unwrap();
+        s.put("b", 2).unwrap();
         assert!(w.is_dirty());
         assert_eq!(w.checkpoint().unwrap(), 2);
         assert!(!w.is_dirty());
@@ -553,7 +1005,7 @@ mod tests {
         // Another run (a restarted process) loads what was checkpointed.
         let w2 = WorkerStates::new(StateRegistry::new(Some(backend.clone())));
         let s2 = w2.handle::<u64>("count", "words").unwrap();
-        w2.refresh(&[Bytes::from_static(b"a"), Bytes::from_static(b"b")])
+        w2.refresh(&[Bytes::from_static(b"a"), Bytes::from_static(b"b")], &[])
             .unwrap();
         assert_eq!(s2.get("a").unwrap(), None);
         assert_eq!(s2.get("b").unwrap(), Some(20));
@@ -564,17 +1016,17 @@ mod tests {
         let backend = Arc::new(MapBackend::default());
         let w = WorkerStates::new(StateRegistry::new(Some(backend.clone())));
         let s = w.handle::<u64>("t", "s").unwrap();
-        s.put("k", 7);
+        s.put("k", 7).unwrap();
         *backend.fail.lock().unwrap() = true;
         assert!(w.checkpoint().is_err());
         assert!(w.is_dirty());
         // A refresh keeps what is dirty.
-        w.refresh(&[Bytes::from_static(b"k")]).unwrap();
+        w.refresh(&[Bytes::from_static(b"k")], &[]).unwrap();
         assert_eq!(s.get("k").unwrap(), Some(7));
         *backend.fail.lock().unwrap() = false;
         assert_eq!(w.checkpoint().unwrap(), 1);
         // Clean now: a refresh drops it, and it is read back.
-        w.refresh(&[]).unwrap();
+        w.refresh(&[], &[]).unwrap();
         assert!(s.entries().is_empty());
         assert_eq!(s.get("k").unwrap(), Some(7));
     }

@@ -67,10 +67,7 @@ impl Output {
         match self {
             Output::None => Ok(()),
             Output::One(payload) => {
-                out.push(Emitted {
-                    payload,
-                    meta: ctx.meta.clone(),
-                });
+                out.push(Emitted::with_meta(payload, ctx.meta.clone()));
                 Ok(())
             }
             other => other.drain_many_into(ctx, out),
@@ -79,10 +76,7 @@ impl Output {
 
     #[inline(never)]
     fn drain_many_into(self, ctx: &MsgCtx, out: &mut Vec<Emitted>) -> Result<(), TaskError> {
-        let inherit = |payload| Emitted {
-            payload,
-            meta: ctx.meta.clone(),
-        };
+        let inherit = |payload| Emitted::with_meta(payload, ctx.meta.clone());
         match self {
             Output::None => {}
             Output::One(m) => out.push(inherit(m)),
@@ -203,10 +197,7 @@ impl Out {
 
     fn resolve(self, ctx: &MsgCtx) -> Result<Emitted, HeaderError> {
         if let (KeyChange::Inherit, HeaderChange::Inherit) = (&self.key, &self.headers) {
-            return Ok(Emitted {
-                payload: self.payload,
-                meta: ctx.meta.clone(),
-            });
+            return Ok(Emitted::with_meta(self.payload, ctx.meta.clone()));
         }
         let key = match self.key {
             KeyChange::Inherit => ctx.key().cloned(),

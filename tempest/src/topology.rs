@@ -44,6 +44,9 @@ pub struct TopologyOptions {
     /// With a durable state backend: how often a worker writes its
     /// state's changes (its results wait for the checkpoint holding them).
     pub checkpoint_interval: Duration,
+    /// Whether each message's state updates are applied at most once (see
+    /// [`TopologyBuilder::at_most_once_updates`]).
+    pub at_most_once_updates: bool,
 }
 
 impl Default for TopologyOptions {
@@ -59,6 +62,7 @@ impl Default for TopologyOptions {
             task_batch: 1024,
             metrics: crate::metrics::MetricsConfig::default(),
             checkpoint_interval: Duration::from_secs(1),
+            at_most_once_updates: false,
         }
     }
 }
@@ -302,6 +306,22 @@ impl TopologyBuilder {
         self
     }
 
+    /// Applies each message's updates of keyed state at most once, even
+    /// when the message is handled again after a failure (a worker killed
+    /// after its checkpoint, a retry, a redelivery by the source): a store
+    /// records the updates it holds with its checkpoint, in the same atomic
+    /// commit, and a message whose update it already holds changes
+    /// nothing there. The records of a source message are dropped once the
+    /// source has acked it. Needs a state backend that records updates
+    /// ([`StateBackend::records_updates`]; the Redis one does); covers the
+    /// changes sync tasks make in `handle` (a tick's, and an async task's,
+    /// apply at least once). Costs a lookup per message in the batch's load
+    /// and a record per message in the checkpoint.
+    pub fn at_most_once_updates(mut self) -> Self {
+        self.options.at_most_once_updates = true;
+        self
+    }
+
     /// How long in-flight messages may take to finish on shutdown (default 30 s).
     pub fn graceful_shutdown(mut self, grace: Duration) -> Self {
         self.options.graceful_shutdown = grace;
@@ -373,6 +393,9 @@ impl TopologyBuilder {
         }
         if let Some(ms) = c.checkpoint_interval.filter(|&ms| ms > 0) {
             o.checkpoint_interval = Duration::from_millis(ms);
+        }
+        if let Some(on) = c.at_most_once_updates {
+            o.at_most_once_updates = on;
         }
         if let Some(ms) = c.source_connect_timeout {
             o.source_connect_timeout = (ms > 0).then(|| Duration::from_millis(ms));
@@ -488,6 +511,18 @@ impl TopologyBuilder {
         }
         if self.options.msg_timeout == Some(Duration::ZERO) {
             problems.push("msg_timeout must be more than 0".to_string());
+        }
+        if self.options.at_most_once_updates {
+            match &self.state {
+                None => problems.push(
+                    "at_most_once_updates needs a durable state backend (.state_backend(..)): state in memory does not survive the failures it guards against"
+                        .to_string(),
+                ),
+                Some(b) if !b.records_updates() => problems.push(format!(
+                    "at_most_once_updates: the state backend {b:?} does not record applied updates"
+                )),
+                Some(_) => {}
+            }
         }
         // Metrics settings from the file are checked with the file, below.
         if file.is_none_or(|f| f.config.metric.is_none()) {

@@ -300,7 +300,8 @@ impl<W: WindowTask> Task for Windowed<W> {
                 .unwrap_or_default();
             self.inner.add(&mut acc, &msg, ctx)?;
             let (accs, _) = self.states()?;
-            accs.put(state_key(&key, start), acc);
+            accs.put(state_key(&key, start), acc)
+                .map_err(|e| TaskError::msg(e.to_string()))?;
             match self.window {
                 Window::Count { .. } if pos + 1 == span.end => self.close(&key, span, &mut out)?,
                 Window::Count { .. } => {}

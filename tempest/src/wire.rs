@@ -35,7 +35,7 @@
 //!   Hello {magic "TMPS", version, task} ──►
 //!                                      ◄── Challenge {nonce}      (or Error, close)
 //!   Auth {HMAC-SHA256(secret, nonce ‖ task)} ──►
-//!                                      ◄── Welcome {worker, heartbeat_ms, max_frame}  (or Error, close)
+//!                                      ◄── Welcome {worker, heartbeat_ms, max_frame, at_most_once}  (or Error, close)
 //!   Fetch {max} ──►                    ◄── Batch [(ticket, payload, context)…]  (when work is ready)
 //!   Results {complete, verdicts, outputs (payload, key, headers)} ──►
 //!                                      ◄── GiveBack    (a peer of the task is idle)
@@ -75,22 +75,26 @@
 //! message:  flags | slot Δ | gen Δ | task | copy Δ
 //!           | id Δ (integer) or id length (bytes)
 //!           | [attempt | deliveries | parent + 1] | timestamp Δ
-//!           | [deadline Δ] | payload length | [key length]
+//!           | [deadline Δ] | payload length | [key length] | [path: u64 LE]
 //!           | payload | [id bytes] | [key] | [headers]
 //! Results:  tag | complete (u8) | count | verdict… | count | output…
 //! verdict:  slot Δ | gen Δ | task | copy Δ | tag + 8 × output count
 //!           | [text: u16 length, UTF-8]           (error, panicked)
-//! output:   flags | payload length | [key length] | payload | [key] | [headers]
+//! output:   flags | payload length | [key length] | [path: u64 LE]
+//!           | payload | [key] | [headers]
 //! headers:  count (u8) | (name length (u8), name, value length (u16), value)…
 //! ```
 //!
-//! Flags: 1 a key, 2 headers; for messages also 4 the id is bytes, 8 a
+//! Flags: 1 a key, 2 headers, 32 a path (the message's place in its source
+//! message's processing, sent only with at-most-once state updates); for
+//! messages also 4 the id is bytes, 8 a
 //! deadline, 16 attempt, deliveries and parent left out, as the previous
 //! message's (the first message's: 0, 0, 0). Δ: the difference from the
 //! previous item of the frame (the first item's from 0); `[…]`: only as
 //! the flags say. Version 6 made these frames
 //! compact (version 5's fixed-width fields took a third more bytes);
-//! version 7 added `Ticks`, laid out like a `Results` frame's outputs.
+//! version 7 added `Ticks`, laid out like a `Results` frame's outputs;
+//! version 8 added the path.
 //!
 //! # Results
 //!
@@ -125,7 +129,7 @@ use crate::msg::{
 /// The first bytes of a worker's first frame.
 pub const MAGIC: [u8; 4] = *b"TMPS";
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 7;
+pub const VERSION: u16 = 8;
 /// The frame limit until the handshake completes.
 pub const HANDSHAKE_MAX: usize = crate::msg::MIN_FRAME_LIMIT;
 /// The default frame limit after the handshake.
@@ -228,6 +232,9 @@ pub enum Frame {
         heartbeat_ms: u32,
         /// The frame limit from now on, both ways.
         max_frame: u32,
+        /// Whether the topology applies state updates at most once: the
+        /// worker must be configured alike (it gives outputs paths).
+        at_most_once: bool,
     },
     /// Worker → topology: send up to `max` task messages; `max == 0`
     /// withdraws the worker's outstanding fetches (it is draining).
@@ -451,6 +458,12 @@ impl Head {
     }
 
     #[inline(always)]
+    fn u64_le(&mut self, v: u64) {
+        self.buf[self.len..self.len + 8].copy_from_slice(&v.to_le_bytes());
+        self.len += 8;
+    }
+
+    #[inline(always)]
     fn uvarint(&mut self, mut v: u64) {
         if v < 0x80 {
             return self.u8(v as u8);
@@ -508,6 +521,18 @@ impl<'a> Cursor<'a> {
             Some(&b) => {
                 self.at += 1;
                 Ok(b)
+            }
+            None => ends(what),
+        }
+    }
+
+    fn u64_le(&mut self, what: &str) -> Result<u64, DecodeError> {
+        match self.s.get(self.at..self.at + 8) {
+            Some(b) => {
+                self.at += 8;
+                let mut v = [0u8; 8];
+                v.copy_from_slice(b);
+                Ok(u64::from_le_bytes(v))
             }
             None => ends(what),
         }
@@ -597,10 +622,13 @@ const F_DEADLINE: u8 = 8;
 /// A task message's attempt, deliveries and parent are the previous
 /// message's (as in most batches), so they are left out.
 const F_SAME: u8 = 16;
+/// A path follows the fixed fields (8 bytes, little-endian): see
+/// [`MsgCtx::path`].
+const F_PATH: u8 = 32;
 
 /// The longest a task message's fixed fields are: flags, ticket, id (an
 /// integer's difference or a length), attempt, deliveries, timestamp,
-/// parent, deadline, payload length, key length.
+/// parent, deadline, payload length, key length, path.
 const MSG_HEAD_MAX: usize = 1
     + TICKET_MAX
     + U64_MAX_LEN
@@ -608,7 +636,8 @@ const MSG_HEAD_MAX: usize = 1
     + U64_MAX_LEN
     + U16_MAX_LEN
     + U32_MAX_LEN
-    + U64_MAX_LEN * 2;
+    + U64_MAX_LEN * 2
+    + 8;
 /// The fewest bytes a task message takes: a byte for each of flags, the
 /// ticket's four fields, id, timestamp and payload length (attempt,
 /// deliveries and parent left out as the previous message's).
@@ -620,8 +649,8 @@ const RESULT_ITEM_MAX: usize = TICKET_MAX + U64_MAX_LEN;
 /// fields and the verdict, a byte each.
 const MIN_RESULT_ITEM: usize = 5;
 /// The longest an output's fixed fields are: flags, payload length, key
-/// length.
-const OUTPUT_HEAD_MAX: usize = 1 + U64_MAX_LEN * 2;
+/// length, path.
+const OUTPUT_HEAD_MAX: usize = 1 + U64_MAX_LEN * 2 + 8;
 /// The fewest bytes an output takes: flags and payload length.
 const MIN_OUTPUT: usize = 2;
 /// The most a `Batch` or `Returned` frame takes besides its messages: tag
@@ -766,7 +795,8 @@ fn put_msgs(dst: &mut BytesMut, tag: u8, msgs: &[TaskMsg]) {
         head.u8(meta_flags(key, headers)
             | if id_bytes.is_some() { F_ID_BYTES } else { 0 }
             | if has_deadline { F_DEADLINE } else { 0 }
-            | if same { F_SAME } else { 0 });
+            | if same { F_SAME } else { 0 }
+            | if c.path != 0 { F_PATH } else { 0 });
         head.ticket(&mut prev, &m.ticket);
         match &c.id {
             MsgId::Int(n) => head.delta64(&mut prev.id, *n),
@@ -788,6 +818,9 @@ fn put_msgs(dst: &mut BytesMut, tag: u8, msgs: &[TaskMsg]) {
         head.uvarint(m.payload.len() as u64);
         if let Some(k) = key {
             head.uvarint(k.len() as u64);
+        }
+        if c.path != 0 {
+            head.u64_le(c.path);
         }
         head.flush(dst);
         dst.put_slice(&m.payload);
@@ -814,7 +847,7 @@ fn get_msgs(buf: &mut Bytes, what: &str) -> Result<Vec<TaskMsg>, DecodeError> {
     for _ in 0..n {
         let mut c = Cursor::new(buf.chunk());
         let flags = c.u8("message flags")?;
-        if flags & !(F_KEY | F_HEADERS | F_ID_BYTES | F_DEADLINE | F_SAME) != 0 {
+        if flags & !(F_KEY | F_HEADERS | F_ID_BYTES | F_DEADLINE | F_SAME | F_PATH) != 0 {
             return err(format!("message flags {flags:#x}"));
         }
         let ticket = c.ticket(&mut prev)?;
@@ -840,6 +873,11 @@ fn get_msgs(buf: &mut Bytes, what: &str) -> Result<Vec<TaskMsg>, DecodeError> {
         };
         let payload_len = c.len("payload")?;
         let key_len = if flags & F_KEY != 0 { c.len("key")? } else { 0 };
+        let path = if flags & F_PATH != 0 {
+            c.u64_le("path")?
+        } else {
+            0
+        };
         let used = c.at;
         buf.advance(used);
         let payload = take(buf, payload_len, "payload")?;
@@ -865,6 +903,7 @@ fn get_msgs(buf: &mut Bytes, what: &str) -> Result<Vec<TaskMsg>, DecodeError> {
                     name: NO_NAME,
                 },
                 meta,
+                path,
             },
         });
     }
@@ -912,10 +951,13 @@ fn put_outputs(dst: &mut BytesMut, outputs: &[Emitted]) {
     put_uvarint(dst, outputs.len() as u64);
     for o in outputs {
         let (key, headers) = (o.key(), o.headers());
-        head.u8(meta_flags(key, headers));
+        head.u8(meta_flags(key, headers) | if o.path != 0 { F_PATH } else { 0 });
         head.uvarint(o.payload.len() as u64);
         if let Some(k) = key {
             head.uvarint(k.len() as u64);
+        }
+        if o.path != 0 {
+            head.u64_le(o.path);
         }
         head.flush(dst);
         dst.put_slice(&o.payload);
@@ -970,16 +1012,23 @@ fn get_outputs(buf: &mut Bytes) -> Result<Vec<Emitted>, DecodeError> {
     for _ in 0..n {
         let mut c = Cursor::new(buf.chunk());
         let flags = c.u8("output flags")?;
-        if flags & !(F_KEY | F_HEADERS) != 0 {
+        if flags & !(F_KEY | F_HEADERS | F_PATH) != 0 {
             return err(format!("output flags {flags:#x}"));
         }
         let payload_len = c.len("output")?;
         let key_len = if flags & F_KEY != 0 { c.len("key")? } else { 0 };
+        let path = if flags & F_PATH != 0 {
+            c.u64_le("path")?
+        } else {
+            0
+        };
         let used = c.at;
         buf.advance(used);
         let payload = take(buf, payload_len, "output")?;
         let meta = get_meta(buf, flags, key_len)?;
-        outputs.push(Emitted { payload, meta });
+        let mut out = Emitted::with_meta(payload, meta);
+        out.path = path;
+        outputs.push(out);
     }
     Ok(outputs)
 }
@@ -1011,11 +1060,13 @@ impl Frame {
                 worker,
                 heartbeat_ms,
                 max_frame,
+                at_most_once,
             } => {
                 dst.put_u8(WELCOME);
                 dst.put_u32(*worker);
                 dst.put_u32(*heartbeat_ms);
                 dst.put_u32(*max_frame);
+                dst.put_u8(u8::from(*at_most_once));
             }
             Frame::Fetch { max } => {
                 dst.put_u8(FETCH);
@@ -1078,6 +1129,11 @@ impl Frame {
                 worker: get_u32(buf, "worker")?,
                 heartbeat_ms: get_u32(buf, "heartbeat")?,
                 max_frame: get_u32(buf, "max frame")?,
+                at_most_once: match get_u8(buf, "at-most-once flag")? {
+                    0 => false,
+                    1 => true,
+                    b => return err(format!("at-most-once flag {b}")),
+                },
             },
             FETCH => Frame::Fetch {
                 max: get_u32(buf, "max")?,
@@ -1254,6 +1310,7 @@ mod tests {
                 name: NO_NAME,
             },
             meta: Meta::new(Some(Bytes::from_static(b"alice")), headers),
+            path: 0x0123_4567_89ab_cdef,
         }
     }
 
@@ -1277,6 +1334,7 @@ mod tests {
                 worker: 4,
                 heartbeat_ms: 1000,
                 max_frame: 1 << 20,
+                at_most_once: true,
             },
             Frame::Fetch { max: 1024 },
             Frame::batch(vec![
@@ -1412,6 +1470,7 @@ mod tests {
             },
             parent: FROM_SOURCE_PARENT,
             meta: Meta::default(),
+            path: 0,
         };
         let frame = Frame::batch(vec![
             TaskMsg {
@@ -1504,6 +1563,7 @@ mod tests {
                     name: NO_NAME,
                 },
                 meta: Meta::new(Some(Bytes::from_static(b"k")), Headers::new()),
+                path: u64::MAX,
             },
         };
         let frame = Frame::batch(vec![far.clone(), far]);
@@ -1620,6 +1680,7 @@ mod tests {
                     },
                     parent: FROM_SOURCE_PARENT,
                     meta: Meta::default(),
+                    path: 0,
                 },
             })
             .collect();
@@ -1752,9 +1813,10 @@ mod tests {
             any::<u64>(),
             any::<u16>(),
             meta.clone(),
+            prop_oneof![Just(0u64), any::<u64>()],
         )
             .prop_map(
-                |(id, attempt, delivered, timestamp, parent, (key, headers))| MsgCtx {
+                |(id, attempt, delivered, timestamp, parent, (key, headers), path)| MsgCtx {
                     id,
                     origin: Origin {
                         attempt,
@@ -1767,6 +1829,7 @@ mod tests {
                         name: NO_NAME,
                     },
                     meta: Meta::new(key, headers),
+                    path,
                 },
             );
         let verdict = prop_oneof![
@@ -1809,14 +1872,18 @@ mod tests {
             (
                 any::<bool>(),
                 proptest::collection::vec((ticket, verdict), 0..8),
-                proptest::collection::vec((bytes.clone(), meta.clone()), 0..8)
+                proptest::collection::vec((bytes.clone(), meta.clone(), any::<u64>()), 0..8)
             )
                 .prop_map(|(complete, items, outputs)| Frame::Results {
                     complete,
                     items,
                     outputs: outputs
                         .into_iter()
-                        .map(|(payload, (key, headers))| Emitted::new(payload, key, headers))
+                        .map(|(payload, (key, headers), path)| {
+                            let mut o = Emitted::new(payload, key, headers);
+                            o.path = path;
+                            o
+                        })
                         .collect(),
                 }),
             proptest::collection::vec((bytes, meta), 0..8).prop_map(|outputs| Frame::Ticks(

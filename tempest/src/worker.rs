@@ -75,8 +75,10 @@ fn tick_if_due(
     }
     c.next = now + c.every;
     counts.ticks += 1;
-    // A tick has no input: its outputs inherit nothing.
+    // A tick has no input: its outputs inherit nothing, and its changes
+    // to state always apply.
     let ctx = MsgCtx::new(0u64);
+    gate.states.begin(None);
     let mut outputs = Vec::new();
     let res = catch_unwind(AssertUnwindSafe(|| task.tick()));
     match res {
@@ -212,12 +214,35 @@ impl Gate {
             return;
         }
         let keys: Vec<bytes::Bytes> = run.iter().filter_map(|m| m.ctx.key().cloned()).collect();
-        if let Err(e) = self.states.refresh(&keys) {
+        let updates: Vec<crate::state::UpdateId> = if self.states.at_most_once() {
+            run.iter().filter_map(|m| update_of(&m.ctx)).collect()
+        } else {
+            Vec::new()
+        };
+        if let Err(e) = self.states.refresh(&keys, &updates) {
             log::warn!(
                 "Task {} cannot load its state ({e}); its calls load each key as they need it.",
                 self.name
             );
         }
+    }
+}
+
+/// The update a message's state changes are, with at-most-once updates:
+/// `None` for a tick's output (never acked at a source, its changes are
+/// recomputed from checkpointed state after a failure).
+pub(crate) fn update_of(ctx: &MsgCtx) -> Option<crate::state::UpdateId> {
+    (!ctx.from_tick()).then(|| crate::state::UpdateId {
+        source: ctx.id().clone(),
+        path: ctx.path(),
+    })
+}
+
+/// Gives the outputs a task emitted for the message of `ctx` their paths
+/// (output `i`'s from the input's path, the task's seed and `i`).
+pub(crate) fn set_paths(ctx: &MsgCtx, seed: u64, outputs: &mut [Emitted]) {
+    for (i, o) in outputs.iter_mut().enumerate() {
+        o.path = crate::msg::output_path(ctx.path(), seed, i as u32);
     }
 }
 
@@ -354,6 +379,8 @@ pub(crate) fn run_task_loop(
     let mut pace: Option<u64> = None;
     let mut ticks = TickClock::new(ctx.tick_interval);
     let mut gate = Gate::new(&ctx);
+    let at_most_once = gate.states.at_most_once();
+    let seed = crate::msg::path_seed(&name);
     loop {
         tick_if_due(
             &mut ticks,
@@ -414,6 +441,9 @@ pub(crate) fn run_task_loop(
                     ctx,
                 } = m;
                 let before = outputs.len();
+                if at_most_once {
+                    gate.states.begin(update_of(&ctx).is_some().then_some(&ctx));
+                }
                 let verdict = match catch_unwind(AssertUnwindSafe(|| {
                     if task.filter(&payload, &ctx) {
                         Some(task.handle(payload, &ctx))
@@ -426,7 +456,12 @@ pub(crate) fn run_task_loop(
                         Verdict::Filtered
                     }
                     Ok(Some(Ok(out))) => match out.drain_into(&ctx, &mut outputs) {
-                        Ok(()) => Verdict::Done((outputs.len() - before) as u32),
+                        Ok(()) => {
+                            if at_most_once {
+                                set_paths(&ctx, seed, &mut outputs[before..]);
+                            }
+                            Verdict::Done((outputs.len() - before) as u32)
+                        }
                         Err(e) => {
                             counts.errors += 1;
                             Verdict::Error(e.message().to_string())
@@ -501,6 +536,7 @@ pub(crate) fn run_task_loop(
     counts.flush(&ctx.metrics);
     batch_us.flush();
     batch_size.flush();
+    gate.states.begin(None);
     if let Err(p) = catch_unwind(AssertUnwindSafe(|| task.shutdown())) {
         log::error!(
             "Task {name} panicked in shutdown(): {}.",

@@ -53,7 +53,7 @@ fn the_bottom_modules_import_nothing_above_them() {
     assert_only("policy.rs", &[]);
     assert_only("grouping.rs", &[]);
     assert_only("codec.rs", &["msg"]);
-    assert_only("state.rs", &[]);
+    assert_only("state.rs", &["msg"]);
 }
 
 #[test]

@@ -75,6 +75,10 @@ pub(crate) struct SourceActor {
     next_ack_flush: Instant,
     next_monitor: Instant,
     next_metrics: Instant,
+    /// With at-most-once state updates: the backend whose records of a
+    /// source message are dropped once the source has acked it.
+    forget: Option<std::sync::Arc<dyn crate::state::StateBackend>>,
+    forget_failures: u64,
 }
 
 impl SourceActor {
@@ -129,6 +133,40 @@ impl SourceActor {
             next_ack_flush: Instant::now(),
             next_monitor: Instant::now() + settings_monitor,
             next_metrics: Instant::now() + Duration::from_secs(1),
+            forget: None,
+            forget_failures: 0,
+        }
+    }
+
+    /// Drops the applied-update records of each source message in
+    /// `backend` once the source has acked it.
+    pub fn forgetting_in(
+        mut self,
+        backend: std::sync::Arc<dyn crate::state::StateBackend>,
+    ) -> Self {
+        self.forget = Some(backend);
+        self
+    }
+
+    /// The source has acked `ids` (or needs no ack for them): they never
+    /// come back, so their applied-update records go. A failure leaves the
+    /// records behind (they take room, and change nothing else).
+    fn forget(&mut self, ids: &[MsgId]) {
+        let Some(backend) = &self.forget else { return };
+        if ids.is_empty() {
+            return;
+        }
+        match backend.forget(ids) {
+            Ok(()) => self.forget_failures = 0,
+            Err(e) => {
+                self.forget_failures += 1;
+                if self.forget_failures == 1 || self.forget_failures.is_multiple_of(100) {
+                    log::warn!(
+                        "Dropping the applied-update records of {} acked message(s) failed ({e}); they stay in the state backend.",
+                        ids.len()
+                    );
+                }
+            }
         }
     }
 
@@ -282,13 +320,21 @@ impl SourceActor {
 
     fn ack(&mut self, ids: Vec<MsgId>, extra: usize) {
         match self.settings.ack_policy {
-            AckPolicy::None => self.credit += ids.len() + extra,
+            AckPolicy::None => {
+                self.forget(&ids);
+                self.credit += ids.len() + extra;
+            }
             AckPolicy::Individual => {
+                let mut acked = Vec::new();
                 for id in &ids {
-                    if let Err(e) = self.source.ack(id) {
-                        log::warn!("Acking {id} at source {} failed: {e}.", self.source.name());
+                    match self.source.ack(id) {
+                        Ok(()) => acked.push(id.clone()),
+                        Err(e) => {
+                            log::warn!("Acking {id} at source {} failed: {e}.", self.source.name())
+                        }
                     }
                 }
+                self.forget(&acked);
                 self.metrics.incr(names::SOURCE_ACK_CALLS, ids.len() as u64);
                 self.credit += ids.len() + extra;
             }
@@ -348,6 +394,9 @@ impl SourceActor {
             if last && self.acks.is_empty() {
                 self.credit += std::mem::take(&mut self.ack_extra);
             }
+        }
+        if result.is_ok() {
+            self.forget(&ids);
         }
         if result.is_ok() && self.ack_failures > 0 {
             log::info!("Acking at source {} works again.", self.source.name());
