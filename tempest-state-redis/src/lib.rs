@@ -22,7 +22,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tempest::source::MsgId;
@@ -30,11 +30,14 @@ use tempest::{Changes, Loaded, StateBackend, StateError, UpdateId};
 
 /// Keyed state in Redis hashes. See the [crate docs](crate).
 pub struct RedisState {
-    client: redis::Client,
     prefix: String,
-    /// One connection, opened on first use and again after an error.
-    conn: Mutex<Option<redis::Connection>>,
+    /// Connections, opened on first use (one per thread using it at once,
+    /// up to [`POOL_SIZE`]), dropped when broken.
+    pool: r2d2::Pool<redis::Client>,
 }
+
+/// The most connections one backend opens.
+const POOL_SIZE: u32 = 16;
 
 impl std::fmt::Debug for RedisState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -60,10 +63,17 @@ impl RedisState {
                 format!("bad Redis URL: {}", redacted(&e.to_string())),
             )
         })?;
+        let pool = r2d2::Pool::builder()
+            .max_size(POOL_SIZE)
+            .min_idle(Some(0))
+            // A round trip less per call: a broken connection shows as an
+            // error, and is dropped then.
+            .test_on_check_out(false)
+            .connection_timeout(Duration::from_secs(5))
+            .build_unchecked(client);
         Ok(RedisState {
-            client,
             prefix: prefix.to_string(),
-            conn: Mutex::new(None),
+            pool,
         })
     }
 
@@ -80,31 +90,21 @@ impl RedisState {
         format!("{}:applied", self.prefix)
     }
 
-    /// Runs `f` on the connection (opening one if need be); a failure
-    /// drops the connection, so the next call opens a fresh one.
+    /// Runs `f` on a connection of the pool (opening one if need be).
     fn with_conn<T>(
         &self,
         store: &str,
         f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
     ) -> Result<T, StateError> {
-        let mut guard = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        if guard.is_none() {
-            let conn = self
-                .client
-                .get_connection_with_timeout(std::time::Duration::from_secs(5))
-                .map_err(|e| StateError::new(store, format!("cannot connect to Redis: {e}")))?;
-            *guard = Some(conn);
-        }
-        let Some(conn) = guard.as_mut() else {
-            return Err(StateError::new(store, "no Redis connection"));
-        };
-        match f(conn) {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                *guard = None;
-                Err(StateError::new(store, format!("Redis: {e}")))
-            }
-        }
+        let mut conn = self.pool.get().map_err(|e| {
+            StateError::new(
+                store,
+                format!("cannot connect to Redis: {}", redacted(&e.to_string())),
+            )
+        })?;
+        // A connection an I/O error closed is dropped by the pool when
+        // it comes back (`has_broken`); one that got a Redis error is fine.
+        f(&mut conn).map_err(|e| StateError::new(store, format!("Redis: {e}")))
     }
 }
 

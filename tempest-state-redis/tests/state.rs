@@ -515,3 +515,32 @@ fn a_retry_after_counting_changes_nothing_with_at_most_once_updates() {
         .unwrap();
     assert_eq!(records, 0, "the records of acked messages are dropped");
 }
+
+/// The backend outlives a Redis restart: the pooled connection the
+/// restart broke fails one call at most (with an error naming the store),
+/// is dropped, and the next call works on a fresh one.
+#[test]
+fn the_backend_reconnects_after_redis_restarts() {
+    use tempest::StateBackend;
+    let mut server = TestServer::own(true).unwrap();
+    let backend = RedisState::with_prefix(&server.url, &unique_key("state-restart-redis")).unwrap();
+    let put = |v: &'static [u8]| {
+        backend.commit(
+            "t/s",
+            &tempest::Changes {
+                puts: &[(Bytes::from_static(b"k"), Bytes::from_static(v))],
+                ..tempest::Changes::default()
+            },
+        )
+    };
+    put(b"1").unwrap();
+    server.restart().unwrap();
+    if let Err(e) = put(b"2") {
+        assert!(e.to_string().starts_with("state \"t/s\""), "{e}");
+        put(b"2").unwrap();
+    }
+    let got = backend
+        .load("t/s", &[Bytes::from_static(b"k")], &[])
+        .unwrap();
+    assert_eq!(got.values, vec![Some(Bytes::from_static(b"2"))]);
+}
