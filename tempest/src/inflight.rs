@@ -598,11 +598,7 @@ impl Tracker {
                         states[base + c as usize].outstanding +=
                             outputs.len() as u32 * copies_of(d, c, grouping);
                         for o in outputs.iter_mut() {
-                            let Emitted {
-                                payload,
-                                meta,
-                                path,
-                            } = take(o);
+                            let Emitted { payload, meta } = take(o);
                             d.dispatch(
                                 c,
                                 grouping,
@@ -611,7 +607,6 @@ impl Tracker {
                                     payload,
                                     ctx: MsgCtx {
                                         meta,
-                                        path,
                                         ..template.clone()
                                     },
                                 },
@@ -734,10 +729,7 @@ impl Tracker {
                                 TaskMsg {
                                     ticket: Ticket::new(slot, gen, c),
                                     payload: out.payload,
-                                    ctx: MsgCtx {
-                                        path: out.path,
-                                        ..ctx_of(r, dag, parent, out.meta)
-                                    },
+                                    ctx: ctx_of(r, dag, parent, out.meta),
                                 },
                             );
                         }
@@ -948,7 +940,7 @@ fn join_msg(
     let common = common_meta(held.iter().map(|(_, o)| o));
     // Its parts' paths all lead to it; one join message per source message
     // needs none of them to be told apart.
-    let path = if held.iter().any(|(_, o)| o.path != 0) {
+    let path = if held.iter().any(|(_, o)| o.path() != 0) {
         crate::msg::output_path(
             0,
             crate::msg::path_seed(dag.name(join)),
@@ -960,10 +952,7 @@ fn join_msg(
     TaskMsg {
         ticket: Ticket::new(slot, r.gen, join),
         payload,
-        ctx: MsgCtx {
-            path,
-            ..ctx_of(r, dag, NO_TASK, common.meta)
-        },
+        ctx: ctx_of(r, dag, NO_TASK, common.meta.with_path(path)),
     }
 }
 
@@ -992,7 +981,6 @@ fn ctx_of(r: &Record, dag: &Dag, parent: TaskIdx, meta: Meta) -> MsgCtx {
         origin: r.origin,
         parent: dag.parent(parent),
         meta,
-        path: 0,
     }
 }
 

@@ -92,9 +92,6 @@ pub struct MsgCtx {
     pub(crate) origin: Origin,
     pub(crate) parent: Parent,
     pub(crate) meta: Meta,
-    /// Where in its source message's processing it is (see
-    /// [`path`](Self::path)).
-    pub(crate) path: u64,
 }
 
 /// What every task message of one attempt at a source message shares,
@@ -141,7 +138,6 @@ impl MsgCtx {
             },
             parent: FROM_SOURCE,
             meta: Meta::default(),
-            path: 0,
         }
     }
 
@@ -216,12 +212,12 @@ impl MsgCtx {
     /// it and the source message's id name the message's state updates;
     /// without, it is 0 on every message.
     pub fn path(&self) -> u64 {
-        self.path
+        self.meta.path()
     }
 
     /// The context with this path.
     pub fn with_path(mut self, path: u64) -> Self {
-        self.path = path;
+        self.meta = self.meta.with_path(path);
         self
     }
 
@@ -270,8 +266,8 @@ impl fmt::Debug for MsgCtx {
         if !self.headers().is_empty() {
             d.field("headers", self.headers());
         }
-        if self.path != 0 {
-            d.field("path", &format_args!("{:016x}", self.path));
+        if self.path() != 0 {
+            d.field("path", &format_args!("{:016x}", self.path()));
         }
         d.finish()
     }
@@ -283,10 +279,9 @@ impl fmt::Debug for MsgCtx {
 pub struct Emitted {
     /// The payload.
     pub payload: Bytes,
+    /// Its key, headers and (with at-most-once updates) the path of the
+    /// message it becomes ([`MsgCtx::path`]).
     pub(crate) meta: Meta,
-    /// The path of the message it becomes ([`MsgCtx::path`]); 0 unless
-    /// updates are applied at most once.
-    pub(crate) path: u64,
 }
 
 impl Emitted {
@@ -295,7 +290,6 @@ impl Emitted {
         Emitted {
             payload,
             meta: Meta::new(key, headers),
-            path: 0,
         }
     }
 
@@ -304,17 +298,22 @@ impl Emitted {
         Emitted {
             payload,
             meta: Meta::default(),
-            path: 0,
         }
     }
 
     /// An output inheriting `meta`.
     pub(crate) fn with_meta(payload: Bytes, meta: Meta) -> Self {
-        Emitted {
-            payload,
-            meta,
-            path: 0,
-        }
+        Emitted { payload, meta }
+    }
+
+    /// The path of the message it becomes (0: none).
+    pub(crate) fn path(&self) -> u64 {
+        self.meta.path()
+    }
+
+    /// Sets the path of the message it becomes.
+    pub(crate) fn set_path(&mut self, path: u64) {
+        self.meta = std::mem::take(&mut self.meta).with_path(path);
     }
 
     /// Its key.
@@ -328,36 +327,68 @@ impl Emitted {
     }
 }
 
-/// A message's key and headers, together behind one shared pointer: none
-/// takes no allocation, a clone never copies, and a task message stays
-/// small (it is moved through every queue). A task that sets a key per
-/// output pays one allocation per output.
+/// A message's key, headers and path, together behind one shared pointer:
+/// none takes no allocation, a clone never copies, and a task message
+/// stays small (it is moved through every queue, and is most of the memory
+/// a message in flight takes). A task that sets a key per output pays one
+/// allocation per output, and so does every output with at-most-once
+/// updates (its path); a topology without pays nothing for paths.
 #[derive(Clone, Default, PartialEq, Eq)]
-pub(crate) struct Meta(Option<Arc<(Option<Bytes>, Headers)>>);
+pub(crate) struct Meta(Option<Arc<MetaInner>>);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct MetaInner {
+    key: Option<Bytes>,
+    headers: Headers,
+    path: u64,
+}
 
 /// The headers of a message without any.
 static NO_HEADERS: Headers = Headers::new();
 
 impl Meta {
     pub(crate) fn new(key: Option<Bytes>, headers: Headers) -> Self {
-        if key.is_none() && headers.is_empty() {
+        Meta::with_all(key, headers, 0)
+    }
+
+    fn with_all(key: Option<Bytes>, headers: Headers, path: u64) -> Self {
+        if key.is_none() && headers.is_empty() && path == 0 {
             Meta(None)
         } else {
-            Meta(Some(Arc::new((key, headers))))
+            Meta(Some(Arc::new(MetaInner { key, headers, path })))
         }
     }
 
     pub(crate) fn key(&self) -> Option<&Bytes> {
-        self.0.as_ref().and_then(|m| m.0.as_ref())
+        self.0.as_ref().and_then(|m| m.key.as_ref())
     }
 
-    /// Neither key nor headers.
+    /// Neither key, headers nor path.
     pub(crate) fn is_empty(&self) -> bool {
         self.0.is_none()
     }
 
     pub(crate) fn headers(&self) -> &Headers {
-        self.0.as_ref().map_or(&NO_HEADERS, |m| &m.1)
+        self.0.as_ref().map_or(&NO_HEADERS, |m| &m.headers)
+    }
+
+    pub(crate) fn path(&self) -> u64 {
+        self.0.as_ref().map_or(0, |m| m.path)
+    }
+
+    /// The same key and headers with this path.
+    pub(crate) fn with_path(self, path: u64) -> Self {
+        if self.path() == path {
+            return self;
+        }
+        match self.0 {
+            None => Meta::with_all(None, Headers::new(), path),
+            Some(inner) => {
+                let MetaInner { key, headers, .. } =
+                    Arc::try_unwrap(inner).unwrap_or_else(|shared| (*shared).clone());
+                Meta::with_all(key, headers, path)
+            }
+        }
     }
 }
 
@@ -366,6 +397,7 @@ impl fmt::Debug for Meta {
         f.debug_struct("Meta")
             .field("key", &self.key().map(|k| String::from_utf8_lossy(k)))
             .field("headers", self.headers())
+            .field("path", &self.path())
             .finish()
     }
 }

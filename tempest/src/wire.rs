@@ -772,10 +772,10 @@ fn put_msgs(dst: &mut BytesMut, tag: u8, msgs: &[TaskMsg]) {
     let mut head = Head::new();
     for m in msgs {
         let c = &m.ctx;
-        let (key, headers) = if c.meta.is_empty() {
-            (None, &NO_HEADERS)
+        let (key, headers, path) = if c.meta.is_empty() {
+            (None, &NO_HEADERS, 0)
         } else {
-            (c.key(), c.headers())
+            (c.key(), c.headers(), c.path())
         };
         let id_bytes = match &c.id {
             MsgId::Int(_) => None,
@@ -796,7 +796,7 @@ fn put_msgs(dst: &mut BytesMut, tag: u8, msgs: &[TaskMsg]) {
             | if id_bytes.is_some() { F_ID_BYTES } else { 0 }
             | if has_deadline { F_DEADLINE } else { 0 }
             | if same { F_SAME } else { 0 }
-            | if c.path != 0 { F_PATH } else { 0 });
+            | if path != 0 { F_PATH } else { 0 });
         head.ticket(&mut prev, &m.ticket);
         match &c.id {
             MsgId::Int(n) => head.delta64(&mut prev.id, *n),
@@ -819,8 +819,8 @@ fn put_msgs(dst: &mut BytesMut, tag: u8, msgs: &[TaskMsg]) {
         if let Some(k) = key {
             head.uvarint(k.len() as u64);
         }
-        if c.path != 0 {
-            head.u64_le(c.path);
+        if path != 0 {
+            head.u64_le(path);
         }
         head.flush(dst);
         dst.put_slice(&m.payload);
@@ -886,7 +886,7 @@ fn get_msgs(buf: &mut Bytes, what: &str) -> Result<Vec<TaskMsg>, DecodeError> {
         } else {
             MsgId::Int(prev.id)
         };
-        let meta = get_meta(buf, flags, key_len)?;
+        let meta = get_meta(buf, flags, key_len)?.with_path(path);
         msgs.push(TaskMsg {
             ticket,
             payload,
@@ -903,7 +903,6 @@ fn get_msgs(buf: &mut Bytes, what: &str) -> Result<Vec<TaskMsg>, DecodeError> {
                     name: NO_NAME,
                 },
                 meta,
-                path,
             },
         });
     }
@@ -951,13 +950,14 @@ fn put_outputs(dst: &mut BytesMut, outputs: &[Emitted]) {
     put_uvarint(dst, outputs.len() as u64);
     for o in outputs {
         let (key, headers) = (o.key(), o.headers());
-        head.u8(meta_flags(key, headers) | if o.path != 0 { F_PATH } else { 0 });
+        let path = o.path();
+        head.u8(meta_flags(key, headers) | if path != 0 { F_PATH } else { 0 });
         head.uvarint(o.payload.len() as u64);
         if let Some(k) = key {
             head.uvarint(k.len() as u64);
         }
-        if o.path != 0 {
-            head.u64_le(o.path);
+        if path != 0 {
+            head.u64_le(path);
         }
         head.flush(dst);
         dst.put_slice(&o.payload);
@@ -1026,9 +1026,7 @@ fn get_outputs(buf: &mut Bytes) -> Result<Vec<Emitted>, DecodeError> {
         buf.advance(used);
         let payload = take(buf, payload_len, "output")?;
         let meta = get_meta(buf, flags, key_len)?;
-        let mut out = Emitted::with_meta(payload, meta);
-        out.path = path;
-        outputs.push(out);
+        outputs.push(Emitted::with_meta(payload, meta.with_path(path)));
     }
     Ok(outputs)
 }
@@ -1309,8 +1307,8 @@ mod tests {
                 task: 1,
                 name: NO_NAME,
             },
-            meta: Meta::new(Some(Bytes::from_static(b"alice")), headers),
-            path: 0x0123_4567_89ab_cdef,
+            meta: Meta::new(Some(Bytes::from_static(b"alice")), headers)
+                .with_path(0x0123_4567_89ab_cdef),
         }
     }
 
@@ -1470,7 +1468,6 @@ mod tests {
             },
             parent: FROM_SOURCE_PARENT,
             meta: Meta::default(),
-            path: 0,
         };
         let frame = Frame::batch(vec![
             TaskMsg {
@@ -1562,8 +1559,7 @@ mod tests {
                     task: NO_TASK - 1,
                     name: NO_NAME,
                 },
-                meta: Meta::new(Some(Bytes::from_static(b"k")), Headers::new()),
-                path: u64::MAX,
+                meta: Meta::new(Some(Bytes::from_static(b"k")), Headers::new()).with_path(u64::MAX),
             },
         };
         let frame = Frame::batch(vec![far.clone(), far]);
@@ -1680,7 +1676,6 @@ mod tests {
                     },
                     parent: FROM_SOURCE_PARENT,
                     meta: Meta::default(),
-                    path: 0,
                 },
             })
             .collect();
@@ -1828,8 +1823,7 @@ mod tests {
                         task: parent,
                         name: NO_NAME,
                     },
-                    meta: Meta::new(key, headers),
-                    path,
+                    meta: Meta::new(key, headers).with_path(path),
                 },
             );
         let verdict = prop_oneof![
@@ -1881,7 +1875,7 @@ mod tests {
                         .into_iter()
                         .map(|(payload, (key, headers), path)| {
                             let mut o = Emitted::new(payload, key, headers);
-                            o.path = path;
+                            o.set_path(path);
                             o
                         })
                         .collect(),

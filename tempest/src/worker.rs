@@ -242,7 +242,7 @@ pub(crate) fn update_of(ctx: &MsgCtx) -> Option<crate::state::UpdateId> {
 /// (output `i`'s from the input's path, the task's seed and `i`).
 pub(crate) fn set_paths(ctx: &MsgCtx, seed: u64, outputs: &mut [Emitted]) {
     for (i, o) in outputs.iter_mut().enumerate() {
-        o.path = crate::msg::output_path(ctx.path(), seed, i as u32);
+        o.set_path(crate::msg::output_path(ctx.path(), seed, i as u32));
     }
 }
 
