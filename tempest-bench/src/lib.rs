@@ -213,6 +213,8 @@ fn bench_settings(poll_count: usize) -> SourceSettings {
         max_backoff: Duration::from_millis(1),
         ack_policy: AckPolicy::Batch(1024),
         ack_interval: Duration::from_millis(1),
+        // Nothing is delivered twice.
+        counts_deliveries: true,
         ..SourceSettings::default()
     }
 }

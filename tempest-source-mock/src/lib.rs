@@ -343,6 +343,9 @@ impl Source for MockSource {
             // Ids are sequence numbers: one id, one message (unless a test
             // says otherwise).
             unique_ids: config.unique_ids,
+            // It counts every delivery (and forgets everything when the
+            // process ends, redelivering nothing).
+            counts_deliveries: true,
         };
         Ok(MockSource {
             state: Arc::new(Mutex::new(State::new(config))),

@@ -721,6 +721,10 @@ impl Source for RedisStreamSource {
             monitor_interval: Duration::from_millis(c.monitor_interval_ms),
             // A stream id names exactly one entry.
             unique_ids: true,
+            // First reads come with 1; an entry read again (claimed, or
+            // re-read from the consumer's pending list) with its pending
+            // count, or 2 where it is unknown.
+            counts_deliveries: true,
         }
     }
 

@@ -254,6 +254,13 @@ pub struct SourceSettings {
     /// it `false` where two entries may share an id (a list source whose
     /// ids are payloads): every delivery then runs.
     pub unique_ids: bool,
+    /// Whether [`SourceMsg::delivered`] counts every delivery of an entry,
+    /// across restarts of the topology: a message delivered before always
+    /// comes with `delivered > 1`. With at-most-once state updates, the
+    /// runtime then looks up only those messages' updates in the state
+    /// backend; leave it `false` (every message is looked up) unless the
+    /// source system keeps the count (a Redis stream's pending list does).
+    pub counts_deliveries: bool,
 }
 
 impl Default for SourceSettings {
@@ -266,6 +273,7 @@ impl Default for SourceSettings {
             ack_interval: Duration::from_millis(10),
             monitor_interval: Duration::from_secs(10),
             unique_ids: false,
+            counts_deliveries: false,
         }
     }
 }

@@ -95,6 +95,47 @@ fn source_of(lines: &[String]) -> MockSource {
 }
 
 fn topology(url: &str, prefix: &str, source: MockSource) -> TopologyBuilder {
+    topology_on(RedisState::with_prefix(url, prefix).unwrap(), source)
+}
+
+/// A backend that aborts the process right after its `n`-th commit has
+/// been written: a worker that dies between its checkpoint and its
+/// answers, deterministically.
+#[derive(Debug)]
+struct DieAfterCommit {
+    inner: RedisState,
+    left: std::sync::atomic::AtomicUsize,
+}
+
+impl tempest::StateBackend for DieAfterCommit {
+    fn load(
+        &self,
+        store: &str,
+        keys: &[Bytes],
+        updates: &[tempest::UpdateId],
+    ) -> Result<tempest::Loaded, tempest::StateError> {
+        self.inner.load(store, keys, updates)
+    }
+    fn commit(
+        &self,
+        store: &str,
+        changes: &tempest::Changes<'_>,
+    ) -> Result<(), tempest::StateError> {
+        self.inner.commit(store, changes)?;
+        if self.left.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            std::process::abort();
+        }
+        Ok(())
+    }
+    fn records_updates(&self) -> bool {
+        self.inner.records_updates()
+    }
+}
+
+fn topology_on(
+    backend: impl tempest::StateBackend + 'static,
+    source: MockSource,
+) -> TopologyBuilder {
     let builder = TopologyBuilder::new("state");
     // The child counter of the kill -9 tests is told through the
     // environment.
@@ -110,7 +151,7 @@ fn topology(url: &str, prefix: &str, source: MockSource) -> TopologyBuilder {
             "count",
             Grouping::Key,
         ))
-        .state_backend(RedisState::with_prefix(url, prefix).unwrap())
+        .state_backend(backend)
         .checkpoint_interval(Duration::from_millis(20))
 }
 
@@ -201,11 +242,26 @@ fn serve(
     RuntimeHandle,
     String,
 ) {
+    serve_with(url, prefix, lines, at_most_once, |t| t)
+}
+
+/// [`serve`], with `adjust` applied to the topology.
+fn serve_with(
+    url: &str,
+    prefix: &str,
+    lines: Vec<String>,
+    at_most_once: bool,
+    adjust: impl FnOnce(TopologyBuilder) -> TopologyBuilder + Send + 'static,
+) -> (
+    std::thread::JoinHandle<standalone::RunReport>,
+    RuntimeHandle,
+    String,
+) {
     let handle = RuntimeHandle::new();
     let h = handle.clone();
     let (url, p) = (url.to_string(), prefix.to_string());
     let top = std::thread::spawn(move || {
-        let t = topology(&url, &p, source_of(&lines)).max_pending(256);
+        let t = adjust(topology(&url, &p, source_of(&lines)).max_pending(256));
         let t = if at_most_once {
             t.at_most_once_updates()
         } else {
@@ -333,8 +389,17 @@ fn counter_process() {
     let [addr, url, prefix] = parts[..] else {
         panic!("TEMPEST_STATE_CHILD={spec}")
     };
-    let t = topology(url, prefix, source_of(&[])).build().unwrap();
-    standalone::run_worker(&t, "count", worker_options(addr), None).unwrap();
+    let t = match std::env::var("TEMPEST_STATE_DIE_AFTER_COMMITS") {
+        Ok(n) => topology_on(
+            DieAfterCommit {
+                inner: RedisState::with_prefix(url, prefix).unwrap(),
+                left: std::sync::atomic::AtomicUsize::new(n.parse().unwrap()),
+            },
+            source_of(&[]),
+        ),
+        Err(_) => topology(url, prefix, source_of(&[])),
+    };
+    standalone::run_worker(&t.build().unwrap(), "count", worker_options(addr), None).unwrap();
 }
 
 fn counter_child(addr: &str, url: &str, prefix: &str, at_most_once: bool) -> std::process::Child {
@@ -543,4 +608,74 @@ fn the_backend_reconnects_after_redis_restarts() {
         .load("t/s", &[Bytes::from_static(b"k")], &[])
         .unwrap();
     assert_eq!(got.values, vec![Some(Bytes::from_static(b"2"))]);
+}
+
+/// Runs the word count with a counter process that dies right after its
+/// third checkpoint is written, before it answers the messages that
+/// checkpoint holds, and a second counter that takes over; returns the
+/// stored counts and the exact ones. The lost messages go back to the
+/// queue (`BestEffort`) or their lines are retried (`Retry`).
+fn die_after_checkpoint(
+    prefix: &str,
+    at_most_once: bool,
+    policy: tempest::FailurePolicy,
+) -> (HashMap<String, u64>, HashMap<String, u64>) {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let server = TestServer::shared().unwrap();
+    let (lines, exact) = corpus(3_000, 7, 300);
+    let total = lines.len() as u64;
+    let (top, _handle, addr) = serve_with(&server.url, prefix, lines, at_most_once, move |t| {
+        t.failure_policy(policy)
+    });
+    let split = start_worker(&addr, &server.url, prefix, "split", at_most_once);
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(["counter_process", "--exact", "--ignored", "--nocapture"])
+        .env(
+            "TEMPEST_STATE_CHILD",
+            format!("{addr}|{}|{prefix}", server.url),
+        )
+        .env("TEMPEST_STATE_DIE_AFTER_COMMITS", "3")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    if at_most_once {
+        cmd.env("TEMPEST_STATE_AT_MOST_ONCE", "1");
+    }
+    let died = cmd.spawn().unwrap().wait().unwrap();
+    assert!(!died.success(), "the first counter aborts");
+    let mut again = counter_child(&addr, &server.url, prefix, at_most_once);
+    let report = top.join().unwrap();
+    split.join().unwrap();
+    assert!(again.wait().unwrap().success());
+    assert_eq!(report.stats.acked, total, "{:?}", report.stats);
+    (stored(&server, prefix), exact)
+}
+
+/// The control: a counter dying between its checkpoint and its answers
+/// has its last checkpoint's updates applied again, at least once.
+#[test]
+fn a_counter_dying_after_its_checkpoint_counts_again_at_least_once() {
+    for policy in [
+        tempest::FailurePolicy::BestEffort,
+        tempest::FailurePolicy::Retry(3),
+    ] {
+        let (got, exact) = die_after_checkpoint(&unique_key("state-die"), false, policy);
+        let extra = got.values().sum::<u64>() - exact.values().sum::<u64>();
+        assert!(extra > 0, "{policy:?}: no update applied twice");
+        eprintln!("{policy:?}: {extra} update(s) applied twice");
+    }
+}
+
+/// With at-most-once updates the messages the dead counter had
+/// checkpointed change nothing when they run again, whether they come back
+/// to the queue as they were (`BestEffort`: marked as maybe handled before)
+/// or as a new attempt (`Retry`).
+#[test]
+fn a_counter_dying_after_its_checkpoint_applies_each_update_once_with_at_most_once_updates() {
+    for policy in [
+        tempest::FailurePolicy::BestEffort,
+        tempest::FailurePolicy::Retry(3),
+    ] {
+        let (got, exact) = die_after_checkpoint(&unique_key("state-die-once"), true, policy);
+        assert_exact(&got, &exact);
+    }
 }

@@ -200,6 +200,10 @@ pub(crate) struct Tracker {
     /// per task they were waiting for (the first with messages
     /// outstanding), with the id of the first.
     timed_out: Vec<(u64, Option<MsgId>)>,
+    /// With at-most-once updates: which source messages are marked as
+    /// maybe handled before (`Some(true)`: all, from a source that does not
+    /// count deliveries; `Some(false)`: those delivered more than once).
+    mark_seen: Option<bool>,
 }
 
 impl Tracker {
@@ -238,7 +242,16 @@ impl Tracker {
             stack: Vec::new(),
             start: Vec::with_capacity(capacity),
             ticks: 0,
+            mark_seen: None,
         }
+    }
+
+    /// With at-most-once updates: marks source messages that may have
+    /// been handled before (delivered more than once; every one, if the
+    /// source does not count deliveries), so that workers look up only
+    /// their updates.
+    pub fn mark_redeliveries(&mut self, source_counts_deliveries: bool) {
+        self.mark_seen = Some(!source_counts_deliveries);
     }
 
     /// Messages in the table (running or waiting for a retry).
@@ -342,6 +355,9 @@ impl Tracker {
         let slot = self.alloc(NO_TASK, now);
         let r = &mut self.records[slot as usize];
         r.meta = Meta::new(msg.key.take(), std::mem::take(&mut msg.headers));
+        if self.mark_seen.is_some_and(|all| all || msg.delivered > 1) {
+            r.meta = std::mem::take(&mut r.meta).with_seen();
+        }
         r.id = std::mem::replace(&mut msg.id, MsgId::Int(0));
         r.payload = std::mem::take(&mut msg.payload);
         // 0 stands for a tick's output.
@@ -952,7 +968,14 @@ fn join_msg(
     TaskMsg {
         ticket: Ticket::new(slot, r.gen, join),
         payload,
-        ctx: ctx_of(r, dag, NO_TASK, common.meta.with_path(path)),
+        ctx: ctx_of(
+            r,
+            dag,
+            NO_TASK,
+            common
+                .meta
+                .with_path_seen(path, held.iter().any(|(_, o)| o.seen())),
+        ),
     }
 }
 

@@ -215,6 +215,22 @@ impl MsgCtx {
         self.meta.path()
     }
 
+    /// With at-most-once updates: whether this message may have been
+    /// handled before — a later attempt, a source delivery after the first
+    /// (or any, from a source that does not count them), a message that
+    /// went back to the queue from a lost worker, or one that derives from
+    /// such a message. Only those have their updates looked up; the rest
+    /// cannot have been applied yet.
+    pub(crate) fn maybe_handled_before(&self) -> bool {
+        self.origin.attempt > 1 || self.meta.seen()
+    }
+
+    /// The context marked as maybe handled before (in unit tests).
+    pub fn handled_before(mut self) -> Self {
+        self.meta = self.meta.with_seen();
+        self
+    }
+
     /// The context with this path.
     pub fn with_path(mut self, path: u64) -> Self {
         self.meta = self.meta.with_path(path);
@@ -311,9 +327,15 @@ impl Emitted {
         self.meta.path()
     }
 
-    /// Sets the path of the message it becomes.
-    pub(crate) fn set_path(&mut self, path: u64) {
-        self.meta = std::mem::take(&mut self.meta).with_path(path);
+    /// Sets the path of the message it becomes, and whether it may have
+    /// been handled before.
+    pub(crate) fn set_path(&mut self, path: u64, seen: bool) {
+        self.meta = std::mem::take(&mut self.meta).with_path_seen(path, seen);
+    }
+
+    /// Whether the message it becomes may have been handled before.
+    pub(crate) fn seen(&self) -> bool {
+        self.meta.seen()
     }
 
     /// Its key.
@@ -341,6 +363,9 @@ pub(crate) struct MetaInner {
     key: Option<Bytes>,
     headers: Headers,
     path: u64,
+    /// With at-most-once updates: the message may have been handled
+    /// before (see [`MsgCtx::maybe_handled_before`]).
+    seen: bool,
 }
 
 /// The headers of a message without any.
@@ -348,14 +373,19 @@ static NO_HEADERS: Headers = Headers::new();
 
 impl Meta {
     pub(crate) fn new(key: Option<Bytes>, headers: Headers) -> Self {
-        Meta::with_all(key, headers, 0)
+        Meta::with_all(key, headers, 0, false)
     }
 
-    fn with_all(key: Option<Bytes>, headers: Headers, path: u64) -> Self {
-        if key.is_none() && headers.is_empty() && path == 0 {
+    fn with_all(key: Option<Bytes>, headers: Headers, path: u64, seen: bool) -> Self {
+        if key.is_none() && headers.is_empty() && path == 0 && !seen {
             Meta(None)
         } else {
-            Meta(Some(Arc::new(MetaInner { key, headers, path })))
+            Meta(Some(Arc::new(MetaInner {
+                key,
+                headers,
+                path,
+                seen,
+            })))
         }
     }
 
@@ -376,19 +406,36 @@ impl Meta {
         self.0.as_ref().map_or(0, |m| m.path)
     }
 
+    pub(crate) fn seen(&self) -> bool {
+        self.0.as_ref().is_some_and(|m| m.seen)
+    }
+
     /// The same key and headers with this path.
     pub(crate) fn with_path(self, path: u64) -> Self {
-        if self.path() == path {
+        let seen = self.seen();
+        self.with_path_seen(path, seen)
+    }
+
+    /// The same key and headers with this path, marked as maybe handled
+    /// before or not.
+    pub(crate) fn with_path_seen(self, path: u64, seen: bool) -> Self {
+        if self.path() == path && self.seen() == seen {
             return self;
         }
         match self.0 {
-            None => Meta::with_all(None, Headers::new(), path),
+            None => Meta::with_all(None, Headers::new(), path, seen),
             Some(inner) => {
                 let MetaInner { key, headers, .. } =
                     Arc::try_unwrap(inner).unwrap_or_else(|shared| (*shared).clone());
-                Meta::with_all(key, headers, path)
+                Meta::with_all(key, headers, path, seen)
             }
         }
+    }
+
+    /// The same, marked as maybe handled before.
+    pub(crate) fn with_seen(self) -> Self {
+        let path = self.path();
+        self.with_path_seen(path, true)
     }
 }
 
@@ -398,6 +445,7 @@ impl fmt::Debug for Meta {
             .field("key", &self.key().map(|k| String::from_utf8_lossy(k)))
             .field("headers", self.headers())
             .field("path", &self.path())
+            .field("seen", &self.seen())
             .finish()
     }
 }

@@ -223,6 +223,13 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
     let mut src = source(file.as_ref())?;
     let source_metrics = metrics.with_label("source", src.name().to_string());
     let unique_ids = src.settings().unique_ids;
+    let counts_deliveries = src.settings().counts_deliveries;
+    if topts.at_most_once_updates && !unique_ids {
+        log::warn!(
+            "at_most_once_updates with source {}, whose ids may repeat: entries sharing an id count as one message, and only the first one's updates apply while it is in flight.",
+            src.name()
+        );
+    }
     src.setup(&SourceContext {
         topology: name.clone(),
         metrics: source_metrics.clone(),
@@ -276,7 +283,7 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
             }
         });
 
-        let tracker = Tracker::new(
+        let mut tracker = Tracker::new(
             Arc::clone(&dag),
             TrackerConfig {
                 policy: topts.failure_policy,
@@ -287,6 +294,9 @@ pub fn run(topology: Topology, options: RunOptions) -> Result<RunReport, Error> 
             Instant::now(),
             topts.max_pending,
         );
+        if topts.at_most_once_updates {
+            tracker.mark_redeliveries(counts_deliveries);
+        }
         let mut pipeline = PipelineActor::new(PipelineSetup {
             tracker,
             source: source_addr.clone().recipient(),

@@ -315,8 +315,11 @@ impl TopologyBuilder {
     /// source has acked it. Needs a state backend that records updates
     /// ([`StateBackend::records_updates`]; the Redis one does); covers the
     /// changes sync tasks make in `handle` (a tick's, and an async task's,
-    /// apply at least once). Costs a lookup per message in the batch's load
-    /// and a record per message in the checkpoint.
+    /// apply at least once). Costs a record per message in the checkpoint,
+    /// a removal per source message after its ack, and a lookup in the
+    /// batch's load for each message that may have been handled before
+    /// (all of them, with a source that does not count deliveries:
+    /// `SourceSettings::counts_deliveries`).
     pub fn at_most_once_updates(mut self) -> Self {
         self.options.at_most_once_updates = true;
         self

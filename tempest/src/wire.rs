@@ -86,7 +86,9 @@
 //! ```
 //!
 //! Flags: 1 a key, 2 headers, 32 a path (the message's place in its source
-//! message's processing, sent only with at-most-once state updates); for
+//! message's processing, sent only with at-most-once state updates), 64 it
+//! may have been handled before (at-most-once updates: its updates are
+//! looked up); for
 //! messages also 4 the id is bytes, 8 a
 //! deadline, 16 attempt, deliveries and parent left out, as the previous
 //! message's (the first message's: 0, 0, 0). Δ: the difference from the
@@ -625,6 +627,9 @@ const F_SAME: u8 = 16;
 /// A path follows the fixed fields (8 bytes, little-endian): see
 /// [`MsgCtx::path`].
 const F_PATH: u8 = 32;
+/// With at-most-once updates: the message may have been handled before
+/// (its updates are looked up).
+const F_SEEN: u8 = 64;
 
 /// The longest a task message's fixed fields are: flags, ticket, id (an
 /// integer's difference or a length), attempt, deliveries, timestamp,
@@ -796,7 +801,8 @@ fn put_msgs(dst: &mut BytesMut, tag: u8, msgs: &[TaskMsg]) {
             | if id_bytes.is_some() { F_ID_BYTES } else { 0 }
             | if has_deadline { F_DEADLINE } else { 0 }
             | if same { F_SAME } else { 0 }
-            | if path != 0 { F_PATH } else { 0 });
+            | if path != 0 { F_PATH } else { 0 }
+            | if c.meta.seen() { F_SEEN } else { 0 });
         head.ticket(&mut prev, &m.ticket);
         match &c.id {
             MsgId::Int(n) => head.delta64(&mut prev.id, *n),
@@ -847,7 +853,7 @@ fn get_msgs(buf: &mut Bytes, what: &str) -> Result<Vec<TaskMsg>, DecodeError> {
     for _ in 0..n {
         let mut c = Cursor::new(buf.chunk());
         let flags = c.u8("message flags")?;
-        if flags & !(F_KEY | F_HEADERS | F_ID_BYTES | F_DEADLINE | F_SAME | F_PATH) != 0 {
+        if flags & !(F_KEY | F_HEADERS | F_ID_BYTES | F_DEADLINE | F_SAME | F_PATH | F_SEEN) != 0 {
             return err(format!("message flags {flags:#x}"));
         }
         let ticket = c.ticket(&mut prev)?;
@@ -886,7 +892,7 @@ fn get_msgs(buf: &mut Bytes, what: &str) -> Result<Vec<TaskMsg>, DecodeError> {
         } else {
             MsgId::Int(prev.id)
         };
-        let meta = get_meta(buf, flags, key_len)?.with_path(path);
+        let meta = get_meta(buf, flags, key_len)?.with_path_seen(path, flags & F_SEEN != 0);
         msgs.push(TaskMsg {
             ticket,
             payload,
@@ -951,7 +957,9 @@ fn put_outputs(dst: &mut BytesMut, outputs: &[Emitted]) {
     for o in outputs {
         let (key, headers) = (o.key(), o.headers());
         let path = o.path();
-        head.u8(meta_flags(key, headers) | if path != 0 { F_PATH } else { 0 });
+        head.u8(meta_flags(key, headers)
+            | if path != 0 { F_PATH } else { 0 }
+            | if o.seen() { F_SEEN } else { 0 });
         head.uvarint(o.payload.len() as u64);
         if let Some(k) = key {
             head.uvarint(k.len() as u64);
@@ -1012,7 +1020,7 @@ fn get_outputs(buf: &mut Bytes) -> Result<Vec<Emitted>, DecodeError> {
     for _ in 0..n {
         let mut c = Cursor::new(buf.chunk());
         let flags = c.u8("output flags")?;
-        if flags & !(F_KEY | F_HEADERS | F_PATH) != 0 {
+        if flags & !(F_KEY | F_HEADERS | F_PATH | F_SEEN) != 0 {
             return err(format!("output flags {flags:#x}"));
         }
         let payload_len = c.len("output")?;
@@ -1026,7 +1034,10 @@ fn get_outputs(buf: &mut Bytes) -> Result<Vec<Emitted>, DecodeError> {
         buf.advance(used);
         let payload = take(buf, payload_len, "output")?;
         let meta = get_meta(buf, flags, key_len)?;
-        outputs.push(Emitted::with_meta(payload, meta.with_path(path)));
+        outputs.push(Emitted::with_meta(
+            payload,
+            meta.with_path_seen(path, flags & F_SEEN != 0),
+        ));
     }
     Ok(outputs)
 }
@@ -1737,7 +1748,7 @@ mod tests {
             &[BATCH, 0xff, 0xff, 0xff, 0xff][..],
             &[BATCH, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0][..],
             // A message flag no version has.
-            &[BATCH, 1, 0x20, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0][..],
+            &[BATCH, 1, 0x80, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0][..],
             // A payload longer than what is left.
             &[BATCH, 1, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 5, 1][..],
             &[BATCH, 1, F_SAME, 0, 0, 0, 0, 0, 0, 5, 1][..],
@@ -1753,7 +1764,7 @@ mod tests {
             // A filtered verdict with an output count.
             &[RESULTS, 1, 1, 0, 0, 0, 0, 1 | 8, 0][..],
             // An output with an unknown flag.
-            &[RESULTS, 1, 0, 1, 0x40, 0][..],
+            &[RESULTS, 1, 0, 1, 0x80, 0][..],
             // Bytes after the frame.
             &[RESULTS, 1, 0, 0, 0][..],
         ] {
@@ -1823,7 +1834,7 @@ mod tests {
                         task: parent,
                         name: NO_NAME,
                     },
-                    meta: Meta::new(key, headers).with_path(path),
+                    meta: Meta::new(key, headers).with_path_seen(path, path % 2 == 1),
                 },
             );
         let verdict = prop_oneof![
@@ -1875,7 +1886,7 @@ mod tests {
                         .into_iter()
                         .map(|(payload, (key, headers), path)| {
                             let mut o = Emitted::new(payload, key, headers);
-                            o.set_path(path);
+                            o.set_path(path, path % 3 == 0);
                             o
                         })
                         .collect(),

@@ -214,8 +214,13 @@ impl Gate {
             return;
         }
         let keys: Vec<bytes::Bytes> = run.iter().filter_map(|m| m.ctx.key().cloned()).collect();
+        // Only a message that may have been handled before can have its
+        // update applied already.
         let updates: Vec<crate::state::UpdateId> = if self.states.at_most_once() {
-            run.iter().filter_map(|m| update_of(&m.ctx)).collect()
+            run.iter()
+                .filter(|m| m.ctx.maybe_handled_before())
+                .filter_map(|m| update_of(&m.ctx))
+                .collect()
         } else {
             Vec::new()
         };
@@ -240,9 +245,12 @@ pub(crate) fn update_of(ctx: &MsgCtx) -> Option<crate::state::UpdateId> {
 
 /// Gives the outputs a task emitted for the message of `ctx` their paths
 /// (output `i`'s from the input's path, the task's seed and `i`).
+/// Outputs of a message that may have been handled before may have been
+/// too.
 pub(crate) fn set_paths(ctx: &MsgCtx, seed: u64, outputs: &mut [Emitted]) {
+    let seen = ctx.meta.seen();
     for (i, o) in outputs.iter_mut().enumerate() {
-        o.set_path(crate::msg::output_path(ctx.path(), seed, i as u32));
+        o.set_path(crate::msg::output_path(ctx.path(), seed, i as u32), seen);
     }
 }
 

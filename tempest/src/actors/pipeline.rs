@@ -534,6 +534,9 @@ impl PipelineActor {
             }
             lost += 1;
             if self.tracker.policy() == crate::FailurePolicy::BestEffort {
+                // The worker may have handled it before it was lost.
+                let mut m = m;
+                m.ctx.meta = std::mem::take(&mut m.ctx.meta).with_seen();
                 requeued.push(m);
             } else {
                 let reason = FailReason::WorkerLost {
