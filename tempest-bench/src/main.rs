@@ -950,8 +950,8 @@ fn all(smoke: bool, rounds: usize) -> anyhow::Result<String> {
     }
     writeln!(
         md,
-        "\nUpdates applied at most once cost {:.0}% of the Redis backend's rate in the same run (a record per message in each checkpoint and a removal per sentence after its ack; the benchmark's source counts deliveries, so no message is looked up).",
-        100.0 - wc_rate(3) / wc_rate(2).max(1.0) * 100.0
+        "\nWith updates applied at most once the word count ran at {:.0}% of the plain Redis backend's rate in the same run (it adds a record per message to each checkpoint and a removal per sentence after its ack; the benchmark's source counts deliveries, so no message is looked up).",
+        wc_rate(3) / wc_rate(2).max(1.0) * 100.0
     )?;
     writeln!(
         md,
