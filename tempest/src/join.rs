@@ -74,6 +74,11 @@ pub trait JoinTask: Send + 'static {
     /// Called after each batch of messages, and when the worker is idle:
     /// record batched metrics here.
     fn flush_metrics(&mut self) {}
+
+    /// Periodic work, as [`Task::tick`](crate::Task::tick).
+    fn tick(&mut self) -> TaskResult {
+        Ok(crate::task::Output::None)
+    }
 }
 
 /// One output of one parent of a join: its payload, key and headers.
@@ -406,6 +411,10 @@ impl<J: JoinTask> Task for JoinAdapter<J> {
 
     fn flush_metrics(&mut self) {
         self.join.flush_metrics();
+    }
+
+    fn tick(&mut self) -> TaskResult {
+        self.join.tick()
     }
 }
 

@@ -79,6 +79,12 @@ pub trait TypedTask: Send + 'static {
 
     /// Called after each batch of messages, and when the worker is idle.
     fn flush_metrics(&mut self) {}
+
+    /// Periodic work, as [`Task::tick`]: its values are encoded with the
+    /// task's output codec, each a new root.
+    fn tick(&mut self) -> TypedResult<Self::Out> {
+        Ok(Typed::None)
+    }
 }
 
 /// The outputs of one [`TypedTask::handle`] call, as values; the mirror of
@@ -284,6 +290,16 @@ impl<T: TypedTask> Task for TypedAdapter<T> {
 
     fn flush_metrics(&mut self) {
         self.task.flush_metrics();
+    }
+
+    fn tick(&mut self) -> TaskResult {
+        self.task.tick()?.encode(self.codecs.output).map_err(|e| {
+            TaskError::msg(format!(
+                "task \"{}\": a tick: {e} (a {})",
+                self.task.name(),
+                std::any::type_name::<T::Out>()
+            ))
+        })
     }
 }
 

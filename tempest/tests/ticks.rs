@@ -330,3 +330,143 @@ fn a_panic_in_flush_metrics_does_not_stop_the_worker() {
     assert_eq!(report.stats.acked, 200);
     assert_eq!(worker.unwrap().sessions, 1);
 }
+
+/// What the typed tally ticks out.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+struct Tally {
+    tick: u64,
+    lines: u64,
+}
+
+/// A typed task counting its lines; each tick emits a `Tally` (postcard
+/// on the wire to the sink).
+#[derive(Clone, Default)]
+struct TypedTally {
+    ticks: u64,
+    lines: u64,
+}
+
+impl tempest::TypedTask for TypedTally {
+    type In = String;
+    type Out = Tally;
+    fn name(&self) -> &str {
+        "tally"
+    }
+    fn handle(&mut self, _line: String, _: &MsgCtx) -> tempest::TypedResult<Tally> {
+        self.lines += 1;
+        Ok(tempest::Typed::None)
+    }
+    fn tick(&mut self) -> tempest::TypedResult<Tally> {
+        self.ticks += 1;
+        Ok(Tally {
+            tick: self.ticks,
+            lines: self.lines,
+        }
+        .into())
+    }
+}
+
+/// Decodes the tallies it gets.
+#[derive(Clone, Default)]
+struct TallySink(Arc<Mutex<Vec<Tally>>>);
+
+impl tempest::TypedTask for TallySink {
+    type In = Tally;
+    type Out = ();
+    fn name(&self) -> &str {
+        "sink"
+    }
+    fn handle(&mut self, t: Tally, ctx: &MsgCtx) -> tempest::TypedResult<()> {
+        assert!(ctx.from_tick(), "{ctx:?}");
+        self.0.lock().unwrap().push(t);
+        Ok(tempest::Typed::None)
+    }
+}
+
+/// A typed task ticks like any task: its tick's values are encoded with
+/// its output codec and decoded by its children.
+#[test]
+fn a_typed_task_ticks_and_its_values_reach_its_children() {
+    let sink = TallySink::default();
+    let pipeline = Pipeline::new()
+        .typed(TypedTally::default())
+        .typed(sink.clone())
+        .edge("tally", "sink")
+        .output_codec("tally", tempest::Codec::Postcard)
+        .tick_interval("tally", EVERY);
+    // JSON lines: the tally's input is a JSON string.
+    let source = MockSource::from_config(MockConfig {
+        open: true,
+        ack_interval_ms: 1,
+        ..MockConfig::default()
+    })
+    .unwrap();
+    source
+        .handle()
+        .push_all((0..50).map(|i| Bytes::from(format!("\"line {i}\""))));
+    let report = TestRun::new(builder("typed-ticks", source).pipeline(pipeline))
+        .until(|s| s.acked == 50 && s.tick_outputs >= 3)
+        .deadline(Duration::from_secs(60))
+        .run()
+        .unwrap();
+    assert_eq!(report.stop, StopReason::Condition, "{:?}", report.stats);
+    assert_eq!(report.stats.task_errors, 0, "{:?}", report.stats);
+    let got = sink.0.lock().unwrap().clone();
+    assert!(got.len() >= 3, "{got:?}");
+    let mut ticks: Vec<u64> = got.iter().map(|t| t.tick).collect();
+    ticks.sort_unstable();
+    assert_eq!(ticks, (1..=got.len() as u64).collect::<Vec<_>>());
+    assert!(got.iter().all(|t| t.lines <= 50), "{got:?}");
+}
+
+/// A join task counting the parts it joined; each tick emits the count.
+#[derive(Clone, Default)]
+struct JoinCount(u64);
+
+impl tempest::JoinTask for JoinCount {
+    fn name(&self) -> &str {
+        "both"
+    }
+    fn handle(&mut self, joined: tempest::Joined, _: &MsgCtx) -> TaskResult {
+        self.0 += joined.len() as u64;
+        Ok(Output::None)
+    }
+    fn tick(&mut self) -> TaskResult {
+        Ok(Output::Outs(vec![Out::new(self.0.to_string()).key("sum")]))
+    }
+}
+
+/// A join task ticks too.
+#[test]
+fn a_join_task_ticks() {
+    let seen = Seen::default();
+    let pass = common::pass;
+    let pipeline = Pipeline::new()
+        .task(pass("root"))
+        .task(pass("left"))
+        .task(pass("right"))
+        .join(JoinCount::default())
+        .task(Sink(Arc::clone(&seen)))
+        .edge("root", "left")
+        .edge("root", "right")
+        .edge("left", "both")
+        .edge("right", "both")
+        .edge("both", "sink")
+        .tick_interval("both", EVERY);
+    let report = TestRun::new(builder("join-ticks", open_source(20)).pipeline(pipeline))
+        .until(|s| s.acked == 20 && s.tick_outputs >= 3)
+        .deadline(Duration::from_secs(60))
+        .run()
+        .unwrap();
+    assert_eq!(report.stop, StopReason::Condition, "{:?}", report.stats);
+    let seen = seen.lock().unwrap();
+    assert!(seen.len() >= 3, "{seen:?}");
+    assert!(seen.iter().all(|(_, parent, ..)| *parent == Some("both")));
+    // Each join of the 20 messages had two parts.
+    let last: u64 = seen
+        .iter()
+        .map(|(p, ..)| p.parse::<u64>().unwrap())
+        .max()
+        .unwrap();
+    assert!(last <= 40, "{last}");
+}
