@@ -119,6 +119,53 @@ pub(crate) fn run_async_loop(
             panic_message(&*p)
         );
     }
+    // What `shutdown` changed: the last checkpoint.
+    if ctx.states.is_durable() && ctx.states.is_dirty() {
+        crate::worker::checkpoint_logged(&ctx.states, &name, &mut 0);
+    }
+}
+
+/// Holds an async worker's results back while its durable state has
+/// changes no checkpoint holds, and checkpoints every
+/// `checkpoint_interval` (or once the results held answer
+/// [`CHECKPOINT_AFTER`](crate::worker::CHECKPOINT_AFTER) messages): a
+/// message is answered only once what its call changed is written, as in
+/// the sync loop. The checkpoint's round trip runs on the worker's
+/// runtime, pausing its calls for that long.
+type Gate = crate::worker::Gate<(u64, Results), tokio::time::Instant>;
+
+impl Gate {
+    async fn send(&mut self, tag: u64, r: Results, transport: &mut dyn AsyncTransport) {
+        if !self.held.is_empty() || (self.states.is_durable() && self.states.is_dirty()) {
+            let every = self.every;
+            self.due
+                .get_or_insert_with(|| tokio::time::Instant::now() + every);
+            self.held_msgs += r.items.len();
+            self.held.push((tag, r));
+            if self.held_msgs >= crate::worker::CHECKPOINT_AFTER {
+                self.due = Some(tokio::time::Instant::now());
+            }
+            return;
+        }
+        transport.send_results(tag, r).await;
+    }
+
+    /// Checkpoints and sends what was held, if due (or `now`).
+    async fn checkpoint_if_due(&mut self, now: bool, transport: &mut dyn AsyncTransport) {
+        let Some(due) = self.due else { return };
+        if !now && tokio::time::Instant::now() < due {
+            return;
+        }
+        if crate::worker::checkpoint_logged(&self.states, &self.name, &mut self.failures) {
+            self.due = None;
+            self.held_msgs = 0;
+            for (tag, r) in std::mem::take(&mut self.held) {
+                transport.send_results(tag, r).await;
+            }
+        } else {
+            self.due = Some(tokio::time::Instant::now() + self.every);
+        }
+    }
 }
 
 /// One call of `task`, cancelled at the message's deadline.
@@ -212,7 +259,9 @@ async fn drive(
     let mut open = true;
     let mut high_water = 0usize;
     let mut next_flush = tokio::time::Instant::now() + FLUSH_EVERY;
+    let mut gate = Gate::new(ctx);
     loop {
+        gate.checkpoint_if_due(false, transport).await;
         // Fill the free slots, from the oldest batch on.
         let mut free = concurrency.saturating_sub(running.len() + waiting);
         for (i, b) in held.iter_mut().enumerate() {
@@ -260,7 +309,7 @@ async fn drive(
                 let mut r = empty_results(worker);
                 r.complete = true;
                 r.spent = spent;
-                transport.send_results(b.tag, r).await;
+                gate.send(b.tag, r, transport).await;
             } else {
                 r.complete = true;
                 r.spent = spent;
@@ -268,7 +317,7 @@ async fn drive(
         }
         for (tag, r) in gathered.0.drain(..) {
             counts.msgs_out += r.outputs.len() as u64;
-            transport.send_results(tag, r).await;
+            gate.send(tag, r, transport).await;
         }
         if tokio::time::Instant::now() >= next_flush {
             flush(&mut counts, ctx, &metrics, running.len(), high_water);
@@ -327,9 +376,15 @@ async fn drive(
                 }
                 None => open = false,
             },
-            _ = tokio::time::sleep_until(next_flush) => {}
+            _ = tokio::time::sleep_until(gate.due.map_or(next_flush, |d| d.min(next_flush))) => {}
         }
     }
+    // The answers held for a checkpoint: written and sent, if the
+    // pipeline still takes them.
+    if gate.states.is_durable() && gate.states.is_dirty() && gate.due.is_none() {
+        gate.due = Some(tokio::time::Instant::now());
+    }
+    gate.checkpoint_if_due(true, transport).await;
     if !running.is_empty() {
         log::debug!(
             "Task {name}: the pipeline is gone; {} call(s) in flight are cancelled.",

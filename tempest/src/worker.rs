@@ -65,7 +65,7 @@ fn tick_if_due(
     task: &mut dyn Task,
     name: &str,
     counts: &mut Counts,
-    gate: &mut Gate,
+    gate: &mut Gate<Answer>,
     transport: &mut impl Transport,
 ) {
     let Some(c) = clock else { return };
@@ -121,21 +121,23 @@ enum Answer {
 /// checkpoint holds, and checkpoints every `checkpoint_interval`: a
 /// message is answered (and so can complete and be acked at the source)
 /// only once what its handling changed is written. With state in memory
-/// only, answers pass straight through.
-struct Gate {
-    states: crate::state::WorkerStates,
-    every: Duration,
-    held: Vec<Answer>,
+/// only, answers pass straight through. `A` is what is held: the sync
+/// loop's answers here, the async loop's results per tag there (it adds
+/// its own `send` and `checkpoint_if_due`).
+pub(crate) struct Gate<A, I = Instant> {
+    pub(crate) states: crate::state::WorkerStates,
+    pub(crate) every: Duration,
+    pub(crate) held: Vec<A>,
     /// When the held answers' checkpoint is due.
-    due: Option<Instant>,
+    pub(crate) due: Option<I>,
     /// Messages answered in the held answers.
-    held_msgs: usize,
-    failures: u64,
-    name: String,
+    pub(crate) held_msgs: usize,
+    pub(crate) failures: u64,
+    pub(crate) name: String,
 }
 
-impl Gate {
-    fn new(ctx: &TaskContext) -> Self {
+impl<A, I> Gate<A, I> {
+    pub(crate) fn new(ctx: &TaskContext) -> Self {
         Gate {
             states: ctx.states.clone(),
             every: ctx.checkpoint_interval,
@@ -146,7 +148,9 @@ impl Gate {
             name: ctx.task.clone(),
         }
     }
+}
 
+impl Gate<Answer> {
     fn send(&mut self, answer: Answer, transport: &mut impl Transport) {
         if !self.held.is_empty() || (self.states.is_durable() && self.states.is_dirty()) {
             self.due.get_or_insert_with(|| Instant::now() + self.every);
@@ -174,36 +178,17 @@ impl Gate {
         if !now && Instant::now() < due {
             return;
         }
-        match self.states.checkpoint() {
-            Ok(_) => {
-                if self.failures > 0 {
-                    log::info!(
-                        "Task {}'s state is checkpointed again, after {} failed attempt(s).",
-                        self.name,
-                        self.failures
-                    );
-                    self.failures = 0;
-                }
-                self.due = None;
-                self.held_msgs = 0;
-                for a in self.held.drain(..) {
-                    match a {
-                        Answer::Results(r) => transport.send_results(r),
-                        Answer::Ticks(t) => transport.send_ticks(t),
-                    }
+        if checkpoint_logged(&self.states, &self.name, &mut self.failures) {
+            self.due = None;
+            self.held_msgs = 0;
+            for a in self.held.drain(..) {
+                match a {
+                    Answer::Results(r) => transport.send_results(r),
+                    Answer::Ticks(t) => transport.send_ticks(t),
                 }
             }
-            Err(e) => {
-                self.failures += 1;
-                if self.failures == 1 || self.failures.is_multiple_of(60) {
-                    log::warn!(
-                        "Task {} cannot checkpoint its state ({e}); its answers wait (attempt {}), and its messages time out and are retried if it stays down.",
-                        self.name,
-                        self.failures
-                    );
-                }
-                self.due = Some(Instant::now() + self.every);
-            }
+        } else {
+            self.due = Some(Instant::now() + self.every);
         }
     }
 
@@ -229,6 +214,36 @@ impl Gate {
                 "Task {} cannot load its state ({e}); its calls load each key as they need it.",
                 self.name
             );
+        }
+    }
+}
+
+/// Checkpoints a worker's state; whether it worked. A failure is logged
+/// (the first, then every 60th) and counted in `failures`; the first
+/// success after failures is logged and resets it.
+pub(crate) fn checkpoint_logged(
+    states: &crate::state::WorkerStates,
+    name: &str,
+    failures: &mut u64,
+) -> bool {
+    match states.checkpoint() {
+        Ok(_) => {
+            if *failures > 0 {
+                log::info!(
+                    "Task {name}'s state is checkpointed again, after {failures} failed attempt(s)."
+                );
+                *failures = 0;
+            }
+            true
+        }
+        Err(e) => {
+            *failures += 1;
+            if *failures == 1 || failures.is_multiple_of(60) {
+                log::warn!(
+                    "Task {name} cannot checkpoint its state ({e}); its answers wait (attempt {failures}), and its messages time out and are retried if it stays down."
+                );
+            }
+            false
         }
     }
 }
@@ -386,7 +401,7 @@ pub(crate) fn run_task_loop(
     // before the first), so one slow message does not shrink every claim.
     let mut pace: Option<u64> = None;
     let mut ticks = TickClock::new(ctx.tick_interval);
-    let mut gate = Gate::new(&ctx);
+    let mut gate = Gate::<Answer>::new(&ctx);
     let at_most_once = gate.states.at_most_once();
     let seed = crate::msg::path_seed(&name);
     loop {

@@ -74,7 +74,10 @@ fn data_structures_and_the_protocol_know_no_actors() {
     );
     assert_only("worker.rs", &["msg", "task", "metrics", "state"]);
     assert_only("window.rs", &["msg", "state", "task"]);
-    assert_only("async_worker.rs", &["msg", "task", "metrics", "worker"]);
+    assert_only(
+        "async_worker.rs",
+        &["msg", "task", "metrics", "state", "worker"],
+    );
 }
 
 #[test]
