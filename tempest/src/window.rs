@@ -215,13 +215,17 @@ impl<W: WindowTask> Windowed<W> {
         }
     }
 
-    /// The outputs of closed window `span` of `key`.
+    /// The outputs of closed window `span` of `key`. A window whose
+    /// accumulator is gone was closed already (by the worker its key moved
+    /// to, through the store they share): it emits nothing.
     fn close(&mut self, key: &Bytes, span: Span, out: &mut Vec<Out>) -> Result<(), TaskError> {
         let (accs, _) = self.states()?;
-        let acc = accs
+        let Some(acc) = accs
             .remove(state_key(key, span.start))
             .map_err(|e| TaskError::msg(e.to_string()))?
-            .unwrap_or_default();
+        else {
+            return Ok(());
+        };
         let emitted = self.inner.emit(key, span, acc)?;
         let keyed = |p: Msg| Out::new(p).key(key.clone());
         match emitted {
@@ -353,6 +357,69 @@ impl<W: WindowTask> Task for Windowed<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Counts its messages per window.
+    #[derive(Clone)]
+    struct Counter;
+
+    impl WindowTask for Counter {
+        type Acc = u64;
+        fn name(&self) -> &str {
+            "count"
+        }
+        fn add(&mut self, acc: &mut u64, _: &Msg, _: &MsgCtx) -> Result<(), TaskError> {
+            *acc += 1;
+            Ok(())
+        }
+        fn emit(&mut self, _: &Bytes, _: Span, acc: u64) -> TaskResult {
+            Ok(Output::one(acc.to_string()))
+        }
+    }
+
+    fn at(key: &'static str, ts: u64) -> MsgCtx {
+        MsgCtx::new(ts).with_key(key).with_timestamp(ts)
+    }
+
+    /// Regression: a key that moved from one worker to another left the
+    /// window open on both; the second to close it emitted an empty
+    /// accumulator (a count of 0) besides the real one.
+    #[test]
+    fn a_window_closed_by_another_worker_emits_once() {
+        let registry = crate::state::StateRegistry::new(None);
+        let ctx = |w| {
+            let mut c = TaskContext::new("t", "count", w, tempest_source::Metrics::new_registry());
+            c.states = crate::state::WorkerStates::new(registry.clone());
+            c
+        };
+        let clock = Clock::Event {
+            allowed_lateness: Duration::ZERO,
+        };
+        let window = Window::tumbling(Duration::from_millis(10));
+        let (mut a, mut b) = (
+            Windowed::new(Counter, window, clock),
+            Windowed::new(Counter, window, clock),
+        );
+        a.started(&ctx(0));
+        b.started(&ctx(1));
+        // Key k's window [0, 10) gets a message on each worker (the key
+        // moved between them), then each sees time pass.
+        a.handle(Msg::from("x"), &at("k", 1)).unwrap();
+        b.handle(Msg::from("x"), &at("k", 2)).unwrap();
+        a.handle(Msg::from("x"), &at("other", 100)).unwrap();
+        b.handle(Msg::from("x"), &at("other2", 100)).unwrap();
+        let from_a = a.tick().unwrap();
+        let from_b = b.tick().unwrap();
+        let count = |o: &Output| match o {
+            Output::Outs(v) => v.len(),
+            Output::None => 0,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(count(&from_a) + count(&from_b), 1, "{from_a:?} {from_b:?}");
+        let Output::Outs(v) = from_a else {
+            panic!("{from_a:?}")
+        };
+        assert_eq!(v[0], Out::new(Msg::from("2")).key(Bytes::from_static(b"k")));
+    }
 
     #[test]
     fn a_position_is_in_every_window_that_covers_it() {
