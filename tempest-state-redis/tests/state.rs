@@ -550,6 +550,15 @@ fn retry_after_counting(
         .run()
         .unwrap();
     assert_eq!(report.stats.acked, lines.len() as u64, "{:?}", report.stats);
+    let skipped = report
+        .metrics
+        .counter("tempest.state.updates_skipped", &[("task", "count")]);
+    // Every retried line's words were counted by its first attempt.
+    if at_most_once {
+        assert!(skipped > 0, "{:?}", report.stats);
+    } else {
+        assert_eq!(skipped, 0);
+    }
     (report.stats, stored(&server, prefix), exact)
 }
 

@@ -196,6 +196,9 @@ struct Store<V> {
     dirty: usize,
     /// Changes so far (the last change's number).
     changes: u64,
+    /// Changes left undone since last taken (at-most-once updates: the
+    /// message's update was applied before).
+    skipped: u64,
     backend: Option<Arc<dyn StateBackend>>,
 }
 
@@ -253,7 +256,11 @@ impl<V: Serialize + DeserializeOwned + Clone> Store<V> {
         match known {
             Applied::Yes { by, .. } => {
                 self.updates.insert(cur.update.clone(), known);
-                Ok(by == cur.handling)
+                let mine = by == cur.handling;
+                if !mine {
+                    self.skipped += 1;
+                }
+                Ok(mine)
             }
             Applied::No => {
                 self.changes += 1;
@@ -457,6 +464,8 @@ pub(crate) trait Checkpointed: Send + Sync {
     /// Drops the clean entries and loads `keys` (those not dirty), and
     /// whether `updates` are applied, in one round trip.
     fn refresh(&self, keys: &[Bytes], updates: &[UpdateId]) -> Result<(), StateError>;
+    /// The changes left undone since last asked (at-most-once updates).
+    fn take_skipped(&self) -> u64;
 }
 
 impl<V> Shared<V> {
@@ -469,6 +478,10 @@ impl<V> Shared<V> {
 impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> Checkpointed for Shared<V> {
     fn is_dirty(&self) -> bool {
         self.lock().dirty > 0
+    }
+
+    fn take_skipped(&self) -> u64 {
+        std::mem::take(&mut self.lock().skipped)
     }
 
     fn checkpoint(&self) -> Result<usize, StateError> {
@@ -661,6 +674,7 @@ impl StateRegistry {
                         name: full,
                         entries: HashMap::new(),
                         updates: HashMap::new(),
+                        skipped: 0,
                         dirty: 0,
                         changes: 0,
                         backend: self.backend.clone(),
@@ -770,6 +784,15 @@ impl WorkerStates {
             n += s.checkpoint()?;
         }
         Ok(n)
+    }
+
+    /// The changes to its stores left undone since last asked, because
+    /// their message's update was applied before (at-most-once updates).
+    pub fn take_skipped(&self) -> u64 {
+        if self.current.is_none() {
+            return 0;
+        }
+        self.used().iter().map(|s| s.take_skipped()).sum()
     }
 
     /// Before a batch: drops clean entries and loads these keys, and

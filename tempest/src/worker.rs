@@ -550,6 +550,7 @@ pub(crate) fn run_task_loop(
         if last_flush.elapsed().as_millis() >= 200 {
             flush_task_metrics(&mut *task, &name);
             counts.flush(&ctx.metrics);
+            flush_skipped(&ctx.metrics, &gate.states);
             batch_us.flush();
             batch_size.flush();
             last_flush = Instant::now();
@@ -557,6 +558,7 @@ pub(crate) fn run_task_loop(
     }
     flush_task_metrics(&mut *task, &name);
     counts.flush(&ctx.metrics);
+    flush_skipped(&ctx.metrics, &gate.states);
     batch_us.flush();
     batch_size.flush();
     gate.states.begin(None);
@@ -571,6 +573,15 @@ pub(crate) fn run_task_loop(
         gate.due.get_or_insert_with(Instant::now);
     }
     gate.checkpoint_if_due(true, transport);
+}
+
+/// Counts the state changes left undone since the last flush (only with
+/// at-most-once updates, and only when there were any).
+fn flush_skipped(metrics: &Metrics, states: &crate::state::WorkerStates) {
+    let n = states.take_skipped();
+    if n > 0 {
+        metrics.incr(names::STATE_UPDATES_SKIPPED, n);
+    }
 }
 
 /// Calls the task's `flush_metrics`; a panic there is logged, and the

@@ -93,4 +93,8 @@ pub mod names {
     pub const TASK_CANCELLED: &str = "tempest.task.cancelled";
     /// Counter (per task): ticks its workers ran ([`Task::tick`](crate::Task::tick)).
     pub const TASK_TICKS: &str = "tempest.task.ticks";
+    /// Counter (per task, with at-most-once updates): changes to keyed
+    /// state left undone because the message's update was applied before
+    /// (a message handled again after a failure).
+    pub const STATE_UPDATES_SKIPPED: &str = "tempest.state.updates_skipped";
 }
