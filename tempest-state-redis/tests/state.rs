@@ -741,3 +741,32 @@ fn an_async_task_checkpoints_its_state_before_it_answers() {
     assert_eq!(report.stats.acked, lines.len() as u64, "{:?}", report.stats);
     assert_exact(&stored(&server, &prefix), &exact);
 }
+
+/// Regression: the copies an `all` edge made of a message shared its path,
+/// so with at-most-once updates the second copy's changes were taken for
+/// the first's and left undone. Each copy is its own update now: two
+/// counters behind an `all` edge count every word twice.
+#[test]
+fn each_copy_of_an_all_edge_is_an_update_of_its_own() {
+    let server = TestServer::shared().unwrap();
+    let prefix = unique_key("state-all");
+    let (lines, exact) = corpus(300, 5, 40);
+    let t = TopologyBuilder::new("state")
+        .source(source_of(&lines))
+        .pipeline(Pipeline::new().task(Split).task(Count::default()).edge_by(
+            "split",
+            "count",
+            Grouping::All,
+        ))
+        .state_backend(RedisState::with_prefix(&server.url, &prefix).unwrap())
+        .checkpoint_interval(Duration::from_millis(20))
+        .at_most_once_updates()
+        .workers("count", 2);
+    let report = TestRun::new(t)
+        .deadline(Duration::from_secs(60))
+        .run()
+        .unwrap();
+    assert_eq!(report.stats.acked, lines.len() as u64, "{:?}", report.stats);
+    let twice: HashMap<String, u64> = exact.into_iter().map(|(w, c)| (w, 2 * c)).collect();
+    assert_exact(&stored(&server, &prefix), &twice);
+}

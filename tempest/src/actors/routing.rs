@@ -36,6 +36,9 @@ pub(crate) struct Routes {
     own: Vec<ReadyQueue>,
 }
 
+/// The seed of an `all` edge's copies' paths (see `route`).
+const ALL_COPIES: u64 = 0x616c_6c5f_636f_7079;
+
 /// What a change of a task's workers moved.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Moved {
@@ -111,11 +114,24 @@ impl Routes {
             let (last, rest) = members
                 .split_last()
                 .map_or((None, &[][..]), |(l, r)| (Some(l), r));
-            for &(_, w) in rest {
-                self.own(w).push_back(msg.clone(), pool, ended_early);
+            // With at-most-once updates each copy is a message of its own:
+            // its path names the slot of the worker it goes to (the same
+            // on a retry, and after a restart, while that slot is taken).
+            let path = msg.ctx.path();
+            let copy = |mut m: TaskMsg, slot: u32| {
+                if path != 0 {
+                    m.ctx = m
+                        .ctx
+                        .with_path(crate::msg::output_path(path, ALL_COPIES, slot));
+                }
+                m
+            };
+            for &(slot, w) in rest {
+                self.own(w)
+                    .push_back(copy(msg.clone(), slot), pool, ended_early);
             }
-            if let Some(&(_, w)) = last {
-                self.own(w).push_back(msg, pool, ended_early);
+            if let Some(&(slot, w)) = last {
+                self.own(w).push_back(copy(msg, slot), pool, ended_early);
             }
             return;
         }
