@@ -770,3 +770,59 @@ fn each_copy_of_an_all_edge_is_an_update_of_its_own() {
     let twice: HashMap<String, u64> = exact.into_iter().map(|(w, c)| (w, 2 * c)).collect();
     assert_exact(&stored(&server, &prefix), &twice);
 }
+
+/// Regression: an async worker never dropped the clean entries it had
+/// cached, so a value changed elsewhere (by another process that owned the
+/// key meanwhile) was overwritten with one computed from its stale copy.
+/// It reads clean entries afresh before each run now, as a sync worker does.
+#[test]
+fn an_async_worker_reads_a_value_changed_elsewhere() {
+    let server = TestServer::shared().unwrap();
+    let prefix = unique_key("state-async-fresh");
+    let source = MockSource::from_config(MockConfig {
+        open: true,
+        ack_interval_ms: 1,
+        ..MockConfig::default()
+    })
+    .unwrap();
+    let mock = source.handle();
+    mock.push("a");
+    let t = TopologyBuilder::new("state")
+        .source(source)
+        .pipeline(
+            Pipeline::new()
+                .task(Split)
+                .async_task(AsyncCount::default())
+                .edge_by("split", "count", Grouping::Key),
+        )
+        .state_backend(RedisState::with_prefix(&server.url, &prefix).unwrap())
+        .checkpoint_interval(Duration::from_millis(10));
+    let url = server.url.clone();
+    let key = format!("{prefix}:count/words");
+    let mut changed = false;
+    let report = TestRun::new(t)
+        .until(move |s| {
+            if s.acked >= 1 && !changed {
+                // "a" = 1 is checkpointed (the message is acked): another
+                // owner makes it 100, then "a" comes again.
+                let mut conn = redis::Client::open(url.as_str())
+                    .unwrap()
+                    .get_connection()
+                    .unwrap();
+                redis::cmd("HSET")
+                    .arg(&key)
+                    .arg("a")
+                    .arg(postcard::to_allocvec(&100u64).unwrap())
+                    .query::<()>(&mut conn)
+                    .unwrap();
+                changed = true;
+                mock.push("a");
+            }
+            s.acked >= 2
+        })
+        .deadline(Duration::from_secs(30))
+        .run()
+        .unwrap();
+    assert_eq!(report.stop, StopReason::Condition, "{:?}", report.stats);
+    assert_eq!(stored(&server, &prefix).get("a"), Some(&101));
+}

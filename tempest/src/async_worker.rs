@@ -271,6 +271,11 @@ async fn drive(
             b.shared.claim(free, &mut claimed);
             b.claimed += claimed.len();
             free -= claimed.len();
+            if !claimed.is_empty() {
+                // As the sync loop does before a run: clean cached state is
+                // read afresh (a key may have been changed elsewhere since).
+                gate.refresh(&claimed);
+            }
             for m in claimed.drain(..) {
                 let seq = base + i as u64;
                 match m.ctx.key().filter(|_| ctx.one_per_key) {

@@ -347,6 +347,9 @@ struct Current {
 /// A worker's current message, shared by its store handles.
 type CurrentCell = Arc<Mutex<Option<Current>>>;
 
+/// A worker's current message as the registry sees it: gone with the worker.
+type WeakCurrent = std::sync::Weak<Mutex<Option<Current>>>;
+
 /// A handle to one keyed store of a task: `get`, `put`, `update` and
 /// `remove` by key. Cheap to clone; every clone is the same store.
 ///
@@ -463,7 +466,15 @@ pub(crate) trait Checkpointed: Send + Sync {
     fn checkpoint(&self) -> Result<usize, StateError>;
     /// Drops the clean entries and loads `keys` (those not dirty), and
     /// whether `updates` are applied, in one round trip.
-    fn refresh(&self, keys: &[Bytes], updates: &[UpdateId]) -> Result<(), StateError>;
+    /// Records of handlings numbered `in_progress` or later stay (they
+    /// may still be running: another worker of the store's may have
+    /// checkpointed their records meanwhile).
+    fn refresh(
+        &self,
+        keys: &[Bytes],
+        updates: &[UpdateId],
+        in_progress: Option<u64>,
+    ) -> Result<(), StateError>;
     /// The changes left undone since last asked (at-most-once updates).
     fn take_skipped(&self) -> u64;
 }
@@ -549,7 +560,12 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> Checkpointed for 
         Ok(puts.len() + removes.len())
     }
 
-    fn refresh(&self, keys: &[Bytes], updates: &[UpdateId]) -> Result<(), StateError> {
+    fn refresh(
+        &self,
+        keys: &[Bytes],
+        updates: &[UpdateId],
+        in_progress: Option<u64>,
+    ) -> Result<(), StateError> {
         let (backend, name, mut missing, mut unknown) = {
             let mut s = self.lock();
             let Some(backend) = s.backend.clone() else {
@@ -559,8 +575,12 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> Checkpointed for 
             // What a checkpoint holds is read again when needed (another
             // process may have handled the message since); what no
             // checkpoint holds yet stays.
-            s.updates
-                .retain(|_, a| matches!(a, Applied::Yes { dirty, .. } if *dirty > 0));
+            s.updates.retain(|_, a| match *a {
+                Applied::Yes { dirty, by } => {
+                    dirty > 0 || (by != 0 && in_progress.is_some_and(|oldest| by >= oldest))
+                }
+                Applied::No => false,
+            });
             let missing: Vec<Bytes> = keys
                 .iter()
                 .filter(|k| !s.entries.contains_key(&k[..]))
@@ -622,6 +642,9 @@ pub(crate) struct StateRegistry {
     at_most_once: bool,
     /// Numbers the handlings of messages (for at-most-once updates).
     handlings: Arc<AtomicU64>,
+    /// Every worker's current message (those whose worker is gone do not
+    /// upgrade).
+    currents: Arc<Mutex<Vec<WeakCurrent>>>,
 }
 
 impl fmt::Debug for StateRegistry {
@@ -639,7 +662,25 @@ impl StateRegistry {
             backend,
             at_most_once: false,
             handlings: Arc::default(),
+            currents: Arc::default(),
         }
+    }
+
+    /// The number of the oldest handling in progress in any worker of the
+    /// run, if any.
+    fn oldest_in_progress(&self) -> Option<u64> {
+        let mut currents = self.currents.lock().unwrap_or_else(PoisonError::into_inner);
+        currents.retain(|c| c.strong_count() > 0);
+        currents
+            .iter()
+            .filter_map(|c| c.upgrade())
+            .filter_map(|c| {
+                c.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .as_ref()
+                    .map(|cur| cur.handling)
+            })
+            .min()
     }
 
     /// The registry applying each update at most once (its backend must
@@ -707,6 +748,13 @@ impl fmt::Debug for WorkerStates {
 impl WorkerStates {
     pub fn new(registry: StateRegistry) -> Self {
         let current = registry.at_most_once.then(CurrentCell::default);
+        if let Some(c) = &current {
+            registry
+                .currents
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(Arc::downgrade(c));
+        }
         WorkerStates {
             registry,
             used: Arc::default(),
@@ -799,8 +847,13 @@ impl WorkerStates {
     /// (with at-most-once updates) whether these updates are applied.
     pub fn refresh(&self, keys: &[Bytes], updates: &[UpdateId]) -> Result<(), StateError> {
         let used = self.used().clone();
+        let in_progress = if self.current.is_some() {
+            self.registry.oldest_in_progress()
+        } else {
+            None
+        };
         for s in used {
-            s.refresh(keys, updates)?;
+            s.refresh(keys, updates, in_progress)?;
         }
         Ok(())
     }
@@ -954,6 +1007,39 @@ mod tests {
         let s3 = w3.handle::<u64>("count", "words").unwrap();
         w3.begin(Some(&msg(1, 7)));
         assert_eq!(add(&s3, "a"), Some(6));
+    }
+
+    /// Regression: another worker's checkpoint wrote a handling's record
+    /// and its refresh then dropped it (clean), so the handling's next
+    /// change looked the record up, found it, and was left undone.
+    #[test]
+    fn at_most_once_a_handling_in_progress_keeps_its_record_through_a_peer_s_refresh() {
+        let backend = Arc::new(MapBackend::default());
+        let shared: Arc<dyn StateBackend> = backend.clone();
+        let registry = StateRegistry::new(Some(shared)).at_most_once(true);
+        let (a, b) = (
+            WorkerStates::new(registry.clone()),
+            WorkerStates::new(registry),
+        );
+        let (sa, sb) = (
+            a.handle::<u64>("count", "words").unwrap(),
+            b.handle::<u64>("count", "words").unwrap(),
+        );
+        // B handles a redelivered message: its first change records it.
+        b.begin(Some(&msg(1, 7).handled_before()));
+        assert_eq!(add(&sb, "x"), Some(1));
+        // A, between its runs, checkpoints the store (B's record with it)
+        // and refreshes.
+        a.checkpoint().unwrap();
+        a.refresh(&[], &[]).unwrap();
+        // B goes on with the same handling: its second change applies.
+        assert_eq!(add(&sb, "y"), Some(1));
+        // Once B is done, a later refresh lets the record go (it is in the
+        // backend), and a redelivery of the message is skipped.
+        b.begin(None);
+        a.refresh(&[], &[]).unwrap();
+        a.begin(Some(&msg(1, 7).handled_before()));
+        assert_eq!(add(&sa, "y"), Some(1));
     }
 
     #[test]

@@ -137,6 +137,31 @@ pub(crate) struct Gate<A, I = Instant> {
 }
 
 impl<A, I> Gate<A, I> {
+    /// Before a run of messages: drops clean cached state and loads the
+    /// run's keys in one round trip.
+    pub(crate) fn refresh(&mut self, run: &[TaskMsg]) {
+        if !self.states.is_durable() {
+            return;
+        }
+        let keys: Vec<bytes::Bytes> = run.iter().filter_map(|m| m.ctx.key().cloned()).collect();
+        // Only a message that may have been handled before can have its
+        // update applied already.
+        let updates: Vec<crate::state::UpdateId> = if self.states.at_most_once() {
+            run.iter()
+                .filter(|m| m.ctx.maybe_handled_before())
+                .filter_map(|m| update_of(&m.ctx))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if let Err(e) = self.states.refresh(&keys, &updates) {
+            log::warn!(
+                "Task {} cannot load its state ({e}); its calls load each key as they need it.",
+                self.name
+            );
+        }
+    }
+
     pub(crate) fn new(ctx: &TaskContext) -> Self {
         Gate {
             states: ctx.states.clone(),
@@ -189,31 +214,6 @@ impl Gate<Answer> {
             }
         } else {
             self.due = Some(Instant::now() + self.every);
-        }
-    }
-
-    /// Before a run of messages: drops clean cached state and loads the
-    /// run's keys in one round trip.
-    fn refresh(&mut self, run: &[TaskMsg]) {
-        if !self.states.is_durable() {
-            return;
-        }
-        let keys: Vec<bytes::Bytes> = run.iter().filter_map(|m| m.ctx.key().cloned()).collect();
-        // Only a message that may have been handled before can have its
-        // update applied already.
-        let updates: Vec<crate::state::UpdateId> = if self.states.at_most_once() {
-            run.iter()
-                .filter(|m| m.ctx.maybe_handled_before())
-                .filter_map(|m| update_of(&m.ctx))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        if let Err(e) = self.states.refresh(&keys, &updates) {
-            log::warn!(
-                "Task {} cannot load its state ({e}); its calls load each key as they need it.",
-                self.name
-            );
         }
     }
 }
@@ -505,6 +505,11 @@ pub(crate) fn run_task_loop(
                 items.push((ticket, verdict));
             }
             handled += run_len;
+            if at_most_once {
+                // No message in hand: changes from here on (a tick, the
+                // metrics flush) are no message's.
+                gate.states.begin(None);
+            }
             tick_if_due(
                 &mut ticks,
                 &mut *task,
