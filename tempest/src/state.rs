@@ -76,7 +76,7 @@ pub struct UpdateId {
 impl UpdateId {
     /// Its source message's id as bytes, for a backend's records: a tag
     /// (`i` an integer, `b` bytes), then the integer big-endian or the
-    /// bytes' length (`u16` big-endian) and the bytes. Every record of one
+    /// bytes' length (`u32` big-endian) and the bytes. Every record of one
     /// source message starts with this, and no other's does.
     pub fn source_prefix(source: &MsgId) -> Vec<u8> {
         match source {
@@ -87,11 +87,12 @@ impl UpdateId {
                 v
             }
             MsgId::Bytes(b) => {
-                let len = b.len().min(u16::MAX as usize);
-                let mut v = Vec::with_capacity(3 + len);
+                // Ids are far below 4 GiB (a frame could not carry more).
+                let len = u32::try_from(b.len()).unwrap_or(u32::MAX);
+                let mut v = Vec::with_capacity(5 + b.len());
                 v.push(b'b');
-                v.extend_from_slice(&(len as u16).to_be_bytes());
-                v.extend_from_slice(&b[..len]);
+                v.extend_from_slice(&len.to_be_bytes());
+                v.extend_from_slice(b);
                 v
             }
         }
@@ -1086,6 +1087,13 @@ mod tests {
         let mut upper = prefix.clone();
         upper.push(0xff);
         assert!(r > prefix && r < upper);
+        // Long ids are told apart however long.
+        let long = |last: u8| {
+            let mut b = vec![b'x'; 70_000];
+            b.push(last);
+            UpdateId::source_prefix(&MsgId::Bytes(Bytes::from(b)))
+        };
+        assert_ne!(long(b'1'), long(b'2'));
     }
 
     #[test]

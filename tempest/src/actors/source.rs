@@ -150,7 +150,8 @@ impl SourceActor {
 
     /// The source has acked `ids` (or needs no ack for them): they never
     /// come back, so their applied-update records go. A failure leaves the
-    /// records behind (they take room, and change nothing else).
+    /// records behind (they take room; a later entry with the same id, from
+    /// a source whose ids repeat, would find them).
     fn forget(&mut self, ids: &[MsgId]) {
         let Some(backend) = &self.forget else { return };
         if ids.is_empty() {
