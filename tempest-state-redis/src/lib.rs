@@ -131,6 +131,9 @@ impl StateBackend for RedisState {
         let (values, scores): (Vec<Option<Vec<u8>>>, Vec<Option<f64>>) =
             self.with_conn(store, |c| {
                 let mut pipe = redis::pipe();
+                // One transaction: the values and the records are read as
+                // of one moment (no other process's commit between them).
+                pipe.atomic();
                 if !keys.is_empty() {
                     let cmd = pipe.cmd("HMGET").arg(&key);
                     for k in keys {
