@@ -173,6 +173,28 @@ struct Entry<V> {
     /// (a checkpoint cleans only entries that did not change again while
     /// it was being written).
     dirty: u64,
+    /// At-most-once updates: changed by a handling still in progress —
+    /// its number and the value before it, which is what a checkpoint
+    /// writes (and what the entry goes back to if the handling fails).
+    tx: Option<(u64, Option<V>)>,
+}
+
+impl<V> Entry<V> {
+    fn new(value: Option<V>, dirty: u64) -> Self {
+        Entry {
+            value,
+            dirty,
+            tx: None,
+        }
+    }
+
+    /// The value a checkpoint may write: the committed one.
+    fn committed(&self) -> &Option<V> {
+        match &self.tx {
+            Some((_, before)) => before,
+            None => &self.value,
+        }
+    }
 }
 
 /// What a store knows of one update (at-most-once updates only).
@@ -180,6 +202,9 @@ struct Entry<V> {
 enum Applied {
     /// Not applied here (as of the last load).
     No,
+    /// Being applied by the handling numbered `by` (not written by a
+    /// checkpoint until it succeeds).
+    Claimed { by: u64 },
     /// Applied, by the handling numbered `by` (0: before this run, or in a
     /// handling since ended); `dirty` as for an [`Entry`].
     Yes { by: u64, dirty: u64 },
@@ -200,6 +225,8 @@ struct Store<V> {
     /// Changes left undone since last taken (at-most-once updates: the
     /// message's update was applied before).
     skipped: u64,
+    /// At-most-once updates: the keys changed by handlings in progress.
+    in_progress: Vec<(u64, Bytes)>,
     backend: Option<Arc<dyn StateBackend>>,
 }
 
@@ -224,7 +251,7 @@ impl<V: Serialize + DeserializeOwned + Clone> Store<V> {
         let key = Bytes::copy_from_slice(key);
         let got = b.load(&self.name, std::slice::from_ref(&key), &[])?;
         let value = decode(&self.name, got.values.into_iter().next().flatten())?;
-        self.entries.insert(key, Entry { value, dirty: 0 });
+        self.entries.insert(key, Entry::new(value, 0));
         Ok(())
     }
 
@@ -255,7 +282,7 @@ impl<V: Serialize + DeserializeOwned + Clone> Store<V> {
             }
         };
         match known {
-            Applied::Yes { by, .. } => {
+            Applied::Yes { by, .. } | Applied::Claimed { by } => {
                 self.updates.insert(cur.update.clone(), known);
                 let mine = by == cur.handling;
                 if !mine {
@@ -264,15 +291,8 @@ impl<V: Serialize + DeserializeOwned + Clone> Store<V> {
                 Ok(mine)
             }
             Applied::No => {
-                self.changes += 1;
-                self.dirty += 1;
-                self.updates.insert(
-                    cur.update.clone(),
-                    Applied::Yes {
-                        by: cur.handling,
-                        dirty: self.changes,
-                    },
-                );
+                self.updates
+                    .insert(cur.update.clone(), Applied::Claimed { by: cur.handling });
                 Ok(true)
             }
         }
@@ -285,13 +305,8 @@ impl<V: Serialize + DeserializeOwned + Clone> Store<V> {
             match (self.entries.get_mut(key), value) {
                 (Some(e), Some(v)) => e.value = Some(v),
                 (None, Some(v)) => {
-                    self.entries.insert(
-                        Bytes::copy_from_slice(key),
-                        Entry {
-                            value: Some(v),
-                            dirty: 0,
-                        },
-                    );
+                    self.entries
+                        .insert(Bytes::copy_from_slice(key), Entry::new(Some(v), 0));
                 }
                 (_, None) => {
                     self.entries.remove(key);
@@ -310,14 +325,85 @@ impl<V: Serialize + DeserializeOwned + Clone> Store<V> {
                 e.value = value;
             }
             None => {
-                self.entries.insert(
-                    Bytes::copy_from_slice(key),
-                    Entry {
-                        value,
-                        dirty: change,
-                    },
-                );
+                self.entries
+                    .insert(Bytes::copy_from_slice(key), Entry::new(value, change));
                 self.dirty += 1;
+            }
+        }
+    }
+
+    /// Changes `key` for the handling `current` (with at-most-once
+    /// updates): at once, so others see it and read-modify-writes stay
+    /// atomic, but kept apart from what a checkpoint writes until the
+    /// handling ends ([`finish`](Self::finish)).
+    fn change(&mut self, key: &[u8], value: Option<V>, current: Option<&Current>) {
+        let Some(cur) = current else {
+            return self.set(key, value);
+        };
+        let e = match self.entries.get_mut(key) {
+            Some(e) => e,
+            None => self
+                .entries
+                .entry(Bytes::copy_from_slice(key))
+                .or_insert_with(|| Entry::new(None, 0)),
+        };
+        if e.tx.is_none() {
+            e.tx = Some((cur.handling, e.value.take()));
+            self.in_progress
+                .push((cur.handling, Bytes::copy_from_slice(key)));
+        }
+        // (A key another handling in progress changed first stays with
+        // it: it commits or fails both.)
+        e.value = value;
+    }
+
+    /// The handling `handling` of `update` ended: its changes become what
+    /// a checkpoint writes and the update is recorded as applied (`ok`),
+    /// or its changes are undone and the update is not recorded, so a
+    /// failed handling leaves nothing half done and its retry runs whole.
+    fn finish(&mut self, update: &UpdateId, handling: u64, ok: bool) {
+        if self.in_progress.iter().any(|(h, _)| *h == handling) {
+            let mut mine = Vec::new();
+            self.in_progress.retain(|(h, k)| {
+                if *h == handling {
+                    mine.push(k.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+            for k in mine {
+                let Some(e) = self.entries.get_mut(&k) else {
+                    continue;
+                };
+                if !matches!(e.tx, Some((by, _)) if by == handling) {
+                    continue;
+                }
+                let Some((_, before)) = e.tx.take() else {
+                    continue;
+                };
+                if ok {
+                    self.changes += 1;
+                    if e.dirty == 0 {
+                        self.dirty += 1;
+                    }
+                    e.dirty = self.changes;
+                } else {
+                    e.value = before;
+                }
+            }
+        }
+        if let Some(&Applied::Claimed { by }) = self.updates.get(update) {
+            if by == handling {
+                if ok {
+                    self.changes += 1;
+                    self.dirty += 1;
+                    let dirty = self.changes;
+                    self.updates
+                        .insert(update.clone(), Applied::Yes { by, dirty });
+                } else {
+                    self.updates.remove(update);
+                }
             }
         }
     }
@@ -409,7 +495,7 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> KeyedState<V> {
         let current = self.current();
         let mut s = self.lock();
         if s.may_change(current.as_ref())? {
-            s.set(key.as_ref(), Some(value));
+            s.change(key.as_ref(), Some(value), current.as_ref());
         }
         Ok(())
     }
@@ -428,9 +514,9 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> KeyedState<V> {
         if !s.may_change(current.as_ref())? {
             return Ok(s.entries.get(key).and_then(|e| e.value.clone()));
         }
-        let old = s.entries.get_mut(key).and_then(|e| e.value.take());
+        let old = s.entries.get(key).and_then(|e| e.value.clone());
         let new = f(old);
-        s.set(key, new.clone());
+        s.change(key, new.clone(), current.as_ref());
         Ok(new)
     }
 
@@ -443,8 +529,8 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> KeyedState<V> {
         if !s.may_change(current.as_ref())? {
             return Ok(s.entries.get(key).and_then(|e| e.value.clone()));
         }
-        let old = s.entries.get_mut(key).and_then(|e| e.value.take());
-        s.set(key, None);
+        let old = s.entries.get(key).and_then(|e| e.value.clone());
+        s.change(key, None, current.as_ref());
         Ok(old)
     }
 
@@ -478,6 +564,8 @@ pub(crate) trait Checkpointed: Send + Sync {
     ) -> Result<(), StateError>;
     /// The changes left undone since last asked (at-most-once updates).
     fn take_skipped(&self) -> u64;
+    /// A handling ended (at-most-once updates): see [`Store::finish`].
+    fn finish(&self, update: &UpdateId, handling: u64, ok: bool);
 }
 
 impl<V> Shared<V> {
@@ -496,6 +584,10 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> Checkpointed for 
         std::mem::take(&mut self.lock().skipped)
     }
 
+    fn finish(&self, update: &UpdateId, handling: u64, ok: bool) {
+        self.lock().finish(update, handling, ok);
+    }
+
     fn checkpoint(&self) -> Result<usize, StateError> {
         let _one_at_a_time = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
         let mut puts = Vec::new();
@@ -512,7 +604,8 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> Checkpointed for 
                 return Ok(0);
             }
             for (k, e) in s.entries.iter().filter(|(_, e)| e.dirty > 0) {
-                match &e.value {
+                // A change of a handling in progress waits for it.
+                match e.committed() {
                     Some(v) => {
                         let bytes = postcard::to_allocvec(v).map_err(|err| {
                             StateError::new(&s.name, format!("a value does not encode ({err})"))
@@ -572,7 +665,7 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> Checkpointed for 
             let Some(backend) = s.backend.clone() else {
                 return Ok(());
             };
-            s.entries.retain(|_, e| e.dirty > 0);
+            s.entries.retain(|_, e| e.dirty > 0 || e.tx.is_some());
             // What a checkpoint holds is read again when needed (another
             // process may have handled the message since); what no
             // checkpoint holds yet stays.
@@ -580,6 +673,8 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> Checkpointed for 
                 Applied::Yes { dirty, by } => {
                     dirty > 0 || (by != 0 && in_progress.is_some_and(|oldest| by >= oldest))
                 }
+                // In progress: it commits or fails later.
+                Applied::Claimed { .. } => true,
                 Applied::No => false,
             });
             let missing: Vec<Bytes> = keys
@@ -620,7 +715,7 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> Checkpointed for 
                 continue;
             }
             let value = decode(&name, v)?;
-            s.entries.insert(k, Entry { value, dirty: 0 });
+            s.entries.insert(k, Entry::new(value, 0));
         }
         for (u, applied) in unknown.into_iter().zip(loaded.applied) {
             s.updates.entry(u).or_insert(if applied {
@@ -717,6 +812,7 @@ impl StateRegistry {
                         entries: HashMap::new(),
                         updates: HashMap::new(),
                         skipped: 0,
+                        in_progress: Vec::new(),
                         dirty: 0,
                         changes: 0,
                         backend: self.backend.clone(),
@@ -770,9 +866,24 @@ impl WorkerStates {
         self.current.is_some()
     }
 
+    /// The handling of the current message ended: its changes stand and
+    /// its update is recorded if it succeeded (`ok`), else its changes are
+    /// undone. Then no message is current.
+    pub fn end(&self, ok: bool) {
+        let Some(cell) = &self.current else { return };
+        let Some(cur) = cell.lock().unwrap_or_else(PoisonError::into_inner).take() else {
+            return;
+        };
+        let used = self.used().clone();
+        for s in used {
+            s.finish(&cur.update, cur.handling, ok);
+        }
+    }
+
     /// The worker handles the message of `ctx` now (`None`: a tick, whose
-    /// changes always apply).
+    /// changes always apply). A handling not ended yet ends as succeeded.
     pub fn begin(&self, ctx: Option<&crate::msg::MsgCtx>) {
+        self.end(true);
         let Some(cell) = &self.current else { return };
         let next = ctx.map(|c| Current {
             update: UpdateId {
@@ -1043,6 +1154,49 @@ mod tests {
         assert_eq!(add(&sa, "y"), Some(1));
     }
 
+    /// Regression: a handling that changed one key and then failed left
+    /// that change and the update recorded, so its retry changed nothing
+    /// and the rest of its work was never done. A failed handling's changes
+    /// are undone now, and a checkpoint while it runs writes none of them.
+    #[test]
+    fn at_most_once_a_failed_handling_leaves_nothing_and_its_retry_runs_whole() {
+        let backend = Arc::new(MapBackend::default());
+        let w = at_most_once(&backend);
+        let s = w.handle::<u64>("t", "s").unwrap();
+        s.put("a", 10).unwrap(); // (no message: applies at once)
+        w.checkpoint().unwrap();
+        w.begin(Some(&msg(9, 1)));
+        assert_eq!(add(&s, "a"), Some(11));
+        assert_eq!(s.get("a").unwrap(), Some(11), "it sees its own change");
+        // A checkpoint now writes none of the handling's changes.
+        w.checkpoint().unwrap();
+        let stored = |k: &'static [u8]| {
+            backend
+                .data
+                .lock()
+                .unwrap()
+                .get(&("t/s".to_string(), Bytes::from_static(k)))
+                .map(|v| postcard::from_bytes::<u64>(v).unwrap())
+        };
+        assert_eq!(stored(b"a"), Some(10));
+        assert!(backend.applied.lock().unwrap().is_empty());
+        w.end(false); // `handle` failed after changing "a"
+        assert_eq!(s.get("a").unwrap(), Some(10), "its change is undone");
+        // The retry does all of it.
+        w.begin(Some(&msg(9, 1).with_attempt(2)));
+        assert_eq!(add(&s, "a"), Some(11));
+        assert_eq!(add(&s, "b"), Some(1));
+        w.end(true);
+        w.checkpoint().unwrap();
+        assert_eq!((stored(b"a"), stored(b"b")), (Some(11), Some(1)));
+        assert_eq!(backend.applied.lock().unwrap().len(), 1);
+        // And a third time changes nothing.
+        w.begin(Some(&msg(9, 1).with_attempt(3)));
+        assert_eq!(add(&s, "a"), Some(11));
+        w.end(true);
+        assert_eq!(s.get("a").unwrap(), Some(11));
+    }
+
     #[test]
     fn at_most_once_a_failed_checkpoint_keeps_the_update_applied() {
         let backend = Arc::new(MapBackend::default());
@@ -1050,6 +1204,7 @@ mod tests {
         let s = w.handle::<u64>("t", "s").unwrap();
         w.begin(Some(&msg(5, 1)));
         assert_eq!(add(&s, "k"), Some(1));
+        w.end(true);
         *backend.fail.lock().unwrap() = true;
         assert!(w.checkpoint().is_err());
         assert!(w.is_dirty());

@@ -502,6 +502,11 @@ pub(crate) fn run_task_loop(
                         Verdict::Panicked(message)
                     }
                 };
+                if at_most_once {
+                    // A handling's changes stand only if it succeeded.
+                    gate.states
+                        .end(matches!(verdict, Verdict::Done(_) | Verdict::Filtered));
+                }
                 items.push((ticket, verdict));
             }
             handled += run_len;
