@@ -380,15 +380,33 @@ fn restart_after_kill_9_duplicates_at_most_the_entries_pending_at_the_crash() {
     await_condition(Duration::from_secs(30), "a third is handled", || {
         handled(&log).len() >= n / 3
     });
-    // Kill it with entries pending (between two polls there may be none:
-    // on a loaded host that moment can last).
-    await_condition(Duration::from_secs(30), "entries are pending", || {
-        pending_of(&mut conn, &key, "storm") > 0
-    });
+    // Kill it with entries pending. Between seeing some pending and the
+    // kill it may ack them all (1 run in the full suite on a loaded host),
+    // so it is frozen first (SIGSTOP): what is pending then is what is
+    // pending at the kill; with none, it goes on and is frozen again later.
+    let signal = |sig: &str, pid: u32| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    };
+    let mut pending_at_crash = 0;
+    for _ in 0..100 {
+        await_condition(Duration::from_secs(30), "entries are pending", || {
+            pending_of(&mut conn, &key, "storm") > 0
+        });
+        signal("-STOP", first.id());
+        pending_at_crash = pending_of(&mut conn, &key, "storm");
+        if pending_at_crash > 0 {
+            break;
+        }
+        signal("-CONT", first.id());
+    }
     first.kill().unwrap();
     first.wait().unwrap();
-    let pending_at_crash = pending_of(&mut conn, &key, "storm");
     assert!(pending_at_crash > 0, "killed with entries in flight");
+    assert_eq!(pending_of(&mut conn, &key, "storm"), pending_at_crash);
 
     // Restart under the same name once the dead process's lease is gone,
     // so the restarted one re-reads its own pending entries.
