@@ -172,6 +172,17 @@ fn assert_exact(got: &HashMap<String, u64>, exact: &HashMap<String, u64>) {
     );
 }
 
+/// Runs `t` until its source is drained and checks that every one of
+/// `lines` source messages was acked.
+fn run_all(t: TopologyBuilder, lines: usize) -> tempest::testing::TestReport {
+    let report = TestRun::new(t)
+        .deadline(Duration::from_secs(60))
+        .run()
+        .unwrap();
+    assert_eq!(report.stats.acked, lines as u64, "{:?}", report.stats);
+    report
+}
+
 /// Every word's count as checkpointed in Redis.
 fn stored(server: &TestServer, prefix: &str) -> HashMap<String, u64> {
     let mut conn = server.connection().unwrap();
@@ -545,11 +556,7 @@ fn retry_after_counting(
     } else {
         t
     };
-    let report = TestRun::new(t)
-        .deadline(Duration::from_secs(60))
-        .run()
-        .unwrap();
-    assert_eq!(report.stats.acked, lines.len() as u64, "{:?}", report.stats);
+    let report = run_all(t, lines.len());
     let skipped = report
         .metrics
         .counter("tempest.state.updates_skipped", &[("task", "count")]);
@@ -734,11 +741,7 @@ fn an_async_task_checkpoints_its_state_before_it_answers() {
         .state_backend(RedisState::with_prefix(&server.url, &prefix).unwrap())
         .checkpoint_interval(Duration::from_millis(50))
         .concurrency("count", 32);
-    let report = TestRun::new(t.workers("count", 2))
-        .deadline(Duration::from_secs(60))
-        .run()
-        .unwrap();
-    assert_eq!(report.stats.acked, lines.len() as u64, "{:?}", report.stats);
+    run_all(t.workers("count", 2), lines.len());
     assert_exact(&stored(&server, &prefix), &exact);
 }
 
@@ -762,11 +765,7 @@ fn each_copy_of_an_all_edge_is_an_update_of_its_own() {
         .checkpoint_interval(Duration::from_millis(20))
         .at_most_once_updates()
         .workers("count", 2);
-    let report = TestRun::new(t)
-        .deadline(Duration::from_secs(60))
-        .run()
-        .unwrap();
-    assert_eq!(report.stats.acked, lines.len() as u64, "{:?}", report.stats);
+    run_all(t, lines.len());
     let twice: HashMap<String, u64> = exact.into_iter().map(|(w, c)| (w, 2 * c)).collect();
     assert_exact(&stored(&server, &prefix), &twice);
 }

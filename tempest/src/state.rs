@@ -434,9 +434,6 @@ struct Current {
 /// A worker's current message, shared by its store handles.
 type CurrentCell = Arc<Mutex<Option<Current>>>;
 
-/// A worker's current message as the registry sees it: gone with the worker.
-type WeakCurrent = std::sync::Weak<Mutex<Option<Current>>>;
-
 /// A handle to one keyed store of a task: `get`, `put`, `update` and
 /// `remove` by key. Cheap to clone; every clone is the same store.
 ///
@@ -552,16 +549,9 @@ pub(crate) trait Checkpointed: Send + Sync {
     /// Writes its changes in one commit; they are clean after.
     fn checkpoint(&self) -> Result<usize, StateError>;
     /// Drops the clean entries and loads `keys` (those not dirty), and
-    /// whether `updates` are applied, in one round trip.
-    /// Records of handlings numbered `in_progress` or later stay (they
-    /// may still be running: another worker of the store's may have
-    /// checkpointed their records meanwhile).
-    fn refresh(
-        &self,
-        keys: &[Bytes],
-        updates: &[UpdateId],
-        in_progress: Option<u64>,
-    ) -> Result<(), StateError>;
+    /// whether `updates` are applied, in one round trip. The records of
+    /// handlings in progress (claimed, never checkpointed) stay.
+    fn refresh(&self, keys: &[Bytes], updates: &[UpdateId]) -> Result<(), StateError>;
     /// The changes left undone since last asked (at-most-once updates).
     fn take_skipped(&self) -> u64;
     /// A handling ended (at-most-once updates): see [`Store::finish`].
@@ -654,12 +644,7 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> Checkpointed for 
         Ok(puts.len() + removes.len())
     }
 
-    fn refresh(
-        &self,
-        keys: &[Bytes],
-        updates: &[UpdateId],
-        in_progress: Option<u64>,
-    ) -> Result<(), StateError> {
+    fn refresh(&self, keys: &[Bytes], updates: &[UpdateId]) -> Result<(), StateError> {
         let (backend, name, mut missing, mut unknown) = {
             let mut s = self.lock();
             let Some(backend) = s.backend.clone() else {
@@ -670,9 +655,7 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> Checkpointed for 
             // process may have handled the message since); what no
             // checkpoint holds yet stays.
             s.updates.retain(|_, a| match *a {
-                Applied::Yes { dirty, by } => {
-                    dirty > 0 || (by != 0 && in_progress.is_some_and(|oldest| by >= oldest))
-                }
+                Applied::Yes { dirty, .. } => dirty > 0,
                 // In progress: it commits or fails later.
                 Applied::Claimed { .. } => true,
                 Applied::No => false,
@@ -738,9 +721,6 @@ pub(crate) struct StateRegistry {
     at_most_once: bool,
     /// Numbers the handlings of messages (for at-most-once updates).
     handlings: Arc<AtomicU64>,
-    /// Every worker's current message (those whose worker is gone do not
-    /// upgrade).
-    currents: Arc<Mutex<Vec<WeakCurrent>>>,
 }
 
 impl fmt::Debug for StateRegistry {
@@ -758,25 +738,7 @@ impl StateRegistry {
             backend,
             at_most_once: false,
             handlings: Arc::default(),
-            currents: Arc::default(),
         }
-    }
-
-    /// The number of the oldest handling in progress in any worker of the
-    /// run, if any.
-    fn oldest_in_progress(&self) -> Option<u64> {
-        let mut currents = self.currents.lock().unwrap_or_else(PoisonError::into_inner);
-        currents.retain(|c| c.strong_count() > 0);
-        currents
-            .iter()
-            .filter_map(|c| c.upgrade())
-            .filter_map(|c| {
-                c.lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .as_ref()
-                    .map(|cur| cur.handling)
-            })
-            .min()
     }
 
     /// The registry applying each update at most once (its backend must
@@ -845,13 +807,6 @@ impl fmt::Debug for WorkerStates {
 impl WorkerStates {
     pub fn new(registry: StateRegistry) -> Self {
         let current = registry.at_most_once.then(CurrentCell::default);
-        if let Some(c) = &current {
-            registry
-                .currents
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(Arc::downgrade(c));
-        }
         WorkerStates {
             registry,
             used: Arc::default(),
@@ -959,13 +914,8 @@ impl WorkerStates {
     /// (with at-most-once updates) whether these updates are applied.
     pub fn refresh(&self, keys: &[Bytes], updates: &[UpdateId]) -> Result<(), StateError> {
         let used = self.used().clone();
-        let in_progress = if self.current.is_some() {
-            self.registry.oldest_in_progress()
-        } else {
-            None
-        };
         for s in used {
-            s.refresh(keys, updates, in_progress)?;
+            s.refresh(keys, updates)?;
         }
         Ok(())
     }

@@ -510,11 +510,6 @@ pub(crate) fn run_task_loop(
                 items.push((ticket, verdict));
             }
             handled += run_len;
-            if at_most_once {
-                // No message in hand: changes from here on (a tick, the
-                // metrics flush) are no message's.
-                gate.states.begin(None);
-            }
             tick_if_due(
                 &mut ticks,
                 &mut *task,
